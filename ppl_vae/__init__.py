@@ -1,0 +1,29 @@
+r"""Variational autoencoders written as Pyro probabilistic programs."""
+
+from ppl_vae.data import Data, DataConfig, load_data
+from ppl_vae.guides import GUIDES, GaussianGuide, make_guide
+from ppl_vae.model import LIKELIHOODS, VAEModel
+from ppl_vae.networks import NetworkConfig
+from ppl_vae.train import TrainConfig, evaluate_elbo, train
+from ppl_vae.vae import VAEConfig, build_vae, load_run, train_run
+
+__all__ = [
+    "GUIDES",
+    "LIKELIHOODS",
+    "Data",
+    "DataConfig",
+    "GaussianGuide",
+    "NetworkConfig",
+    "TrainConfig",
+    "VAEConfig",
+    "VAEModel",
+    "build_vae",
+    "evaluate_elbo",
+    "load_data",
+    "load_run",
+    "make_guide",
+    "train",
+    "train_run",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,244 @@
+r"""Data sets held as one tensor on the training device and batched by index."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BINARIZATIONS",
+    "DATASETS",
+    "Data",
+    "DataConfig",
+    "load_data",
+    "load_mnist",
+    "resolve_data_root",
+    "synthetic_2d",
+]
+
+Binarization = Literal["dynamic", "static", "gray"]
+BINARIZATIONS: tuple[str, ...] = ("dynamic", "static", "gray")
+SYNTHETIC: tuple[str, ...] = ("pinwheel", "moons", "ring8")
+DATASETS: tuple[str, ...] = ("mnist", *SYNTHETIC)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set to load and how to encode it."""
+
+    name: str = "mnist"  # "mnist", a synthetic 2-D set, or a path to a .pt/.npy tensor file
+    binarize: Binarization = "dynamic"  # MNIST encoding; ignored by continuous data sets
+    data_dir: str | None = None  # MNIST root; else $PPL_VAE_DATA, else the user cache
+    seed: int = 0  # seeds the static binarization, synthetic draws and file splits
+    num_train: int = 10_000  # points drawn for a synthetic training set
+    num_test: int = 2_000  # points drawn for a synthetic test set
+
+
+class Data:
+    r"""A train/test pair of tensors on one device, batched by index.
+
+    ``train`` and ``test`` hold intensities in [0, 1] for ``dynamic`` binarization (a fresh
+    Bernoulli draw is taken each time a batch is used), binary values for ``static``, and the raw
+    values otherwise.
+
+    Arguments:
+        train: Training tensor of shape ``(N, *event_shape)``.
+        test: Test tensor of shape ``(M, *event_shape)``.
+        encoding: ``"dynamic"``, ``"static"``, ``"gray"`` or ``"continuous"``.
+        name: A name for messages and plots.
+    """
+
+    def __init__(self, train: Tensor, test: Tensor, encoding: str, name: str = "data"):
+        for split, t in (("train", train), ("test", test)):
+            if not torch.is_floating_point(t):
+                raise TypeError(
+                    f"{name} {split} data must be a floating-point tensor, got {t.dtype}"
+                )
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"{name} {split} data contain NaN or infinite values; clean or drop those rows"
+                )
+            if t.dim() < 2 or t.shape[0] == 0:
+                raise ValueError(
+                    f"{name} {split} data must have shape (N, ...) with N > 0, got {tuple(t.shape)}"
+                )
+        if train.shape[1:] != test.shape[1:]:
+            raise ValueError(
+                f"{name} train and test shapes differ: {tuple(train.shape[1:])} "
+                f"vs {tuple(test.shape[1:])}"
+            )
+        if encoding == "dynamic" and ((train < 0).any() or (train > 1).any()):
+            raise ValueError(f"{name}: dynamic binarization needs values in [0, 1]")
+        self.train, self.test, self.encoding, self.name = train, test, encoding, name
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return self.train.shape[1:]
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.event_shape) == 3
+
+    @property
+    def is_binary(self) -> bool:
+        """Whether every value the model sees is 0 or 1."""
+        if self.encoding in ("dynamic", "static"):
+            return True
+        return all(bool(((t == 0) | (t == 1)).all()) for t in (self.train, self.test))
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.device
+
+    def to(self, device: torch.device | str) -> Data:
+        return Data(self.train.to(device), self.test.to(device), self.encoding, self.name)
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Returns a batch as the model sees it (a fresh binarization for ``dynamic``)."""
+        if self.encoding == "dynamic":
+            return torch.bernoulli(x, generator=generator)
+        return x
+
+    def batches(
+        self,
+        batch_size: int,
+        split: Literal["train", "test"] = "train",
+        shuffle: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """Yields encoded batches that cover the split once (the last one may be smaller).
+
+        The permutation and the dynamic binarization are drawn from ``generator`` (on the data's
+        device), so a saved generator state reproduces an epoch exactly.
+        """
+        x = self.train if split == "train" else self.test
+        n = x.shape[0]
+        if shuffle:
+            order = torch.randperm(n, generator=generator, device=x.device)
+            for start in range(0, n, batch_size):
+                yield self.encode(x[order[start : start + batch_size]], generator)
+        else:
+            for start in range(0, n, batch_size):
+                yield self.encode(x[start : start + batch_size], generator)
+
+
+def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """The MNIST root: ``data_dir``, else ``$PPL_VAE_DATA``, else the user cache directory."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    if os.environ.get("PPL_VAE_DATA"):
+        return Path(os.environ["PPL_VAE_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "ppl_vae"
+
+
+def load_mnist(root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
+    """MNIST intensities in [0, 1] as ``(60000, 1, 28, 28)`` and ``(10000, 1, 28, 28)`` tensors.
+
+    The files are read with ``torchvision.datasets.MNIST`` from ``root`` (see
+    :func:`resolve_data_root`) and downloaded only when they are absent.
+    """
+    from torchvision.datasets import MNIST
+
+    root = resolve_data_root(root)
+    splits = []
+    for train in (True, False):
+        try:
+            ds = MNIST(str(root), train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = MNIST(str(root), train=train, download=True)
+            except Exception as e:  # offline, unwritable, or a truncated download
+                raise FileNotFoundError(
+                    f"MNIST not found in {root / 'MNIST' / 'raw'} and the download failed "
+                    f"({type(e).__name__}); pass --data-dir DIR or set PPL_VAE_DATA=DIR, where "
+                    f"DIR/MNIST/raw holds the four MNIST files"
+                ) from None
+        splits.append(ds.data.unsqueeze(1).float().div_(255.0))
+    return splits[0], splits[1]
+
+
+def synthetic_2d(name: str, n: int, generator: torch.Generator) -> Tensor:
+    r"""Draws ``n`` points of a synthetic 2-D data set as an ``(n, 2)`` tensor.
+
+    ``pinwheel``: five curved arms (Johnson et al. 2016); ``moons``: two interleaved half
+    circles; ``ring8``: a mixture of 8 Gaussians (std 0.1) on a circle of radius 2.
+    """
+    g = generator
+    if name == "pinwheel":
+        arms, radial_std, tangential_std, rate = 5, 0.3, 0.05, 0.25
+        label = torch.randint(arms, (n,), generator=g)
+        r = torch.randn(n, generator=g) * radial_std + 1.0
+        t = torch.randn(n, generator=g) * tangential_std
+        angle = label * (2 * math.pi / arms) + rate * torch.exp(r)
+        pts = torch.stack([r, t], dim=1)
+        c, s = torch.cos(angle), torch.sin(angle)
+        rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+        return 2.0 * (rot @ pts.unsqueeze(-1)).squeeze(-1)
+    if name == "moons":
+        upper = torch.rand(n, generator=g) < 0.5
+        t = torch.rand(n, generator=g) * math.pi
+        x = torch.where(upper, torch.cos(t), 1.0 - torch.cos(t))
+        y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
+        pts = torch.stack([x - 0.5, y - 0.25], dim=1) * 2.0
+        return pts + 0.1 * torch.randn(n, 2, generator=g)
+    if name == "ring8":
+        k = torch.randint(8, (n,), generator=g)
+        angle = k * (2 * math.pi / 8)
+        centers = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+        return centers + 0.1 * torch.randn(n, 2, generator=g)
+    raise ValueError(f"unknown synthetic data set {name!r}; choose one of {', '.join(SYNTHETIC)}")
+
+
+def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A (N, ...) tensor from a .pt or .npy file, split 90/10 into train and test."""
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            x = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            x = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 2:
+        raise ValueError(f"data file {path} must hold one tensor of shape (N, ...) with N >= 2")
+    x = x.float() if not torch.is_floating_point(x) else x
+    order = torch.randperm(x.shape[0], generator=generator)
+    n_test = max(1, x.shape[0] // 10)
+    return x[order[n_test:]], x[order[:n_test]]
+
+
+def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
+    """Loads the data set ``config`` names onto ``device``."""
+    g = torch.Generator().manual_seed(config.seed)
+    if config.binarize not in BINARIZATIONS:
+        raise ValueError(
+            f"unknown binarization {config.binarize!r}; choose one of {', '.join(BINARIZATIONS)}"
+        )
+    if config.name == "mnist":
+        train, test = load_mnist(config.data_dir)
+        if config.binarize == "static":
+            train, test = torch.bernoulli(train, generator=g), torch.bernoulli(test, generator=g)
+        return Data(train.to(device), test.to(device), config.binarize, "mnist")
+    if config.name in SYNTHETIC:
+        train = synthetic_2d(config.name, config.num_train, g)
+        test = synthetic_2d(config.name, config.num_test, g)
+        return Data(train.to(device), test.to(device), "continuous", config.name)
+    path = Path(config.name)
+    if path.suffix in (".pt", ".npy"):
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        train, test = _load_file(path, g)
+        return Data(train.to(device), test.to(device), "continuous", path.stem)
+    raise ValueError(
+        f"unknown data set {config.name!r}; choose one of {', '.join(DATASETS)} "
+        f"or give a .pt/.npy file"
+    )

@@ -1,0 +1,93 @@
+r"""Pictures of a trained VAE: prior samples and reconstructions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ppl_vae.data import Data
+from ppl_vae.guides import AmortizedGuide
+from ppl_vae.model import VAEModel
+
+__all__ = ["image_grid", "plot_reconstructions", "plot_samples"]
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_grid(images: Tensor, ncols: int = 8) -> Tensor:
+    """Tiles ``(n, 1, h, w)`` images into one ``(rows*h, ncols*w)`` tensor, 1-pixel gaps."""
+    n, _, h, w = images.shape
+    rows = (n + ncols - 1) // ncols
+    grid = torch.ones(rows * (h + 1) - 1, ncols * (w + 1) - 1)
+    for i, img in enumerate(images.detach().cpu()):
+        r, c = divmod(i, ncols)
+        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img[0]
+    return grid
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def plot_samples(model: VAEModel, data: Data, path: str | os.PathLike, n: int = 64) -> Path:
+    """Saves ``n`` decoded prior draws (means of p(x|z)) as an image grid or a 2-D scatter."""
+    plt = _figure()
+    path = Path(path)
+    x = model.sample(n if data.is_image else 2000, mean=data.is_image)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    if data.is_image:
+        ax.imshow(image_grid(x.clamp(0, 1)), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{n} samples from the prior, E[x|z]")
+        ax.axis("off")
+    else:
+        _scatter(ax, data.test, x, "data (test)", "model samples")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def plot_reconstructions(
+    model: VAEModel, guide: AmortizedGuide, data: Data, path: str | os.PathLike, n: int = 32
+) -> Path:
+    """Saves test points beside E[x|z] for z drawn from q(z|x) (rows of originals over recons)."""
+    plt = _figure()
+    path = Path(path)
+    g = torch.Generator(device=data.device).manual_seed(0)
+    x = data.encode(data.test[: n if data.is_image else 2000], generator=g)
+    z = guide.distribution(x).sample()
+    recon = model.observation(z).mean
+    fig, ax = plt.subplots(figsize=(6, 6))
+    if data.is_image:
+        pairs = []
+        for start in range(0, n, 8):
+            pairs += [x[start : start + 8], recon[start : start + 8]]
+        ax.imshow(image_grid(torch.cat(pairs).clamp(0, 1)), cmap="gray", vmin=0, vmax=1)
+        ax.set_title("test images (odd rows) and reconstructions (even rows)")
+        ax.axis("off")
+    else:
+        _scatter(ax, x, recon, "data (test)", "reconstructions E[x|z], z ~ q(z|x)")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str) -> None:
+    d, m = data.cpu(), model.cpu()
+    ax.scatter(d[:, 0], d[:, 1], s=3, alpha=0.4, label=data_label)
+    ax.scatter(m[:, 0], m[:, 1], s=3, alpha=0.4, label=model_label)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=4)

@@ -1,0 +1,383 @@
+r"""Stochastic variational inference: the training loop, checkpoints and per-epoch metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.scale_messenger import ScaleMessenger
+from torch import Tensor
+
+from ppl_vae.data import Data
+from ppl_vae.model import LATENT
+
+__all__ = [
+    "LOSSES",
+    "TrainConfig",
+    "collect_params",
+    "evaluate_elbo",
+    "kl_weight",
+    "make_loss",
+    "resolve_device",
+    "scale_latent",
+    "train",
+]
+
+LOSSES: dict[str, type[ELBO]] = {"elbo": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to run stochastic variational inference."""
+
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 100  # data points per SVI step
+    lr: float = 1e-3  # Adam learning rate
+    loss: str = "elbo"  # "elbo" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO, analytic KL)
+    num_particles: int = 1  # vectorized ELBO particles per step
+    beta: float = 1.0  # final weight of the KL term (log p(z) - log q(z|x))
+    kl_warmup: int = 0  # epochs over which the KL weight rises linearly from 0 to beta
+    seed: int = 0  # seeds parameters, batching, binarization and latent draws
+    eval_batch_size: int = 1000  # rows per batch when computing the test ELBO
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be non-negative, got {self.beta}")
+        if self.kl_warmup < 0:
+            raise ValueError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+def make_loss(config: TrainConfig) -> ELBO:
+    """The Pyro ELBO ``config.loss`` names, with vectorized particles."""
+    return LOSSES[config.loss](
+        num_particles=config.num_particles,
+        vectorize_particles=config.num_particles > 1,
+        max_plate_nesting=1,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when a GPU is visible; ``"cuda"`` without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is visible; use cpu or auto")
+    return dev
+
+
+class scale_latent(ScaleMessenger):
+    r"""``pyro.poutine.scale`` restricted to the latent site(s).
+
+    Applied to both model and guide it weights :math:`\log p(z) - \log q(z|x)`, i.e. the KL
+    term of the ELBO, by ``scale`` and leaves :math:`\log p(x|z)` alone.
+    """
+
+    def __init__(self, scale: float, sites: frozenset[str] = frozenset({LATENT})):
+        super().__init__(scale)
+        self.sites = sites
+
+    def _process_message(self, msg):
+        if msg["name"] in self.sites:
+            super()._process_message(msg)
+
+
+def kl_weight(epoch: int, config: TrainConfig) -> float:
+    """The KL weight during 1-based ``epoch``: rises linearly to ``beta`` over ``kl_warmup``."""
+    if config.kl_warmup == 0:
+        return config.beta
+    return config.beta * min(1.0, epoch / config.kl_warmup)
+
+
+def collect_params(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, Tensor]:
+    """The unconstrained parameters that ``model`` and ``guide`` register, by name."""
+    with poutine.trace(param_only=True) as tr:
+        guide(*args, **kwargs)
+        model(*args, **kwargs)
+    params = {name: site["value"].unconstrained() for name, site in tr.trace.nodes.items()}
+    return dict(sorted(params.items()))
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    split: str = "test",
+    batch_size: int = 1000,
+    seed: int = 0,
+    num_particles: int = 1,
+) -> float:
+    """The mean ELBO per data point (nats) on ``split``, at full KL weight.
+
+    Draws (dynamic binarization and latents) come from ``seed`` in a forked RNG, so the figure
+    is a deterministic function of the parameters and the caller's RNG stream is left alone.
+    """
+    elbo = Trace_ELBO(
+        num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1
+    )
+    devices = [data.device] if data.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        g = torch.Generator(device=data.device).manual_seed(seed)
+        total = torch.zeros((), dtype=torch.float64, device=data.device)
+        n = 0
+        for x in data.batches(batch_size, split, shuffle=False, generator=g):
+            total -= elbo.differentiable_loss(model, guide, x)
+            n += x.shape[0]
+    return float(total) / n
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "data": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Reads a checkpoint written by :func:`train`; a clear error if it is unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train a run there first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(
+            f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); "
+            f"delete it and train again"
+        ) from None
+    if not isinstance(ckpt, dict) or not {"params", "epoch", "optimizer"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a ppl_vae checkpoint; delete it and train again")
+    return ckpt
+
+
+def restore_params(params: dict[str, Tensor], saved: dict[str, Tensor]) -> None:
+    """Copies ``saved`` values into ``params`` in place; names must match exactly."""
+    if params.keys() != saved.keys():
+        missing, extra = params.keys() - saved.keys(), saved.keys() - params.keys()
+        raise ValueError(
+            f"checkpoint parameters do not match the model and guide (missing {sorted(missing)}, "
+            f"unexpected {sorted(extra)}); was it written for another architecture?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != saved[name].shape:
+                raise ValueError(
+                    f"checkpoint parameter {name} has shape {tuple(saved[name].shape)}, the model "
+                    f"has {tuple(p.shape)}; was it written for another architecture?"
+                )
+            p.copy_(saved[name])
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+
+
+def _diverged(epoch: int, out: Path | None) -> FloatingPointError:
+    kept = f"; the last good checkpoint (epoch {epoch - 1}) is kept in {out}" if out else ""
+    return FloatingPointError(
+        f"the loss became NaN or infinite in epoch {epoch}{kept}; lower --lr or check the data"
+    )
+
+
+def train(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    config: TrainConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    extra: dict | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    r"""Trains ``model`` and ``guide`` on ``data`` by SVI and returns the per-epoch metrics.
+
+    Each step evaluates the Pyro ELBO (``Trace_ELBO`` or ``TraceMeanField_ELBO``) of a
+    mini-batch, scaled to the whole training set, and takes one Adam step on every parameter the
+    two programs register. The mini-batch ELBO is differentiated through the reparameterized
+    latent draws.
+
+    ``model`` and ``guide`` are Pyro callables taking ``(x, num_data=None)``; the guide's
+    latent sites must match the model's. Training clears Pyro's param store first.
+
+    With ``out_dir``, each epoch appends a line to ``metrics.jsonl`` and writes
+    ``checkpoint.pt`` atomically (parameters, optimizer, configuration, epoch and RNG states;
+    ``extra`` is stored alongside). ``resume=True`` continues from that checkpoint and gives the
+    same numbers as an uninterrupted run. A NaN or infinite loss raises ``FloatingPointError``
+    and leaves the last good checkpoint in place.
+
+    Arguments:
+        model: The generative model, a Pyro program.
+        guide: The amortized guide, a Pyro program.
+        data: Training and test tensors (see :class:`~ppl_vae.data.Data`).
+        config: Optimisation settings.
+        out_dir: Run directory for metrics and checkpoints, or ``None``.
+        resume: Continue from ``out_dir/checkpoint.pt``.
+        quiet: Hide the progress bar (it is also hidden when stderr is not a terminal).
+        extra: Picklable data stored in every checkpoint (e.g. the configuration to rebuild
+            the networks).
+        on_epoch: Called with each epoch's metrics.
+
+    Returns:
+        One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo``, ``kl_weight``
+        and ``seconds``.
+    """
+    out = Path(out_dir) if out_dir is not None else None
+    device = data.device
+    num_data = data.train.shape[0]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    x0 = data.encode(
+        data.train[: config.batch_size], generator=torch.Generator(device).manual_seed(0)
+    )
+    params = collect_params(model, guide, x0, num_data)
+    if not params:
+        raise ValueError(
+            "the model and guide register no parameters; use pyro.module or pyro.param"
+        )
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
+    history: list[dict] = []
+    start = 1
+    if resume:
+        if out is None:
+            raise ValueError("resume needs the run directory")
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        restore_params(params, ckpt["params"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], generator)
+        history = list(ckpt["metrics"])
+        start = ckpt["epoch"] + 1
+        write_text_atomic("".join(json.dumps(m) + "\n" for m in history), out / METRICS)
+    elif out is not None:
+        write_text_atomic("", out / METRICS)
+
+    elbo = make_loss(config)
+    loss_fn = elbo.differentiable_loss
+    steps = math.ceil(num_data / config.batch_size)
+    for epoch in range(start, config.epochs + 1):
+        t0 = time.perf_counter()
+        weight = kl_weight(epoch, config)
+        if weight != 1.0:
+            step_model, step_guide = scale_latent(weight)(model), scale_latent(weight)(guide)
+        else:
+            step_model, step_guide = model, guide
+        total = torch.zeros((), device=device)
+        bar = _progress(steps, f"epoch {epoch}/{config.epochs}", quiet)
+        # The first trace (collect_params) validated every site; the hot loop skips validation.
+        with pyro.validation_enabled(False):
+            batches = data.batches(config.batch_size, "train", generator=generator)
+            for i, x in enumerate(batches):
+                loss = loss_fn(step_model, step_guide, x, num_data)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                total += loss.detach()
+                if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
+                    running = -total.item() / (i + 1) / num_data
+                    if not math.isfinite(running):
+                        raise _diverged(epoch, out)
+                    bar.set_postfix(elbo=f"{running:.2f}", refresh=False)
+                bar.update()
+        bar.close()
+        train_elbo = -float(total) / steps / num_data
+        if not math.isfinite(train_elbo):
+            raise _diverged(epoch, out)
+        test_elbo = evaluate_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
+        metrics = {
+            "epoch": epoch,
+            "train_elbo": train_elbo,
+            "test_elbo": test_elbo,
+            "kl_weight": weight,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(metrics)
+        if out is not None:
+            with open(out / METRICS, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_atomic(
+                {
+                    "epoch": epoch,
+                    "params": {k: v.detach().cpu() for k, v in params.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(generator),
+                    "config": asdict(config),
+                    "metrics": history,
+                    "extra": extra,
+                },
+                out / CHECKPOINT,
+            )
+        if on_epoch is not None:
+            on_epoch(metrics)
+    return history
