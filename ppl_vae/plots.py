@@ -49,7 +49,7 @@ def plot_samples(model: VAEModel, data: Data, path: str | os.PathLike, n: int = 
     x = model.sample(n if data.is_image else 2000, mean=data.is_image)
     fig, ax = plt.subplots(figsize=(6, 6))
     if data.is_image:
-        ax.imshow(image_grid(x.clamp(0, 1)), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image_grid(x.clamp(0, 1)).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"{n} samples from the prior, E[x|z]")
         ax.axis("off")
     else:
@@ -75,7 +75,7 @@ def plot_reconstructions(
         pairs = []
         for start in range(0, n, 8):
             pairs += [x[start : start + 8], recon[start : start + 8]]
-        ax.imshow(image_grid(torch.cat(pairs).clamp(0, 1)), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image_grid(torch.cat(pairs).clamp(0, 1)).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title("test images (odd rows) and reconstructions (even rows)")
         ax.axis("off")
     else:
@@ -86,7 +86,7 @@ def plot_reconstructions(
 
 
 def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str) -> None:
-    d, m = data.cpu(), model.cpu()
+    d, m = data.cpu().numpy(), model.cpu().numpy()
     ax.scatter(d[:, 0], d[:, 1], s=3, alpha=0.4, label=data_label)
     ax.scatter(m[:, 0], m[:, 1], s=3, alpha=0.4, label=model_label)
     ax.set_aspect("equal")

@@ -26,6 +26,8 @@ from ppl_vae.model import LATENT
 
 __all__ = [
     "LOSSES",
+    "TraceELBO",
+    "TraceMeanFieldELBO",
     "TrainConfig",
     "collect_params",
     "evaluate_elbo",
@@ -33,10 +35,42 @@ __all__ = [
     "make_loss",
     "resolve_device",
     "scale_latent",
+    "svi_step",
     "train",
 ]
 
-LOSSES: dict[str, type[ELBO]] = {"elbo": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+
+class _SyncFreeLoss:
+    r"""Pyro's ``differentiable_loss`` without its two host synchronisations per call.
+
+    Pyro forms ``loss + (surrogate - surrogate.item())`` and hooks a NaN check onto the
+    gradient; both wait for the device. This computes the same value and gradient, with
+    ``surrogate.detach()`` in place of ``.item()``; the training loop checks for NaN itself.
+    Traces, replay, log-densities and the surrogate are Pyro's own.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss, surrogate = 0.0, 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            particle, surrogate_particle = self._differentiable_loss_particle(
+                model_trace, guide_trace
+            )
+            loss = loss + particle / self.num_particles
+            surrogate = surrogate + surrogate_particle / self.num_particles
+        if not torch.is_tensor(surrogate):
+            return torch.as_tensor(loss)
+        return loss + (surrogate - surrogate.detach())
+
+
+class TraceELBO(_SyncFreeLoss, Trace_ELBO):
+    """``pyro.infer.Trace_ELBO`` whose differentiable loss makes no host synchronisation."""
+
+
+class TraceMeanFieldELBO(_SyncFreeLoss, TraceMeanField_ELBO):
+    """``pyro.infer.TraceMeanField_ELBO`` (analytic KL) without host synchronisation."""
+
+
+LOSSES: dict[str, type[ELBO]] = {"elbo": TraceELBO, "meanfield": TraceMeanFieldELBO}
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
@@ -138,7 +172,7 @@ def evaluate_elbo(
     Draws (dynamic binarization and latents) come from ``seed`` in a forked RNG, so the figure
     is a deterministic function of the parameters and the caller's RNG stream is left alone.
     """
-    elbo = Trace_ELBO(
+    elbo = TraceELBO(
         num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1
     )
     devices = [data.device] if data.device.type == "cuda" else []
@@ -242,6 +276,21 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
+def svi_step(
+    elbo: ELBO, model: Callable, guide: Callable, optimizer: torch.optim.Optimizer, *args, **kwargs
+) -> Tensor:
+    """One SVI step: the ELBO's differentiable loss, its gradient, one optimizer step.
+
+    One ``torch.optim`` optimizer over all parameters replaces Pyro's one-optimizer-per-parameter
+    wrapper, and the loss comes back as a tensor, so a step makes no host synchronisation.
+    """
+    loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def _diverged(epoch: int, out: Path | None) -> FloatingPointError:
     kept = f"; the last good checkpoint (epoch {epoch - 1}) is kept in {out}" if out else ""
     return FloatingPointError(
@@ -324,7 +373,6 @@ def train(
         write_text_atomic("", out / METRICS)
 
     elbo = make_loss(config)
-    loss_fn = elbo.differentiable_loss
     steps = math.ceil(num_data / config.batch_size)
     for epoch in range(start, config.epochs + 1):
         t0 = time.perf_counter()
@@ -339,11 +387,7 @@ def train(
         with pyro.validation_enabled(False):
             batches = data.batches(config.batch_size, "train", generator=generator)
             for i, x in enumerate(batches):
-                loss = loss_fn(step_model, step_guide, x, num_data)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total += loss.detach()
+                total += svi_step(elbo, step_model, step_guide, optimizer, x, num_data)
                 if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
                     running = -total.item() / (i + 1) / num_data
                     if not math.isfinite(running):

@@ -1,0 +1,189 @@
+r"""Times one SVI step of ppl_vae against a hand-written PyTorch step, interleaved in one run.
+
+Three steps on the same networks, batch, data and optimizer settings:
+
+- ``ppl_vae``: what :func:`ppl_vae.train.train` runs -- Pyro's ``Trace_ELBO`` (or
+  ``TraceMeanField_ELBO``) differentiable loss, one ``torch.optim.Adam`` over all parameters,
+  validation off after the first trace, no host synchronisation;
+- ``hand``: the same ELBO written with bare tensor formulas (sampled KL for ``elbo``, analytic KL
+  for ``meanfield``), the same Adam;
+- ``stock``: ``pyro.infer.SVI`` + ``pyro.optim.Adam`` + the same ELBO, validation on (Pyro's
+  defaults).
+
+Each repeat runs every step in turn (5 warm-up steps, then ``--steps`` timed ones); the figure is
+the median over repeats. It also times one MNIST epoch of ``train`` and the data handling
+(permutation, gather, dynamic binarization) of the same epoch.
+
+Run: ``python benchmarks/svi_step.py --write`` (``--write`` updates docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro.infer import SVI
+
+from ppl_vae import DataConfig, TrainConfig, VAEConfig, build_vae, load_data, train
+from ppl_vae.train import collect_params, make_loss, svi_step
+
+LOG_2PI = math.log(2 * math.pi)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hand_step(model, guide, optimizer, x, num_data, analytic_kl):
+    """The ELBO of the same networks in bare PyTorch; returns the loss tensor."""
+    loc, raw = guide.head(guide.encoder(x)).chunk(2, dim=-1)
+    scale = F.softplus(raw) + 1e-6
+    z = loc + scale * torch.randn_like(loc)
+    logits = model.decoder(z)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(-1)
+    if analytic_kl:
+        kl = 0.5 * (loc**2 + scale**2 - 1).sum(-1) - scale.log().sum(-1)
+    else:
+        log_q = (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * LOG_2PI).sum(-1)
+        log_p = (-0.5 * z**2 - 0.5 * LOG_2PI).sum(-1)
+        kl = log_q - log_p
+    loss = (kl - log_px).sum() * (num_data / x.shape[0])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_steps(batch: int, loss: str, repeats: int, steps: int, device: torch.device) -> dict:
+    data = load_data(DataConfig("mnist", "dynamic"), device)
+    num_data = data.train.shape[0]
+    pyro.set_rng_seed(0)
+    model, guide = build_vae(VAEConfig(), data)
+    x = torch.bernoulli(data.train[:batch])
+    config = TrainConfig(batch_size=batch, loss=loss)
+    pyro.clear_param_store()
+    params = collect_params(model, guide, x, num_data)
+    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+    elbo = make_loss(config)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), make_loss(config))
+
+    def ours():
+        with pyro.validation_enabled(False):
+            return svi_step(elbo, model, guide, optimizer, x, num_data)
+
+    def hand():
+        return hand_step(model, guide, optimizer, x, num_data, analytic_kl=loss == "meanfield")
+
+    def stock():
+        return svi.step(x, num_data)
+
+    steps_by_name = {"ppl_vae": ours, "hand": hand, "stock": stock}
+    times: dict[str, list[float]] = {k: [] for k in steps_by_name}
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            for _ in range(5):
+                step()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_epoch(device: torch.device) -> dict:
+    """One MNIST epoch of ``train`` (batch 100) and the data handling of one epoch."""
+    data = load_data(DataConfig("mnist", "dynamic"), device)
+    pyro.set_rng_seed(0)
+    model, guide = build_vae(VAEConfig(), data)
+    t0 = time.perf_counter()
+    train(model, guide, data, TrainConfig(epochs=1, batch_size=100), quiet=True)
+    epoch = time.perf_counter() - t0
+    g = torch.Generator(device=device).manual_seed(0)
+    handling = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _x in data.batches(100, "train", generator=g):
+            pass
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        handling.append(time.perf_counter() - t0)
+    return {
+        "epoch_s": epoch,
+        "data_s": statistics.median(handling),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="100,1000")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    rows = []
+    for loss in ("elbo", "meanfield"):
+        for batch in (int(b) for b in args.batches.split(",")):
+            t = time_steps(batch, loss, args.repeats, args.steps, device)
+            rows.append(
+                f"| {loss} | {batch} | {t['hand'] * 1e3:.2f} | {t['ppl_vae'] * 1e3:.2f} | "
+                f"{t['stock'] * 1e3:.2f} | **{t['ppl_vae'] / t['hand']:.3f}** | "
+                f"{t['stock'] / t['hand']:.3f} |"
+            )
+            print(rows[-1], flush=True)
+    e = time_epoch(device)
+    epoch_line = (
+        f"One MNIST epoch of `train` (600 steps of batch 100, plus the test ELBO): "
+        f"{e['epoch_s']:.2f} s; data handling of one epoch (permutation, gather, dynamic "
+        f"binarization of 60k images): {e['data_s']:.3f} s = "
+        f"**{100 * e['data_s'] / e['epoch_s']:.1f}%** of the epoch."
+    )
+    print(epoch_line)
+    table = "\n".join(
+        [
+            f"Device: {device.type} ({name}), torch {torch.__version__}, pyro {pyro.__version__}, "
+            f"{torch.get_num_threads()} threads; median of {args.repeats} repeats of "
+            f"{args.steps} steps.",
+            "",
+            "| loss | batch | hand ms | ppl_vae ms | stock SVI ms | ppl_vae / hand | "
+            "stock / hand |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            epoch_line,
+        ]
+    )
+    if args.write:
+        write_section(f"svi_step ({device.type})", table, " ".join(["python", *sys.argv]))
+    return 0
+
+
+def write_section(title: str, body: str, command: str) -> None:
+    """Replaces (or appends) the section ``title`` of docs/BENCHMARKS.md."""
+    path = ROOT / "docs" / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {title} -->", f"<!-- /{title} -->"
+    section = f"{start}\n## {title}\n\nCommand: `{command}`\n\n{body}\n{end}"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

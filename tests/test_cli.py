@@ -1,0 +1,154 @@
+"""The ppl-vae command line: a short real run, --help, resume, and every bad-input case."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import needs_mnist
+
+from ppl_vae.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_FLAGS = [
+    "--dataset", "--binarize", "--data-dir", "--latent-dim", "--network", "--hidden",
+    "--activation", "--likelihood", "--sigma", "--guide", "--epochs", "--batch-size", "--lr",
+    "--loss", "--num-particles", "--beta", "--kl-warmup", "--seed", "--device", "--out",
+    "--resume", "--quiet",
+]  # fmt: skip
+
+
+def run_cli(*args, capsys):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@needs_mnist
+def test_one_short_mnist_epoch_writes_metrics_checkpoint_and_pictures(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        "train", "--epochs", "1", "--batch-size", "200", "--out", str(out), capsys=capsys
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt", "metrics.jsonl", "reconstructions.png", "samples.png",
+    ]  # fmt: skip
+    (metrics,) = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    # One epoch of the 784-200-200-50 VAE lands near -180 nats; an untrained one is below -540.
+    assert -230 < metrics["test_elbo"] < -130
+    assert "test ELBO" in stdout
+
+
+def test_pinwheel_with_defaults_and_resume(tmp_path, capsys):
+    out = tmp_path / "pw"
+    args = ["train", "--dataset", "pinwheel", "--latent-dim", "2", "--out", str(out), "--quiet"]
+    assert run_cli(*args, "--epochs", "2", capsys=capsys)[0] == 0
+    assert run_cli(*args, "--epochs", "3", "--resume", capsys=capsys)[0] == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+    assert (out / "samples.png").stat().st_size > 1000
+
+
+def test_help_documents_every_flag(capsys):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    missing = [flag for flag in TRAIN_FLAGS if flag not in text]
+    assert not missing
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    nan = np.random.default_rng(0).normal(size=(50, 2)).astype("float32")
+    nan[3, 1] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    inf = nan.copy()
+    inf[3, 1] = np.inf
+    np.save(tmp_path / "inf.npy", inf)
+    (tmp_path / "a_file").write_text("not a directory")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
+    (tmp_path / "empty_mnist").mkdir()
+    return tmp_path
+
+
+BAD = [
+    (["--dataset", "cifar"], "unknown data set 'cifar'"),
+    (["--dataset", "pinwheel", "--guide", "flowy"], "unknown guide 'flowy'"),
+    (["--dataset", "pinwheel", "--likelihood", "poisson"], "unknown likelihood 'poisson'"),
+    (["--dataset", "pinwheel", "--activation", "swishy"], "unknown activation 'swishy'"),
+    (["--dataset", "pinwheel", "--likelihood", "bernoulli"], "needs binary data"),
+    (["--dataset", "{tmp}/nan.npy"], "NaN or infinite"),
+    (["--dataset", "{tmp}/inf.npy"], "NaN or infinite"),
+    (["--dataset", "pinwheel", "--network", "conv"], "conv network needs 1x28x28"),
+    (["--dataset", "pinwheel", "--out", "{tmp}/a_file/run"], "cannot create output directory"),
+    (["--dataset", "pinwheel", "--epochs", "0"], "epochs must be a positive"),
+    (["--dataset", "pinwheel", "--batch-size", "-5"], "batch_size must be a positive"),
+    (["--dataset", "pinwheel", "--lr", "0"], "learning rate must be positive"),
+    (["--dataset", "pinwheel", "--lr=-1e-3"], "learning rate must be positive"),
+    (["--dataset", "pinwheel", "--hidden", "200,x"], "comma-separated integers"),
+    (["--dataset", "{tmp}/missing.npy"], "does not exist"),
+    (["--dataset", "pinwheel", "--device", "tpu"], "unknown device 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, message, bad_files, capsys):
+    before = sorted(bad_files.rglob("*"))
+    args = [a.replace("{tmp}", str(bad_files)) for a in args]
+    out = [] if "--out" in args else ["--out", str(bad_files / "run")]
+    epochs = [] if "--epochs" in args else ["--epochs", "1"]
+    code, _, err = run_cli("train", *args, *out, *epochs, capsys=capsys)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("ppl-vae") and "error:" in err
+    assert "Traceback" not in err
+    assert sorted(bad_files.rglob("*")) == before  # no half-written files or folders
+
+
+def test_missing_mnist_while_offline(bad_files, capsys, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens there
+    code, _, err = run_cli(
+        "train", "--data-dir", str(bad_files / "empty_mnist"), "--out", str(bad_files / "run"),
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert "MNIST not found in" in err and "PPL_VAE_DATA" in err and err.count("\n") == 1
+    assert not (bad_files / "run").exists()
+
+
+def test_corrupt_or_missing_checkpoint_on_resume(bad_files, capsys):
+    code, _, err = run_cli("train", "--resume", "--out", str(bad_files / "corrupt"), capsys=capsys)
+    assert code == 2 and "unreadable or corrupt" in err and err.count("\n") == 1
+    assert (bad_files / "corrupt" / "checkpoint.pt").read_bytes() == b"this is not a checkpoint"
+    code, _, err = run_cli("train", "--resume", "--out", str(bad_files / "nowhere"), capsys=capsys)
+    assert code == 2 and "no checkpoint at" in err
+
+
+def test_a_real_process_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ppl_vae.cli", "train", "--dataset", "pinwheel", "--lr", "-1",
+         "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_file_data_sets_train(tmp_path, capsys):
+    x = torch.randn(300, 3)
+    torch.save(x, tmp_path / "points.pt")
+    code, _, err = run_cli(
+        "train", "--dataset", str(tmp_path / "points.pt"), "--latent-dim", "1", "--epochs", "1",
+        "--out", str(tmp_path / "r"), "--quiet", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
