@@ -210,7 +210,7 @@ def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         raise ValueError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
     if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 2:
         raise ValueError(f"data file {path} must hold one tensor of shape (N, ...) with N >= 2")
-    x = x.float() if not torch.is_floating_point(x) else x
+    x = x.to(torch.get_default_dtype())  # the networks' dtype, whatever the file holds
     order = torch.randperm(x.shape[0], generator=generator)
     n_test = max(1, x.shape[0] // 10)
     return x[order[n_test:]], x[order[:n_test]]

@@ -42,6 +42,7 @@ class GaussianGuide(AmortizedGuide):
     r"""q(z|x) = N(mu(x), diag(sigma(x)^2)), with sigma = softplus of the encoder's output.
 
     Example:
+        >>> import torch
         >>> from ppl_vae.networks import MLPEncoder
         >>> guide = GaussianGuide(MLPEncoder([4], [8], "tanh"), latent_dim=2)
         >>> guide.distribution(torch.ones(3, 4)).batch_shape
