@@ -2,9 +2,7 @@ r"""The generative model p(z) p(x|z) as a Pyro program, and its observation like
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import pyro
 import pyro.distributions as dist
@@ -30,17 +28,27 @@ PLATE = "data"  # the plate over the leading dimension of x
 OBSERVED = "x"  # the observation site
 
 
-@contextlib.contextmanager
-def data_plate(x: Tensor, num_data: int | None = None) -> Iterator[None]:
-    r"""The ``"data"`` plate over the leading dimension of ``x``.
+class data_plate:
+    r"""The ``"data"`` plate over the leading dimension of ``x``, as a context manager.
 
-    With ``num_data``, every site inside is scaled by ``num_data / len(x)`` so that a
+    With ``num_data``, every site inside is also scaled by ``num_data / len(x)`` so that a
     mini-batch loss estimates the loss on the whole data set.
     """
-    batch = x.shape[0]
-    scale = 1.0 if num_data is None else num_data / batch
-    with pyro.plate(PLATE, batch, dim=-1), poutine.scale(scale=scale):
-        yield
+
+    def __init__(self, x: Tensor, num_data: int | None = None):
+        self.plate = pyro.plate(PLATE, x.shape[0], dim=-1)
+        scaled = num_data is not None and num_data != x.shape[0]
+        self.scale = poutine.scale(scale=num_data / x.shape[0]) if scaled else None
+
+    def __enter__(self):
+        self.plate.__enter__()
+        if self.scale is not None:
+            self.scale.__enter__()
+
+    def __exit__(self, *exc):
+        if self.scale is not None:
+            self.scale.__exit__(*exc)
+        return self.plate.__exit__(*exc)
 
 
 class BernoulliLikelihood(nn.Module):
@@ -135,6 +143,8 @@ class VAEModel(nn.Module):
         self.decoder, self.likelihood = decoder, likelihood
         self.latent_dim = latent_dim
         self.event_shape = torch.Size(event_shape)
+        self.register_buffer("_zero", torch.zeros(()), persistent=False)
+        self.register_buffer("_one", torch.ones(()), persistent=False)
 
     def check(self, x: Tensor) -> None:
         """Raises ``ValueError`` when ``x`` does not have the shape the networks take."""
@@ -146,16 +156,12 @@ class VAEModel(nn.Module):
 
     def prior(self, batch_shape: torch.Size | tuple = ()) -> Distribution:
         """p(z) = N(0, I) with the given batch shape."""
-        zero = torch.zeros((), device=self.device).expand(*batch_shape, self.latent_dim)
-        return dist.Normal(zero, 1.0).to_event(1)
+        shape = (*batch_shape, self.latent_dim)
+        return dist.Normal(self._zero.expand(shape), self._one.expand(shape)).to_event(1)
 
     def observation(self, z: Tensor) -> Distribution:
         """p(x|z) with event shape ``event_shape``."""
         return self.likelihood(self.decoder(z)).to_event(len(self.event_shape))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def forward(self, x: Tensor, num_data: int | None = None) -> Tensor:
         pyro.module("model", self)
