@@ -12,7 +12,7 @@ from ppl_vae.data import Data
 from ppl_vae.guides import AmortizedGuide
 from ppl_vae.model import VAEModel
 
-__all__ = ["image_grid", "plot_reconstructions", "plot_samples"]
+__all__ = ["image_grid", "plot_metrics", "plot_reconstructions", "plot_samples"]
 
 
 def _figure():
@@ -91,3 +91,24 @@ def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str)
     ax.scatter(m[:, 0], m[:, 1], s=3, alpha=0.4, label=model_label)
     ax.set_aspect("equal")
     ax.legend(loc="upper right", markerscale=4)
+
+
+def plot_metrics(metrics: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Saves train and test ELBO per epoch (nats per example) as a line plot."""
+    plt = _figure()
+    path = Path(path)
+    epochs = [m["epoch"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, [m["train_elbo"] for m in metrics], label="train ELBO (objective)")
+    ax.plot(epochs, [m["test_elbo"] for m in metrics], label="test ELBO")
+    last = metrics[-1]["test_elbo"]
+    top = max(max(m["train_elbo"], m["test_elbo"]) for m in metrics)
+    ax.set_ylim(min(last, metrics[-1]["train_elbo"]) - 15, top + 3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per example")
+    ax.set_title(title or f"final test ELBO {last:.2f}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+    return path
