@@ -1,0 +1,254 @@
+r"""Marginal log-likelihood log p(x) per data point, by importance sampling with the guide."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.subsample_messenger import _Subsample
+from torch import Tensor
+
+__all__ = ["LogLikelihood", "importance_log_weights", "log_likelihood"]
+
+PARTICLES = "_ll_particles"
+
+
+@dataclass
+class LogLikelihood:
+    """Per-data-point results of :func:`log_likelihood`, each of shape ``(N,)`` (float64).
+
+    ``iwae`` maps each k to the IWAE bound averaged over ``num_samples // k`` disjoint groups
+    of k consecutive draws, so that ``elbo <= iwae[k] <= log_px`` holds in expectation.
+    """
+
+    log_px: Tensor  # log (1/K) sum_k w_k, the importance-sampled estimate of log p(x_i)
+    elbo: Tensor  # (1/K) sum_k log w_k, the Monte Carlo ELBO from the same draws
+    ess: Tensor  # (sum_k w_k)^2 / sum_k w_k^2, the effective sample size, in [1, K]
+    iwae: dict[int, Tensor]  # k -> IWAE_k bound from the same draws
+    num_samples: int  # K, the number of draws used for every data point
+
+
+def _latent_sites(trace) -> set[str]:
+    return {
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not isinstance(site["fn"], _Subsample)
+    }
+
+
+class _Sites:
+    """Latent and observed sites of a model/guide pair, checked against the data plate."""
+
+    def __init__(self, model, guide, args, kwargs, data_plate: str):
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+        self.size, self.dim, nesting = None, None, 1
+        for role, tr in (("model", model_tr), ("guide", guide_tr)):
+            for name, site in tr.nodes.items():
+                if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+                    continue
+                frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+                plate = [f for f in frames if f.name == data_plate]
+                if not plate:
+                    raise ValueError(
+                        f"{role} sample site {name!r} lies outside the plate {data_plate!r}; "
+                        f"put every sample site of the model and guide inside "
+                        f"pyro.plate({data_plate!r}, N), or pass data_plate=<its name>"
+                    )
+                if self.size is None:
+                    self.size, self.dim = plate[0].size, plate[0].dim
+                elif (plate[0].size, plate[0].dim) != (self.size, self.dim):
+                    raise ValueError(
+                        f"site {name!r} has plate {data_plate!r} of size {plate[0].size} at dim "
+                        f"{plate[0].dim}, others {self.size} at dim {self.dim}"
+                    )
+                nesting = max(nesting, *(-f.dim for f in frames))
+        latent_model, latent_guide = _latent_sites(model_tr), _latent_sites(guide_tr)
+        if latent_model != latent_guide:
+            raise ValueError(
+                f"the guide's latent sites {sorted(latent_guide)} do not match the model's "
+                f"{sorted(latent_model)}; the guide must sample every latent site of the model"
+            )
+        if self.size is None:
+            raise ValueError("the model has no sample sites")
+        self.max_plate_nesting = nesting
+
+
+def importance_log_weights(
+    model: Callable,
+    guide: Callable,
+    num_particles: int,
+    args: tuple,
+    kwargs: dict,
+    data_plate: str = "data",
+    max_plate_nesting: int = 1,
+    data_dim: int = -1,
+) -> Tensor:
+    r"""Log importance weights :math:`\log p(x_i, z_k) - \log q(z_k|x_i)`, shape ``(K, N)``.
+
+    The guide is traced under an outer plate of ``num_particles`` draws and the model replayed
+    against it. Log-densities are unscaled (``poutine.scale`` does not enter a weight); every
+    batch dimension other than the particle and data-plate dimensions is summed.
+    """
+    particle_dim = -max_plate_nesting - 1
+
+    def vectorized(fn):
+        def run(*a, **k):
+            with pyro.plate(PARTICLES, num_particles, dim=particle_dim):
+                return fn(*a, **k)
+
+        return run
+
+    guide_tr = poutine.trace(vectorized(guide)).get_trace(*args, **kwargs)
+    model_tr = poutine.trace(poutine.replay(vectorized(model), trace=guide_tr)).get_trace(
+        *args, **kwargs
+    )
+    log_w = 0.0
+    for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
+        for site in tr.nodes.values():
+            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+                continue
+            if sign < 0 and site["is_observed"]:
+                continue
+            lp = site["fn"].log_prob(site["value"])
+            lp = lp.reshape((1,) * (max_plate_nesting + 1 - lp.dim()) + lp.shape)
+            keep = {lp.dim() + particle_dim, lp.dim() + data_dim}
+            other = [d for d in range(lp.dim()) if d not in keep]
+            if other:
+                lp = lp.sum(other, keepdim=True)
+            log_w = log_w + sign * lp.reshape(lp.shape[lp.dim() + particle_dim], -1)
+    return log_w
+
+
+def log_likelihood(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    data_plate: str = "data",
+    diagnostics: bool = False,
+    iwae_ks: Sequence[int] = (),
+    progress: Callable[[int], None] | None = None,
+    **kwargs,
+) -> Tensor | LogLikelihood:
+    r"""Importance-sampled :math:`\log p(x_i)` for every data point, with the guide as proposal.
+
+    .. math::
+        \log p(x_i) \approx \log \frac{1}{K} \sum_{k=1}^K
+            \frac{p(x_i, z_k)}{q(z_k | x_i)}, \qquad z_k \sim q(z | x_i)
+
+    Draws are taken ``chunk_size`` at a time under an outer particle plate (trace the guide,
+    replay the model) and combined with a log-sum-exp accumulated in float64, so peak memory
+    depends on ``chunk_size`` and N but not on ``num_samples``; exactly ``num_samples`` draws are
+    used for every point.
+
+    Arguments:
+        model: A Pyro model taking ``*args, **kwargs``; every sample site inside ``data_plate``.
+        guide: A Pyro guide over the same latent sites (any family: Gaussian, flows, ...).
+        num_samples: K, the number of importance samples per data point.
+        chunk_size: Draws per vectorized pass (default: about 100,000 / N, at least 1).
+        data_plate: Name of the plate over data points.
+        diagnostics: Also return the ELBO, the effective sample size and IWAE bounds.
+        iwae_ks: The k of the IWAE bounds to compute with ``diagnostics`` (each k <= K).
+        progress: Called with the number of draws done after each chunk.
+
+    Returns:
+        A float64 tensor of shape ``(N,)``, or a :class:`LogLikelihood` with ``diagnostics``.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> def model(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        ...         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        >>> def guide(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         pyro.sample("z", dist.Normal(x / 2, 0.5**0.5))  # the exact posterior
+        >>> log_likelihood(model, guide, torch.tensor([0.0, 2.0]), num_samples=10)
+        tensor([-1.2655, -2.2655], dtype=torch.float64)
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    ks = sorted(set(iwae_ks))
+    if ks and (ks[0] < 1 or ks[-1] > num_samples):
+        raise ValueError(f"every IWAE k must lie in [1, num_samples={num_samples}], got {ks}")
+
+    with torch.no_grad(), poutine.block(hide_types=["param"]):
+        sites = _Sites(model, guide, args, kwargs, data_plate)
+        chunk = min(num_samples, chunk_size or max(1, 100_000 // sites.size))
+        lse = lse2 = total = None
+        groups = {k: _GroupedLSE(k) for k in ks}
+        done = 0
+        while done < num_samples:
+            c = min(chunk, num_samples - done)
+            lw = importance_log_weights(
+                model, guide, c, args, kwargs, data_plate, sites.max_plate_nesting, sites.dim
+            ).to(torch.float64)
+            if lw.shape[1] != sites.size:
+                raise ValueError(
+                    f"log-weights have {lw.shape[1]} columns but the plate {data_plate!r} has "
+                    f"size {sites.size}; is the plate subsampled?"
+                )
+            part, part2 = torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0)
+            if lse is None:
+                lse, lse2, total = part, part2, lw.sum(0)
+            else:
+                lse, lse2 = torch.logaddexp(lse, part), torch.logaddexp(lse2, part2)
+                total = total + lw.sum(0)
+            for g in groups.values():
+                g.add(lw)
+            done += c
+            if progress is not None:
+                progress(done)
+    log_px = lse - math.log(num_samples)
+    if not diagnostics:
+        return log_px
+    return LogLikelihood(
+        log_px=log_px,
+        elbo=total / num_samples,
+        ess=torch.exp(2 * lse - lse2),
+        iwae={k: g.mean() for k, g in groups.items()},
+        num_samples=num_samples,
+    )
+
+
+class _GroupedLSE:
+    """Running mean over groups of k consecutive draws of log((1/k) sum_{group} w)."""
+
+    def __init__(self, k: int):
+        self.k, self.carry, self.carried, self.sum, self.groups = k, None, 0, None, 0
+
+    def add(self, lw: Tensor) -> None:
+        start = 0
+        if self.carry is not None:  # finish the group the previous chunk left open
+            take = min(self.k - self.carried, lw.shape[0])
+            self.carry = torch.logaddexp(self.carry, torch.logsumexp(lw[:take], 0))
+            self.carried += take
+            start = take
+            if self.carried == self.k:
+                self._close(self.carry.unsqueeze(0))
+                self.carry, self.carried = None, 0
+        full = (lw.shape[0] - start) // self.k
+        if full:
+            block = lw[start : start + full * self.k].reshape(full, self.k, -1)
+            self._close(torch.logsumexp(block, 1))
+        rest = lw[start + full * self.k :]
+        if rest.shape[0]:
+            self.carry, self.carried = torch.logsumexp(rest, 0), rest.shape[0]
+
+    def _close(self, group_lse: Tensor) -> None:
+        s = (group_lse - math.log(self.k)).sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.groups += group_lse.shape[0]
+
+    def mean(self) -> Tensor:
+        return self.sum / self.groups
