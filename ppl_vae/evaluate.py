@@ -89,12 +89,15 @@ def importance_log_weights(
     data_plate: str = "data",
     max_plate_nesting: int = 1,
     data_dim: int = -1,
-) -> Tensor:
+) -> tuple[Tensor, float | Tensor]:
     r"""Log importance weights :math:`\log p(x_i, z_k) - \log q(z_k|x_i)`, shape ``(K, N)``.
 
     The guide is traced under an outer plate of ``num_particles`` draws and the model replayed
     against it. Log-densities are unscaled (``poutine.scale`` does not enter a weight); every
     batch dimension other than the particle and data-plate dimensions is summed.
+
+    Returns the weights and the scale of the model's observed site (``num_data / N`` under a
+    scaled data plate, else 1), which an importance-weighted loss applies after the log-sum-exp.
     """
     particle_dim = -max_plate_nesting - 1
 
@@ -109,13 +112,15 @@ def importance_log_weights(
     model_tr = poutine.trace(poutine.replay(vectorized(model), trace=guide_tr)).get_trace(
         *args, **kwargs
     )
-    log_w = 0.0
+    log_w, scale = 0.0, 1.0
     for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
         for site in tr.nodes.values():
             if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
                 continue
-            if sign < 0 and site["is_observed"]:
-                continue
+            if site["is_observed"]:
+                if sign < 0:
+                    continue
+                scale = site["scale"]
             lp = site["fn"].log_prob(site["value"])
             lp = lp.reshape((1,) * (max_plate_nesting + 1 - lp.dim()) + lp.shape)
             keep = {lp.dim() + particle_dim, lp.dim() + data_dim}
@@ -123,7 +128,7 @@ def importance_log_weights(
             if other:
                 lp = lp.sum(other, keepdim=True)
             log_w = log_w + sign * lp.reshape(lp.shape[lp.dim() + particle_dim], -1)
-    return log_w
+    return log_w, scale
 
 
 def log_likelihood(
@@ -190,9 +195,10 @@ def log_likelihood(
         done = 0
         while done < num_samples:
             c = min(chunk, num_samples - done)
-            lw = importance_log_weights(
+            lw, _ = importance_log_weights(
                 model, guide, c, args, kwargs, data_plate, sites.max_plate_nesting, sites.dim
-            ).to(torch.float64)
+            )
+            lw = lw.to(torch.float64)
             if lw.shape[1] != sites.size:
                 raise ValueError(
                     f"log-weights have {lw.shape[1]} columns but the plate {data_plate!r} has "

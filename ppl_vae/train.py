@@ -22,10 +22,12 @@ from pyro.poutine.scale_messenger import ScaleMessenger
 from torch import Tensor
 
 from ppl_vae.data import Data
-from ppl_vae.model import LATENT
+from ppl_vae.evaluate import importance_log_weights
+from ppl_vae.model import LATENT, PLATE
 
 __all__ = [
     "LOSSES",
+    "IWAELoss",
     "TraceELBO",
     "TraceMeanFieldELBO",
     "TrainConfig",
@@ -70,7 +72,44 @@ class TraceMeanFieldELBO(_SyncFreeLoss, TraceMeanField_ELBO):
     """``pyro.infer.TraceMeanField_ELBO`` (analytic KL) without host synchronisation."""
 
 
-LOSSES: dict[str, type[ELBO]] = {"elbo": TraceELBO, "meanfield": TraceMeanFieldELBO}
+class IWAELoss:
+    r"""The importance-weighted bound of Burda et al. (2015), per data point, as a loss.
+
+    .. math::
+        \mathcal{L}_k(x_i) = \log rac{1}{k} \sum_{j=1}^k rac{p(x_i, z_j)}{q(z_j|x_i)},
+        \qquad z_j \sim q(z|x_i)
+
+    The k draws are vectorized under an outer particle plate and the bound is formed per point
+    before the mini-batch scale ``num_data / N`` is applied. (Pyro's ``RenyiELBO(alpha=0)`` forms
+    the same bound, but scales the log-weights before the log-sum-exp, which is not the bound of
+    the full data set under subsampling, and it has no ``differentiable_loss``.) With
+    reparameterized guides the gradient is that of Burda et al.: the normalized weights times
+    the gradients of the log-weights. ``num_particles=1`` gives the ELBO.
+    """
+
+    def __init__(self, num_particles: int = 5, max_plate_nesting: int = 1, data_plate: str = PLATE):
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
+        self.num_particles, self.max_plate_nesting = num_particles, max_plate_nesting
+        self.data_plate = data_plate
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        log_w, scale = importance_log_weights(
+            model, guide, self.num_particles, args, kwargs, self.data_plate, self.max_plate_nesting
+        )
+        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)
+        return -(bound.sum() * scale)
+
+    def loss(self, model, guide, *args, **kwargs):
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+
+LOSSES: dict[str, type] = {
+    "elbo": TraceELBO,
+    "meanfield": TraceMeanFieldELBO,
+    "iwae": IWAELoss,
+}
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
@@ -82,8 +121,8 @@ class TrainConfig:
     epochs: int = 10  # passes over the training set
     batch_size: int = 100  # data points per SVI step
     lr: float = 1e-3  # Adam learning rate
-    loss: str = "elbo"  # "elbo" (Trace_ELBO) or "meanfield" (TraceMeanField_ELBO, analytic KL)
-    num_particles: int = 1  # vectorized ELBO particles per step
+    loss: str = "elbo"  # "elbo" (Trace_ELBO), "meanfield" (analytic KL) or "iwae" (IWAE bound)
+    num_particles: int = 1  # vectorized particles per step (ELBO average, or the IWAE k)
     beta: float = 1.0  # final weight of the KL term (log p(z) - log q(z|x))
     kl_warmup: int = 0  # epochs over which the KL weight rises linearly from 0 to beta
     seed: int = 0  # seeds parameters, batching, binarization and latent draws
@@ -101,10 +140,17 @@ class TrainConfig:
             raise ValueError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.loss == "iwae" and (self.kl_warmup or self.beta != 1.0):
+            raise ValueError(
+                "KL warm-up and beta weight the ELBO's KL term; the iwae loss has none: "
+                "drop --kl-warmup/--beta or use --loss elbo"
+            )
 
 
-def make_loss(config: TrainConfig) -> ELBO:
+def make_loss(config: TrainConfig) -> ELBO | IWAELoss:
     """The Pyro ELBO ``config.loss`` names, with vectorized particles."""
+    if config.loss == "iwae":
+        return IWAELoss(num_particles=config.num_particles, max_plate_nesting=1)
     return LOSSES[config.loss](
         num_particles=config.num_particles,
         vectorize_particles=config.num_particles > 1,
@@ -277,7 +323,12 @@ def _progress(total: int, desc: str, quiet: bool):
 
 
 def svi_step(
-    elbo: ELBO, model: Callable, guide: Callable, optimizer: torch.optim.Optimizer, *args, **kwargs
+    elbo: ELBO | IWAELoss,
+    model: Callable,
+    guide: Callable,
+    optimizer: torch.optim.Optimizer,
+    *args,
+    **kwargs,
 ) -> Tensor:
     """One SVI step: the ELBO's differentiable loss, its gradient, one optimizer step.
 

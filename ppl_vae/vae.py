@@ -3,13 +3,15 @@ r"""A VAE assembled from configuration: networks, likelihood, guide; runs on dis
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pyro
 import torch
 
 from ppl_vae.data import Data, DataConfig, load_data
+from ppl_vae.evaluate import log_likelihood
 from ppl_vae.guides import AmortizedGuide, make_guide
 from ppl_vae.model import VAEModel, make_likelihood
 from ppl_vae.networks import NetworkConfig, build_networks
@@ -23,7 +25,15 @@ from ppl_vae.train import (
     train,
 )
 
-__all__ = ["Run", "VAEConfig", "build_vae", "default_likelihood", "load_run", "train_run"]
+__all__ = [
+    "Run",
+    "VAEConfig",
+    "build_vae",
+    "default_likelihood",
+    "evaluate_run",
+    "load_run",
+    "train_run",
+]
 
 
 @dataclass(frozen=True)
@@ -109,12 +119,17 @@ def train_run(
     return Run(model, guide, data, data_config, vae_config, train_config, metrics)
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "auto") -> Run:
-    """Rebuilds a trained VAE from ``run_dir/checkpoint.pt`` on ``device``."""
+def load_run(run_dir: str | os.PathLike, device: str = "auto", data_dir: str | None = None) -> Run:
+    """Rebuilds a trained VAE from ``run_dir/checkpoint.pt`` on ``device``.
+
+    ``data_dir`` overrides the MNIST folder recorded at training time.
+    """
     ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT)
     if not isinstance(ckpt.get("extra"), dict) or "vae" not in ckpt["extra"]:
         raise ValueError(f"{run_dir} was not written by ppl-vae train; no VAE configuration in it")
     data_config, vae_config = _configs(ckpt["extra"])
+    if data_dir is not None:
+        data_config = replace(data_config, data_dir=data_dir)
     train_config = TrainConfig(**ckpt["config"])
     data = load_data(data_config, resolve_device(device))
     model, guide = build_vae(vae_config, data)
@@ -123,3 +138,73 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto") -> Run:
     x0 = torch.bernoulli(x0) if data.encoding == "dynamic" else x0
     restore_params(collect_params(model, guide, x0), ckpt["params"])
     return Run(model, guide, data, data_config, vae_config, train_config, ckpt["metrics"])
+
+
+def evaluate_run(
+    run: Run,
+    split: str = "test",
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    batch_size: int = 100,
+    iwae_ks: tuple[int, ...] = (),
+    seed: int = 0,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Importance-sampled log p(x) of a trained run on ``split``, with diagnostics.
+
+    Data points are taken ``batch_size`` at a time, each with exactly ``num_samples`` draws from
+    the guide (see :func:`ppl_vae.evaluate.log_likelihood`). Dynamically binarized data are
+    binarized once, from ``seed``. Returns the means over points (``nll`` is -log p(x), in nats)
+    and the per-point figures.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; use train or test")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size}")
+    data = run.data
+    x_all = data.train if split == "train" else data.test
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit}")
+        x_all = x_all[:limit]
+    g = torch.Generator(device=data.device).manual_seed(seed)
+    results = []
+    done = 0
+    with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, x_all.shape[0], batch_size):
+            x = data.encode(x_all[start : start + batch_size], generator=g)
+
+            def advance(k, n=x.shape[0], base=done):
+                if progress is not None:
+                    progress(base + n * k)
+
+            results.append(
+                log_likelihood(
+                    run.model,
+                    run.guide,
+                    x,
+                    num_samples=num_samples,
+                    chunk_size=chunk_size,
+                    diagnostics=True,
+                    iwae_ks=iwae_ks,
+                    progress=advance,
+                )  # fmt: skip
+            )
+            done += x.shape[0] * num_samples
+    log_px = torch.cat([r.log_px for r in results])
+    elbo = torch.cat([r.elbo for r in results])
+    ess = torch.cat([r.ess for r in results])
+    iwae = {k: torch.cat([r.iwae[k] for r in results]) for k in iwae_ks}
+    return {
+        "split": split,
+        "num_points": int(log_px.shape[0]),
+        "num_samples": num_samples,
+        "nll": -log_px.mean().item(),
+        "nll_standard_error": (log_px.std() / log_px.shape[0] ** 0.5).item(),
+        "elbo": elbo.mean().item(),
+        "ess": ess.mean().item(),
+        "iwae": {str(k): v.mean().item() for k, v in iwae.items()},
+        "log_px": log_px.tolist(),
+    }

@@ -152,3 +152,47 @@ def test_file_data_sets_train(tmp_path, capsys):
         "--out", str(tmp_path / "r"), "--quiet", capsys=capsys,
     )  # fmt: skip
     assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def pinwheel_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pw"
+    code = main(["train", "--dataset", "pinwheel", "--latent-dim", "2", "--hidden", "32",
+                 "--epochs", "2", "--loss", "iwae", "--num-particles", "3", "--out", str(out),
+                 "--quiet"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_evaluate_writes_nll_elbo_ess_and_settings(pinwheel_run, capsys):
+    code, out, err = run_cli("evaluate", "--run", str(pinwheel_run), "--num-samples", "200",
+                             "--chunk-size", "64", "--quiet", capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    record = json.loads((pinwheel_run / "evaluate.json").read_text())
+    assert record["num_samples"] == 200 and record["num_points"] == 2000
+    assert record["chunk_size"] == 64 and record["seconds"] > 0 and record["epoch"] == 2
+    assert len(record["log_px"]) == 2000
+    # log p(x) >= IWAE_100 >= IWAE_10 >= ELBO on average, and NLL is minus the mean log p(x)
+    iwae = record["iwae"]
+    assert -record["nll"] >= iwae["100"] >= iwae["10"] >= record["elbo"]
+    assert record["nll"] == pytest.approx(-np.mean(record["log_px"]))
+    assert 1 <= record["ess"] <= 200
+    assert f"NLL {record['nll']:.2f}" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run", "{tmp}/nowhere"], "no checkpoint at"),
+        (["--run", "{run}", "--num-samples", "0"], "--num-samples must be a positive"),
+        (["--run", "{run}", "--chunk-size", "0"], "chunk_size must be a positive"),
+        (["--run", "{run}", "--batch-size", "0"], "batch size must be a positive"),
+        (["--run", "{tmp}/corrupt"], "unreadable or corrupt"),
+    ],
+)
+def test_evaluate_bad_input(args, message, pinwheel_run, bad_files, capsys):
+    args = [a.replace("{tmp}", str(bad_files)).replace("{run}", str(pinwheel_run)) for a in args]
+    before = sorted(pinwheel_run.iterdir())
+    code, _, err = run_cli("evaluate", "--num-samples", "10", *args, capsys=capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert sorted(pinwheel_run.iterdir()) == before

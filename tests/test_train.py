@@ -190,3 +190,58 @@ def test_sync_free_losses_equal_pyros_in_value_and_gradient(ours, pyros):
     assert torch.allclose(a, b, rtol=1e-6)
     for u, v in zip(ga, gb, strict=True):
         assert torch.allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_iwae_loss_equals_pyros_renyi_elbo_alpha_0_in_value_and_gradient():
+    import pyro.infer
+
+    from ppl_vae.train import IWAELoss
+
+    model, data, _ = linear_gaussian(n=10)
+    model.decoder.requires_grad_(True)
+    model.train(True)
+    guide = GaussianGuide(Flatten(5), latent_dim=2)
+    x = data.train[:6]
+    params = list(model.parameters()) + list(guide.parameters())
+    torch.manual_seed(11)
+    ours = IWAELoss(num_particles=5).differentiable_loss(model, guide, x)
+    ours_grads = torch.autograd.grad(ours, params)
+    torch.manual_seed(11)
+    renyi = pyro.infer.RenyiELBO(alpha=0, num_particles=5, vectorize_particles=True,
+                                 max_plate_nesting=1)  # fmt: skip
+    for p in params:
+        p.grad = None
+    theirs = renyi.loss_and_grads(model, guide, x)
+    assert ours.item() == pytest.approx(theirs, rel=1e-6)
+    for p, g in zip(params, ours_grads, strict=True):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_iwae_bound_is_per_point_and_scaled_after_the_log_sum_exp():
+    from ppl_vae.train import IWAELoss
+
+    model, data, exact = linear_gaussian(n=10)
+    guide = GaussianGuide(Flatten(5), latent_dim=2)
+    x = data.train[:4]
+    torch.manual_seed(0)
+    unscaled = IWAELoss(num_particles=7).differentiable_loss(model, guide, x)
+    torch.manual_seed(0)
+    scaled = IWAELoss(num_particles=7).differentiable_loss(model, guide, x, 40)
+    assert torch.allclose(scaled, 10 * unscaled)
+    # k = 1 is the ELBO
+    from ppl_vae.train import TraceELBO
+
+    torch.manual_seed(2)
+    one = IWAELoss(num_particles=1).differentiable_loss(model, guide, x)
+    torch.manual_seed(2)
+    assert torch.allclose(one, TraceELBO().differentiable_loss(model, guide, x))
+    # the bound lies below the exact log-likelihood and rises with k (on average)
+    with torch.no_grad():
+        k1 = -sum(IWAELoss(num_particles=1).loss(model, guide, x) for _ in range(200)) / 200
+        k50 = -sum(IWAELoss(num_particles=50).loss(model, guide, x) for _ in range(200)) / 200
+    assert k1 < k50 < exact.log_prob(x).sum().item()
+
+
+def test_iwae_rejects_kl_warmup():
+    with pytest.raises(ValueError, match="iwae loss has none"):
+        TrainConfig(loss="iwae", num_particles=5, kl_warmup=3)
