@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -133,6 +134,10 @@ def test_metrics_and_checkpoint_are_written_each_epoch(tmp_path):
     assert [m["epoch"] for m in lines] == [1, 2]
     assert {"epoch", "train_elbo", "test_elbo", "seconds"} <= lines[0].keys()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("checkpoint.pt", "metrics.jsonl"):  # atomic writes keep the usual permissions
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
     # a loaded run reproduces the recorded test ELBO exactly
     loaded = load_run(tmp_path, "cpu")
     again = evaluate_elbo(loaded.model, loaded.guide, loaded.data, "test", 1000, seed=0)
