@@ -12,7 +12,13 @@ from ppl_vae.data import Data
 from ppl_vae.guides import AmortizedGuide
 from ppl_vae.model import VAEModel
 
-__all__ = ["image_grid", "plot_metrics", "plot_reconstructions", "plot_samples"]
+__all__ = [
+    "image_grid",
+    "plot_metrics",
+    "plot_mixture",
+    "plot_reconstructions",
+    "plot_samples",
+]
 
 
 def _figure():
@@ -112,3 +118,54 @@ def plot_metrics(metrics: list[dict], path: str | os.PathLike, title: str = "") 
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def plot_mixture(mixture, data: Data, path: str | os.PathLike) -> Path | None:
+    """Saves the density over the test points (2-D data) or the component means as images.
+
+    Returns the path, or None (nothing written) for data that are neither 2-D nor images.
+    """
+    from ppl_vae.mixture import BernoulliMixture, GaussianMixture
+
+    path = Path(path)
+    if isinstance(mixture, BernoulliMixture) and len(data.event_shape) == 3:
+        plt = _figure()
+        order = mixture.weights_.argsort(descending=True)[:100]
+        means = mixture.means_[order].reshape(-1, *data.event_shape).float()
+        fig, ax = plt.subplots(figsize=(7, 7))
+        ax.imshow(image_grid(means, ncols=10).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{mixture.n_components} component means, by weight (first 100)")
+        ax.axis("off")
+    elif isinstance(mixture, GaussianMixture) and data.event_shape == (2,):
+        plt = _figure()
+        fig, ax = plt.subplots(figsize=(6, 6))
+        _density_panel(ax, mixture, data.test)
+        ax.set_title(
+            f"{mixture.n_components}-component {mixture.covariance_type} Gaussian mixture: "
+            f"test log-lik. {mixture.score(data.test.to(mixture.means_)):.3f}",
+            fontsize=9,
+        )
+    else:
+        return None
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _density_panel(ax, mixture, points: Tensor, size: int = 200) -> None:
+    """Log-density contours on a grid around ``points``, the points, and the component means."""
+    pts = points.cpu().double()
+    lo, hi = pts.min(0).values, pts.max(0).values
+    pad = 0.1 * (hi - lo)
+    xs = torch.linspace(lo[0] - pad[0], hi[0] + pad[0], size, dtype=torch.float64)
+    ys = torch.linspace(lo[1] - pad[1], hi[1] + pad[1], size, dtype=torch.float64)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    grid = torch.stack([gx.flatten(), gy.flatten()], 1)
+    density = mixture.score_samples(grid.to(mixture.means_)).exp().reshape(size, size).cpu()
+    ax.contourf(gx.numpy(), gy.numpy(), density.numpy(), levels=20, cmap="viridis")
+    ax.scatter(pts[:, 0], pts[:, 1], s=1, c="white", alpha=0.3)
+    means = mixture.means_.cpu()
+    ax.scatter(means[:, 0], means[:, 1], marker="x", c="red", s=30, label="component means")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=8)

@@ -75,7 +75,7 @@ class IWAELoss:
     r"""The importance-weighted bound of Burda et al. (2015), per data point, as a loss.
 
     .. math::
-        \mathcal{L}_k(x_i) = \log rac{1}{k} \sum_{j=1}^k rac{p(x_i, z_j)}{q(z_j|x_i)},
+        \mathcal{L}_k(x_i) = \log \frac{1}{k} \sum_{j=1}^k \frac{p(x_i, z_j)}{q(z_j|x_i)},
         \qquad z_j \sim q(z|x_i)
 
     The k draws are vectorized under an outer particle plate and the bound is formed per point
@@ -276,6 +276,18 @@ def save_atomic(obj: dict, path: Path) -> None:
 def write_text_atomic(text: str, path: Path) -> None:
     """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
     _replace_atomic(Path(path), lambda f: f.write(text), "w")
+
+
+def make_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Creates ``out_dir`` (and parents); a clear error if it cannot be created or written."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output directory {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"output directory {out} is not writable; choose another --out")
+    return out
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -20,6 +20,7 @@ from ppl_vae.train import (
     TrainConfig,
     collect_params,
     load_checkpoint,
+    make_output_dir,
     resolve_device,
     restore_params,
     train,
@@ -108,12 +109,7 @@ def train_run(
     pyro.set_rng_seed(train_config.seed)
     model, guide = build_vae(vae_config, data)
     if not resume:  # only once every input has been checked, so bad input leaves nothing behind
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create output directory {out}: {e.strerror}") from None
-        if not os.access(out, os.W_OK):
-            raise ValueError(f"output directory {out} is not writable; choose another --out")
+        make_output_dir(out)
     extra = {"data": asdict(data_config), "vae": asdict(vae_config)}
     metrics = train(model, guide, data, train_config, out, resume=resume, quiet=quiet, extra=extra)
     return Run(model, guide, data, data_config, vae_config, train_config, metrics)

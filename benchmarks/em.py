@@ -1,0 +1,157 @@
+r"""Times EM of :class:`ppl_vae.mixture.GaussianMixture` against scikit-learn's, in one run.
+
+The problem of the scikit-learn comparison in the issue: 100,000 points in 32 dimensions drawn from
+16 Gaussians with random covariances, a 16-component mixture with ``full`` and with ``diag``
+covariances, 100 EM iterations (``tol=0``) from the same initial weights, means and precisions
+(uniform weights, 16 random data points, the inverse covariance of the whole data set), so both
+do exactly the same arithmetic. Each repeat runs every contender in turn (interleaved); the
+figure is the median over repeats of the whole ``fit`` (ours includes building the sufficient
+statistics). Contenders: scikit-learn on float64 data (its reference dtype) and on float32, ours
+on float64 and float32 tensors. Everything runs on one thread: ``torch.set_num_threads(1)`` and
+``threadpoolctl.threadpool_limits(1)`` for NumPy/SciPy's BLAS.
+
+Run: ``python benchmarks/em.py --write`` (``--write`` updates docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppl_vae.mixture import GaussianMixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from svi_step import write_section  # noqa: E402
+
+
+def problem(n: int, d: int, k: int, seed: int = 0):
+    """Data (n, d) from k random Gaussians, and the shared start: weights, means, precisions."""
+    rng = np.random.default_rng(seed)
+    centres = 4 * rng.normal(size=(k, d))
+    factors = rng.normal(size=(k, d, d)) / np.sqrt(d)
+    z = rng.integers(k, size=n)
+    x = centres[z] + np.einsum("nij,nj->ni", factors[z], rng.normal(size=(n, d)))
+    weights = np.full(k, 1 / k)
+    means = x[rng.choice(n, k, replace=False)]
+    precision = np.linalg.inv(np.cov(x.T))
+    precisions = {
+        "full": np.repeat(precision[None], k, 0),
+        "diag": np.repeat((1 / x.var(0))[None], k, 0),
+    }
+    return x, weights, means, precisions
+
+
+def time_all(covariance: str, n: int, d: int, k: int, iters: int, repeats: int) -> dict:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture as SklearnMixture
+    from threadpoolctl import threadpool_limits
+
+    x, w, m, p = problem(n, d, k)
+    p = p[covariance]
+
+    def sklearn(dtype):
+        xs = x.astype(dtype)
+
+        def fit():
+            gm = SklearnMixture(
+                k, covariance_type=covariance, tol=0, max_iter=iters,
+                weights_init=w, means_init=m, precisions_init=p,
+            )  # fmt: skip
+            gm.fit(xs)
+            return gm.score(xs)
+
+        return fit
+
+    def ours(dtype):
+        xt, wt, mt, pt = (torch.from_numpy(a).to(dtype) for a in (x, w, m, p))
+
+        def fit():
+            gm = GaussianMixture(k, covariance, tol=0, max_iter=iters)
+            gm.fit(xt, wt, mt, pt)
+            return gm.score(xt)
+
+        return fit
+
+    contenders = {
+        "sklearn float64": sklearn(np.float64),
+        "ours float64": ours(torch.float64),
+        "sklearn float32": sklearn(np.float32),
+        "ours float32": ours(torch.float32),
+    }
+    times = {name: [] for name in contenders}
+    scores = {}
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for _ in range(repeats):
+            for name, fit in contenders.items():
+                t0 = time.perf_counter()
+                scores[name] = fit()
+                times[name].append(time.perf_counter() - t0)
+                print(f"  {covariance} {name}: {times[name][-1]:.2f} s", flush=True)
+    return {"median": {k: statistics.median(v) for k, v in times.items()}, "scores": scores}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--points", type=int, default=100_000)
+    parser.add_argument("--dims", type=int, default=32)
+    parser.add_argument("--components", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--covariances", default="full,diag")
+    parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    import sklearn
+
+    rows = []
+    for covariance in args.covariances.split(","):
+        r = time_all(
+            covariance, args.points, args.dims, args.components, args.iterations, args.repeats
+        )
+        t, s = r["median"], r["scores"]
+        ref = s["sklearn float64"]
+        rows.append(
+            f"| {covariance} | {t['sklearn float64']:.2f} | {t['ours float64']:.2f} | "
+            f"**{t['ours float64'] / t['sklearn float64']:.3f}** | {t['sklearn float32']:.2f} | "
+            f"{t['ours float32']:.2f} | **{t['ours float32'] / t['sklearn float64']:.3f}** | "
+            f"{t['ours float32'] / t['sklearn float32']:.3f} | "
+            f"{abs(s['ours float64'] - ref) / abs(ref):.1e} | "
+            f"{abs(s['sklearn float32'] - ref) / abs(ref):.1e} | "
+            f"{abs(s['ours float32'] - ref) / abs(ref):.1e} |"
+        )
+        print(rows[-1], flush=True)
+    body = "\n".join(
+        [
+            f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__} "
+            f"(MKL), scikit-learn {sklearn.__version__} (OpenBLAS), one thread each "
+            f"(`torch.set_num_threads(1)`, `threadpoolctl.threadpool_limits(1)`). "
+            f"{args.points:,} points x {args.dims} dims, {args.components} components, "
+            f"{args.iterations} EM iterations (`tol=0`) from the same initial weights, means "
+            f"and precisions; seconds per whole `fit`, median of {args.repeats} interleaved "
+            f"repeats. The last three columns: relative difference of the mean log-likelihood "
+            f"of the training data (each model scored in its own dtype) from scikit-learn's "
+            f"float64 fit.",
+            "",
+            "| covariance | sklearn f64 s | ours f64 s | ours f64 / sklearn f64 | sklearn f32 s "
+            "| ours f32 s | ours f32 / sklearn f64 | ours f32 / sklearn f32 | score vs sklearn "
+            "f64: ours f64 | sklearn f32 | ours f32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    if args.write:
+        write_section("em (cpu)", body, " ".join(["python", *sys.argv]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
