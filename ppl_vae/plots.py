@@ -99,13 +99,18 @@ def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str)
     ax.legend(loc="upper right", markerscale=4)
 
 
-def plot_metrics(metrics: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Saves train and test ELBO per epoch (nats per example) as a line plot."""
+def plot_metrics(
+    metrics: list[dict],
+    path: str | os.PathLike,
+    title: str = "",
+    train_label: str = "train ELBO (objective)",
+) -> Path:
+    """Saves the training objective and the test ELBO per epoch (nats per example)."""
     plt = _figure()
     path = Path(path)
     epochs = [m["epoch"] for m in metrics]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(epochs, [m["train_elbo"] for m in metrics], label="train ELBO (objective)")
+    ax.plot(epochs, [m["train_elbo"] for m in metrics], label=train_label)
     ax.plot(epochs, [m["test_elbo"] for m in metrics], label="test ELBO")
     last = metrics[-1]["test_elbo"]
     top = max(max(m["train_elbo"], m["test_elbo"]) for m in metrics)
