@@ -2,6 +2,7 @@ r"""Data sets held as one tensor on the training device and batched by index."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -86,9 +87,9 @@ class Data:
     def is_image(self) -> bool:
         return len(self.event_shape) == 3
 
-    @property
+    @functools.cached_property
     def is_binary(self) -> bool:
-        """Whether every value the model sees is 0 or 1."""
+        """Whether every value the model sees is 0 or 1 (scanned once; the tensors are fixed)."""
         if self.encoding in ("dynamic", "static"):
             return True
         return all(bool(((t == 0) | (t == 1)).all()) for t in (self.train, self.test))

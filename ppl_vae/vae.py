@@ -130,9 +130,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", data_dir: str | N
     data = load_data(data_config, resolve_device(device))
     model, guide = build_vae(vae_config, data)
     pyro.clear_param_store()
-    x0 = data.test[:2]
-    x0 = torch.bernoulli(x0) if data.encoding == "dynamic" else x0
-    restore_params(collect_params(model, guide, x0), ckpt["params"])
+    restore_params(collect_params(model, guide, data.encode(data.test[:2])), ckpt["params"])
     return Run(model, guide, data, data_config, vae_config, train_config, ckpt["metrics"])
 
 

@@ -169,6 +169,15 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     )
 
 
+def trainable_linear_gaussian():
+    """The linear-Gaussian model with a trainable decoder, its guide, 6 points, all parameters."""
+    model, data, _ = linear_gaussian(n=10)
+    model.decoder.requires_grad_(True)
+    model.train(True)
+    guide = GaussianGuide(Flatten(5), latent_dim=2)
+    return model, guide, data.train[:6], list(model.parameters()) + list(guide.parameters())
+
+
 @pytest.mark.parametrize(
     "ours, pyros", [("elbo", "Trace_ELBO"), ("meanfield", "TraceMeanField_ELBO")]
 )
@@ -177,12 +186,7 @@ def test_sync_free_losses_equal_pyros_in_value_and_gradient(ours, pyros):
 
     from ppl_vae.train import LOSSES
 
-    model, data, _ = linear_gaussian(n=10)
-    model.decoder.requires_grad_(True)
-    model.train(True)
-    guide = GaussianGuide(Flatten(5), latent_dim=2)
-    x = data.train[:6]
-    params = list(model.parameters()) + list(guide.parameters())
+    model, guide, x, params = trainable_linear_gaussian()
     results = []
     for elbo in (
         LOSSES[ours](num_particles=3, vectorize_particles=True, max_plate_nesting=1),
@@ -202,12 +206,7 @@ def test_iwae_loss_equals_pyros_renyi_elbo_alpha_0_in_value_and_gradient():
 
     from ppl_vae.train import IWAELoss
 
-    model, data, _ = linear_gaussian(n=10)
-    model.decoder.requires_grad_(True)
-    model.train(True)
-    guide = GaussianGuide(Flatten(5), latent_dim=2)
-    x = data.train[:6]
-    params = list(model.parameters()) + list(guide.parameters())
+    model, guide, x, params = trainable_linear_gaussian()
     torch.manual_seed(11)
     ours = IWAELoss(num_particles=5).differentiable_loss(model, guide, x)
     ours_grads = torch.autograd.grad(ours, params)
