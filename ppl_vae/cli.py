@@ -93,7 +93,21 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fixed sigma for gaussian-fixed (default 0.1), initial sigma for gaussian (default 1)",
     )
-    m.add_argument("--guide", default="gaussian", help=f"q(z|x): one of {', '.join(GUIDES)}")
+    m.add_argument(
+        "--guide",
+        default="gaussian",
+        help=f"q(z|x): one of {', '.join(GUIDES)} (zuko-* need the zuko package)",
+    )
+    m.add_argument(
+        "--flow-length", type=int, default=4, help="steps of a flow guide (planar ... zuko-maf)"
+    )
+    m.add_argument(
+        "--flow-hidden",
+        type=int,
+        default=None,
+        help="width of the iaf/spline autoregressive networks; unset: max(4 * latent-dim, 32)",
+    )
+    m.add_argument("--rank", type=int, default=2, help="covariance rank of the lowrank guide")
     o = t.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10, help="passes over the training set")
     o.add_argument("--batch-size", type=int, default=100, help="data points per SVI step")
@@ -300,6 +314,9 @@ def _train(args: argparse.Namespace) -> None:
         likelihood=args.likelihood,
         sigma=args.sigma,
         guide=args.guide,
+        flow_length=args.flow_length,
+        flow_hidden=args.flow_hidden,
+        rank=args.rank,
     )
     train_config = TrainConfig(
         epochs=args.epochs,

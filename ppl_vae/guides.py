@@ -1,15 +1,32 @@
-r"""Amortized guides q(z|x) as Pyro programs, looked up by name."""
+r"""Amortized guides q(z|x) as Pyro programs: Gaussians and normalizing flows, looked up by name."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from functools import partial
+
 import pyro
 import pyro.distributions as dist
+import torch
+from pyro.distributions.conditional import ConditionalDistribution
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from ppl_vae.flows import FLOWS, flow_steps
 from ppl_vae.model import LATENT, data_plate
 
-__all__ = ["GUIDES", "AmortizedGuide", "GaussianGuide", "make_guide"]
+__all__ = [
+    "GUIDES",
+    "AmortizedGuide",
+    "DiagonalNormalHead",
+    "FlowGuide",
+    "FullRankGaussianGuide",
+    "GaussianGuide",
+    "LowRankGaussianGuide",
+    "ZukoGuide",
+    "make_guide",
+]
 
 
 class AmortizedGuide(nn.Module):
@@ -38,6 +55,21 @@ class AmortizedGuide(nn.Module):
             return pyro.sample(LATENT, self.distribution(x))
 
 
+class DiagonalNormalHead(nn.Linear, ConditionalDistribution):
+    r"""A linear layer read as N(mu(h), diag(sigma(h)^2)), sigma = softplus + 1e-6.
+
+    ``head.condition(h)`` is the distribution for features ``h``; it is the base distribution
+    of the flow guides.
+    """
+
+    def __init__(self, feature_dim: int, latent_dim: int):
+        super().__init__(feature_dim, 2 * latent_dim)
+
+    def condition(self, features: Tensor) -> Distribution:
+        loc, raw_scale = self(features).chunk(2, dim=-1)
+        return dist.Normal(loc, nn.functional.softplus(raw_scale) + 1e-6).to_event(1)
+
+
 class GaussianGuide(AmortizedGuide):
     r"""q(z|x) = N(mu(x), diag(sigma(x)^2)), with sigma = softplus of the encoder's output.
 
@@ -51,21 +83,157 @@ class GaussianGuide(AmortizedGuide):
 
     def __init__(self, encoder: nn.Module, latent_dim: int):
         super().__init__(encoder, latent_dim)
-        self.head = nn.Linear(encoder.feature_dim, 2 * latent_dim)
+        self.head = DiagonalNormalHead(encoder.feature_dim, latent_dim)
 
     def distribution(self, x: Tensor) -> Distribution:
-        loc, raw_scale = self.head(self.encoder(x)).chunk(2, dim=-1)
-        scale = nn.functional.softplus(raw_scale) + 1e-6
-        return dist.Normal(loc, scale).to_event(1)
+        return self.head.condition(self.encoder(x))
 
 
-GUIDES: dict[str, type[AmortizedGuide]] = {
+class LowRankGaussianGuide(AmortizedGuide):
+    r"""q(z|x) = N(mu(x), W(x) W(x)^T + diag(d(x))) with W of shape (latent_dim, rank).
+
+    Arguments:
+        encoder: Maps ``x`` to features.
+        latent_dim: Dimension of ``z``.
+        rank: Columns of the covariance factor W.
+    """
+
+    def __init__(self, encoder: nn.Module, latent_dim: int, rank: int = 2):
+        super().__init__(encoder, latent_dim)
+        if not 1 <= rank <= latent_dim:
+            raise ValueError(f"the rank must lie in 1..{latent_dim} (the latent dim), got {rank}")
+        self.rank = rank
+        self.head = nn.Linear(encoder.feature_dim, latent_dim * (2 + rank))
+        with torch.no_grad():  # start near the diagonal Gaussian; W = 0 exactly would be a saddle
+            factor = slice(latent_dim, latent_dim * (1 + rank))
+            self.head.weight[factor] *= 0.01
+            self.head.bias[factor] *= 0.01
+
+    def distribution(self, x: Tensor) -> Distribution:
+        d = self.latent_dim
+        loc, factor, raw_diag = self.head(self.encoder(x)).split([d, d * self.rank, d], dim=-1)
+        return dist.LowRankMultivariateNormal(
+            loc, factor.unflatten(-1, (d, self.rank)), nn.functional.softplus(raw_diag) + 1e-6
+        )
+
+
+class FullRankGaussianGuide(AmortizedGuide):
+    r"""q(z|x) = N(mu(x), L(x) L(x)^T), the Cholesky factor L predicted by the encoder.
+
+    L is lower triangular with a softplus (+ 1e-6) diagonal, so it is always a valid factor;
+    its off-diagonal entries start at 0, so training starts from the diagonal Gaussian.
+    """
+
+    def __init__(self, encoder: nn.Module, latent_dim: int):
+        super().__init__(encoder, latent_dim)
+        self.register_buffer("rows", torch.tril_indices(latent_dim, latent_dim)[0], False)
+        self.register_buffer("cols", torch.tril_indices(latent_dim, latent_dim)[1], False)
+        self.head = nn.Linear(encoder.feature_dim, latent_dim + self.rows.numel())
+        with torch.no_grad():  # start as the diagonal Gaussian: off-diagonal entries 0
+            off = latent_dim + (self.rows != self.cols).nonzero().squeeze(-1)
+            self.head.weight[off] = 0.0
+            self.head.bias[off] = 0.0
+
+    def distribution(self, x: Tensor) -> Distribution:
+        d = self.latent_dim
+        loc, entries = self.head(self.encoder(x)).split([d, self.rows.numel()], dim=-1)
+        tril = entries.new_zeros(*entries.shape[:-1], d, d)
+        tril[..., self.rows, self.cols] = entries
+        diag = nn.functional.softplus(tril.diagonal(dim1=-2, dim2=-1)) + 1e-6
+        return dist.MultivariateNormal(loc, scale_tril=tril.tril(-1) + torch.diag_embed(diag))
+
+
+class FlowGuide(AmortizedGuide):
+    r"""q(z|x): the diagonal Gaussian of :class:`GaussianGuide` pushed through flow steps.
+
+    Every step is conditioned on the encoder's features of the same data point, so the whole
+    flow is amortized: the density is Pyro's ``ConditionalTransformedDistribution`` of the base
+    and the steps, conditioned on those features.
+
+    Arguments:
+        encoder: Maps ``x`` to features of size ``encoder.feature_dim``.
+        latent_dim: Dimension of ``z``.
+        flow: A name in :data:`ppl_vae.flows.FLOWS`.
+        flow_length: Number of steps.
+        flow_hidden: Width of the autoregressive networks (``iaf``, ``spline``).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        latent_dim: int,
+        flow: str = "planar",
+        flow_length: int = 4,
+        flow_hidden: int | None = None,
+    ):
+        super().__init__(encoder, latent_dim)
+        self.head = DiagonalNormalHead(encoder.feature_dim, latent_dim)
+        self.steps = flow_steps(flow, latent_dim, encoder.feature_dim, flow_length, flow_hidden)
+
+    def distribution(self, x: Tensor) -> Distribution:
+        flow = dist.ConditionalTransformedDistribution(self.head, list(self.steps))
+        return flow.condition(self.encoder(x))
+
+
+class ZukoGuide(AmortizedGuide):
+    r"""q(z|x): a `zuko <https://zuko.readthedocs.io>`_ flow with the encoder's features as
+    context, wrapped for Pyro by :class:`pyro.contrib.zuko.ZukoToPyro`.
+
+    Needs the optional ``zuko`` package (``pip install "ppl_vae[zuko]"``).
+
+    Arguments:
+        encoder: Maps ``x`` to features.
+        latent_dim: Dimension of ``z``.
+        flow: A class name in ``zuko.flows``, e.g. ``NSF`` or ``MAF``.
+        flow_length: Number of transforms.
+        passes: Autoregressive passes of each transform; the default 2 makes them coupling
+            layers, so that drawing from the guide is parallel (``None``: fully autoregressive,
+            one pass per latent dimension when sampling).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        latent_dim: int,
+        flow: str = "NSF",
+        flow_length: int = 4,
+        passes: int | None = 2,
+    ):
+        super().__init__(encoder, latent_dim)
+        try:
+            import zuko
+        except ImportError:
+            raise ValueError(
+                "zuko guides need the optional zuko package; pip install 'ppl_vae[zuko]'"
+            ) from None
+        self.flow = getattr(zuko.flows, flow)(
+            features=latent_dim, context=encoder.feature_dim, transforms=flow_length, passes=passes
+        )
+
+    def distribution(self, x: Tensor) -> Distribution:
+        from pyro.contrib.zuko import ZukoToPyro
+
+        return ZukoToPyro(self.flow(self.encoder(x)))
+
+
+GUIDES: dict[str, Callable[..., AmortizedGuide]] = {
     "gaussian": GaussianGuide,
+    "lowrank": LowRankGaussianGuide,
+    "fullrank": FullRankGaussianGuide,
+    **{name: partial(FlowGuide, flow=name) for name in FLOWS},
+    "zuko-nsf": partial(ZukoGuide, flow="NSF"),
+    "zuko-maf": partial(ZukoGuide, flow="MAF"),
 }
 
 
 def make_guide(name: str, encoder: nn.Module, latent_dim: int, **options) -> AmortizedGuide:
-    """The guide called ``name``, built on ``encoder``."""
+    """The guide called ``name``, built on ``encoder``.
+
+    ``options`` (``rank``, ``flow_length``, ``flow_hidden``) go to the guides that take them;
+    the others ignore them, so one configuration serves every guide.
+    """
     if name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; choose one of {', '.join(GUIDES)}")
-    return GUIDES[name](encoder, latent_dim, **options)
+    build = GUIDES[name]
+    accepted = inspect.signature(build).parameters
+    return build(encoder, latent_dim, **{k: v for k, v in options.items() if k in accepted})

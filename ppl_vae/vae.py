@@ -46,6 +46,9 @@ class VAEConfig:
     likelihood: str | None = None  # p(x|z) family; None follows the data (see default_likelihood)
     sigma: float | None = None  # fixed sigma for "gaussian-fixed", initial sigma for "gaussian"
     guide: str = "gaussian"  # a name in ppl_vae.guides.GUIDES
+    flow_length: int = 4  # steps of a flow guide
+    flow_hidden: int | None = None  # width of iaf/spline networks; None: max(4 * latent_dim, 32)
+    rank: int = 2  # columns of the lowrank guide's covariance factor
 
 
 def default_likelihood(data: Data) -> str:
@@ -64,7 +67,14 @@ def build_vae(config: VAEConfig, data: Data) -> tuple[VAEModel, AmortizedGuide]:
         )
     encoder, decoder = build_networks(config.network, data.event_shape, config.latent_dim)
     model = VAEModel(decoder, lik, config.latent_dim, data.event_shape)
-    guide = make_guide(config.guide, encoder, config.latent_dim)
+    guide = make_guide(
+        config.guide,
+        encoder,
+        config.latent_dim,
+        flow_length=config.flow_length,
+        flow_hidden=config.flow_hidden,
+        rank=config.rank,
+    )
     return model.to(data.device), guide.to(data.device)
 
 

@@ -1,0 +1,328 @@
+r"""Conditional normalizing-flow steps for amortized guides: Pyro's transforms and Sylvester flows.
+
+Every step is a :class:`~pyro.distributions.ConditionalTransformModule`: ``step.condition(h)``
+returns a bijection whose parameters are computed from the context ``h`` (the encoder's features
+of one data point), so a flow of such steps on top of an amortized base distribution is an
+amortized guide. Planar, radial, affine autoregressive (IAF) and spline autoregressive steps are
+Pyro's; Pyro has no conditional Sylvester flow, so it is written here.
+
+References:
+    Rezende & Mohamed (2015), Variational inference with normalizing flows.
+    Kingma et al. (2016), Improved variational inference with inverse autoregressive flow.
+    Durkan et al. (2019), Neural spline flows.
+    van den Berg et al. (2018), Sylvester normalizing flows for variational inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.transforms import (
+    ConditionalAffineAutoregressive,
+    ConditionalPlanar,
+    ConditionalRadial,
+    ConditionalSplineAutoregressive,
+)
+from pyro.nn import ConditionalAutoRegressiveNN
+from torch import Tensor, nn
+from torch.distributions import Transform, constraints
+
+__all__ = [
+    "FLOWS",
+    "DenseBasis",
+    "HouseholderBasis",
+    "PermutationBasis",
+    "SYLVESTER_VARIANTS",
+    "ConditionalSylvester",
+    "Hypernet",
+    "Sylvester",
+    "conditional_sylvester",
+    "flow_steps",
+]
+
+SylvesterVariant = Literal["orthogonal", "householder", "triangular"]
+SYLVESTER_VARIANTS: tuple[str, ...] = ("orthogonal", "householder", "triangular")
+
+
+class Hypernet(nn.Module):
+    r"""A linear map from context features to the parameters of one flow step.
+
+    As in van den Berg et al. (2018), a flow step's parameters are an affine function of the
+    encoder's last hidden layer.
+
+    Arguments:
+        context_dim: Size of the context (the encoder's features).
+        param_dims: Sizes of the parameter tensors, returned in this order.
+    """
+
+    def __init__(self, context_dim: int, param_dims: Sequence[int]):
+        super().__init__()
+        self.param_dims = [int(d) for d in param_dims]
+        self.linear = nn.Linear(context_dim, sum(self.param_dims))
+
+    def forward(self, context: Tensor) -> tuple[Tensor, ...]:
+        return self.linear(context).split(self.param_dims, dim=-1)
+
+
+def _matvec(m: Tensor, v: Tensor) -> Tensor:
+    """m @ v over the last dimensions, broadcasting (on CPU cheaper than many tiny bmm calls)."""
+    return (m * v.unsqueeze(-2)).sum(-1)
+
+
+class DenseBasis:
+    """Q given as a matrix with orthonormal columns, shape ``(..., D, M)``."""
+
+    def __init__(self, q: Tensor):
+        self.q = q
+
+    def project(self, x: Tensor) -> Tensor:
+        """Q^T x."""
+        return _matvec(self.q.transpose(-1, -2), x)
+
+    def embed(self, a: Tensor) -> Tensor:
+        """Q a."""
+        return _matvec(self.q, a)
+
+
+class HouseholderBasis:
+    """Q = H_1 ... H_K, H_k = I - 2 v_k v_k^T / |v_k|^2, from ``vectors`` of shape (..., K, D).
+
+    The reflections are applied one by one, so Q (D x D) is never formed.
+    """
+
+    def __init__(self, vectors: Tensor):
+        self.units = (vectors / vectors.norm(dim=-1, keepdim=True)).unbind(-2)
+
+    @staticmethod
+    def _reflect(x: Tensor, u: Tensor) -> Tensor:
+        return x - 2 * u * (x * u).sum(-1, keepdim=True)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Q^T x = H_K ... H_1 x."""
+        for u in self.units:
+            x = self._reflect(x, u)
+        return x
+
+    def embed(self, a: Tensor) -> Tensor:
+        """Q a = H_1 ... H_K a."""
+        for u in reversed(self.units):
+            a = self._reflect(a, u)
+        return a
+
+
+class PermutationBasis:
+    """Q = I, or the reversal permutation when ``reverse`` (its own inverse)."""
+
+    def __init__(self, reverse: bool):
+        self.reverse = reverse
+
+    def project(self, x: Tensor) -> Tensor:
+        """Q^T x."""
+        return x.flip(-1) if self.reverse else x
+
+    def embed(self, a: Tensor) -> Tensor:
+        """Q a."""
+        return a.flip(-1) if self.reverse else a
+
+
+Basis = DenseBasis | HouseholderBasis | PermutationBasis
+
+
+class Sylvester(Transform):
+    r"""A Sylvester flow step with given parameters (van den Berg et al., 2018):
+
+    .. math:: y = x + Q R_1 \tanh(R_2 Q^\top x + b),
+
+    with ``Q`` (``D x M``) with orthonormal columns — a :class:`DenseBasis`,
+    :class:`HouseholderBasis` or :class:`PermutationBasis` — and ``R_1``, ``R_2`` upper
+    triangular ``(..., M, M)`` whose diagonals lie in (-1, 1). By Sylvester's determinant
+    identity
+
+    .. math:: \log |\det J| = \sum_{i=1}^{M} \log |1 + R_{1,ii} R_{2,ii} \tanh'(a_i)|,
+        \quad a = R_2 Q^\top x + b,
+
+    and every term is positive, so the step is invertible. The inverse has no closed form:
+    values are scored through the cache of the forward pass (``cache_size=1``), which is how a
+    guide scores its own draws. Leading dimensions of ``x`` broadcast against the parameters'.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, basis: Basis, r1: Tensor, r2: Tensor, bias: Tensor):
+        super().__init__(cache_size=1)
+        self.basis, self.r1, self.r2, self.bias = basis, r1, r2, bias
+
+    def _preactivation(self, x: Tensor) -> Tensor:
+        return _matvec(self.r2, self.basis.project(x)) + self.bias
+
+    def _call(self, x: Tensor) -> Tensor:
+        return x + self.basis.embed(_matvec(self.r1, torch.tanh(self._preactivation(x))))
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        raise NotImplementedError(
+            "a Sylvester flow has no closed-form inverse; only values it produced can be scored"
+        )
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        slope = 1 - torch.tanh(self._preactivation(x)).pow(2)
+        diag = self.r1.diagonal(dim1=-2, dim2=-1) * self.r2.diagonal(dim1=-2, dim2=-1)
+        return torch.log1p(diag * slope).sum(-1)
+
+
+class ConditionalSylvester(ConditionalTransformModule):
+    r"""A Sylvester step whose ``Q``, ``R_1``, ``R_2`` and ``b`` are predicted from the context.
+
+    Variants (van den Berg et al., 2018):
+
+    - ``orthogonal``: ``Q`` is the orthonormal factor of a predicted ``D x M`` matrix (QR);
+    - ``householder``: ``Q`` is a product of ``M`` predicted Householder reflections (D x D);
+    - ``triangular``: ``Q`` is the identity, or the reversal permutation when ``reverse``.
+
+    As in the paper, one predicted square matrix gives the strict upper triangles of both
+    ``R_1`` (its upper part) and ``R_2`` (its lower part, transposed); the two diagonals are
+    predicted separately and pass through tanh. The predictions start near 0, so a new step is
+    close to the identity.
+
+    Arguments:
+        input_dim: Dimension D of the flow's variable.
+        context_dim: Size of the context.
+        variant: One of ``orthogonal``, ``householder``, ``triangular``.
+        num_vectors: M, the number of orthonormal columns (``orthogonal``) or reflections
+            (``householder``); ignored for ``triangular``. Defaults to D.
+        reverse: For ``triangular``, use the reversal permutation as ``Q``.
+
+    Example:
+        >>> step = ConditionalSylvester(3, 5, "orthogonal", num_vectors=2)
+        >>> step.condition(torch.randn(4, 5))(torch.randn(4, 3)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        context_dim: int,
+        variant: SylvesterVariant = "orthogonal",
+        num_vectors: int | None = None,
+        reverse: bool = False,
+    ):
+        super().__init__()
+        if variant not in SYLVESTER_VARIANTS:
+            choices = ", ".join(SYLVESTER_VARIANTS)
+            raise ValueError(f"unknown Sylvester variant {variant!r}; choose one of {choices}")
+        num_vectors = input_dim if num_vectors is None else num_vectors
+        if num_vectors < 1 or (variant == "orthogonal" and num_vectors > input_dim):
+            raise ValueError(f"num_vectors must lie in 1..{input_dim}, got {num_vectors}")
+        self.input_dim, self.variant, self.num_vectors = input_dim, variant, num_vectors
+        self.reverse = reverse
+        self.width = num_vectors if variant == "orthogonal" else input_dim  # M, columns of Q
+        q_size = {"orthogonal": input_dim * num_vectors, "householder": num_vectors * input_dim}
+        m = self.width
+        self.nn = Hypernet(context_dim, [q_size.get(variant, 0), m * m, m, m, m])
+        with torch.no_grad():  # start close to the identity: R_1, R_2 and b near 0
+            self.nn.linear.weight.mul_(0.01)
+            self.nn.linear.bias.mul_(0.01)
+
+    def _basis(self, raw: Tensor) -> Basis:
+        d = self.input_dim
+        if self.variant == "orthogonal":
+            return DenseBasis(torch.linalg.qr(raw.unflatten(-1, (d, self.num_vectors))).Q)
+        if self.variant == "householder":
+            return HouseholderBasis(raw.unflatten(-1, (self.num_vectors, d)))
+        return PermutationBasis(self.reverse)
+
+    def condition(self, context: Tensor) -> Sylvester:
+        raw_q, full, diag1, diag2, bias = self.nn(context)
+        full = full.unflatten(-1, (self.width, self.width))
+        r1 = full.triu(1) + torch.diag_embed(torch.tanh(diag1))
+        r2 = full.transpose(-1, -2).triu(1) + torch.diag_embed(torch.tanh(diag2))
+        return Sylvester(self._basis(raw_q), r1, r2, bias)
+
+
+def conditional_sylvester(
+    input_dim: int,
+    context_dim: int,
+    variant: SylvesterVariant = "orthogonal",
+    num_vectors: int | None = None,
+    reverse: bool = False,
+) -> ConditionalSylvester:
+    """A :class:`ConditionalSylvester` step (the factory, named as Pyro names its own)."""
+    return ConditionalSylvester(input_dim, context_dim, variant, num_vectors, reverse)
+
+
+def _permutation(dim: int, step: int) -> Tensor:
+    """The order of an autoregressive step: natural on even steps, reversed on odd ones."""
+    order = torch.arange(dim)
+    return order if step % 2 == 0 else order.flip(0)
+
+
+def _planar(dim: int, context_dim: int, step: int, hidden: int) -> ConditionalTransformModule:
+    return ConditionalPlanar(Hypernet(context_dim, [1, dim, dim]))
+
+
+def _radial(dim: int, context_dim: int, step: int, hidden: int) -> ConditionalTransformModule:
+    return ConditionalRadial(Hypernet(context_dim, [dim, 1, 1]))
+
+
+def _iaf(dim: int, context_dim: int, step: int, hidden: int) -> ConditionalTransformModule:
+    made = ConditionalAutoRegressiveNN(
+        dim, context_dim, [hidden], permutation=_permutation(dim, step)
+    )
+    return ConditionalAffineAutoregressive(made, stable=True)
+
+
+def _spline(
+    dim: int, context_dim: int, step: int, hidden: int, bins: int = 8, bound: float = 3.0
+) -> ConditionalTransformModule:
+    made = ConditionalAutoRegressiveNN(
+        dim,
+        context_dim,
+        [hidden],
+        param_dims=[bins, bins, bins - 1, bins],
+        permutation=_permutation(dim, step),
+    )
+    return ConditionalSplineAutoregressive(dim, made, count_bins=bins, bound=bound)
+
+
+def _sylvester(variant: SylvesterVariant):
+    def make(dim: int, context_dim: int, step: int, hidden: int) -> ConditionalTransformModule:
+        vectors = {"orthogonal": min(dim, 32), "householder": min(dim, 8), "triangular": None}
+        return ConditionalSylvester(dim, context_dim, variant, vectors[variant], step % 2 == 1)
+
+    return make
+
+
+FLOWS = {
+    "planar": _planar,
+    "radial": _radial,
+    "iaf": _iaf,
+    "spline": _spline,
+    "sylvester": _sylvester("orthogonal"),
+    "sylvester-householder": _sylvester("householder"),
+    "sylvester-triangular": _sylvester("triangular"),
+}
+
+
+def flow_steps(
+    kind: str, input_dim: int, context_dim: int, length: int, hidden: int | None = None
+) -> nn.ModuleList:
+    """``length`` conditional steps of the flow ``kind`` (a name in :data:`FLOWS`).
+
+    Arguments:
+        kind: The flow.
+        input_dim: Dimension of the flow's variable.
+        context_dim: Size of the context the steps condition on.
+        length: Number of steps.
+        hidden: Width of the autoregressive networks of ``iaf`` and ``spline``; defaults to
+            ``max(4 * input_dim, 32)``.
+    """
+    if kind not in FLOWS:
+        raise ValueError(f"unknown flow {kind!r}; choose one of {', '.join(FLOWS)}")
+    if length < 1:
+        raise ValueError(f"the flow length must be a positive integer, got {length}")
+    hidden = max(4 * input_dim, 32) if hidden is None else hidden
+    return nn.ModuleList(FLOWS[kind](input_dim, context_dim, i, hidden) for i in range(length))
