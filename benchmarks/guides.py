@@ -12,7 +12,6 @@ Run: ``python benchmarks/guides.py --write`` (``--write`` updates docs/BENCHMARK
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from ppl_vae import GUIDES, DataConfig, VAEConfig, build_vae, load_data
 from ppl_vae.train import TrainConfig, collect_params, make_loss, svi_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from svi_step import write_section  # noqa: E402
+from svi_step import parse_timing_args, write_section  # noqa: E402
 
 
 def make_stepper(name: str, data, flow_length: int, device: torch.device):
@@ -50,16 +49,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--guides", default=",".join(g for g in GUIDES if not g.startswith("zuko")))
     parser.add_argument("--flow-length", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    args, device, name = parse_timing_args(parser, argv, repeats=5, steps=10)
     data = load_data(DataConfig("mnist", "dynamic"), device)
     names = args.guides.split(",")
     if "gaussian" not in names:

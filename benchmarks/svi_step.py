@@ -124,16 +124,7 @@ def time_epoch(device: torch.device) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="100,1000")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    args, device, name = parse_timing_args(parser, argv, repeats=7, steps=30)
     rows = []
     for loss in ("elbo", "meanfield"):
         for batch in (int(b) for b in args.batches.split(",")):
@@ -169,6 +160,26 @@ def main(argv=None) -> int:
     if args.write:
         write_section(f"svi_step ({device.type})", table, " ".join(["python", *sys.argv]))
     return 0
+
+
+def parse_timing_args(
+    parser: argparse.ArgumentParser, argv, repeats: int, steps: int
+) -> tuple[argparse.Namespace, torch.device, str]:
+    """Adds the options every timing benchmark shares, parses, applies --threads.
+
+    Returns the arguments, the device and the device's name for the report.
+    """
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    return args, device, name
 
 
 def write_section(title: str, body: str, command: str) -> None:
