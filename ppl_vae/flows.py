@@ -68,8 +68,20 @@ class Hypernet(nn.Module):
 
 
 def _matvec(m: Tensor, v: Tensor) -> Tensor:
-    """m @ v over the last dimensions, broadcasting (on CPU cheaper than many tiny bmm calls)."""
-    return (m * v.unsqueeze(-2)).sum(-1)
+    """``m @ v`` over the last dimensions, for ``v`` with the batch shape of ``m`` or more.
+
+    Without extra dimensions, a broadcast product and sum (on CPU much cheaper than many tiny
+    matrix-vector products). With extra leading dimensions in ``v`` (particles, say), those are
+    moved into columns so that each matrix multiplies all its vectors at once and is never
+    copied per particle.
+    """
+    extra = v.dim() - (m.dim() - 1)
+    if extra <= 0:
+        return (m * v.unsqueeze(-2)).sum(-1)
+    lead = v.shape[:extra]
+    columns = v.reshape(-1, *v.shape[extra:]).movedim(0, -1)  # (*batch, K, N)
+    out = m @ columns  # (*batch, M, N)
+    return out.movedim(-1, 0).reshape(*lead, *out.shape[:-1])
 
 
 class DenseBasis:
