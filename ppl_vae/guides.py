@@ -126,8 +126,9 @@ class FullRankGaussianGuide(AmortizedGuide):
 
     def __init__(self, encoder: nn.Module, latent_dim: int):
         super().__init__(encoder, latent_dim)
-        self.register_buffer("rows", torch.tril_indices(latent_dim, latent_dim)[0], False)
-        self.register_buffer("cols", torch.tril_indices(latent_dim, latent_dim)[1], False)
+        rows, cols = torch.tril_indices(latent_dim, latent_dim)
+        self.register_buffer("rows", rows, False)
+        self.register_buffer("cols", cols, False)
         self.head = nn.Linear(encoder.feature_dim, latent_dim + self.rows.numel())
         with torch.no_grad():  # start as the diagonal Gaussian: off-diagonal entries 0
             off = latent_dim + (self.rows != self.cols).nonzero().squeeze(-1)
