@@ -1,10 +1,13 @@
 r"""Times one SVI step of ppl_vae against a hand-written PyTorch step, interleaved in one run.
 
-Three steps on the same networks, batch, data and optimizer settings:
+Four steps on the same networks, batch, data and optimizer settings:
 
-- ``ppl_vae``: what :func:`ppl_vae.train.train` runs -- Pyro's ``Trace_ELBO`` (or
-  ``TraceMeanField_ELBO``) differentiable loss, one ``torch.optim.Adam`` over all parameters,
-  validation off after the first trace, no host synchronisation;
+- ``ppl_vae``: what :func:`ppl_vae.train.train` runs -- the ELBO of the Pyro model and guide
+  (``ppl_vae.elbo.TraceELBO`` or ``TraceMeanFieldELBO``, equal to Pyro's ``Trace_ELBO`` and
+  ``TraceMeanField_ELBO`` in value and gradient), captured once as a graph of tensor operations
+  and replayed (:class:`ppl_vae.capture.CapturedLoss`), one ``torch.optim.Adam`` over all
+  parameters, validation off after the first trace, no host synchronisation;
+- ``eager``: the same without the capture (``--no-capture``): the Pyro program runs each step;
 - ``hand``: the same ELBO written with bare tensor formulas (sampled KL for ``elbo``, analytic KL
   for ``meanfield``), the same Adam;
 - ``stock``: ``pyro.infer.SVI`` + ``pyro.optim.Adam`` + the same ELBO, validation on (Pyro's
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI
 
 from ppl_vae import DataConfig, TrainConfig, VAEConfig, build_vae, load_data, train
-from ppl_vae.train import collect_params, make_loss, svi_step
+from ppl_vae.train import collect_params, make_loss, step_loss, svi_step
 
 LOG_2PI = math.log(2 * math.pi)
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +73,18 @@ def time_steps(batch: int, loss: str, repeats: int, steps: int, device: torch.de
     params = collect_params(model, guide, x, num_data)
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
     elbo = make_loss(config)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), make_loss(config))
+    stock_loss = pyro.infer.Trace_ELBO if loss == "elbo" else pyro.infer.TraceMeanField_ELBO
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), stock_loss())
+    captured = step_loss(elbo, model, guide, params, capture=True)
+    eager = step_loss(elbo, model, guide, params, capture=False)
 
     def ours():
         with pyro.validation_enabled(False):
-            return svi_step(elbo, model, guide, optimizer, x, num_data)
+            return svi_step(captured, optimizer, x, num_data)
+
+    def ours_eager():
+        with pyro.validation_enabled(False):
+            return svi_step(eager, optimizer, x, num_data)
 
     def hand():
         return hand_step(model, guide, optimizer, x, num_data, analytic_kl=loss == "meanfield")
@@ -82,7 +92,7 @@ def time_steps(batch: int, loss: str, repeats: int, steps: int, device: torch.de
     def stock():
         return svi.step(x, num_data)
 
-    steps_by_name = {"ppl_vae": ours, "hand": hand, "stock": stock}
+    steps_by_name = {"ppl_vae": ours, "eager": ours_eager, "hand": hand, "stock": stock}
     times: dict[str, list[float]] = {k: [] for k in steps_by_name}
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(repeats):
@@ -131,7 +141,8 @@ def main(argv=None) -> int:
             t = time_steps(batch, loss, args.repeats, args.steps, device)
             rows.append(
                 f"| {loss} | {batch} | {t['hand'] * 1e3:.2f} | {t['ppl_vae'] * 1e3:.2f} | "
-                f"{t['stock'] * 1e3:.2f} | **{t['ppl_vae'] / t['hand']:.3f}** | "
+                f"{t['eager'] * 1e3:.2f} | {t['stock'] * 1e3:.2f} | "
+                f"**{t['ppl_vae'] / t['hand']:.3f}** | {t['eager'] / t['hand']:.3f} | "
                 f"{t['stock'] / t['hand']:.3f} |"
             )
             print(rows[-1], flush=True)
@@ -149,9 +160,9 @@ def main(argv=None) -> int:
             f"{torch.get_num_threads()} threads; median of {args.repeats} repeats of "
             f"{args.steps} steps.",
             "",
-            "| loss | batch | hand ms | ppl_vae ms | stock SVI ms | ppl_vae / hand | "
-            "stock / hand |",
-            "|---|---|---|---|---|---|---|",
+            "| loss | batch | hand ms | ppl_vae ms | eager ms | stock SVI ms | ppl_vae / hand | "
+            "eager / hand | stock / hand |",
+            "|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             epoch_line,

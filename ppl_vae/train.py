@@ -10,17 +10,20 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO
 from pyro.poutine.scale_messenger import ScaleMessenger
 from torch import Tensor
 
+from ppl_vae.capture import CapturedLoss
 from ppl_vae.data import Data
+from ppl_vae.elbo import TraceELBO, TraceMeanFieldELBO
 from ppl_vae.evaluate import importance_log_weights
 from ppl_vae.model import LATENT, PLATE
 
@@ -36,39 +39,10 @@ __all__ = [
     "make_loss",
     "resolve_device",
     "scale_latent",
+    "step_loss",
     "svi_step",
     "train",
 ]
-
-
-class _SyncFreeLoss:
-    r"""Pyro's ``differentiable_loss`` without its two host synchronisations per call.
-
-    Pyro forms ``loss + (surrogate - surrogate.item())`` and hooks a NaN check onto the
-    gradient; both wait for the device. This computes the same value and gradient, with
-    ``surrogate.detach()`` in place of ``.item()``; the training loop checks for NaN itself.
-    Traces, replay, log-densities and the surrogate are Pyro's own.
-    """
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        loss, surrogate = 0.0, 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            particle, surrogate_particle = self._differentiable_loss_particle(
-                model_trace, guide_trace
-            )
-            loss = loss + particle / self.num_particles
-            surrogate = surrogate + surrogate_particle / self.num_particles
-        if not torch.is_tensor(surrogate):
-            return torch.as_tensor(loss)
-        return loss + (surrogate - surrogate.detach())
-
-
-class TraceELBO(_SyncFreeLoss, Trace_ELBO):
-    """``pyro.infer.Trace_ELBO`` whose differentiable loss makes no host synchronisation."""
-
-
-class TraceMeanFieldELBO(_SyncFreeLoss, TraceMeanField_ELBO):
-    """``pyro.infer.TraceMeanField_ELBO`` (analytic KL) without host synchronisation."""
 
 
 class IWAELoss:
@@ -126,6 +100,7 @@ class TrainConfig:
     kl_warmup: int = 0  # epochs over which the KL weight rises linearly from 0 to beta
     seed: int = 0  # seeds parameters, batching, binarization and latent draws
     eval_batch_size: int = 1000  # rows per batch when computing the test ELBO
+    capture: bool = True  # replay each step's tensor operations from a checked record
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "num_particles", "eval_batch_size"):
@@ -335,23 +310,33 @@ def _progress(total: int, desc: str, quiet: bool):
 
 
 def svi_step(
+    loss: Callable[..., Tensor], optimizer: torch.optim.Optimizer, *args, **kwargs
+) -> Tensor:
+    """One SVI step: ``loss(*args, **kwargs)``, its gradient, one optimizer step.
+
+    ``loss`` returns a differentiable loss tensor, e.g.
+    ``functools.partial(elbo.differentiable_loss, model, guide)`` or a
+    :class:`~ppl_vae.capture.CapturedLoss`. One ``torch.optim`` optimizer over all parameters
+    replaces Pyro's one-optimizer-per-parameter wrapper, and the loss comes back as a tensor, so
+    a step makes no host synchronisation.
+    """
+    value = loss(*args, **kwargs)
+    value.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value.detach()
+
+
+def step_loss(
     elbo: ELBO | IWAELoss,
     model: Callable,
     guide: Callable,
-    optimizer: torch.optim.Optimizer,
-    *args,
-    **kwargs,
-) -> Tensor:
-    """One SVI step: the ELBO's differentiable loss, its gradient, one optimizer step.
-
-    One ``torch.optim`` optimizer over all parameters replaces Pyro's one-optimizer-per-parameter
-    wrapper, and the loss comes back as a tensor, so a step makes no host synchronisation.
-    """
-    loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    params: dict[str, Tensor],
+    capture: bool = True,
+) -> Callable[..., Tensor]:
+    """``elbo``'s differentiable loss of ``model`` and ``guide``, captured if ``capture``."""
+    loss = partial(elbo.differentiable_loss, model, guide)
+    return CapturedLoss(loss, params.values()) if capture else loss
 
 
 def _diverged(epoch: int, out: Path | None) -> FloatingPointError:
@@ -436,21 +421,23 @@ def train(
         write_text_atomic("", out / METRICS)
 
     elbo = make_loss(config)
+    losses: dict[float, Callable[..., Tensor]] = {}  # by KL weight
     steps = math.ceil(num_data / config.batch_size)
     for epoch in range(start, config.epochs + 1):
         t0 = time.perf_counter()
         weight = kl_weight(epoch, config)
-        if weight != 1.0:
-            step_model, step_guide = scale_latent(weight)(model), scale_latent(weight)(guide)
-        else:
-            step_model, step_guide = model, guide
+        if weight not in losses:
+            scaled = weight != 1.0
+            step_model = scale_latent(weight)(model) if scaled else model
+            step_guide = scale_latent(weight)(guide) if scaled else guide
+            losses[weight] = step_loss(elbo, step_model, step_guide, params, config.capture)
         total = torch.zeros((), device=device)
         bar = _progress(steps, f"epoch {epoch}/{config.epochs}", quiet)
         # The first trace (collect_params) validated every site; the hot loop skips validation.
         with pyro.validation_enabled(False):
             batches = data.batches(config.batch_size, "train", generator=generator)
             for i, x in enumerate(batches):
-                total += svi_step(elbo, step_model, step_guide, optimizer, x, num_data)
+                total += svi_step(losses[weight], optimizer, x, num_data)
                 if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
                     running = -total.item() / (i + 1) / num_data
                     if not math.isfinite(running):

@@ -1,0 +1,162 @@
+r"""Pyro's trace ELBOs, computed without reading anything back to the host.
+
+``pyro.infer.Trace_ELBO`` and ``TraceMeanField_ELBO`` read every site's log-density sum back
+with ``.item()`` to report the loss as a float, which on a GPU waits for the device three times
+per step. The two classes here run the same programs under the same Pyro handlers (the guide
+traced, the model replayed against it, plates, scales and masks) and return the same value and
+gradient as a tensor. They also sum the log-densities of sites that share a scale before
+applying it, one multiplication per scale instead of one per site.
+
+Guides whose latent sites are all reparameterized take this path. Any other guide gets Pyro's
+own estimator, score-function terms included.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro import poutine
+from pyro.distributions.kl import kl_divergence
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+from torch import Tensor
+
+__all__ = ["TraceELBO", "TraceMeanFieldELBO"]
+
+
+def _sample_sites(trace) -> list[dict]:
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
+
+
+def _log_prob(site: dict) -> Tensor:
+    if "unscaled_log_prob" in site:  # computed already, for validation
+        return site["unscaled_log_prob"]
+    return site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+
+
+def _not_subsample(name: str, site: dict) -> bool:
+    return not site_is_subsample(site)
+
+
+class _Terms:
+    r"""A sum of per-site log-density terms, grouped by the scale they share.
+
+    ``add(term, scale, mask)`` adds ``scale * term`` (masked); terms of one shape and one scale
+    are added before the scale is applied, and ``total()`` sums what is left.
+    """
+
+    def __init__(self):
+        self.groups: dict[tuple, list] = {}
+        self.rest: list[Tensor] = []
+
+    def add(self, term: Tensor, scale, mask=None, sign: float = 1.0) -> None:
+        if mask is not None:
+            self.rest.append(sign * scale_and_mask(term, scale, mask).sum())
+            return
+        key = (scale if not torch.is_tensor(scale) else id(scale), term.shape)
+        if key in self.groups:
+            group = self.groups[key]
+            group[1] = group[1] + term if sign > 0 else group[1] - term
+        else:
+            self.groups[key] = [scale, term if sign > 0 else -term]
+
+    def total(self) -> Tensor:
+        total = 0.0
+        for scale, term in self.groups.values():
+            total = total + scale_and_mask(term.sum(), scale)
+        for term in self.rest:
+            total = total + term
+        return total
+
+
+class _HostFree:
+    def _get_trace(self, model, guide, args, kwargs):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+            check_if_enumerated(guide_trace)
+            for trace in (model_trace, guide_trace):
+                trace.compute_log_prob(site_filter=_not_subsample)  # warns on NaN
+            for site in _sample_sites(model_trace) + _sample_sites(guide_trace):
+                check_site_shape(site, self.max_plate_nesting)
+        return model_trace, guide_trace
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        """The negative ELBO estimate as a tensor whose gradient is the ELBO's gradient."""
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            if all(site["fn"].has_rsample for site in _sample_sites(guide_trace)):
+                elbo = self._elbo_particle(model_trace, guide_trace)
+            else:  # score-function terms: Pyro's own estimator
+                model_trace = prune_subsample_sites(model_trace)
+                guide_trace = prune_subsample_sites(guide_trace)
+                model_trace.compute_log_prob()
+                guide_trace.compute_score_parts()
+                _, surrogate = Trace_ELBO._differentiable_loss_particle(
+                    self, model_trace, guide_trace
+                )
+                elbo = -surrogate
+            loss = loss - elbo / self.num_particles
+        return torch.as_tensor(loss)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The negative ELBO estimate as a float."""
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The negative ELBO estimate as a float; its gradient is accumulated in ``.grad``."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return float(loss)
+
+
+class TraceELBO(_HostFree, Trace_ELBO):
+    r"""``pyro.infer.Trace_ELBO``: :math:`\log p(x, z) - \log q(z|x)` at a draw from the guide."""
+
+    def _elbo_particle(self, model_trace, guide_trace) -> Tensor:
+        terms = _Terms()
+        for site in _sample_sites(model_trace):
+            terms.add(_log_prob(site), site["scale"], site["mask"])
+        for site in _sample_sites(guide_trace):
+            terms.add(_log_prob(site), site["scale"], site["mask"], sign=-1.0)
+        return terms.total()
+
+
+class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
+    r"""``pyro.infer.TraceMeanField_ELBO``: the KL term in closed form where one is registered.
+
+    For each latent site, :math:`-\mathrm{KL}(q \| p)` replaces
+    :math:`\log p(z) - \log q(z|x)` when ``kl_divergence`` knows the pair; otherwise both
+    log-densities are taken at the draw, as in Pyro.
+    """
+
+    def _elbo_particle(self, model_trace, guide_trace) -> Tensor:
+        terms = _Terms()
+        for site in _sample_sites(model_trace):
+            name = site["name"]
+            if site["is_observed"] or name not in guide_trace.nodes:
+                terms.add(_log_prob(site), site["scale"], site["mask"])
+                continue
+            guide_site = guide_trace.nodes[name]
+            try:
+                kl = kl_divergence(guide_site["fn"], site["fn"])
+            except NotImplementedError:
+                terms.add(_log_prob(site), site["scale"], site["mask"])
+                terms.add(_log_prob(guide_site), guide_site["scale"], guide_site["mask"], -1.0)
+            else:
+                terms.add(kl, guide_site["scale"], guide_site["mask"], sign=-1.0)
+        for site in _sample_sites(guide_trace):  # auxiliary guide sites
+            if site["name"] not in model_trace.nodes:
+                terms.add(_log_prob(site), site["scale"], site["mask"], sign=-1.0)
+        return terms.total()
