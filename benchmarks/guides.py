@@ -21,7 +21,7 @@ import pyro
 import torch
 
 from ppl_vae import GUIDES, DataConfig, VAEConfig, build_vae, load_data
-from ppl_vae.train import TrainConfig, collect_params, make_loss, svi_step
+from ppl_vae.train import TrainConfig, collect_params, make_loss, step_loss, svi_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from svi_step import parse_timing_args, write_section  # noqa: E402
@@ -37,10 +37,11 @@ def make_stepper(name: str, data, flow_length: int, device: torch.device):
     num_data = data.train.shape[0]
     params = collect_params(model, guide, x, num_data)
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
-    elbo = make_loss(TrainConfig(loss="elbo"))
+    loss = step_loss(make_loss(TrainConfig(loss="elbo")), model, guide, params)  # as in train
 
     def step():
-        svi_step(elbo, model, guide, optimizer, x, num_data)
+        with pyro.validation_enabled(False):
+            svi_step(loss, optimizer, x, num_data)
 
     return step, sum(p.numel() for p in guide.parameters())
 

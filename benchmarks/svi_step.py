@@ -13,8 +13,10 @@ Four steps on the same networks, batch, data and optimizer settings:
 - ``stock``: ``pyro.infer.SVI`` + ``pyro.optim.Adam`` + the same ELBO, validation on (Pyro's
   defaults).
 
-Each repeat runs every step in turn (5 warm-up steps, then ``--steps`` timed ones); the figure is
-the median over repeats. It also times one MNIST epoch of ``train`` and the data handling
+Each repeat runs every step in turn, in an order rotated from repeat to repeat (5 warm-up steps,
+then ``--steps`` timed ones). Times are medians over repeats; a ratio is the median of the
+per-repeat ratios, so that a slow spell of the machine, which hits the steps of one repeat
+alike, cancels. It also times one MNIST epoch of ``train`` and the data handling
 (permutation, gather, dynamic binarization) of the same epoch.
 
 Run: ``python benchmarks/svi_step.py --write`` (``--write`` updates docs/BENCHMARKS.md).
@@ -95,8 +97,10 @@ def time_steps(batch: int, loss: str, repeats: int, steps: int, device: torch.de
     steps_by_name = {"ppl_vae": ours, "eager": ours_eager, "hand": hand, "stock": stock}
     times: dict[str, list[float]] = {k: [] for k in steps_by_name}
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for _ in range(repeats):
-        for name, step in steps_by_name.items():
+    names = list(steps_by_name)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
+            step = steps_by_name[name]
             for _ in range(5):
                 step()
             sync()
@@ -105,7 +109,12 @@ def time_steps(batch: int, loss: str, repeats: int, steps: int, device: torch.de
                 step()
             sync()
             times[name].append((time.perf_counter() - t0) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {
+        f"{k}/hand": statistics.median(a / b for a, b in zip(v, times["hand"], strict=True))
+        for k, v in times.items()
+    }
+    return medians | ratios
 
 
 def time_epoch(device: torch.device) -> dict:
@@ -134,7 +143,7 @@ def time_epoch(device: torch.device) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="100,1000")
-    args, device, name = parse_timing_args(parser, argv, repeats=7, steps=30)
+    args, device, name = parse_timing_args(parser, argv, repeats=21, steps=10)
     rows = []
     for loss in ("elbo", "meanfield"):
         for batch in (int(b) for b in args.batches.split(",")):
@@ -142,8 +151,7 @@ def main(argv=None) -> int:
             rows.append(
                 f"| {loss} | {batch} | {t['hand'] * 1e3:.2f} | {t['ppl_vae'] * 1e3:.2f} | "
                 f"{t['eager'] * 1e3:.2f} | {t['stock'] * 1e3:.2f} | "
-                f"**{t['ppl_vae'] / t['hand']:.3f}** | {t['eager'] / t['hand']:.3f} | "
-                f"{t['stock'] / t['hand']:.3f} |"
+                f"**{t['ppl_vae/hand']:.3f}** | {t['eager/hand']:.3f} | {t['stock/hand']:.3f} |"
             )
             print(rows[-1], flush=True)
     e = time_epoch(device)
@@ -157,8 +165,8 @@ def main(argv=None) -> int:
     table = "\n".join(
         [
             f"Device: {device.type} ({name}), torch {torch.__version__}, pyro {pyro.__version__}, "
-            f"{torch.get_num_threads()} threads; median of {args.repeats} repeats of "
-            f"{args.steps} steps.",
+            f"{torch.get_num_threads()} threads; {args.repeats} repeats of {args.steps} steps; "
+            "times are medians, ratios medians of the per-repeat ratios.",
             "",
             "| loss | batch | hand ms | ppl_vae ms | eager ms | stock SVI ms | ppl_vae / hand | "
             "eager / hand | stock / hand |",

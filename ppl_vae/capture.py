@@ -16,7 +16,9 @@ branches on tensor values (a branch on a value reads the tensor, which stops the
 Python state that changes between steps. So that nothing is taken on trust, each capture is
 checked: the program and its record are run from the same RNG state and must give the same
 loss and gradients. A program that cannot be captured, or whose record disagrees, runs eagerly,
-with a warning. Capturing and checking leave the RNG streams as they were.
+with a warning. Capturing and checking leave the RNG streams as they were. A record does not
+validate (Pyro's checks of supports and shapes read tensor values): validate the program by
+running it once, as :func:`ppl_vae.train.train` does before its loop.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 
+import pyro
 import torch
 from torch import Tensor
 
@@ -80,14 +83,14 @@ class CapturedLoss:
         try:
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
                 record = make_fx(self._eager)(self.params, *args)
             record.graph.eliminate_dead_code()
             record.recompile()
         except Exception as e:  # any failure to trace means: run the program itself
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return self._fall_back(f"it could not be traced ({reason})")
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
             want = self._eager(self.params, *args)
             want_grads = _grads(want, self.params)
         with torch.random.fork_rng(devices=devices):

@@ -129,6 +129,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="epochs over which the KL weight rises linearly from 0 to beta",
     )
     o.add_argument("--seed", type=int, default=0, help="makes a run reproducible")
+    o.add_argument(
+        "--capture",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay a checked record of each step's tensor operations instead of running "
+        "the Pyro program again (same numbers, less Python per step)",
+    )
     r = t.add_argument_group("run")
     r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     r.add_argument("--out", default="runs/vae", help="run directory")
@@ -327,6 +334,7 @@ def _train(args: argparse.Namespace) -> None:
         beta=args.beta,
         kl_warmup=args.kl_warmup,
         seed=args.seed,
+        capture=args.capture,
     )
     run = train_run(
         data_config,

@@ -67,12 +67,8 @@ class _Terms:
             self.groups[key] = [scale, term if sign > 0 else -term]
 
     def total(self) -> Tensor:
-        total = 0.0
-        for scale, term in self.groups.values():
-            total = total + scale_and_mask(term.sum(), scale)
-        for term in self.rest:
-            total = total + term
-        return total
+        sums = [scale_and_mask(term.sum(), scale) for scale, term in self.groups.values()]
+        return sum(sums[1:] + self.rest, start=sums[0]) if sums else sum(self.rest)
 
 
 class _HostFree:
@@ -92,7 +88,7 @@ class _HostFree:
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         """The negative ELBO estimate as a tensor whose gradient is the ELBO's gradient."""
-        loss = 0.0
+        elbos = []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             if all(site["fn"].has_rsample for site in _sample_sites(guide_trace)):
                 elbo = self._elbo_particle(model_trace, guide_trace)
@@ -101,12 +97,15 @@ class _HostFree:
                 guide_trace = prune_subsample_sites(guide_trace)
                 model_trace.compute_log_prob()
                 guide_trace.compute_score_parts()
-                _, surrogate = Trace_ELBO._differentiable_loss_particle(
+                loss, surrogate = Trace_ELBO._differentiable_loss_particle(
                     self, model_trace, guide_trace
                 )
-                elbo = -surrogate
-            loss = loss - elbo / self.num_particles
-        return torch.as_tensor(loss)
+                elbo = -surrogate + (surrogate.detach() - loss)  # the ELBO's value
+            elbos.append(elbo)
+        elbo = torch.as_tensor(elbos[0] if len(elbos) == 1 else sum(elbos) / len(elbos))
+        if self.vectorize_particles and self.num_particles > 1:
+            elbo = elbo / self.num_particles  # one trace, its sites summed over the particles
+        return -elbo
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The negative ELBO estimate as a float."""
@@ -118,7 +117,7 @@ class _HostFree:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:
             loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
 
 class TraceELBO(_HostFree, Trace_ELBO):

@@ -368,6 +368,10 @@ def train(
     ``model`` and ``guide`` are Pyro callables taking ``(x, num_data=None)``; the guide's
     latent sites must match the model's. Training clears Pyro's param store first.
 
+    With ``config.capture`` (the default), the step's tensor operations are recorded once per
+    batch shape and KL weight, checked against the program, and replayed
+    (:class:`~ppl_vae.capture.CapturedLoss`); the numbers are those of running the program.
+
     With ``out_dir``, each epoch appends a line to ``metrics.jsonl`` and writes
     ``checkpoint.pt`` atomically (parameters, optimizer, configuration, epoch and RNG states;
     ``extra`` is stored alongside). ``resume=True`` continues from that checkpoint and gives the

@@ -62,3 +62,18 @@ def test_every_guide_gives_the_same_draws_and_densities_on_cpu_and_cuda(name):
     assert z_gpu.is_cuda
     assert torch.allclose(z_gpu.cpu(), z_cpu, atol=1e-9)
     assert torch.allclose(lp_gpu.cpu(), lp_cpu, atol=1e-9)
+
+
+def test_the_captured_step_gives_the_numbers_of_the_program_on_cuda(tmp_path):
+    import warnings
+
+    data = DataConfig("pinwheel", num_train=700, num_test=200)
+    vae = VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(16,)), guide="planar")
+    runs = []
+    for capture in (True, False):
+        config = TrainConfig(epochs=2, batch_size=300, kl_warmup=2, capture=capture)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fall-back to the program
+            runs.append(train_run(data, vae, config, tmp_path / str(capture), "cuda"))
+    for a, b in zip(runs[0].metrics, runs[1].metrics, strict=True):
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-5)

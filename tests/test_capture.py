@@ -1,0 +1,123 @@
+"""The captured SVI step: a checked record of the Pyro program's tensor operations."""
+
+import itertools
+import warnings
+from functools import partial
+
+import pytest
+import torch
+from test_train import Flatten, linear_gaussian, trainable_linear_gaussian
+from torch import fx
+
+from ppl_vae.capture import CapturedLoss
+from ppl_vae.data import DataConfig
+from ppl_vae.guides import GaussianGuide
+from ppl_vae.networks import NetworkConfig
+from ppl_vae.train import TraceELBO, TrainConfig, collect_params, step_loss
+from ppl_vae.vae import VAEConfig, train_run
+
+
+@pytest.mark.parametrize(
+    "guide, loss",
+    [
+        ("gaussian", "elbo"),
+        ("gaussian", "meanfield"),
+        ("gaussian", "iwae"),
+        ("planar", "elbo"),
+        ("sylvester", "elbo"),
+    ],
+)
+def test_captured_training_gives_the_numbers_of_the_program_run_each_step(tmp_path, guide, loss):
+    data = DataConfig("pinwheel", num_train=700, num_test=200)
+    vae = VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(16,)), guide=guide)
+    warmup = 2 if loss != "iwae" else 0  # the KL weight changes: one record per weight
+    runs = {}
+    for capture in (True, False):
+        # batch 300: two full batches and a last one of 100, which gets its own record
+        config = TrainConfig(epochs=3, batch_size=300, loss=loss, kl_warmup=warmup,
+                             num_particles=2, capture=capture)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fall-back to the program
+            runs[capture] = train_run(data, vae, config, tmp_path / str(capture), "cpu")
+    for a, b in zip(runs[True].metrics, runs[False].metrics, strict=True):
+        assert a["train_elbo"] == pytest.approx(b["train_elbo"], rel=1e-6)
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-6)
+    for p, q in zip(runs[True].guide.parameters(), runs[False].guide.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def linear_gaussian_loss():
+    model, guide, x, params = trainable_linear_gaussian()
+    loss = partial(TraceELBO(max_plate_nesting=1).differentiable_loss, model, guide)
+    return loss, x, params
+
+
+def test_a_record_is_made_per_shape_and_replays_the_programs_draws():
+    loss, x, params = linear_gaussian_loss()
+    captured = CapturedLoss(loss, params)
+    for rows in (6, 4, 6):
+        torch.manual_seed(rows)
+        want = loss(x[:rows], 60)
+        want_grads = torch.autograd.grad(want, params)
+        torch.manual_seed(rows)
+        got = captured(x[:rows], 60)
+        got_grads = torch.autograd.grad(got, params)
+        assert torch.allclose(got, want, rtol=1e-6)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-7)
+    assert len(captured.records) == 2
+    assert all(isinstance(r, fx.GraphModule) for r in captured.records.values())
+
+
+def test_capturing_leaves_the_rng_where_the_program_would():
+    loss, x, params = linear_gaussian_loss()
+    torch.manual_seed(0)
+    loss(x, 60)
+    after_program = torch.get_rng_state()
+    torch.manual_seed(0)
+    CapturedLoss(loss, params)(x, 60)  # captures, checks, then replays once
+    assert torch.equal(torch.get_rng_state(), after_program)
+
+
+def test_a_program_that_branches_on_a_tensor_value_runs_itself():
+    w = torch.randn(3, requires_grad=True)
+
+    def loss(x):
+        return (w * x).sum() if w.sum() > 0 else (w * x).square().sum()
+
+    captured = CapturedLoss(loss, [w])
+    x = torch.randn(3)
+    with pytest.warns(RuntimeWarning, match="could not be traced"):
+        value = captured(x)
+    assert torch.equal(value, loss(x))
+    with torch.no_grad():
+        w.neg_()  # the other branch: only the program itself takes it
+    assert torch.equal(captured(x), loss(x))
+
+
+def test_a_record_that_disagrees_with_the_program_is_not_used():
+    w = torch.randn(3, requires_grad=True)
+    calls = itertools.count(1)
+
+    def loss(x):  # Python state that changes between calls: a record would freeze it
+        return (w * x).sum() * next(calls)
+
+    captured = CapturedLoss(loss, [w])
+    x = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="different loss or gradient"):
+        first = captured(x)
+    second = captured(x)
+    assert torch.allclose(second / first, torch.tensor(4 / 3))  # calls 4 and 3 (2 checked)
+
+
+def test_step_loss_without_capture_is_the_program():
+    model, data, _ = linear_gaussian(n=10)
+    guide = GaussianGuide(Flatten(5), latent_dim=2)
+    x = data.train[:4]
+    params = collect_params(model, guide, x)
+    loss = step_loss(TraceELBO(max_plate_nesting=1), model, guide, params, capture=False)
+    assert not isinstance(loss, CapturedLoss)
+    torch.manual_seed(1)
+    a = loss(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, TraceELBO(max_plate_nesting=1).differentiable_loss(model, guide, x))

@@ -1,0 +1,139 @@
+"""ppl_vae.elbo against Pyro's own ELBOs, and the standard normal prior against torch's Normal."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.distributions.kl import kl_divergence
+from test_train import trainable_linear_gaussian
+
+from ppl_vae.elbo import TraceELBO, TraceMeanFieldELBO
+from ppl_vae.model import StandardNormal
+
+
+def loss_and_grads(elbo, model, guide, params, *args, seed=3):
+    torch.manual_seed(seed)
+    loss = elbo.differentiable_loss(model, guide, *args)
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def assert_same(ours, theirs):
+    (a, ga), (b, gb) = ours, theirs
+    assert torch.allclose(a, b, rtol=1e-6)
+    for u, v in zip(ga, gb, strict=True):
+        assert torch.allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_score_function_guides_get_pyros_estimator():
+    """A discrete latent has no reparameterized draw: the surrogate carries the score term."""
+    logits = torch.tensor([0.3, -0.2], requires_grad=True)
+    loc = torch.tensor(0.5, requires_grad=True)
+    x = torch.tensor([0.4, 1.3, -0.7])
+
+    def model(x):
+        with pyro.plate("data", 3):
+            c = pyro.sample("c", dist.Bernoulli(logits=torch.zeros(3)))
+            pyro.sample("x", dist.Normal(loc * c, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 3):
+            pyro.sample("c", dist.Bernoulli(logits=logits.sum().expand(3)))
+
+    params = [logits, loc]
+    ours = loss_and_grads(TraceELBO(), model, guide, params, x)
+    assert_same(ours, loss_and_grads(pyro.infer.Trace_ELBO(), model, guide, params, x))
+    assert ours[1][0].abs().sum() > 0  # the guide's gradient comes from the score term
+
+
+def test_masked_and_scaled_sites_count_as_in_pyro():
+    model, guide, x, params = trainable_linear_gaussian()
+    mask = torch.tensor([True, False, True, True, False, True])
+
+    def masked(fn):
+        def run(x, num_data=None):
+            with poutine.mask(mask=mask), poutine.scale(scale=0.5):
+                return fn(x, num_data)
+
+        return run
+
+    for ours, theirs in [
+        (TraceELBO, pyro.infer.Trace_ELBO),
+        (TraceMeanFieldELBO, pyro.infer.TraceMeanField_ELBO),
+    ]:
+        kwargs = {"num_particles": 2, "vectorize_particles": True, "max_plate_nesting": 1}
+        a = loss_and_grads(ours(**kwargs), masked(model), masked(guide), params, x, 60)
+        b = loss_and_grads(theirs(**kwargs), masked(model), masked(guide), params, x, 60)
+        assert_same(a, b)
+
+
+def test_sequential_particles_average_as_in_pyro():
+    model, guide, x, params = trainable_linear_gaussian()
+    a = loss_and_grads(TraceELBO(num_particles=3), model, guide, params, x, 60)
+    b = loss_and_grads(pyro.infer.Trace_ELBO(num_particles=3), model, guide, params, x, 60)
+    assert_same(a, b)
+
+
+def test_the_losses_read_nothing_back_from_the_device(monkeypatch):
+    """Each ``.item()`` is a host synchronisation on a GPU; Pyro's losses make three a step."""
+    model, guide, x, params = trainable_linear_gaussian()
+
+    def no_item(self):
+        raise AssertionError(".item() was called")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    with pyro.validation_enabled(False):
+        for elbo in (TraceELBO(max_plate_nesting=1), TraceMeanFieldELBO(max_plate_nesting=1)):
+            elbo.differentiable_loss(model, guide, x, 60).backward()
+        with pytest.raises(AssertionError, match="item"):  # the check can fail
+            pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, x, 60)
+
+
+def test_svi_with_these_losses_takes_pyros_steps():
+    model, guide, x, params = trainable_linear_gaussian()
+    start = [p.detach().clone() for p in params]
+    after = []
+    for elbo in (TraceELBO(max_plate_nesting=1), pyro.infer.Trace_ELBO(max_plate_nesting=1)):
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+        pyro.clear_param_store()
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), elbo)
+        torch.manual_seed(5)
+        losses = [svi.step(x, 60) for _ in range(3)]
+        after.append((losses, [p.detach().clone() for p in params]))
+    (la, pa), (lb, pb) = after
+    assert la == pytest.approx(lb, rel=1e-6)
+    for p, q in zip(pa, pb, strict=True):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_standard_normal_is_torchs_normal_0_1():
+    z = torch.randn(7, 3, dtype=torch.float64) * 3
+    prior = StandardNormal((7, 3), torch.float64)
+    normal = torch.distributions.Normal(torch.zeros(7, 3, dtype=torch.float64), 1.0)
+    assert torch.allclose(prior.log_prob(z), normal.log_prob(z), rtol=1e-12, atol=0)
+    assert StandardNormal().log_prob(torch.zeros(())).item() == pytest.approx(
+        -0.5 * math.log(2 * math.pi)
+    )
+    assert torch.allclose(prior.entropy(), normal.entropy())
+    assert torch.equal(prior.mean, normal.mean) and torch.equal(prior.variance, normal.variance)
+    wide = prior.expand((5, 7, 3))
+    assert wide.batch_shape == (5, 7, 3) and wide.log_prob(z).shape == (5, 7, 3)
+    torch.manual_seed(0)
+    draws = StandardNormal((200_000,)).sample()
+    # mean within 5 standard errors, variance within 5 standard errors (sd of s^2 ~ sqrt(2/n))
+    assert abs(draws.mean().item()) < 5 / math.sqrt(200_000)
+    assert abs(draws.var().item() - 1) < 5 * math.sqrt(2 / 200_000)
+
+
+def test_kl_from_a_normal_to_the_standard_normal_is_the_closed_form():
+    q = dist.Normal(torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64))
+    p = torch.distributions.Normal(torch.zeros(4, 3, dtype=torch.float64), 1.0)
+    want = torch.distributions.kl_divergence(q, p)
+    prior = StandardNormal((4, 3), torch.float64)
+    assert torch.allclose(kl_divergence(q, prior), want, rtol=1e-12)
+    # the mean-field ELBO finds it through the Independent wrappers of model and guide
+    assert torch.allclose(kl_divergence(q.to_event(1), prior.to_event(1)), want.sum(-1), rtol=1e-12)
