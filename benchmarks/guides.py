@@ -1,10 +1,11 @@
 r"""Training-step time of every guide relative to the diagonal Gaussian, interleaved in one run.
 
 The reference MNIST setting: MLP 784-200-200, z of dimension 50, Bernoulli likelihood, batch
-100 of dynamically binarized images, ``Trace_ELBO`` as in :func:`ppl_vae.train.train`, Adam over
-all parameters. Flow guides have ``--flow-length`` steps. Each repeat times ``--steps`` steps of
-every guide in turn (each after 3 untimed steps); the figure is the median over repeats, so a slow
-spell on a shared machine hits every guide alike.
+100 of dynamically binarized images, ``Trace_ELBO`` captured and replayed as in
+:func:`ppl_vae.train.train`, Adam over all parameters. Flow guides have ``--flow-length``
+steps. Each repeat times ``--steps`` steps of every guide in turn (each after 3 untimed steps);
+the figure is the median over repeats, so a slow spell on a shared machine hits every guide
+alike.
 
 Run: ``python benchmarks/guides.py --write`` (``--write`` updates docs/BENCHMARKS.md).
 """

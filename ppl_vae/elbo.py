@@ -72,6 +72,8 @@ class _Terms:
 
 
 class _HostFree:
+    """Traces without Pyro's copies and log-density bookkeeping; the loss as a tensor."""
+
     def _get_trace(self, model, guide, args, kwargs):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
