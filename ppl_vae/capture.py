@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import pyro
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 __all__ = ["CapturedLoss"]
 
@@ -40,8 +40,11 @@ def _grads(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor | None]:
 def _agree(a: Tensor | None, b: Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    tol = 1e-5 * float(a.detach().abs().max().clamp(min=1.0))
-    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=tol)
+    a, b = a.detach(), b.detach()
+    magnitude = torch.where(torch.isfinite(a), a.abs(), 0.0).max().clamp(min=1.0)
+    return a.shape == b.shape and torch.allclose(
+        a, b, rtol=1e-5, atol=1e-5 * float(magnitude), equal_nan=True
+    )
 
 
 class CapturedLoss:
@@ -56,49 +59,66 @@ class CapturedLoss:
 
     Calling it returns the loss for ``args``. A record is made for each distinct combination of
     tensor shapes, dtypes, devices and non-tensor arguments, so the short last batch of an epoch
-    gets its own.
+    gets its own. :meth:`recheck` has every record checked against the program again at its
+    next use and made afresh if they disagree; :func:`~ppl_vae.train.train` calls it at the
+    start of every epoch, so a program changed between epochs (an annealed temperature set by
+    a callback, say) is followed.
     """
 
     def __init__(self, loss: Callable[..., Tensor], params: Sequence[Tensor]):
         self.loss = loss
         self.params = list(params)
         self.records: dict[tuple, Callable[..., Tensor]] = {}
+        self.stale: set[tuple] = set()
 
     def __call__(self, *args) -> Tensor:
         key = tuple(
             (a.shape, a.dtype, a.device) if torch.is_tensor(a) else ("const", a) for a in args
         )
         record = self.records.get(key)
+        if key in self.stale:
+            self.stale.discard(key)
+            if isinstance(record, fx.GraphModule) and not self._agrees(record, args):
+                record = None
         if record is None:
             record = self.records[key] = self._capture(args)
         return record(self.params, *args)
 
+    def recheck(self) -> None:
+        """Has every record checked against the program at its next use."""
+        self.stale = set(self.records)
+
     def _eager(self, params, *args) -> Tensor:
         return self.loss(*args)
 
+    def _devices(self, args: tuple) -> list[int]:
+        tensors = (*self.params, *args)
+        return sorted({t.device.index or 0 for t in tensors if torch.is_tensor(t) and t.is_cuda})
+
     def _capture(self, args: tuple) -> Callable[..., Tensor]:
-        devices = sorted(
-            {t.device.index or 0 for t in (*self.params, *args) if torch.is_tensor(t) and t.is_cuda}
-        )
         try:
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+            with torch.random.fork_rng(self._devices(args)), pyro.validation_enabled(False):
                 record = make_fx(self._eager)(self.params, *args)
             record.graph.eliminate_dead_code()
             record.recompile()
         except Exception as e:  # any failure to trace means: run the program itself
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return self._fall_back(f"it could not be traced ({reason})")
-        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
-            want = self._eager(self.params, *args)
-            want_grads = _grads(want, self.params)
-        with torch.random.fork_rng(devices=devices):
-            got = record(self.params, *args)
-            got_grads = _grads(got, self.params)
-        if not _agree(want, got) or not all(map(_agree, want_grads, got_grads)):
+        if not self._agrees(record, args):
             return self._fall_back("its record gave a different loss or gradient")
         return record
+
+    def _agrees(self, record: Callable[..., Tensor], args: tuple) -> bool:
+        """Whether ``record`` gives the program's loss and gradients from the same RNG state."""
+        results = []
+        for fn in (self._eager, record):
+            with torch.random.fork_rng(self._devices(args)), pyro.validation_enabled(False):
+                loss = fn(self.params, *args)
+                results.append((loss, _grads(loss, self.params)))
+        (want, want_grads), (got, got_grads) = results
+        return _agree(want, got) and all(map(_agree, want_grads, got_grads))
 
     def _fall_back(self, why: str) -> Callable[..., Tensor]:
         warnings.warn(

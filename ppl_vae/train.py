@@ -371,6 +371,8 @@ def train(
     With ``config.capture`` (the default), the step's tensor operations are recorded once per
     batch shape and KL weight, checked against the program, and replayed
     (:class:`~ppl_vae.capture.CapturedLoss`); the numbers are those of running the program.
+    Records are checked again at the start of every epoch and made afresh if the program
+    changed; a program whose computation changes from step to step needs ``capture=False``.
 
     With ``out_dir``, each epoch appends a line to ``metrics.jsonl`` and writes
     ``checkpoint.pt`` atomically (parameters, optimizer, configuration, epoch and RNG states;
@@ -435,6 +437,8 @@ def train(
             step_model = scale_latent(weight)(model) if scaled else model
             step_guide = scale_latent(weight)(guide) if scaled else guide
             losses[weight] = step_loss(elbo, step_model, step_guide, params, config.capture)
+        if isinstance(losses[weight], CapturedLoss):
+            losses[weight].recheck()  # the program may have changed since (e.g. by on_epoch)
         total = torch.zeros((), device=device)
         bar = _progress(steps, f"epoch {epoch}/{config.epochs}", quiet)
         # The first trace (collect_params) validated every site; the hot loop skips validation.

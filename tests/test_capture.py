@@ -4,17 +4,18 @@ import itertools
 import warnings
 from functools import partial
 
+import pyro
 import pytest
 import torch
 from test_train import Flatten, linear_gaussian, trainable_linear_gaussian
 from torch import fx
 
 from ppl_vae.capture import CapturedLoss
-from ppl_vae.data import DataConfig
+from ppl_vae.data import DataConfig, load_data
 from ppl_vae.guides import GaussianGuide
 from ppl_vae.networks import NetworkConfig
-from ppl_vae.train import TraceELBO, TrainConfig, collect_params, step_loss
-from ppl_vae.vae import VAEConfig, train_run
+from ppl_vae.train import TraceELBO, TrainConfig, collect_params, step_loss, train
+from ppl_vae.vae import VAEConfig, build_vae, train_run
 
 
 @pytest.mark.parametrize(
@@ -121,3 +122,40 @@ def test_step_loss_without_capture_is_the_program():
     a = loss(x)
     torch.manual_seed(1)
     assert torch.equal(a, TraceELBO(max_plate_nesting=1).differentiable_loss(model, guide, x))
+
+
+def test_a_program_changed_between_epochs_is_recaptured_after_recheck():
+    w = torch.randn(3, requires_grad=True)
+    state = {"temperature": 1.0}
+
+    def loss(x):
+        return (w * x).sum() / state["temperature"]
+
+    captured = CapturedLoss(loss, [w])
+    x = torch.randn(3)
+    assert torch.equal(captured(x), loss(x))
+    state["temperature"] = 4.0  # a callback anneals between epochs
+    stale = captured(x)  # until rechecked, the record keeps the old program
+    assert torch.allclose(stale, 4 * loss(x))
+    captured.recheck()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # re-made, not fallen back
+        assert torch.allclose(captured(x), loss(x))
+    assert isinstance(next(iter(captured.records.values())), fx.GraphModule)
+
+
+def test_train_follows_a_program_changed_by_on_epoch():
+    data = load_data(DataConfig("pinwheel", num_train=600, num_test=200))
+    runs = {}
+    for capture in (True, False):
+        pyro.set_rng_seed(0)
+        model, guide = build_vae(VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(16,))), data)
+
+        def widen(metrics, model=model):  # changes the model's computation between epochs
+            model.likelihood.min_sigma *= 10
+
+        config = TrainConfig(epochs=3, batch_size=300, capture=capture)
+        runs[capture] = train(model, guide, data, config, quiet=True, on_epoch=widen)
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert a["train_elbo"] == pytest.approx(b["train_elbo"], rel=1e-6)
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-6)
