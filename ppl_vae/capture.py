@@ -38,13 +38,73 @@ def _grads(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor | None]:
 
 
 def _agree(a: Tensor | None, b: Tensor | None) -> bool:
+    """Equal up to float rounding, element by element (a record repeats the same operations).
+
+    Each element may differ by 1e-6 of itself plus 1e-9 of the tensor's largest finite
+    element, so a change to small entries next to large ones still shows.
+    """
     if a is None or b is None:
         return a is None and b is None
     a, b = a.detach(), b.detach()
+    if a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
     magnitude = torch.where(torch.isfinite(a), a.abs(), 0.0).max().clamp(min=1.0)
-    return a.shape == b.shape and torch.allclose(
-        a, b, rtol=1e-5, atol=1e-5 * float(magnitude), equal_nan=True
-    )
+    return torch.allclose(a, b, rtol=1e-6, atol=1e-9 * float(magnitude), equal_nan=True)
+
+
+def _custom_backward(loss: Tensor) -> str | None:
+    """The name of a custom ``autograd.Function`` in ``loss``'s graph, if there is one.
+
+    A record holds the forward operations, and replaying them differentiates them with torch's
+    own formulas: a custom backward would be lost.
+    """
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return type(node).__name__
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return None
+
+
+_ATEN = torch.ops.aten
+_VALUE_SHAPED = {  # operations whose output shape depends on the values of their inputs
+    getattr(_ATEN, name).default
+    for name in ("nonzero", "masked_select", "_unique", "_unique2", "unique_consecutive",
+                 "unique_dim", "argwhere", "nonzero_numpy")
+    if hasattr(_ATEN, name) and hasattr(getattr(_ATEN, name), "default")
+} | {_ATEN.repeat_interleave.Tensor}  # fmt: skip
+_INDEXING = {_ATEN.index.Tensor, _ATEN.index_put.default, _ATEN.index_put_.default}
+
+
+def _value_shaped(graph: fx.Graph) -> str | None:
+    """The first operation in ``graph`` whose output shape depends on tensor values.
+
+    A record keeps the shapes it saw (``x[mask]`` with the mask of the capture); another
+    mask would break it, or change a size read as a Python number without notice.
+    """
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _VALUE_SHAPED:
+            return str(node.target)
+        if node.target in _INDEXING:
+            for index in node.args[1]:
+                value = getattr(index, "meta", {}).get("val")
+                if value is not None and value.dtype in (torch.bool, torch.uint8):
+                    return f"{node.target} with a boolean mask"
+    return None
+
+
+def _key(value) -> tuple:
+    if torch.is_tensor(value):
+        return ("tensor", value.shape, value.stride(), value.dtype, value.device)
+    return ("const", type(value), value)
 
 
 class CapturedLoss:
@@ -71,59 +131,78 @@ class CapturedLoss:
         self.records: dict[tuple, Callable[..., Tensor]] = {}
         self.stale: set[tuple] = set()
 
-    def __call__(self, *args) -> Tensor:
-        key = tuple(
-            (a.shape, a.dtype, a.device) if torch.is_tensor(a) else ("const", a) for a in args
-        )
-        record = self.records.get(key)
+    def __call__(self, *args, **kwargs) -> Tensor:
+        if any(torch.is_tensor(v) for v in kwargs.values()):
+            raise TypeError("CapturedLoss takes tensor arguments by position only")
+        key = tuple(map(_key, args)) + tuple((k, *_key(v)) for k, v in sorted(kwargs.items()))
+        try:
+            record = self.records.get(key)
+        except TypeError:  # an argument that cannot be a key: run the program
+            return self.loss(*args, **kwargs)
+        if record is None:
+            # The first call runs the program itself, so that one-time work (lazy
+            # initialisation, Pyro's guess of max_plate_nesting) happens outside the record and
+            # draws from the RNG as the program would; the record is made for later calls.
+            loss = self.loss(*args, **kwargs)
+            self.records[key] = self._capture(args, kwargs, _custom_backward(loss))
+            return loss
         if key in self.stale:
             self.stale.discard(key)
-            if isinstance(record, fx.GraphModule) and not self._agrees(record, args):
-                record = None
-        if record is None:
-            record = self.records[key] = self._capture(args)
+            if isinstance(record, fx.GraphModule) and not self._agrees(record, args, kwargs):
+                record = self.records[key] = self._capture(args, kwargs)
         return record(self.params, *args)
 
     def recheck(self) -> None:
         """Has every record checked against the program at its next use."""
         self.stale = set(self.records)
 
-    def _eager(self, params, *args) -> Tensor:
-        return self.loss(*args)
-
     def _devices(self, args: tuple) -> list[int]:
         tensors = (*self.params, *args)
         return sorted({t.device.index or 0 for t in tensors if torch.is_tensor(t) and t.is_cuda})
 
-    def _capture(self, args: tuple) -> Callable[..., Tensor]:
+    def _program(self, kwargs: dict) -> Callable[..., Tensor]:
+        def program(params, *args):
+            return self.loss(*args, **kwargs)
+
+        return program
+
+    def _capture(
+        self, args: tuple, kwargs: dict, custom: str | None = None
+    ) -> Callable[..., Tensor]:
+        program = self._program(kwargs)
+        if custom is not None:
+            return self._fall_back(program, f"it uses the custom autograd.Function {custom}")
         try:
             from torch.fx.experimental.proxy_tensor import make_fx
 
             with torch.random.fork_rng(self._devices(args)), pyro.validation_enabled(False):
-                record = make_fx(self._eager)(self.params, *args)
-            record.graph.eliminate_dead_code()
-            record.recompile()
+                record = make_fx(program)(self.params, *args)
         except Exception as e:  # any failure to trace means: run the program itself
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return self._fall_back(f"it could not be traced ({reason})")
-        if not self._agrees(record, args):
-            return self._fall_back("its record gave a different loss or gradient")
+            return self._fall_back(program, f"it could not be traced ({reason})")
+        op = _value_shaped(record.graph)  # before dead code goes: a size may be all that is used
+        if op is not None:
+            return self._fall_back(program, f"its shapes depend on values ({op})")
+        record.graph.eliminate_dead_code()
+        record.recompile()
+        if not self._agrees(record, args, kwargs):
+            return self._fall_back(program, "its record gave a different loss or gradient")
         return record
 
-    def _agrees(self, record: Callable[..., Tensor], args: tuple) -> bool:
+    def _agrees(self, record: Callable[..., Tensor], args: tuple, kwargs: dict) -> bool:
         """Whether ``record`` gives the program's loss and gradients from the same RNG state."""
         results = []
-        for fn in (self._eager, record):
+        for fn in (self._program(kwargs), record):
             with torch.random.fork_rng(self._devices(args)), pyro.validation_enabled(False):
                 loss = fn(self.params, *args)
                 results.append((loss, _grads(loss, self.params)))
         (want, want_grads), (got, got_grads) = results
         return _agree(want, got) and all(map(_agree, want_grads, got_grads))
 
-    def _fall_back(self, why: str) -> Callable[..., Tensor]:
+    def _fall_back(self, program: Callable[..., Tensor], why: str) -> Callable[..., Tensor]:
         warnings.warn(
             f"the SVI step runs eagerly: {why}; pass capture=False (--no-capture) to silence this",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return self._eager
+        return program

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import torch
 from pyro import poutine
+from pyro.distributions import Distribution
 from pyro.distributions.kl import kl_divergence
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.util import is_validation_enabled
+from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
+from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 from torch import Tensor
@@ -44,6 +47,21 @@ def _not_subsample(name: str, site: dict) -> bool:
     return not site_is_subsample(site)
 
 
+_DELEGATING = (ExpandedDistribution.score_parts, MaskedDistribution.score_parts)
+
+
+def _reparameterized(fn) -> bool:
+    """Whether Pyro's estimator has no score-function term at a guide site with ``fn``.
+
+    That is the case for a reparameterized distribution that keeps Pyro's default
+    ``score_parts``; some (e.g. ``pyro.distributions.Rejector``) override it to add a
+    score-function term to their reparameterized draws.
+    """
+    while type(fn).score_parts in _DELEGATING:
+        fn = fn.base_dist
+    return fn.has_rsample and type(fn).score_parts is Distribution.score_parts
+
+
 class _Terms:
     r"""A sum of per-site log-density terms, grouped by the scale they share.
 
@@ -56,7 +74,7 @@ class _Terms:
         self.rest: list[Tensor] = []
 
     def add(self, term: Tensor, scale, mask=None, sign: float = 1.0) -> None:
-        if mask is not None:
+        if mask is not None or (torch.is_tensor(scale) and scale.dim() > 0):
             self.rest.append(sign * scale_and_mask(term, scale, mask).sum())
             return
         key = (scale if not torch.is_tensor(scale) else id(scale), term.shape)
@@ -82,8 +100,8 @@ class _HostFree:
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
             check_if_enumerated(guide_trace)
-            for trace in (model_trace, guide_trace):
-                trace.compute_log_prob(site_filter=_not_subsample)  # warns on NaN
+            model_trace.compute_log_prob(site_filter=_not_subsample)  # warns on NaN
+            prune_subsample_sites(guide_trace).compute_score_parts()  # same site dicts
             for site in _sample_sites(model_trace) + _sample_sites(guide_trace):
                 check_site_shape(site, self.max_plate_nesting)
         return model_trace, guide_trace
@@ -92,16 +110,14 @@ class _HostFree:
         """The negative ELBO estimate as a tensor whose gradient is the ELBO's gradient."""
         elbos = []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            if all(site["fn"].has_rsample for site in _sample_sites(guide_trace)):
+            if all(_reparameterized(site["fn"]) for site in _sample_sites(guide_trace)):
                 elbo = self._elbo_particle(model_trace, guide_trace)
             else:  # score-function terms: Pyro's own estimator
                 model_trace = prune_subsample_sites(model_trace)
                 guide_trace = prune_subsample_sites(guide_trace)
                 model_trace.compute_log_prob()
                 guide_trace.compute_score_parts()
-                loss, surrogate = Trace_ELBO._differentiable_loss_particle(
-                    self, model_trace, guide_trace
-                )
+                loss, surrogate = self._pyro_particle(model_trace, guide_trace)
                 elbo = -surrogate + (surrogate.detach() - loss)  # the ELBO's value
             elbos.append(elbo)
         elbo = torch.as_tensor(elbos[0] if len(elbos) == 1 else sum(elbos) / len(elbos))
@@ -125,6 +141,8 @@ class _HostFree:
 class TraceELBO(_HostFree, Trace_ELBO):
     r"""``pyro.infer.Trace_ELBO``: :math:`\log p(x, z) - \log q(z|x)` at a draw from the guide."""
 
+    _pyro_particle = Trace_ELBO._differentiable_loss_particle
+
     def _elbo_particle(self, model_trace, guide_trace) -> Tensor:
         terms = _Terms()
         for site in _sample_sites(model_trace):
@@ -142,6 +160,16 @@ class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
     log-densities are taken at the draw, as in Pyro.
     """
 
+    _pyro_particle = TraceMeanField_ELBO._differentiable_loss_particle
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        if is_validation_enabled():
+            _check_mean_field_requirement(model_trace, guide_trace)
+            for site in _sample_sites(guide_trace):
+                check_fully_reparametrized(site)
+        return model_trace, guide_trace
+
     def _elbo_particle(self, model_trace, guide_trace) -> Tensor:
         terms = _Terms()
         for site in _sample_sites(model_trace):
@@ -156,7 +184,11 @@ class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
                 terms.add(_log_prob(site), site["scale"], site["mask"])
                 terms.add(_log_prob(guide_site), guide_site["scale"], guide_site["mask"], -1.0)
             else:
-                terms.add(kl, guide_site["scale"], guide_site["mask"], sign=-1.0)
+                if torch.is_tensor(kl):
+                    terms.add(kl, guide_site["scale"], guide_site["mask"], sign=-1.0)
+                else:  # a number for the whole batch, e.g. 0 for a site masked off
+                    kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
+                    terms.rest.append(-kl * guide_site["fn"].batch_shape.numel())
         for site in _sample_sites(guide_trace):  # auxiliary guide sites
             if site["name"] not in model_trace.nodes:
                 terms.add(_log_prob(site), site["scale"], site["mask"], sign=-1.0)

@@ -80,8 +80,8 @@ class StandardNormal(dist.TorchDistribution):
         return torch.full(self.batch_shape, entropy, dtype=self.dtype, device=self.device)
 
 
-@register_kl(dist.Normal, StandardNormal)
-def _kl_normal_standard_normal(q: dist.Normal, p: StandardNormal) -> Tensor:
+@register_kl(torch.distributions.Normal, StandardNormal)
+def _kl_normal_standard_normal(q: torch.distributions.Normal, p: StandardNormal) -> Tensor:
     return 0.5 * (q.loc.square() + q.scale.square() - 1) - q.scale.log()
 
 

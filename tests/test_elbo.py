@@ -137,3 +137,90 @@ def test_kl_from_a_normal_to_the_standard_normal_is_the_closed_form():
     assert torch.allclose(kl_divergence(q, prior), want, rtol=1e-12)
     # the mean-field ELBO finds it through the Independent wrappers of model and guide
     assert torch.allclose(kl_divergence(q.to_event(1), prior.to_event(1)), want.sum(-1), rtol=1e-12)
+
+
+BOTH = [
+    (TraceELBO, pyro.infer.Trace_ELBO),
+    (TraceMeanFieldELBO, pyro.infer.TraceMeanField_ELBO),
+]
+
+
+@pytest.mark.parametrize("ours, theirs", BOTH)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"num_particles": 3}, {"num_particles": 3, "vectorize_particles": True}],
+)
+@pytest.mark.parametrize("subsample", [None, 3])
+def test_every_kind_of_site_counts_as_in_pyro(ours, theirs, kwargs, subsample):
+    """Global and plated latents, a factor, an auxiliary guide site, per-point tensor scales,
+    a latent masked off entirely, subsampling, particles: value and gradient as Pyro's."""
+    loc = torch.randn(6, 2, requires_grad=True)
+    g = torch.randn(2, requires_grad=True)
+    x = torch.randn(6, 2)
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])
+
+    def model(x):
+        glob = pyro.sample("glob", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.factor("prior_factor", -(glob**2).sum())
+        pyro.sample("off", dist.Normal(0.0, 1.0).mask(False))
+        with pyro.plate("data", 6, subsample_size=subsample) as i:
+            with poutine.scale(scale=weights[i]):
+                z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z + glob, 1.0).to_event(1), obs=x[i])
+
+    def guide(x):
+        pyro.sample("glob", dist.Normal(g, 0.5).to_event(1))
+        aux = pyro.sample("aux", dist.Normal(g.sum(), 1.0), infer={"is_auxiliary": True})
+        pyro.sample("off", dist.Normal(g[0], 2.0).mask(False))
+        with pyro.plate("data", 6, subsample_size=subsample) as i, poutine.scale(scale=weights[i]):
+            pyro.sample("z", dist.Normal(loc[i] + aux.unsqueeze(-1), 0.8).to_event(1))
+
+    with pyro.validation_enabled(False):
+        a = loss_and_grads(ours(**kwargs), model, guide, [loc, g], x)
+        b = loss_and_grads(theirs(**kwargs), model, guide, [loc, g], x)
+    assert_same(a, b)
+
+
+def test_reparameterized_draws_with_a_score_term_keep_it():
+    """pyro's Rejector distributions draw by reparameterization and add a score term."""
+    from pyro.distributions.testing.rejection_gamma import ShapeAugmentedGamma
+
+    alpha = torch.tensor([1.5, 2.0, 3.0], requires_grad=True)
+    x = torch.tensor([0.4, 1.3, 0.7])
+
+    def model(x):
+        with pyro.plate("data", 3):
+            z = pyro.sample("z", dist.Gamma(2.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 3):
+            pyro.sample("z", ShapeAugmentedGamma(alpha, torch.ones(3)))
+
+    with pyro.validation_enabled(False):
+        a = loss_and_grads(TraceELBO(), model, guide, [alpha], x)
+        b = loss_and_grads(pyro.infer.Trace_ELBO(), model, guide, [alpha], x)
+    assert_same(a, b)
+
+
+def test_mean_field_with_a_discrete_guide_is_pyros_and_is_refused_under_validation():
+    logits = torch.tensor([0.3, -0.2], requires_grad=True)
+    x = torch.tensor([0.4, 1.3, -0.7])
+
+    def model(x):
+        with pyro.plate("data", 3):
+            c = pyro.sample("c", dist.Bernoulli(logits=torch.zeros(3)))
+            pyro.sample("x", dist.Normal(c, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 3):
+            pyro.sample("c", dist.Bernoulli(logits=logits.sum().expand(3)))
+
+    with pyro.validation_enabled(False):
+        a = loss_and_grads(TraceMeanFieldELBO(), model, guide, [logits], x)
+        b = loss_and_grads(pyro.infer.TraceMeanField_ELBO(), model, guide, [logits], x)
+    assert_same(a, b)
+    with pyro.validation_enabled(True):
+        for elbo in (TraceMeanFieldELBO(), pyro.infer.TraceMeanField_ELBO()):
+            with pytest.raises(NotImplementedError, match="fully reparameterized"):
+                elbo.differentiable_loss(model, guide, x)
