@@ -11,12 +11,23 @@ included (they are operations too, so each replay draws afresh from the global R
 numbers the program would draw).
 
 A record is only valid for a program that performs the same operations each call, given the
-shapes. That holds for the library's models and guides and for any program without Python
-branches on tensor values (a branch on a value reads the tensor, which stops the capture) or
-Python state that changes between steps. So that nothing is taken on trust, each capture is
-checked: the program and its record are run from the same RNG state and must give the same
-loss and gradients. A program that cannot be captured, or whose record disagrees, runs eagerly,
-with a warning. Capturing and checking leave the RNG streams as they were. A record does not
+shapes. That holds for the library's models and guides except ``spline`` (below), and for any
+program without Python branches on tensor values (a branch reads the tensor, which stops the
+capture) or Python state that changes between steps. So that nothing is taken on trust:
+
+- the first call for a shape runs the program itself, so one-time work (lazy initialisation,
+  Pyro's guess of ``max_plate_nesting``) stays out of the record and draws from the RNG as the
+  program would; the record is made then, and capturing and checking leave the RNG streams as
+  they were;
+- a record is refused when the program uses a custom ``autograd.Function`` (replaying the
+  forward operations would differentiate them with torch's own formulas) or an operation whose
+  output shape depends on values (``x[mask]``, ``nonzero``; Pyro's ``spline`` transform selects
+  the points outside its interval this way);
+- each record is checked: the program and the record run from the same RNG state must give the
+  same loss and gradients, element by element, and :meth:`CapturedLoss.recheck` repeats the
+  check (``train`` calls it every epoch).
+
+A program that cannot be recorded runs itself every step, with a warning. A record does not
 validate (Pyro's checks of supports and shapes read tensor values): validate the program by
 running it once, as :func:`ppl_vae.train.train` does before its loop.
 """
@@ -101,6 +112,30 @@ def _value_shaped(graph: fx.Graph) -> str | None:
     return None
 
 
+_ALIASES = {_ATEN.expand.default, _ATEN.view.default, _ATEN.alias.default}
+
+
+def _drop_aliases(graph: fx.Graph) -> None:
+    """Removes views that change nothing (``expand`` or ``view`` to the same shape, ``alias``).
+
+    Pyro expands every distribution to its plate's shape, mostly to the shape it has; each such
+    view is a node in the backward pass of every step.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _ALIASES:
+            continue
+        source = node.args[0]
+        before, after = getattr(source, "meta", {}).get("val"), node.meta.get("val")
+        if (
+            isinstance(before, Tensor)
+            and isinstance(after, Tensor)
+            and before.shape == after.shape
+            and before.stride() == after.stride()
+        ):
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+
+
 def _key(value) -> tuple:
     if torch.is_tensor(value):
         return ("tensor", value.shape, value.stride(), value.dtype, value.device)
@@ -183,6 +218,7 @@ class CapturedLoss:
         op = _value_shaped(record.graph)  # before dead code goes: a size may be all that is used
         if op is not None:
             return self._fall_back(program, f"its shapes depend on values ({op})")
+        _drop_aliases(record.graph)
         record.graph.eliminate_dead_code()
         record.recompile()
         if not self._agrees(record, args, kwargs):

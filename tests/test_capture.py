@@ -273,3 +273,19 @@ def test_shapes_that_depend_on_values_are_not_recorded(select):
         captured(x)
     other = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0])  # another count
     assert torch.equal(captured(other), select(w, other))
+
+
+def test_views_that_change_nothing_are_left_out_of_the_record():
+    w = torch.randn(3, requires_grad=True)
+
+    def loss(x):
+        return (w.expand(3).view(3) * x.expand(2, 3)).sum()
+
+    captured = CapturedLoss(loss, [w])
+    x = torch.randn(2, 3)
+    captured(x)
+    record = next(iter(captured.records.values()))
+    targets = [n.target for n in record.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.view.default not in targets
+    assert targets.count(torch.ops.aten.expand.default) == 0
+    assert torch.equal(captured(x), loss(x))

@@ -224,3 +224,15 @@ def test_mean_field_with_a_discrete_guide_is_pyros_and_is_refused_under_validati
         for elbo in (TraceMeanFieldELBO(), pyro.infer.TraceMeanField_ELBO()):
             with pytest.raises(NotImplementedError, match="fully reparameterized"):
                 elbo.differentiable_loss(model, guide, x)
+
+
+def test_the_guides_diagonal_normal_is_torchs_normal():
+    from ppl_vae.guides import DiagonalNormal
+
+    loc = torch.randn(4, 3, dtype=torch.float64)
+    scale = torch.rand(4, 3, dtype=torch.float64) + 0.1
+    z = torch.randn(5, 4, 3, dtype=torch.float64) * 3
+    want = torch.distributions.Normal(loc, scale).log_prob(z)
+    assert torch.allclose(DiagonalNormal(loc, scale).log_prob(z), want, rtol=1e-12)
+    wide = DiagonalNormal(loc, scale).expand((2, 4, 3))
+    assert type(wide) is DiagonalNormal and wide.batch_shape == (2, 4, 3)
