@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 Binarization = Literal["dynamic", "static", "gray"]
-BINARIZATIONS: tuple[str, ...] = ("dynamic", "static", "gray")
+BINARIZATIONS: tuple[str, ...] = get_args(Binarization)
 SYNTHETIC: tuple[str, ...] = ("pinwheel", "moons", "ring8")
 DATASETS: tuple[str, ...] = ("mnist", *SYNTHETIC)
 

@@ -16,7 +16,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 SylvesterVariant = Literal["orthogonal", "householder", "triangular"]
-SYLVESTER_VARIANTS: tuple[str, ...] = ("orthogonal", "householder", "triangular")
+SYLVESTER_VARIANTS: tuple[str, ...] = get_args(SylvesterVariant)
 
 
 class Hypernet(nn.Module):
