@@ -1,0 +1,18 @@
+r"""The project's own error for bad input: what the command line reports as a usage error."""
+
+from __future__ import annotations
+
+__all__ = ["InputError", "MissingInputError"]
+
+
+class InputError(ValueError):
+    """Bad input from the user: an argument, a configuration, a data or run file.
+
+    The message names the problem and the fix. ``ppl-vae`` prints it as one line and exits
+    with status 2; any other exception is a bug and keeps its traceback. It is a
+    ``ValueError``, so code that catches those keeps working.
+    """
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the user named (a data set, a run) is not there."""
