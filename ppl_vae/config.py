@@ -54,7 +54,13 @@ def option(
         metavar: The value's name in ``--help``.
         default_factory: For mutable or dataclass defaults.
     """
-    metadata = {"help": help, "flags": flags, "choices": choices, "parse": parse, "metavar": metavar}
+    metadata = {
+        "help": help,
+        "flags": flags,
+        "choices": choices,
+        "parse": parse,
+        "metavar": metavar,
+    }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

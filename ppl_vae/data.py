@@ -13,11 +13,16 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from ppl_vae.config import check_positive, option
+from ppl_vae.errors import InputError, MissingInputError
+from ppl_vae.registry import Registry
+
 __all__ = [
     "BINARIZATIONS",
     "DATASETS",
     "Data",
     "DataConfig",
+    "SYNTHETIC",
     "load_data",
     "load_mnist",
     "resolve_data_root",
@@ -26,20 +31,39 @@ __all__ = [
 
 Binarization = Literal["dynamic", "static", "gray"]
 BINARIZATIONS: tuple[str, ...] = get_args(Binarization)
-SYNTHETIC: tuple[str, ...] = ("pinwheel", "moons", "ring8")
-DATASETS: tuple[str, ...] = ("mnist", *SYNTHETIC)
+SYNTHETIC: Registry[Tensor] = Registry("synthetic data set")  # (n, generator) -> (n, 2)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which data set to load and how to encode it."""
 
-    name: str = "mnist"  # "mnist", a synthetic 2-D set, or a path to a .pt/.npy tensor file
-    binarize: Binarization = "dynamic"  # MNIST encoding; ignored by continuous data sets
-    data_dir: str | None = None  # MNIST root; else $PPL_VAE_DATA, else the user cache
-    seed: int = 0  # seeds the static binarization, synthetic draws and file splits
-    num_train: int = 10_000  # points drawn for a synthetic training set
-    num_test: int = 2_000  # points drawn for a synthetic test set
+    name: str = option(
+        "mnist", "mnist, pinwheel, moons, ring8, or a .pt/.npy file holding an (N, ...) tensor",
+        flags=("--dataset",), metavar="NAME|FILE",
+    )  # fmt: skip
+    binarize: Binarization = option(
+        "dynamic", "MNIST encoding: a fresh Bernoulli draw per batch, one fixed draw, or gray "
+        "intensities; ignored by continuous data", choices=BINARIZATIONS,
+    )  # fmt: skip
+    data_dir: str | None = option(
+        None, "folder holding MNIST/raw (default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)"
+    )
+    seed: int = option(0, "seeds the static binarization, synthetic draws and file splits")
+    num_train: int = option(10_000, "points drawn for a synthetic training set")
+    num_test: int = option(2_000, "points drawn for a synthetic test set")
+
+    def __post_init__(self):
+        if self.binarize not in BINARIZATIONS:
+            raise InputError(
+                f"unknown binarization {self.binarize!r}; choose one of {', '.join(BINARIZATIONS)}"
+            )
+        check_positive(self, "num_train", "num_test")
+        if not (self.name in DATASETS or Path(self.name).suffix in (".pt", ".npy")):
+            raise InputError(
+                f"unknown data set {self.name!r}; choose one of {', '.join(DATASETS)} "
+                f"or give a .pt/.npy file"
+            )
 
 
 class Data:
@@ -59,24 +83,24 @@ class Data:
     def __init__(self, train: Tensor, test: Tensor, encoding: str, name: str = "data"):
         for split, t in (("train", train), ("test", test)):
             if not torch.is_floating_point(t):
-                raise TypeError(
+                raise InputError(
                     f"{name} {split} data must be a floating-point tensor, got {t.dtype}"
                 )
             if not torch.isfinite(t).all():
-                raise ValueError(
+                raise InputError(
                     f"{name} {split} data contain NaN or infinite values; clean or drop those rows"
                 )
             if t.dim() < 2 or t.shape[0] == 0:
-                raise ValueError(
+                raise InputError(
                     f"{name} {split} data must have shape (N, ...) with N > 0, got {tuple(t.shape)}"
                 )
         if train.shape[1:] != test.shape[1:]:
-            raise ValueError(
+            raise InputError(
                 f"{name} train and test shapes differ: {tuple(train.shape[1:])} "
                 f"vs {tuple(test.shape[1:])}"
             )
         if encoding == "dynamic" and ((train < 0).any() or (train > 1).any()):
-            raise ValueError(f"{name}: dynamic binarization needs values in [0, 1]")
+            raise InputError(f"{name}: dynamic binarization needs values in [0, 1]")
         self.train, self.test, self.encoding, self.name = train, test, encoding, name
 
     @property
@@ -157,7 +181,7 @@ def load_mnist(root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
             try:
                 ds = MNIST(str(root), train=train, download=True)
             except Exception as e:  # offline, unwritable, or a truncated download
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"MNIST not found in {root / 'MNIST' / 'raw'} and the download failed "
                     f"({type(e).__name__}); pass --data-dir DIR or set PPL_VAE_DATA=DIR, where "
                     f"DIR/MNIST/raw holds the four MNIST files"
@@ -166,36 +190,48 @@ def load_mnist(root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
     return splits[0], splits[1]
 
 
-def synthetic_2d(name: str, n: int, generator: torch.Generator) -> Tensor:
-    r"""Draws ``n`` points of a synthetic 2-D data set as an ``(n, 2)`` tensor.
-
-    ``pinwheel``: five curved arms (Johnson et al. 2016); ``moons``: two interleaved half
-    circles; ``ring8``: a mixture of 8 Gaussians (std 0.1) on a circle of radius 2.
-    """
+@SYNTHETIC.register("pinwheel", help="five curved arms (Johnson et al. 2016)")
+def pinwheel(n: int, generator: torch.Generator) -> Tensor:
+    """Five curved arms (Johnson et al. 2016), as an ``(n, 2)`` tensor."""
     g = generator
-    if name == "pinwheel":
-        arms, radial_std, tangential_std, rate = 5, 0.3, 0.05, 0.25
-        label = torch.randint(arms, (n,), generator=g)
-        r = torch.randn(n, generator=g) * radial_std + 1.0
-        t = torch.randn(n, generator=g) * tangential_std
-        angle = label * (2 * math.pi / arms) + rate * torch.exp(r)
-        pts = torch.stack([r, t], dim=1)
-        c, s = torch.cos(angle), torch.sin(angle)
-        rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
-        return 2.0 * (rot @ pts.unsqueeze(-1)).squeeze(-1)
-    if name == "moons":
-        upper = torch.rand(n, generator=g) < 0.5
-        t = torch.rand(n, generator=g) * math.pi
-        x = torch.where(upper, torch.cos(t), 1.0 - torch.cos(t))
-        y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
-        pts = torch.stack([x - 0.5, y - 0.25], dim=1) * 2.0
-        return pts + 0.1 * torch.randn(n, 2, generator=g)
-    if name == "ring8":
-        k = torch.randint(8, (n,), generator=g)
-        angle = k * (2 * math.pi / 8)
-        centers = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-        return centers + 0.1 * torch.randn(n, 2, generator=g)
-    raise ValueError(f"unknown synthetic data set {name!r}; choose one of {', '.join(SYNTHETIC)}")
+    arms, radial_std, tangential_std, rate = 5, 0.3, 0.05, 0.25
+    label = torch.randint(arms, (n,), generator=g)
+    r = torch.randn(n, generator=g) * radial_std + 1.0
+    t = torch.randn(n, generator=g) * tangential_std
+    angle = label * (2 * math.pi / arms) + rate * torch.exp(r)
+    pts = torch.stack([r, t], dim=1)
+    c, s = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    return 2.0 * (rot @ pts.unsqueeze(-1)).squeeze(-1)
+
+
+@SYNTHETIC.register("moons", help="two interleaved half circles")
+def moons(n: int, generator: torch.Generator) -> Tensor:
+    """Two interleaved half circles with noise 0.1, as an ``(n, 2)`` tensor."""
+    g = generator
+    upper = torch.rand(n, generator=g) < 0.5
+    t = torch.rand(n, generator=g) * math.pi
+    x = torch.where(upper, torch.cos(t), 1.0 - torch.cos(t))
+    y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
+    pts = torch.stack([x - 0.5, y - 0.25], dim=1) * 2.0
+    return pts + 0.1 * torch.randn(n, 2, generator=g)
+
+
+@SYNTHETIC.register("ring8", help="8 Gaussians (std 0.1) on a circle of radius 2")
+def ring8(n: int, generator: torch.Generator) -> Tensor:
+    """A mixture of 8 Gaussians (std 0.1) on a circle of radius 2, as an ``(n, 2)`` tensor."""
+    k = torch.randint(8, (n,), generator=generator)
+    angle = k * (2 * math.pi / 8)
+    centers = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+    return centers + 0.1 * torch.randn(n, 2, generator=generator)
+
+
+DATASETS: tuple[str, ...] = ("mnist", *SYNTHETIC)
+
+
+def synthetic_2d(name: str, n: int, generator: torch.Generator) -> Tensor:
+    r"""Draws ``n`` points of the synthetic 2-D data set ``name`` (see :data:`SYNTHETIC`)."""
+    return SYNTHETIC.build(name, n, generator)
 
 
 def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -208,9 +244,9 @@ def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         else:
             x = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
+        raise InputError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
     if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 2:
-        raise ValueError(f"data file {path} must hold one tensor of shape (N, ...) with N >= 2")
+        raise InputError(f"data file {path} must hold one tensor of shape (N, ...) with N >= 2")
     x = x.to(torch.get_default_dtype())  # the networks' dtype, whatever the file holds
     order = torch.randperm(x.shape[0], generator=generator)
     n_test = max(1, x.shape[0] // 10)
@@ -220,10 +256,6 @@ def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
 def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
     """Loads the data set ``config`` names onto ``device``."""
     g = torch.Generator().manual_seed(config.seed)
-    if config.binarize not in BINARIZATIONS:
-        raise ValueError(
-            f"unknown binarization {config.binarize!r}; choose one of {', '.join(BINARIZATIONS)}"
-        )
     if config.name == "mnist":
         train, test = load_mnist(config.data_dir)
         if config.binarize == "static":
@@ -234,12 +266,7 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
         test = synthetic_2d(config.name, config.num_test, g)
         return Data(train.to(device), test.to(device), "continuous", config.name)
     path = Path(config.name)
-    if path.suffix in (".pt", ".npy"):
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        train, test = _load_file(path, g)
-        return Data(train.to(device), test.to(device), "continuous", path.stem)
-    raise ValueError(
-        f"unknown data set {config.name!r}; choose one of {', '.join(DATASETS)} "
-        f"or give a .pt/.npy file"
-    )
+    if not path.is_file():
+        raise MissingInputError(f"data file {path} does not exist")
+    train, test = _load_file(path, g)
+    return Data(train.to(device), test.to(device), "continuous", path.stem)

@@ -30,6 +30,9 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
+from ppl_vae.errors import InputError
+from ppl_vae.registry import Registry
+
 __all__ = [
     "FLOWS",
     "DenseBasis",
@@ -39,7 +42,10 @@ __all__ = [
     "ConditionalSylvester",
     "Hypernet",
     "Sylvester",
-    "conditional_sylvester",
+    "conditional_iaf",
+    "conditional_planar",
+    "conditional_radial",
+    "conditional_spline",
     "flow_steps",
 ]
 
@@ -225,10 +231,10 @@ class ConditionalSylvester(ConditionalTransformModule):
         super().__init__()
         if variant not in SYLVESTER_VARIANTS:
             choices = ", ".join(SYLVESTER_VARIANTS)
-            raise ValueError(f"unknown Sylvester variant {variant!r}; choose one of {choices}")
+            raise InputError(f"unknown Sylvester variant {variant!r}; choose one of {choices}")
         num_vectors = input_dim if num_vectors is None else num_vectors
         if num_vectors < 1 or (variant == "orthogonal" and num_vectors > input_dim):
-            raise ValueError(f"num_vectors must lie in 1..{input_dim}, got {num_vectors}")
+            raise InputError(f"num_vectors must lie in 1..{input_dim}, got {num_vectors}")
         self.input_dim, self.variant, self.num_vectors = input_dim, variant, num_vectors
         self.reverse = reverse
         self.width = num_vectors if variant == "orthogonal" else input_dim  # M, columns of Q
@@ -255,68 +261,79 @@ class ConditionalSylvester(ConditionalTransformModule):
         return Sylvester(self._basis(raw_q), r1, r2, bias)
 
 
-def conditional_sylvester(
-    input_dim: int,
-    context_dim: int,
-    variant: SylvesterVariant = "orthogonal",
-    num_vectors: int | None = None,
-    reverse: bool = False,
-) -> ConditionalSylvester:
-    """A :class:`ConditionalSylvester` step (the factory, named as Pyro names its own)."""
-    return ConditionalSylvester(input_dim, context_dim, variant, num_vectors, reverse)
-
-
-def _permutation(dim: int, step: int) -> Tensor:
-    """The order of an autoregressive step: natural on even steps, reversed on odd ones."""
+def _permutation(dim: int, reverse: bool) -> Tensor:
+    """The order of an autoregressive step: natural, or reversed."""
     order = torch.arange(dim)
-    return order if step % 2 == 0 else order.flip(0)
+    return order.flip(0) if reverse else order
 
 
-def _planar(dim: int, context_dim: int, step: int, hidden: int) -> ConditionalTransformModule:
-    return ConditionalPlanar(Hypernet(context_dim, [1, dim, dim]))
+FLOWS: Registry[ConditionalTransformModule] = Registry("flow")
 
 
-def _radial(dim: int, context_dim: int, step: int, hidden: int) -> ConditionalTransformModule:
-    return ConditionalRadial(Hypernet(context_dim, [dim, 1, 1]))
+@FLOWS.register("planar", help="planar steps (Rezende & Mohamed 2015)")
+def conditional_planar(input_dim: int, context_dim: int) -> ConditionalTransformModule:
+    """A planar step whose parameters are a linear function of the context."""
+    return ConditionalPlanar(Hypernet(context_dim, [1, input_dim, input_dim]))
 
 
-def _iaf(dim: int, context_dim: int, step: int, hidden: int) -> ConditionalTransformModule:
+@FLOWS.register("radial", help="radial steps (Rezende & Mohamed 2015)")
+def conditional_radial(input_dim: int, context_dim: int) -> ConditionalTransformModule:
+    """A radial step whose parameters are a linear function of the context."""
+    return ConditionalRadial(Hypernet(context_dim, [input_dim, 1, 1]))
+
+
+@FLOWS.register("iaf", options=("hidden_dim", "reverse"), help="affine autoregressive (IAF)")
+def conditional_iaf(
+    input_dim: int, context_dim: int, hidden_dim: int, reverse: bool = False
+) -> ConditionalTransformModule:
+    """An affine autoregressive step (Kingma et al. 2016) with a conditional MADE."""
     made = ConditionalAutoRegressiveNN(
-        dim, context_dim, [hidden], permutation=_permutation(dim, step)
+        input_dim, context_dim, [hidden_dim], permutation=_permutation(input_dim, reverse)
     )
     return ConditionalAffineAutoregressive(made, stable=True)
 
 
-def _spline(
-    dim: int, context_dim: int, step: int, hidden: int, bins: int = 8, bound: float = 3.0
+@FLOWS.register("spline", options=("hidden_dim", "reverse"), help="rational-quadratic splines")
+def conditional_spline(
+    input_dim: int,
+    context_dim: int,
+    hidden_dim: int,
+    reverse: bool = False,
+    bins: int = 8,
+    bound: float = 3.0,
 ) -> ConditionalTransformModule:
+    """A spline autoregressive step (Durkan et al. 2019) with a conditional MADE."""
     made = ConditionalAutoRegressiveNN(
-        dim,
+        input_dim,
         context_dim,
-        [hidden],
+        [hidden_dim],
         param_dims=[bins, bins, bins - 1, bins],
-        permutation=_permutation(dim, step),
+        permutation=_permutation(input_dim, reverse),
     )
-    return ConditionalSplineAutoregressive(dim, made, count_bins=bins, bound=bound)
+    return ConditionalSplineAutoregressive(input_dim, made, count_bins=bins, bound=bound)
 
 
-def _sylvester(variant: SylvesterVariant):
-    def make(dim: int, context_dim: int, step: int, hidden: int) -> ConditionalTransformModule:
-        vectors = {"orthogonal": min(dim, 32), "householder": min(dim, 8), "triangular": None}
-        return ConditionalSylvester(dim, context_dim, variant, vectors[variant], step % 2 == 1)
+def _sylvester(variant: SylvesterVariant, max_vectors: int | None):
+    def factory(input_dim: int, context_dim: int, reverse: bool = False) -> ConditionalSylvester:
+        vectors = None if max_vectors is None else min(input_dim, max_vectors)
+        return ConditionalSylvester(input_dim, context_dim, variant, vectors, reverse)
 
-    return make
+    factory.__doc__ = f"A conditional Sylvester step, {variant} variant."
+    return factory
 
 
-FLOWS = {
-    "planar": _planar,
-    "radial": _radial,
-    "iaf": _iaf,
-    "spline": _spline,
-    "sylvester": _sylvester("orthogonal"),
-    "sylvester-householder": _sylvester("householder"),
-    "sylvester-triangular": _sylvester("triangular"),
-}
+FLOWS.register(
+    "sylvester", _sylvester("orthogonal", 32), options=("reverse",),
+    help="orthogonal Sylvester steps, 32 columns at most (van den Berg et al. 2018)",
+)  # fmt: skip
+FLOWS.register(
+    "sylvester-householder", _sylvester("householder", 8), options=("reverse",),
+    help="Householder Sylvester steps, 8 reflections at most",
+)  # fmt: skip
+FLOWS.register(
+    "sylvester-triangular", _sylvester("triangular", None), options=("reverse",),
+    help="triangular Sylvester steps",
+)  # fmt: skip
 
 
 def flow_steps(
@@ -324,17 +341,32 @@ def flow_steps(
 ) -> nn.ModuleList:
     """``length`` conditional steps of the flow ``kind`` (a name in :data:`FLOWS`).
 
+    Steps that take ``reverse`` alternate it (odd steps reverse the order), so that
+    autoregressive and triangular steps see every dimension both first and last.
+
     Arguments:
         kind: The flow.
         input_dim: Dimension of the flow's variable.
         context_dim: Size of the context the steps condition on.
         length: Number of steps.
-        hidden: Width of the autoregressive networks of ``iaf`` and ``spline``; defaults to
-            ``max(4 * input_dim, 32)``.
+        hidden: Width of the autoregressive networks (flows that take ``hidden_dim``);
+            defaults to ``max(4 * input_dim, 32)``.
     """
-    if kind not in FLOWS:
-        raise ValueError(f"unknown flow {kind!r}; choose one of {', '.join(FLOWS)}")
+    options = FLOWS.options(kind)
     if length < 1:
-        raise ValueError(f"the flow length must be a positive integer, got {length}")
-    hidden = max(4 * input_dim, 32) if hidden is None else hidden
-    return nn.ModuleList(FLOWS[kind](input_dim, context_dim, i, hidden) for i in range(length))
+        raise InputError(f"the flow length must be a positive integer, got {length}")
+    if hidden is not None and "hidden_dim" not in options:
+        raise InputError(f"the {kind} flow has no hidden layer; drop --flow-hidden")
+    if hidden is not None and hidden < 1:
+        raise InputError(f"the flow's hidden width must be a positive integer, got {hidden}")
+    steps = []
+    for i in range(length):
+        step = {"reverse": i % 2 == 1}
+        if "hidden_dim" in options:
+            step["hidden_dim"] = max(4 * input_dim, 32) if hidden is None else hidden
+        steps.append(
+            FLOWS.build(
+                kind, input_dim, context_dim, **{k: v for k, v in step.items() if k in options}
+            )
+        )
+    return nn.ModuleList(steps)

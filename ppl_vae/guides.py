@@ -2,8 +2,6 @@ r"""Amortized guides q(z|x) as Pyro programs: Gaussians and normalizing flows, l
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from functools import partial
 
 import pyro
@@ -13,13 +11,15 @@ from pyro.distributions.conditional import ConditionalDistribution
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from ppl_vae.distributions import DiagonalNormal
+from ppl_vae.errors import InputError
 from ppl_vae.flows import FLOWS, flow_steps
-from ppl_vae.model import HALF_LOG_2PI, LATENT, data_plate
+from ppl_vae.registry import Registry
+from ppl_vae.sites import LATENT, data_plate
 
 __all__ = [
     "GUIDES",
     "AmortizedGuide",
-    "DiagonalNormal",
     "DiagonalNormalHead",
     "FlowGuide",
     "FullRankGaussianGuide",
@@ -54,22 +54,6 @@ class AmortizedGuide(nn.Module):
         pyro.module("guide", self)
         with data_plate(x, num_data):
             return pyro.sample(LATENT, self.distribution(x))
-
-
-class DiagonalNormal(dist.Normal):
-    r"""``pyro.distributions.Normal`` whose log-density is seven tensor operations, not nine.
-
-    .. math:: \log q(z) = -\tfrac12 \left(\frac{z - \mu}{\sigma}\right)^2 - \log\sigma
-        - \tfrac12 \log 2\pi
-
-    Each operation is recorded for the backward pass of every training step.
-    """
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        u = (value - self.loc) / self.scale
-        return -0.5 * u.square() - self.scale.log() - HALF_LOG_2PI
 
 
 class DiagonalNormalHead(nn.Linear, ConditionalDistribution):
@@ -118,7 +102,7 @@ class LowRankGaussianGuide(AmortizedGuide):
     def __init__(self, encoder: nn.Module, latent_dim: int, rank: int = 2):
         super().__init__(encoder, latent_dim)
         if not 1 <= rank <= latent_dim:
-            raise ValueError(f"the rank must lie in 1..{latent_dim} (the latent dim), got {rank}")
+            raise InputError(f"the rank must lie in 1..{latent_dim} (the latent dim), got {rank}")
         self.rank = rank
         self.head = nn.Linear(encoder.feature_dim, latent_dim * (2 + rank))
         with torch.no_grad():  # start near the diagonal Gaussian; W = 0 exactly would be a saddle
@@ -221,7 +205,7 @@ class ZukoGuide(AmortizedGuide):
         try:
             import zuko
         except ImportError:
-            raise ValueError(
+            raise InputError(
                 "zuko guides need the optional zuko package; pip install 'ppl_vae[zuko]'"
             ) from None
         self.flow = getattr(zuko.flows, flow)(
@@ -234,24 +218,35 @@ class ZukoGuide(AmortizedGuide):
         return ZukoToPyro(self.flow(self.encoder(x)))
 
 
-GUIDES: dict[str, Callable[..., AmortizedGuide]] = {
-    "gaussian": GaussianGuide,
-    "lowrank": LowRankGaussianGuide,
-    "fullrank": FullRankGaussianGuide,
-    **{name: partial(FlowGuide, flow=name) for name in FLOWS},
-    "zuko-nsf": partial(ZukoGuide, flow="NSF"),
-    "zuko-maf": partial(ZukoGuide, flow="MAF"),
-}
+GUIDES: Registry[AmortizedGuide] = Registry("guide")
+GUIDES.register("gaussian", GaussianGuide, help="N(mu(x), diag sigma(x)^2)")
+GUIDES.register(
+    "lowrank", LowRankGaussianGuide, options=("rank",),
+    help="N(mu(x), W(x) W(x)^T + diag d(x)), W with --rank columns (default 2)",
+)  # fmt: skip
+GUIDES.register("fullrank", FullRankGaussianGuide, help="N(mu(x), L(x) L(x)^T), L predicted")
+for _flow in FLOWS:
+    _options = (
+        ("flow_length", "flow_hidden") if "hidden_dim" in FLOWS.options(_flow) else ("flow_length",)
+    )
+    GUIDES.register(
+        _flow, partial(FlowGuide, flow=_flow), options=_options,
+        help=f"the diagonal Gaussian through --flow-length (default 4) {FLOWS[_flow].help}",
+    )  # fmt: skip
+GUIDES.register(
+    "zuko-nsf", partial(ZukoGuide, flow="NSF"), options=("flow_length",),
+    help="a zuko neural spline flow (coupling layers; needs the zuko package)",
+)  # fmt: skip
+GUIDES.register(
+    "zuko-maf", partial(ZukoGuide, flow="MAF"), options=("flow_length",),
+    help="a zuko masked autoregressive flow (coupling layers; needs the zuko package)",
+)  # fmt: skip
 
 
 def make_guide(name: str, encoder: nn.Module, latent_dim: int, **options) -> AmortizedGuide:
-    """The guide called ``name``, built on ``encoder``.
+    """The guide called ``name`` (a name in :data:`GUIDES`), built on ``encoder``.
 
-    ``options`` (``rank``, ``flow_length``, ``flow_hidden``) go to the guides that take them;
-    the others ignore them, so one configuration serves every guide.
+    ``options`` are the ones that guide declares (``rank``, ``flow_length``, ``flow_hidden``);
+    any other is an error that names it.
     """
-    if name not in GUIDES:
-        raise ValueError(f"unknown guide {name!r}; choose one of {', '.join(GUIDES)}")
-    build = GUIDES[name]
-    accepted = inspect.signature(build).parameters
-    return build(encoder, latent_dim, **{k: v for k, v in options.items() if k in accepted})
+    return GUIDES.build(name, encoder, latent_dim, **options)

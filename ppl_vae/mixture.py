@@ -1028,3 +1028,29 @@ def em_run(
     record["picture"] = picture.name if picture is not None else None
     write_text_atomic(json.dumps(record, indent=1) + "\n", out / "results.json")
     return record
+
+
+# TEMPORARY until the package split lands
+from ppl_vae.registry import Registry  # noqa: E402
+
+MIXTURES = Registry("mixture")
+MIXTURES.register(
+    "gaussian",
+    GaussianMixture,
+    options=(
+        "n_components",
+        "covariance_type",
+        "tol",
+        "reg_covar",
+        "max_iter",
+        "n_init",
+        "init",
+        "seed",
+        "warm_start",
+    ),
+)
+MIXTURES.register(
+    "bernoulli",
+    BernoulliMixture,
+    options=("n_components", "alpha", "tol", "max_iter", "n_init", "init", "seed", "warm_start"),
+)

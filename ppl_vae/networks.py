@@ -1,12 +1,21 @@
-r"""Encoder and decoder networks: an MLP and the standard MNIST convolutional pair."""
+r"""Encoder and decoder networks: an MLP and the standard MNIST convolutional pair.
+
+An encoder maps ``x`` to features and exposes their size as ``feature_dim``; a decoder maps
+``z`` to a tensor of the data's event shape. ``NETWORKS.build(kind, event_shape, latent_dim,
+**options)`` returns the pair.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from ppl_vae.config import option
+from ppl_vae.errors import InputError
+from ppl_vae.registry import Registry
 
 __all__ = [
     "ACTIVATIONS",
@@ -17,24 +26,25 @@ __all__ = [
     "MLPDecoder",
     "MLPEncoder",
     "NetworkConfig",
-    "build_networks",
+    "conv_pair",
+    "mlp_pair",
 ]
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+ACTIVATIONS: Registry[nn.Module] = Registry("activation")
+for _name, _module in {
     "tanh": nn.Tanh,
     "relu": nn.ReLU,
     "elu": nn.ELU,
     "softplus": nn.Softplus,
     "leaky_relu": nn.LeakyReLU,
     "gelu": nn.GELU,
-}
+}.items():
+    ACTIVATIONS.register(_name, _module)
 
 
 def activation(name: str) -> nn.Module:
     """The activation module called ``name``."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS.build(name)
 
 
 class MLP(nn.Sequential):
@@ -123,37 +133,71 @@ class ConvDecoder(nn.Module):
         return self.net(h).reshape(*batch, 1, 28, 28)
 
 
-NETWORKS: tuple[str, ...] = ("mlp", "conv")
+NETWORKS: Registry[tuple[nn.Module, nn.Module]] = Registry("network")
+
+
+@NETWORKS.register("mlp", options=("hidden", "activation"), help="MLP encoder, mirrored decoder")
+def mlp_pair(
+    event_shape: Sequence[int],
+    latent_dim: int,
+    hidden: Sequence[int] = (200, 200),
+    activation: str = "tanh",
+) -> tuple[MLPEncoder, MLPDecoder]:
+    """An MLP encoder through ``hidden`` and a decoder through the same widths reversed."""
+    if not hidden or min(hidden) < 1:
+        raise InputError(f"hidden sizes must be positive integers, got {tuple(hidden)}")
+    encoder = MLPEncoder(event_shape, hidden, activation)
+    return encoder, MLPDecoder(latent_dim, event_shape, tuple(hidden)[::-1], activation)
+
+
+@NETWORKS.register("conv", options=("activation",), help="the MNIST conv pair (1x28x28 images)")
+def conv_pair(
+    event_shape: Sequence[int], latent_dim: int, activation: str = "relu"
+) -> tuple[ConvEncoder, ConvDecoder]:
+    """The convolutional encoder/decoder pair for 1x28x28 images."""
+    if torch.Size(event_shape) != torch.Size([1, 28, 28]):
+        raise InputError(
+            f"the conv network needs 1x28x28 images, but the data have shape "
+            f"{tuple(event_shape)}; use --network mlp"
+        )
+    return ConvEncoder(activation), ConvDecoder(latent_dim, activation)
+
+
+def _hidden_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise InputError(f"expected comma-separated integers like 200,200, got {text!r}") from None
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
     """The encoder/decoder architecture."""
 
-    kind: str = "mlp"  # "mlp" or "conv" (the conv pair needs 1x28x28 images)
-    hidden: tuple[int, ...] = field(default=(200, 200))  # MLP widths; the decoder mirrors them
-    activation: str = "tanh"  # nonlinearity between layers
+    kind: str = option("mlp", "encoder/decoder pair", flags=("--network",), choices=NETWORKS)
+    hidden: tuple[int, ...] | None = option(
+        None, "MLP hidden widths, comma-separated; the decoder mirrors them (default 200,200)",
+        parse=_hidden_sizes, metavar="W1,W2,...",
+    )  # fmt: skip
+    activation: str = option("tanh", "nonlinearity between layers", choices=ACTIVATIONS)
 
+    def __post_init__(self):
+        NETWORKS.check(self.kind)
+        ACTIVATIONS.check(self.activation)
+        if self.hidden is not None:
+            object.__setattr__(self, "hidden", tuple(self.hidden))
+            if not self.hidden or min(self.hidden) < 1:
+                raise InputError(f"hidden sizes must be positive integers, got {self.hidden}")
+        NETWORKS.check_options(self.kind, self._options(), prefix="--")
 
-def build_networks(
-    config: NetworkConfig, event_shape: Sequence[int], latent_dim: int
-) -> tuple[nn.Module, nn.Module]:
-    """Builds ``(encoder, decoder)``; the encoder exposes ``feature_dim``."""
-    event_shape = torch.Size(event_shape)
-    activation(config.activation)  # validates the name before any layer is built
-    if latent_dim < 1:
-        raise ValueError(f"latent dimension must be positive, got {latent_dim}")
-    if config.kind == "mlp":
-        if not config.hidden or min(config.hidden) < 1:
-            raise ValueError(f"hidden sizes must be positive integers, got {config.hidden}")
-        encoder = MLPEncoder(event_shape, config.hidden, config.activation)
-        decoder = MLPDecoder(latent_dim, event_shape, config.hidden[::-1], config.activation)
-        return encoder, decoder
-    if config.kind == "conv":
-        if event_shape != torch.Size([1, 28, 28]):
-            raise ValueError(
-                f"the conv network needs 1x28x28 images, but the data have shape "
-                f"{tuple(event_shape)}; use --network mlp"
-            )
-        return ConvEncoder(config.activation), ConvDecoder(latent_dim, config.activation)
-    raise ValueError(f"unknown network {config.kind!r}; choose one of {', '.join(NETWORKS)}")
+    def _options(self) -> dict:
+        return {"hidden": self.hidden} if self.hidden is not None else {}
+
+    def build(self, event_shape: Sequence[int], latent_dim: int) -> tuple[nn.Module, nn.Module]:
+        """Builds ``(encoder, decoder)``; the encoder exposes ``feature_dim``."""
+        if latent_dim < 1:
+            raise InputError(f"latent dimension must be positive, got {latent_dim}")
+        return NETWORKS.build(
+            self.kind, torch.Size(event_shape), latent_dim, activation=self.activation,
+            **self._options(),
+        )  # fmt: skip

@@ -1,33 +1,30 @@
-r"""Pictures of a trained VAE: prior samples and reconstructions."""
+r"""Pictures as matplotlib figures: samples, reconstructions, curves, mixtures; no files.
+
+Each function returns a ``Figure``; :func:`ppl_vae.runs.files.save_figure` writes one.
+"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import matplotlib
 
-import torch
-from torch import Tensor
+matplotlib.use("Agg", force=False)
 
-from ppl_vae.data import Data
-from ppl_vae.guides import AmortizedGuide
-from ppl_vae.model import VAEModel
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from ppl_vae.data import Data  # noqa: E402
+from ppl_vae.guides import AmortizedGuide  # noqa: E402
+from ppl_vae.mixture import BernoulliMixture, GaussianMixture  # noqa: E402
+from ppl_vae.model import VAEModel  # noqa: E402
 
 __all__ = [
     "image_grid",
-    "plot_metrics",
-    "plot_mixture",
-    "plot_reconstructions",
-    "plot_samples",
+    "metrics_figure",
+    "mixture_figure",
+    "reconstructions_figure",
+    "samples_figure",
 ]
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def image_grid(images: Tensor, ncols: int = 8) -> Tensor:
@@ -41,17 +38,9 @@ def image_grid(images: Tensor, ncols: int = 8) -> Tensor:
     return grid
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
-def plot_samples(model: VAEModel, data: Data, path: str | os.PathLike, n: int = 64) -> Path:
-    """Saves ``n`` decoded prior draws (means of p(x|z)) as an image grid or a 2-D scatter."""
-    plt = _figure()
-    path = Path(path)
+def samples_figure(model: VAEModel, data: Data, n: int = 64):
+    """``n`` decoded prior draws (means of p(x|z)) as an image grid, or a 2-D scatter."""
     x = model.sample(n if data.is_image else 2000, mean=data.is_image)
     fig, ax = plt.subplots(figsize=(6, 6))
     if data.is_image:
@@ -60,18 +49,12 @@ def plot_samples(model: VAEModel, data: Data, path: str | os.PathLike, n: int = 
         ax.axis("off")
     else:
         _scatter(ax, data.test, x, "data (test)", "model samples")
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 @torch.no_grad()
-def plot_reconstructions(
-    model: VAEModel, guide: AmortizedGuide, data: Data, path: str | os.PathLike, n: int = 32
-) -> Path:
-    """Saves test points beside E[x|z] for z drawn from q(z|x) (rows of originals over recons)."""
-    plt = _figure()
-    path = Path(path)
+def reconstructions_figure(model: VAEModel, guide: AmortizedGuide, data: Data, n: int = 32):
+    """Test points above E[x|z] for z drawn from q(z|x) (rows of originals over recons)."""
     g = torch.Generator(device=data.device).manual_seed(0)
     x = data.encode(data.test[: n if data.is_image else 2000], generator=g)
     z = guide.distribution(x).sample()
@@ -86,9 +69,7 @@ def plot_reconstructions(
         ax.axis("off")
     else:
         _scatter(ax, x, recon, "data (test)", "reconstructions E[x|z], z ~ q(z|x)")
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str) -> None:
@@ -99,15 +80,10 @@ def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str)
     ax.legend(loc="upper right", markerscale=4)
 
 
-def plot_metrics(
-    metrics: list[dict],
-    path: str | os.PathLike,
-    title: str = "",
-    train_label: str = "train ELBO (objective)",
-) -> Path:
-    """Saves the training objective and the test ELBO per epoch (nats per example)."""
-    plt = _figure()
-    path = Path(path)
+def metrics_figure(
+    metrics: list[dict], title: str = "", train_label: str = "train ELBO (objective)"
+):
+    """The training objective and the test ELBO per epoch (nats per example)."""
     epochs = [m["epoch"] for m in metrics]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(epochs, [m["train_elbo"] for m in metrics], label=train_label)
@@ -120,22 +96,16 @@ def plot_metrics(
     ax.set_title(title or f"final test ELBO {last:.2f}")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 @torch.no_grad()
-def plot_mixture(mixture, data: Data, path: str | os.PathLike) -> Path | None:
-    """Saves the density over the test points (2-D data) or the component means as images.
+def mixture_figure(mixture, data: Data):
+    """The density over the test points (2-D data) or the component means as images.
 
-    Returns the path, or None (nothing written) for data that are neither 2-D nor images.
+    Returns ``None`` for data that are neither 2-D nor images.
     """
-    from ppl_vae.mixture import BernoulliMixture, GaussianMixture
-
-    path = Path(path)
     if isinstance(mixture, BernoulliMixture) and len(data.event_shape) == 3:
-        plt = _figure()
         order = mixture.weights_.argsort(descending=True)[:100]
         means = mixture.means_[order].reshape(-1, *data.event_shape).float()
         fig, ax = plt.subplots(figsize=(7, 7))
@@ -143,7 +113,6 @@ def plot_mixture(mixture, data: Data, path: str | os.PathLike) -> Path | None:
         ax.set_title(f"{mixture.n_components} component means, by weight (first 100)")
         ax.axis("off")
     elif isinstance(mixture, GaussianMixture) and data.event_shape == (2,):
-        plt = _figure()
         fig, ax = plt.subplots(figsize=(6, 6))
         _density_panel(ax, mixture, data.test)
         ax.set_title(
@@ -153,9 +122,7 @@ def plot_mixture(mixture, data: Data, path: str | os.PathLike) -> Path | None:
         )
     else:
         return None
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _density_panel(ax, mixture, points: Tensor, size: int = 200) -> None:

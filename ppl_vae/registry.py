@@ -120,4 +120,6 @@ class Registry(Generic[T]):
 
     def help(self) -> str:
         """One line per name with its help text, for ``--help``."""
-        return "; ".join(f"{e.name}: {e.help}" if e.help else e.name for e in self._entries.values())
+        return "; ".join(
+            f"{e.name}: {e.help}" if e.help else e.name for e in self._entries.values()
+        )

@@ -1,27 +1,16 @@
-"""Shared fixtures: MNIST location, a clean Pyro state for every test."""
+"""Shared fixtures: MNIST location, a clean Pyro state for every test, bad input files."""
 
 import os
-from pathlib import Path
 
+import numpy as np
 import pyro
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from helpers import SHARED_DATA
+
 if "PPL_VAE_DATA" not in os.environ and (SHARED_DATA / "MNIST" / "raw").is_dir():
     os.environ["PPL_VAE_DATA"] = str(SHARED_DATA)
-
-
-def mnist_root() -> Path | None:
-    root = os.environ.get("PPL_VAE_DATA")
-    if root and (Path(root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
-        return Path(root)
-    return None
-
-
-needs_mnist = pytest.mark.skipif(
-    mnist_root() is None, reason="MNIST not found (set PPL_VAE_DATA to a folder with MNIST/raw)"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +20,23 @@ def _fresh_pyro():
     with pyro.validation_enabled(True):
         yield
     torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """Data files with NaN and inf, a plain file, a corrupt checkpoint, an empty MNIST folder."""
+    nan = np.random.default_rng(0).normal(size=(50, 2)).astype("float32")
+    nan[3, 1] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    inf = nan.copy()
+    inf[3, 1] = np.inf
+    np.save(tmp_path / "inf.npy", inf)
+    (tmp_path / "a_file").write_text("not a directory")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
+    (tmp_path / "empty_mnist").mkdir()
+    return tmp_path
 
 
 def pytest_collection_modifyitems(config, items):

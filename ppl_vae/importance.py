@@ -1,4 +1,4 @@
-r"""Marginal log-likelihood log p(x) per data point, by importance sampling with the guide."""
+r"""Importance sampling: log p(x) per data point with the guide as proposal, and its weights."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
+
+from ppl_vae.errors import InputError
+from ppl_vae.sites import PLATE, sample_sites, trace_guide_and_model
 
 __all__ = ["LogLikelihood", "importance_log_weights", "log_likelihood"]
 
@@ -33,30 +35,22 @@ class LogLikelihood:
 
 
 def _latent_sites(trace) -> set[str]:
-    return {
-        name
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not isinstance(site["fn"], _Subsample)
-    }
+    return {site["name"] for site in sample_sites(trace) if not site["is_observed"]}
 
 
 class _Sites:
     """Latent and observed sites of a model/guide pair, checked against the data plate."""
 
     def __init__(self, model, guide, args, kwargs, data_plate: str):
-        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+        model_tr, guide_tr = trace_guide_and_model(model, guide, args, kwargs)
         self.size, self.dim, nesting = None, None, 1
         for role, tr in (("model", model_tr), ("guide", guide_tr)):
-            for name, site in tr.nodes.items():
-                if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
-                    continue
+            for site in sample_sites(tr):
+                name = site["name"]
                 frames = [f for f in site["cond_indep_stack"] if f.vectorized]
                 plate = [f for f in frames if f.name == data_plate]
                 if not plate:
-                    raise ValueError(
+                    raise InputError(
                         f"{role} sample site {name!r} lies outside the plate {data_plate!r}; "
                         f"put every sample site of the model and guide inside "
                         f"pyro.plate({data_plate!r}, N), or pass data_plate=<its name>"
@@ -64,19 +58,19 @@ class _Sites:
                 if self.size is None:
                     self.size, self.dim = plate[0].size, plate[0].dim
                 elif (plate[0].size, plate[0].dim) != (self.size, self.dim):
-                    raise ValueError(
+                    raise InputError(
                         f"site {name!r} has plate {data_plate!r} of size {plate[0].size} at dim "
                         f"{plate[0].dim}, others {self.size} at dim {self.dim}"
                     )
                 nesting = max(nesting, *(-f.dim for f in frames))
         latent_model, latent_guide = _latent_sites(model_tr), _latent_sites(guide_tr)
         if latent_model != latent_guide:
-            raise ValueError(
+            raise InputError(
                 f"the guide's latent sites {sorted(latent_guide)} do not match the model's "
                 f"{sorted(latent_model)}; the guide must sample every latent site of the model"
             )
         if self.size is None:
-            raise ValueError("the model has no sample sites")
+            raise InputError("the model has no sample sites")
         self.max_plate_nesting = nesting
 
 
@@ -86,7 +80,7 @@ def importance_log_weights(
     num_particles: int,
     args: tuple,
     kwargs: dict,
-    data_plate: str = "data",
+    data_plate: str = PLATE,
     max_plate_nesting: int = 1,
     data_dim: int = -1,
 ) -> tuple[Tensor, float | Tensor]:
@@ -108,15 +102,10 @@ def importance_log_weights(
 
         return run
 
-    guide_tr = poutine.trace(vectorized(guide)).get_trace(*args, **kwargs)
-    model_tr = poutine.trace(poutine.replay(vectorized(model), trace=guide_tr)).get_trace(
-        *args, **kwargs
-    )
+    model_tr, guide_tr = trace_guide_and_model(vectorized(model), vectorized(guide), args, kwargs)
     log_w, scale = 0.0, 1.0
     for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
-        for site in tr.nodes.values():
-            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
-                continue
+        for site in sample_sites(tr):
             if site["is_observed"]:
                 if sign < 0:
                     continue
@@ -137,7 +126,7 @@ def log_likelihood(
     *args,
     num_samples: int = 5000,
     chunk_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str = PLATE,
     diagnostics: bool = False,
     iwae_ks: Sequence[int] = (),
     progress: Callable[[int], None] | None = None,
@@ -180,12 +169,12 @@ def log_likelihood(
         tensor([-1.2655, -2.2655], dtype=torch.float64)
     """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        raise InputError(f"num_samples must be a positive integer, got {num_samples}")
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
     ks = sorted(set(iwae_ks))
     if ks and (ks[0] < 1 or ks[-1] > num_samples):
-        raise ValueError(f"every IWAE k must lie in [1, num_samples={num_samples}], got {ks}")
+        raise InputError(f"every IWAE k must lie in [1, num_samples={num_samples}], got {ks}")
 
     with torch.no_grad(), poutine.block(hide_types=["param"]):
         sites = _Sites(model, guide, args, kwargs, data_plate)
@@ -200,7 +189,7 @@ def log_likelihood(
             )
             lw = lw.to(torch.float64)
             if lw.shape[1] != sites.size:
-                raise ValueError(
+                raise InputError(
                     f"log-weights have {lw.shape[1]} columns but the plate {data_plate!r} has "
                     f"size {sites.size}; is the plate subsampled?"
                 )

@@ -1,0 +1,49 @@
+r"""Random streams: snapshots that make a run resumable, and forked streams for evaluations."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+__all__ = ["forked_rng", "rng_state", "set_rng_state"]
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """The global torch, Python and NumPy streams, CUDA's if present, and ``generator``'s."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "data": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    """Restores what :func:`rng_state` took."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def forked_rng(device: torch.device, seed: int) -> Iterator[torch.Generator]:
+    """Seeds the global streams (and CUDA's on a CUDA ``device``) inside, restores them after.
+
+    Yields a generator on ``device`` seeded with ``seed``, for data-side draws (binarization).
+    A figure computed inside is a deterministic function of the parameters, and the caller's
+    streams are left where they were.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield torch.Generator(device=device).manual_seed(seed)

@@ -1,0 +1,31 @@
+r"""The run layer: the only part of ppl_vae that reads and writes run directories.
+
+``train_run``/``load_run``/``evaluate_run`` (VAE runs) and ``em_run`` (the EM baseline) turn
+configurations into files: checkpoints, ``config.json``, ``metrics.jsonl``, ``evaluate.json``,
+``results.json`` and pictures.
+"""
+
+from ppl_vae.runs.checkpoint import RunConfig, RunDir
+from ppl_vae.runs.em_run import MixtureConfig, em_run, make_mixture
+from ppl_vae.runs.vae_run import (
+    EvaluateConfig,
+    Run,
+    evaluate_run,
+    load_run,
+    train_run,
+    write_pictures,
+)
+
+__all__ = [
+    "EvaluateConfig",
+    "MixtureConfig",
+    "Run",
+    "RunConfig",
+    "RunDir",
+    "em_run",
+    "evaluate_run",
+    "load_run",
+    "make_mixture",
+    "train_run",
+    "write_pictures",
+]

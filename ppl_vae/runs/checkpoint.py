@@ -1,0 +1,153 @@
+r"""A VAE run directory: its file names, the checkpoint format, ``config.json`` and metrics.
+
+A run directory holds
+
+- ``checkpoint.pt``: ``{"format": 1, "epoch", "params", "optimizer", "rng", "metrics",
+  "config"}``, where ``config`` is ``{"data", "vae", "train"}`` as plain data
+  (:func:`ppl_vae.config.to_dict`), written atomically after every epoch;
+- ``config.json``: the same configurations, readable without torch;
+- ``metrics.jsonl``: one JSON line per finished epoch;
+- ``evaluate.json``, ``samples.png``, ``reconstructions.png``: written by
+  :mod:`ppl_vae.runs.vae_run`.
+
+Checkpoints written before the format had a number (format 0: the training settings under
+``"config"``, the data and VAE settings under ``"extra"``) are read too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ppl_vae.config import from_dict, to_dict
+from ppl_vae.data import DataConfig
+from ppl_vae.errors import InputError, MissingInputError
+from ppl_vae.guides import GUIDES
+from ppl_vae.networks import NETWORKS
+from ppl_vae.runs.files import save_torch, write_json, write_text
+from ppl_vae.svi import TrainConfig, TrainState
+from ppl_vae.vae import VAEConfig
+
+__all__ = ["CHECKPOINT", "CONFIG", "EVALUATE", "FORMAT", "METRICS", "RunConfig", "RunDir"]
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+EVALUATE = "evaluate.json"
+FORMAT = 1  # the checkpoint layout written here
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The three configurations that define a VAE run."""
+
+    data: DataConfig
+    vae: VAEConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"data": to_dict(self.data), "vae": to_dict(self.vae), "train": to_dict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(
+            from_dict(DataConfig, d["data"]),
+            from_dict(VAEConfig, d["vae"]),
+            from_dict(TrainConfig, d["train"]),
+        )
+
+
+def _upgrade_vae(vae: dict) -> dict:
+    """Format 0 stored every guide and network option; the unused ones were ignored."""
+    vae = dict(vae)
+    used = GUIDES.options(vae.get("guide", "gaussian"))
+    for name in ("flow_length", "flow_hidden", "rank"):
+        if name in vae and name not in used:
+            vae[name] = None
+    network = dict(vae.get("network", {}))
+    if "hidden" in network and "hidden" not in NETWORKS.options(network.get("kind", "mlp")):
+        network["hidden"] = None
+    vae["network"] = network
+    if vae.get("likelihood") == "bernoulli":
+        vae["sigma"] = None
+    return vae
+
+
+class RunDir:
+    """The files of one VAE run in the folder ``path``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint.is_file()
+
+    def start(self, config: RunConfig, history: list[dict]) -> None:
+        """Writes ``config.json`` and a ``metrics.jsonl`` holding ``history`` (may be empty)."""
+        write_json(config.to_dict(), self.path / CONFIG, indent=1)
+        write_text("".join(json.dumps(m) + "\n" for m in history), self.metrics)
+
+    def save(self, state: TrainState, config: RunConfig) -> None:
+        """Appends the epoch's metrics, then replaces the checkpoint atomically."""
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(state.metrics[-1]) + "\n")
+        record = {
+            "format": FORMAT,
+            "epoch": state.epoch,
+            "params": state.params,
+            "optimizer": state.optimizer,
+            "rng": state.rng,
+            "metrics": state.metrics,
+            "config": config.to_dict(),
+        }
+        save_torch(record, self.checkpoint)
+
+    def load(self) -> tuple[TrainState, RunConfig]:
+        """The training state and configuration in the checkpoint; clear errors if unusable."""
+        path = self.checkpoint
+        if not path.is_file():
+            raise MissingInputError(f"no checkpoint at {path}; train a run there first")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise InputError(
+                f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); "
+                f"delete it and train again"
+            ) from None
+        if not isinstance(ckpt, dict) or not {"params", "epoch", "optimizer"} <= ckpt.keys():
+            raise InputError(f"{path} is not a ppl_vae checkpoint; delete it and train again")
+        version = ckpt.get("format", 0)
+        if version == 0:
+            extra = ckpt.get("extra")
+            if not isinstance(extra, dict) or "vae" not in extra:
+                raise InputError(
+                    f"{self.path} was not written by ppl-vae train; no VAE configuration in it"
+                )
+            plain = {
+                "data": extra["data"],
+                "vae": _upgrade_vae(extra["vae"]),
+                "train": ckpt["config"],
+            }
+        elif version == FORMAT:
+            plain = ckpt["config"]
+        else:
+            raise InputError(
+                f"{path} has checkpoint format {version}, newer than this ppl_vae reads "
+                f"({FORMAT}); upgrade ppl_vae"
+            )
+        state = TrainState(
+            ckpt["epoch"], ckpt["params"], ckpt["optimizer"], ckpt["rng"], list(ckpt["metrics"])
+        )
+        return state, RunConfig.from_dict(plain)

@@ -1,0 +1,334 @@
+r"""Stochastic variational inference: the training loop, with an epoch callback; no files."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO
+from torch import Tensor
+
+from ppl_vae.capture import CapturedLoss
+from ppl_vae.config import check_positive, option
+from ppl_vae.data import Data
+from ppl_vae.errors import InputError
+from ppl_vae.losses import LOSSES, IWAELoss, scale_latent
+from ppl_vae.rng import forked_rng, rng_state, set_rng_state
+
+__all__ = [
+    "TrainConfig",
+    "TrainState",
+    "collect_params",
+    "kl_weight",
+    "make_loss",
+    "mean_elbo",
+    "step_loss",
+    "svi_step",
+    "train",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to run stochastic variational inference."""
+
+    epochs: int = option(10, "passes over the training set (with --resume: the new total)")
+    batch_size: int = option(100, "data points per SVI step")
+    lr: float = option(1e-3, "Adam learning rate")
+    loss: str = option("elbo", "the training objective", choices=LOSSES)
+    num_particles: int = option(
+        1, "vectorized particles per step: ELBO draws averaged, or the IWAE k"
+    )
+    beta: float = option(1.0, "final weight of the KL term (log p(z) - log q(z|x))")
+    kl_warmup: int = option(0, "epochs over which the KL weight rises linearly from 0 to beta")
+    seed: int = option(0, "seeds parameters, batching, binarization and latent draws")
+    eval_batch_size: int = option(1000, "rows per batch when computing the test ELBO")
+    capture: bool = option(
+        True, "replay a checked record of each step's tensor operations instead of running "
+        "the Pyro program again (same numbers, less Python per step)",
+    )  # fmt: skip
+
+    def __post_init__(self):
+        check_positive(self, "epochs", "batch_size", "num_particles", "eval_batch_size")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise InputError(f"learning rate must be positive, got {self.lr}")
+        if not self.beta >= 0:
+            raise InputError(f"beta must be non-negative, got {self.beta}")
+        if self.kl_warmup < 0:
+            raise InputError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
+        LOSSES.check(self.loss)
+        if self.loss == "iwae" and (self.kl_warmup or self.beta != 1.0):
+            raise InputError(
+                "KL warm-up and beta weight the ELBO's KL term; the iwae loss has none: "
+                "drop --kl-warmup/--beta or use --loss elbo"
+            )
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue training exactly: what a checkpoint holds of the loop."""
+
+    epoch: int  # the last finished epoch
+    params: dict[str, Tensor]  # unconstrained parameters by Pyro name, on the CPU
+    optimizer: dict  # the Adam state dict
+    rng: dict  # see ppl_vae.rng.rng_state
+    metrics: list[dict]  # one dictionary per finished epoch
+
+
+def make_loss(config: TrainConfig) -> ELBO | IWAELoss:
+    """The loss ``config.loss`` names, with ``config.num_particles`` vectorized particles."""
+    return LOSSES.build(config.loss, num_particles=config.num_particles)
+
+
+def kl_weight(epoch: int, config: TrainConfig) -> float:
+    """The KL weight during 1-based ``epoch``: rises linearly to ``beta`` over ``kl_warmup``."""
+    if config.kl_warmup == 0:
+        return config.beta
+    return config.beta * min(1.0, epoch / config.kl_warmup)
+
+
+def collect_params(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, Tensor]:
+    """The unconstrained parameters that ``model`` and ``guide`` register, by name."""
+    with poutine.trace(param_only=True) as tr:
+        guide(*args, **kwargs)
+        model(*args, **kwargs)
+    params = {name: site["value"].unconstrained() for name, site in tr.trace.nodes.items()}
+    return dict(sorted(params.items()))
+
+
+def restore_params(params: dict[str, Tensor], saved: dict[str, Tensor]) -> None:
+    """Copies ``saved`` values into ``params`` in place; names and shapes must match."""
+    if params.keys() != saved.keys():
+        missing, extra = params.keys() - saved.keys(), saved.keys() - params.keys()
+        raise InputError(
+            f"checkpoint parameters do not match the model and guide (missing {sorted(missing)}, "
+            f"unexpected {sorted(extra)}); was it written for another architecture?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != saved[name].shape:
+                raise InputError(
+                    f"checkpoint parameter {name} has shape {tuple(saved[name].shape)}, the model "
+                    f"has {tuple(p.shape)}; was it written for another architecture?"
+                )
+            p.copy_(saved[name])
+
+
+@torch.no_grad()
+def mean_elbo(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    split: str = "test",
+    batch_size: int = 1000,
+    seed: int = 0,
+    num_particles: int = 1,
+) -> float:
+    """The mean ELBO per data point (nats) on ``split``, at full KL weight.
+
+    Draws (dynamic binarization and latents) come from ``seed`` in forked streams, so the
+    figure is a deterministic function of the parameters and the caller's streams are left
+    alone.
+    """
+    elbo = LOSSES.build("elbo", num_particles=num_particles)
+    with forked_rng(data.device, seed) as g:
+        total = torch.zeros((), dtype=torch.float64, device=data.device)
+        n = 0
+        for x in data.batches(batch_size, split, shuffle=False, generator=g):
+            total -= elbo.differentiable_loss(model, guide, x)
+            n += x.shape[0]
+    return float(total) / n
+
+
+def svi_step(
+    loss: Callable[..., Tensor], optimizer: torch.optim.Optimizer, *args, **kwargs
+) -> Tensor:
+    """One SVI step: ``loss(*args, **kwargs)``, its gradient, one optimizer step.
+
+    ``loss`` returns a differentiable loss tensor, e.g.
+    ``functools.partial(elbo.differentiable_loss, model, guide)`` or a
+    :class:`~ppl_vae.capture.CapturedLoss`. One ``torch.optim`` optimizer over all parameters
+    replaces Pyro's one-optimizer-per-parameter wrapper, and the loss comes back as a tensor, so
+    a step makes no host synchronisation.
+    """
+    value = loss(*args, **kwargs)
+    value.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value.detach()
+
+
+def step_loss(
+    elbo: ELBO | IWAELoss,
+    model: Callable,
+    guide: Callable,
+    params: dict[str, Tensor],
+    capture: bool = True,
+) -> Callable[..., Tensor]:
+    """``elbo``'s differentiable loss of ``model`` and ``guide``, captured if ``capture``."""
+    loss = partial(elbo.differentiable_loss, model, guide)
+    return CapturedLoss(loss, params.values()) if capture else loss
+
+
+class _StepLosses:
+    """The step loss for each KL weight, made on first use and rechecked every epoch."""
+
+    def __init__(self, model, guide, params, config: TrainConfig):
+        self.model, self.guide, self.params, self.config = model, guide, params, config
+        self.elbo = make_loss(config)
+        self.losses: dict[float, Callable[..., Tensor]] = {}
+
+    def __call__(self, weight: float) -> Callable[..., Tensor]:
+        if weight not in self.losses:
+            model, guide = self.model, self.guide
+            if weight != 1.0:
+                model, guide = scale_latent(weight)(model), scale_latent(weight)(guide)
+            self.losses[weight] = step_loss(
+                self.elbo, model, guide, self.params, self.config.capture
+            )
+        loss = self.losses[weight]
+        if isinstance(loss, CapturedLoss):
+            loss.recheck()  # the program may have changed since (e.g. by on_epoch)
+        return loss
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+
+
+def _diverged(epoch: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"the loss became NaN or infinite in epoch {epoch}; lower --lr or check the data"
+    )
+
+
+def _run_epoch(
+    loss, optimizer, data: Data, config: TrainConfig, generator, epoch: int, quiet: bool
+) -> float:
+    """One pass over the training set; returns the mean objective per data point."""
+    num_data = data.train.shape[0]
+    steps = math.ceil(num_data / config.batch_size)
+    total = torch.zeros((), device=data.device)
+    bar = _progress(steps, f"epoch {epoch}/{config.epochs}", quiet)
+    # The first trace (collect_params) validated every site; the hot loop skips validation.
+    with pyro.validation_enabled(False):
+        batches = data.batches(config.batch_size, "train", generator=generator)
+        for i, x in enumerate(batches):
+            total += svi_step(loss, optimizer, x, num_data)
+            if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
+                running = -total.item() / (i + 1) / num_data
+                if not math.isfinite(running):
+                    raise _diverged(epoch)
+                bar.set_postfix(elbo=f"{running:.2f}", refresh=False)
+            bar.update()
+    bar.close()
+    train_elbo = -float(total) / steps / num_data
+    if not math.isfinite(train_elbo):
+        raise _diverged(epoch)
+    return train_elbo
+
+
+def train(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    config: TrainConfig,
+    out_dir: None = None,
+    *,
+    resume_from: TrainState | None = None,
+    checkpoint: Callable[[TrainState], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    quiet: bool = False,
+) -> list[dict]:
+    r"""Trains ``model`` and ``guide`` on ``data`` by SVI and returns the per-epoch metrics.
+
+    Each step evaluates the Pyro ELBO (``Trace_ELBO`` or ``TraceMeanField_ELBO``, or the IWAE
+    bound) of a mini-batch, scaled to the whole training set, and takes one Adam step on every
+    parameter the two programs register. The mini-batch ELBO is differentiated through the
+    reparameterized latent draws.
+
+    ``model`` and ``guide`` are Pyro callables taking ``(x, num_data=None)``; the guide's
+    latent sites must match the model's. Training clears Pyro's param store first.
+
+    With ``config.capture`` (the default), the step's tensor operations are recorded once per
+    batch shape and KL weight, checked against the program, and replayed
+    (:class:`~ppl_vae.capture.CapturedLoss`); the numbers are those of running the program.
+    Records are checked again at the start of every epoch and made afresh if the program
+    changed; a program whose computation changes from step to step needs ``capture=False``.
+
+    Nothing is written to disk: ``checkpoint`` receives a :class:`TrainState` after every
+    epoch (``ppl_vae.runs`` writes it), and ``resume_from`` continues from one with the same
+    numbers as an uninterrupted run. A NaN or infinite loss raises ``FloatingPointError``.
+
+    Arguments:
+        model: The generative model, a Pyro program.
+        guide: The amortized guide, a Pyro program.
+        data: Training and test tensors (see :class:`~ppl_vae.data.Data`).
+        config: Optimisation settings.
+        out_dir: Must be ``None``; run directories belong to :mod:`ppl_vae.runs`.
+        resume_from: A state from an earlier run of the same configuration.
+        checkpoint: Called with the state after every epoch.
+        on_epoch: Called with each epoch's metrics (after ``checkpoint``).
+        quiet: Hide the progress bar (it is also hidden when stderr is not a terminal).
+
+    Returns:
+        One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo``, ``kl_weight``
+        and ``seconds``.
+    """
+    if out_dir is not None:
+        raise InputError(
+            "train() writes no files; for a run directory use "
+            "ppl_vae.runs.train_run(data_config, vae_config, train_config, out_dir)"
+        )
+    device = data.device
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    x0 = data.encode(
+        data.train[: config.batch_size], generator=torch.Generator(device).manual_seed(0)
+    )
+    params = collect_params(model, guide, x0, data.train.shape[0])
+    if not params:
+        raise InputError(
+            "the model and guide register no parameters; use pyro.module or pyro.param"
+        )
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
+    history: list[dict] = []
+    start = 1
+    if resume_from is not None:
+        restore_params(params, resume_from.params)
+        optimizer.load_state_dict(resume_from.optimizer)
+        set_rng_state(resume_from.rng, generator)
+        history = list(resume_from.metrics)
+        start = resume_from.epoch + 1
+    losses = _StepLosses(model, guide, params, config)
+    for epoch in range(start, config.epochs + 1):
+        t0 = time.perf_counter()
+        weight = kl_weight(epoch, config)
+        train_elbo = _run_epoch(losses(weight), optimizer, data, config, generator, epoch, quiet)
+        test_elbo = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
+        metrics = {
+            "epoch": epoch,
+            "train_elbo": train_elbo,
+            "test_elbo": test_elbo,
+            "kl_weight": weight,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(metrics)
+        if checkpoint is not None:
+            params_cpu = {k: v.detach().cpu() for k, v in params.items()}
+            state = optimizer.state_dict()
+            checkpoint(TrainState(epoch, params_cpu, state, rng_state(generator), list(history)))
+        if on_epoch is not None:
+            on_epoch(metrics)
+    return history

@@ -1,0 +1,158 @@
+"""Shared test helpers: closed-form models, MNIST discovery, the command line in-process.
+
+Test files import from here, never from each other.
+"""
+
+import math
+import os
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from ppl_vae.data import Data
+from ppl_vae.guides import GaussianGuide
+from ppl_vae.model import FixedGaussianLikelihood, VAEModel
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def mnist_root() -> Path | None:
+    """The MNIST folder from PPL_VAE_DATA (set by conftest from ../shared/data), if present."""
+    root = os.environ.get("PPL_VAE_DATA")
+    if root and (Path(root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
+        return Path(root)
+    return None
+
+
+needs_mnist = pytest.mark.skipif(
+    mnist_root() is None, reason="MNIST not found (set PPL_VAE_DATA to a folder with MNIST/raw)"
+)
+
+
+def run_cli(*args, capsys):
+    """Runs ``ppl-vae ARGS`` in-process; returns (exit status, stdout, stderr)."""
+    from ppl_vae.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- a linear-Gaussian VAE: SVI can reach the exact log-likelihood -------------------------------
+
+
+class Flatten(nn.Module):
+    """An encoder that hands x itself to the guide's linear head."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.feature_dim = dim
+
+    def forward(self, x):
+        return x
+
+
+def linear_gaussian_vae(dim=5, latent=2, sigma=0.5, n=2000, seed=0):
+    """z ~ N(0, I), x | z ~ N(W z + b, sigma^2 I) with orthogonal columns of W.
+
+    Orthogonal columns make the exact posterior covariance diagonal, so the diagonal Gaussian
+    guide with a linear encoder contains the exact posterior and the ELBO can reach log p(x).
+    """
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    w = q[:, :latent] * torch.tensor([2.0, 1.0])
+    b = torch.randn(dim, generator=g)
+    decoder = nn.Linear(latent, dim)
+    with torch.no_grad():
+        decoder.weight.copy_(w)
+        decoder.bias.copy_(b)
+    decoder.requires_grad_(False)
+    model = VAEModel(decoder, FixedGaussianLikelihood(torch.Size([dim]), sigma), latent, [dim])
+    model.train(False)
+    cov = w @ w.T + sigma**2 * torch.eye(dim)
+    exact = torch.distributions.MultivariateNormal(b, cov)
+    x = exact.sample((n + 500,))
+    data = Data(x[:n], x[n:], "continuous", "linear-gaussian")
+    return model, data, exact
+
+
+def trainable_linear_gaussian():
+    """The linear-Gaussian model with a trainable decoder, its guide, 6 points, all parameters."""
+    model, data, _ = linear_gaussian_vae(n=10)
+    model.decoder.requires_grad_(True)
+    model.train(True)
+    guide = GaussianGuide(Flatten(5), latent_dim=2)
+    return model, guide, data.train[:6], list(model.parameters()) + list(guide.parameters())
+
+
+# -- the linear-Gaussian model as plain Pyro functions, with its exact posterior -----------------
+
+
+def linear_gaussian_programs(d=4, latent=2, sigma=0.7, n=6, seed=0):
+    """The linear-Gaussian model as Pyro functions, its exact-posterior and prior guides, points
+    and their exact log p(x) (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, latent, generator=g, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 2
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(latent, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ w.T + b, sigma).to_event(1), obs=x)
+
+    precision = torch.eye(latent, dtype=torch.float64) + w.T @ w / sigma**2
+    post_cov = torch.linalg.inv(precision)
+
+    def exact_guide(x):
+        loc = (x - b) @ w @ post_cov / sigma**2  # posterior mean, one row per point
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.MultivariateNormal(loc, covariance_matrix=post_cov))
+
+    def prior_guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample(
+                "z", dist.Normal(torch.zeros(len(x), latent, dtype=x.dtype), 1.0).to_event(1)
+            )
+
+    cov = w @ w.T + sigma**2 * torch.eye(d, dtype=torch.float64)
+    exact = dist.MultivariateNormal(b, covariance_matrix=cov).log_prob(x)
+    return model, exact_guide, prior_guide, x, exact
+
+
+# -- a 2-D latent with a non-linear decoder, log p(x) by quadrature -------------------------------
+
+SIGMA_X = 0.4
+
+
+def decode(z):
+    z1, z2 = z[..., 0], z[..., 1]
+    return torch.stack([torch.tanh(z1 + 0.5 * z2**2), torch.sin(z2), 0.5 * z1 * z2], -1)
+
+
+def nonlinear_model(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(decode(z), SIGMA_X).to_event(1), obs=x)
+
+
+def quadrature(x, half_width=7.0, n=1401):
+    """log p(x) = log sum over a grid of p(z) p(x|z) dA, and the posterior moments."""
+    t = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
+    z = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
+    log_joint = (
+        dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        + dist.Normal(decode(z)[:, None], SIGMA_X).log_prob(x).sum(-1).T
+    )
+    log_da = 2 * math.log(t[1] - t[0])
+    log_px = torch.logsumexp(log_joint, 1) + log_da
+    post = torch.softmax(log_joint, 1)
+    mean = post @ z
+    centred = z[None] - mean[:, None]
+    cov = torch.einsum("nk,nki,nkj->nij", post, centred, centred)
+    return log_px, mean, cov
