@@ -7,15 +7,17 @@ from functools import partial
 import pyro
 import pytest
 import torch
-from test_train import Flatten, linear_gaussian, trainable_linear_gaussian
+from helpers import Flatten, linear_gaussian_vae, trainable_linear_gaussian
 from torch import fx
 
 from ppl_vae.capture import CapturedLoss
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.guides import GaussianGuide
 from ppl_vae.networks import NetworkConfig
-from ppl_vae.train import TraceELBO, TrainConfig, collect_params, step_loss, train
-from ppl_vae.vae import VAEConfig, build_vae, train_run
+from ppl_vae.losses import TraceELBO
+from ppl_vae.runs import train_run
+from ppl_vae.svi import TrainConfig, collect_params, step_loss, train
+from ppl_vae.vae import VAEConfig, build_vae
 
 
 @pytest.mark.parametrize(
@@ -48,7 +50,7 @@ def test_captured_training_gives_the_numbers_of_the_program_run_each_step(tmp_pa
 
 
 def linear_gaussian_loss():
-    model, guide, x, params = trainable_linear_gaussian()
+    model, guide, x, params = trainable_linear_gaussian_vae()
     loss = partial(TraceELBO(max_plate_nesting=1).differentiable_loss, model, guide)
     return loss, x, params
 
@@ -114,7 +116,7 @@ def test_a_record_that_disagrees_with_the_program_is_not_used():
 
 
 def test_step_loss_without_capture_is_the_program():
-    model, data, _ = linear_gaussian(n=10)
+    model, data, _ = linear_gaussian_vae(n=10)
     guide = GaussianGuide(Flatten(5), latent_dim=2)
     x = data.train[:4]
     params = collect_params(model, guide, x)

@@ -5,8 +5,9 @@ import torch
 
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.networks import NetworkConfig
-from ppl_vae.train import TrainConfig, evaluate_elbo, train
-from ppl_vae.vae import VAEConfig, build_vae, load_run, train_run
+from ppl_vae.runs import load_run, train_run
+from ppl_vae.svi import TrainConfig, mean_elbo, train
+from ppl_vae.vae import VAEConfig, build_vae
 
 pytestmark = pytest.mark.cuda
 
@@ -15,13 +16,12 @@ def test_the_same_parameters_give_the_same_elbo_on_cpu_and_cuda():
     data = load_data(DataConfig("pinwheel", num_train=500, num_test=500))
     model, guide = build_vae(VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(32,))), data)
     train(model, guide, data, TrainConfig(epochs=2), quiet=True)
-    cpu = evaluate_elbo(model, guide, data, num_particles=400)
-    gpu = evaluate_elbo(model.cuda(), guide.cuda(), data.to("cuda"), num_particles=400)
+    cpu = mean_elbo(model, guide, data, num_particles=400)
+    gpu = mean_elbo(model.cuda(), guide.cuda(), data.to("cuda"), num_particles=400)
     # different random draws on each device: agreement to Monte Carlo error (~0.005 nats)
     assert gpu == pytest.approx(cpu, abs=0.03)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_training_resume_and_loading_on_cuda(tmp_path):
     data = DataConfig("pinwheel", num_train=1000, num_test=200)
     vae = VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(16,)))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_mnist
+from helpers import needs_mnist
 
 from ppl_vae.data import Data, DataConfig, load_data, resolve_data_root, synthetic_2d
 

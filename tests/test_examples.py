@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import needs_mnist
+from helpers import needs_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 

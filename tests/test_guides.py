@@ -7,16 +7,18 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from test_evaluate import SIGMA_X, decode, nonlinear_model, quadrature
+from helpers import SIGMA_X, decode, nonlinear_model, quadrature
 
 from ppl_vae.data import DataConfig
-from ppl_vae.evaluate import log_likelihood
+from ppl_vae.importance import log_likelihood
 from ppl_vae.flows import FLOWS
 from ppl_vae.guides import GUIDES, make_guide
-from ppl_vae.model import VAEModel, make_likelihood
+from ppl_vae.model import LIKELIHOODS, VAEModel
 from ppl_vae.networks import MLPDecoder, MLPEncoder, NetworkConfig
-from ppl_vae.train import TraceELBO, TrainConfig
-from ppl_vae.vae import VAEConfig, load_run, train_run
+from ppl_vae.losses import TraceELBO
+from ppl_vae.runs import load_run, train_run
+from ppl_vae.svi import TrainConfig
+from ppl_vae.vae import VAEConfig
 
 HAS_ZUKO = importlib.util.find_spec("zuko") is not None
 NAMES = [
@@ -74,7 +76,7 @@ def test_density_integrates_to_one(name):
 def test_gradients_reach_every_guide_parameter(name):
     torch.manual_seed(2)
     guide = small_guide(name)
-    model = VAEModel(MLPDecoder(3, [6], [8], "tanh"), make_likelihood("gaussian", (6,)), 3, (6,))
+    model = VAEModel(MLPDecoder(3, [6], [8], "tanh"), LIKELIHOODS.build("gaussian", (6,)), 3, (6,))
     loss = TraceELBO().differentiable_loss(model, guide, torch.randn(5, 6))
     loss.backward()
     for pname, p in guide.named_parameters():

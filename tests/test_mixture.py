@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_mnist
+from helpers import needs_mnist
 
 from ppl_vae.cli import main
 from ppl_vae.data import DataConfig, load_data

@@ -4,7 +4,8 @@ import torch
 
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.networks import NetworkConfig
-from ppl_vae.plots import image_grid, plot_reconstructions, plot_samples
+from ppl_vae.plots import image_grid, reconstructions_figure, samples_figure
+from ppl_vae.runs.files import save_figure
 from ppl_vae.vae import VAEConfig, build_vae
 
 
@@ -21,8 +22,8 @@ def test_image_grid_places_images_row_major_with_gaps():
 def test_scatter_pictures_for_two_dimensional_data(tmp_path):
     data = load_data(DataConfig("moons", num_train=200, num_test=100))
     model, guide = build_vae(VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(8,))), data)
-    a = plot_samples(model, data, tmp_path / "samples.png")
-    b = plot_reconstructions(model, guide, data, tmp_path / "recon.png")
+    a = save_figure(samples_figure(model, data), tmp_path / "samples.png")
+    b = save_figure(reconstructions_figure(model, guide, data), tmp_path / "recon.png")
     for path in (a, b):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recon.png", "samples.png"]

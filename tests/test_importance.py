@@ -1,4 +1,4 @@
-"""log p(x) by importance sampling against closed forms and a quadrature."""
+"""Importance-sampled log p(x) against closed forms and quadrature; site checks."""
 
 import math
 
@@ -6,91 +6,27 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import SIGMA_X, decode, linear_gaussian_programs, nonlinear_model, quadrature
 
-from ppl_vae.evaluate import log_likelihood
-
-# ---- linear-Gaussian model: z ~ N(0, I_L), x | z ~ N(W z + b, sigma^2 I_D) -------------------
-
-
-def linear_gaussian(d=4, latent=2, sigma=0.7, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(d, latent, generator=g, dtype=torch.float64)
-    b = torch.randn(d, generator=g, dtype=torch.float64)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 2
-
-    def model(x):
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Normal(torch.zeros(latent, dtype=x.dtype), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ w.T + b, sigma).to_event(1), obs=x)
-
-    precision = torch.eye(latent, dtype=torch.float64) + w.T @ w / sigma**2
-    post_cov = torch.linalg.inv(precision)
-
-    def exact_guide(x):
-        loc = (x - b) @ w @ post_cov / sigma**2  # posterior mean, one row per point
-        with pyro.plate("data", len(x)):
-            pyro.sample("z", dist.MultivariateNormal(loc, covariance_matrix=post_cov))
-
-    def prior_guide(x):
-        with pyro.plate("data", len(x)):
-            pyro.sample(
-                "z", dist.Normal(torch.zeros(len(x), latent, dtype=x.dtype), 1.0).to_event(1)
-            )
-
-    cov = w @ w.T + sigma**2 * torch.eye(d, dtype=torch.float64)
-    exact = dist.MultivariateNormal(b, covariance_matrix=cov).log_prob(x)
-    return model, exact_guide, prior_guide, x, exact
+from ppl_vae.importance import log_likelihood
 
 
 @pytest.mark.parametrize("k", [1, 7, 100])
 def test_exact_posterior_guide_gives_the_closed_form_for_any_k(k):
-    model, guide, _, x, exact = linear_gaussian()
+    model, guide, _, x, exact = linear_gaussian_programs()
     est = log_likelihood(model, guide, x, num_samples=k)
     assert est.shape == (6,) and est.dtype == torch.float64
     assert torch.allclose(est, exact, atol=1e-5, rtol=0)
 
 
 def test_prior_guide_converges_as_k_grows_within_its_standard_error():
-    model, _, guide, x, exact = linear_gaussian(sigma=1.5, seed=1)
+    model, _, guide, x, exact = linear_gaussian_programs(sigma=1.5, seed=1)
     small = log_likelihood(model, guide, x, num_samples=10, diagnostics=True)
     big = log_likelihood(model, guide, x, num_samples=20000, diagnostics=True)
     # delta method: sd(log mean w) = sqrt(CV^2 / K) with CV^2 = K / ESS - 1, from the same draws
     se = ((20000 / big.ess - 1) / 20000).sqrt()
     assert ((big.log_px - exact).abs() < 4 * se + 1e-9).all(), (big.log_px - exact, se)
     assert (big.log_px - exact).abs().mean() < (small.log_px - exact).abs().mean()
-
-
-# ---- a 2-D latent with a non-linear decoder, log p(x) by quadrature -------------------------
-
-SIGMA_X = 0.4
-
-
-def decode(z):
-    z1, z2 = z[..., 0], z[..., 1]
-    return torch.stack([torch.tanh(z1 + 0.5 * z2**2), torch.sin(z2), 0.5 * z1 * z2], -1)
-
-
-def nonlinear_model(x):
-    with pyro.plate("data", len(x)):
-        z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
-        pyro.sample("x", dist.Normal(decode(z), SIGMA_X).to_event(1), obs=x)
-
-
-def quadrature(x, half_width=7.0, n=1401):
-    """log p(x) = log sum over a grid of p(z) p(x|z) dA, and the posterior moments."""
-    t = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
-    z = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
-    log_joint = (
-        dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
-        + dist.Normal(decode(z)[:, None], SIGMA_X).log_prob(x).sum(-1).T
-    )
-    log_da = 2 * math.log(t[1] - t[0])
-    log_px = torch.logsumexp(log_joint, 1) + log_da
-    post = torch.softmax(log_joint, 1)
-    mean = post @ z
-    centred = z[None] - mean[:, None]
-    cov = torch.einsum("nk,nki,nkj->nij", post, centred, centred)
-    return log_px, mean, cov
 
 
 def test_nonlinear_model_matches_quadrature_to_two_hundredths_of_a_nat():
@@ -108,11 +44,8 @@ def test_nonlinear_model_matches_quadrature_to_two_hundredths_of_a_nat():
     assert (est - exact).abs().max() < 0.02, est - exact
 
 
-# ---- chunks, several latent sites, diagnostics, errors ----------------------------------------
-
-
 def test_chunked_and_unchunked_results_are_equal_for_the_same_draws():
-    model, _, guide, x, _ = linear_gaussian()
+    model, _, guide, x, _ = linear_gaussian_programs()
     torch.manual_seed(3)
     whole = log_likelihood(model, guide, x, num_samples=64, chunk_size=64)
     torch.manual_seed(3)
@@ -143,20 +76,20 @@ def test_several_latent_sites():
 
 
 def test_diagnostics_order_elbo_below_iwae_k_below_log_px():
-    model, _, guide, x, _ = linear_gaussian(sigma=1.0)
+    model, _, guide, x, _ = linear_gaussian_programs(sigma=1.0)
     r = log_likelihood(model, guide, x, num_samples=3000, diagnostics=True, iwae_ks=(1, 10, 100))
     assert torch.allclose(r.iwae[1], r.elbo)  # IWAE_1 is the ELBO
     means = [r.elbo.mean(), r.iwae[10].mean(), r.iwae[100].mean(), r.log_px.mean()]
     assert all(a < b for a, b in zip(means[:-1], means[1:], strict=True)), means
     assert ((r.ess >= 1) & (r.ess <= 3000)).all()
-    model, exact_guide, _, x, _ = linear_gaussian()
+    model, exact_guide, _, x, _ = linear_gaussian_programs()
     r = log_likelihood(model, exact_guide, x, num_samples=200, diagnostics=True)
     assert torch.allclose(r.ess, torch.full_like(r.ess, 200.0))
     assert torch.allclose(r.elbo, r.log_px, atol=1e-9)
 
 
 def test_sites_outside_the_data_plate_and_mismatched_guides_are_rejected():
-    model, _, guide, x, _ = linear_gaussian()
+    model, _, guide, x, _ = linear_gaussian_programs()
 
     def global_model(x):
         s = pyro.sample("s", dist.Normal(0.0, 1.0))

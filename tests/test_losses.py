@@ -1,17 +1,15 @@
-"""ppl_vae.elbo against Pyro's own ELBOs, and the standard normal prior against torch's Normal."""
-
-import math
+"""ppl_vae.losses against Pyro's own ELBOs and RenyiELBO; the KL weight handler."""
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import Flatten, linear_gaussian_vae, trainable_linear_gaussian
 from pyro import poutine
-from pyro.distributions.kl import kl_divergence
-from test_train import trainable_linear_gaussian
 
-from ppl_vae.elbo import TraceELBO, TraceMeanFieldELBO
-from ppl_vae.model import StandardNormal
+from ppl_vae.guides import GaussianGuide
+from ppl_vae.losses import LOSSES, IWAELoss, TraceELBO, TraceMeanFieldELBO, scale_latent
+from ppl_vae.svi import TrainConfig
 
 
 def loss_and_grads(elbo, model, guide, params, *args, seed=3):
@@ -25,6 +23,12 @@ def assert_same(ours, theirs):
     assert torch.allclose(a, b, rtol=1e-6)
     for u, v in zip(ga, gb, strict=True):
         assert torch.allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+BOTH = [
+    (TraceELBO, pyro.infer.Trace_ELBO),
+    (TraceMeanFieldELBO, pyro.infer.TraceMeanField_ELBO),
+]
 
 
 def test_score_function_guides_get_pyros_estimator():
@@ -110,41 +114,6 @@ def test_svi_with_these_losses_takes_pyros_steps():
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_standard_normal_is_torchs_normal_0_1():
-    z = torch.randn(7, 3, dtype=torch.float64) * 3
-    prior = StandardNormal((7, 3), torch.float64)
-    normal = torch.distributions.Normal(torch.zeros(7, 3, dtype=torch.float64), 1.0)
-    assert torch.allclose(prior.log_prob(z), normal.log_prob(z), rtol=1e-12, atol=0)
-    assert StandardNormal().log_prob(torch.zeros(())).item() == pytest.approx(
-        -0.5 * math.log(2 * math.pi)
-    )
-    assert torch.allclose(prior.entropy(), normal.entropy())
-    assert torch.equal(prior.mean, normal.mean) and torch.equal(prior.variance, normal.variance)
-    wide = prior.expand((5, 7, 3))
-    assert wide.batch_shape == (5, 7, 3) and wide.log_prob(z).shape == (5, 7, 3)
-    torch.manual_seed(0)
-    draws = StandardNormal((200_000,)).sample()
-    # mean within 5 standard errors, variance within 5 standard errors (sd of s^2 ~ sqrt(2/n))
-    assert abs(draws.mean().item()) < 5 / math.sqrt(200_000)
-    assert abs(draws.var().item() - 1) < 5 * math.sqrt(2 / 200_000)
-
-
-def test_kl_from_a_normal_to_the_standard_normal_is_the_closed_form():
-    q = dist.Normal(torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64))
-    p = torch.distributions.Normal(torch.zeros(4, 3, dtype=torch.float64), 1.0)
-    want = torch.distributions.kl_divergence(q, p)
-    prior = StandardNormal((4, 3), torch.float64)
-    assert torch.allclose(kl_divergence(q, prior), want, rtol=1e-12)
-    # the mean-field ELBO finds it through the Independent wrappers of model and guide
-    assert torch.allclose(kl_divergence(q.to_event(1), prior.to_event(1)), want.sum(-1), rtol=1e-12)
-
-
-BOTH = [
-    (TraceELBO, pyro.infer.Trace_ELBO),
-    (TraceMeanFieldELBO, pyro.infer.TraceMeanField_ELBO),
-]
-
-
 @pytest.mark.parametrize("ours, theirs", BOTH)
 @pytest.mark.parametrize(
     "kwargs",
@@ -226,13 +195,71 @@ def test_mean_field_with_a_discrete_guide_is_pyros_and_is_refused_under_validati
                 elbo.differentiable_loss(model, guide, x)
 
 
-def test_the_guides_diagonal_normal_is_torchs_normal():
-    from ppl_vae.guides import DiagonalNormal
+def test_scale_latent_scales_only_the_latent_site():
+    model, data, _ = linear_gaussian_vae(n=10)
+    guide = GaussianGuide(Flatten(5), latent_dim=2)
+    x = data.train[:4]
+    guide_tr = poutine.trace(scale_latent(0.25)(guide)).get_trace(x, 40)
+    model_tr = poutine.trace(poutine.replay(scale_latent(0.25)(model), guide_tr)).get_trace(x, 40)
+    assert guide_tr.nodes["z"]["scale"] == model_tr.nodes["z"]["scale"] == 2.5
+    assert model_tr.nodes["x"]["scale"] == 10.0
 
-    loc = torch.randn(4, 3, dtype=torch.float64)
-    scale = torch.rand(4, 3, dtype=torch.float64) + 0.1
-    z = torch.randn(5, 4, 3, dtype=torch.float64) * 3
-    want = torch.distributions.Normal(loc, scale).log_prob(z)
-    assert torch.allclose(DiagonalNormal(loc, scale).log_prob(z), want, rtol=1e-12)
-    wide = DiagonalNormal(loc, scale).expand((2, 4, 3))
-    assert type(wide) is DiagonalNormal and wide.batch_shape == (2, 4, 3)
+
+@pytest.mark.parametrize(
+    "ours, pyros", [("elbo", "Trace_ELBO"), ("meanfield", "TraceMeanField_ELBO")]
+)
+def test_sync_free_losses_equal_pyros_in_value_and_gradient(ours, pyros):
+    import pyro.infer
+
+    model, guide, x, params = trainable_linear_gaussian()
+    results = []
+    for elbo in (
+        LOSSES.build(ours, num_particles=3),
+        getattr(pyro.infer, pyros)(num_particles=3, vectorize_particles=True, max_plate_nesting=1),
+    ):
+        torch.manual_seed(7)
+        loss = elbo.differentiable_loss(model, guide, x, 60)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-6)
+    for u, v in zip(ga, gb, strict=True):
+        assert torch.allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_iwae_loss_equals_pyros_renyi_elbo_alpha_0_in_value_and_gradient():
+    import pyro.infer
+
+    model, guide, x, params = trainable_linear_gaussian()
+    torch.manual_seed(11)
+    ours = IWAELoss(num_particles=5).differentiable_loss(model, guide, x)
+    ours_grads = torch.autograd.grad(ours, params)
+    torch.manual_seed(11)
+    renyi = pyro.infer.RenyiELBO(alpha=0, num_particles=5, vectorize_particles=True,
+                                 max_plate_nesting=1)  # fmt: skip
+    for p in params:
+        p.grad = None
+    theirs = renyi.loss_and_grads(model, guide, x)
+    assert ours.item() == pytest.approx(theirs, rel=1e-6)
+    for p, g in zip(params, ours_grads, strict=True):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_iwae_bound_is_per_point_and_scaled_after_the_log_sum_exp():
+    model, data, exact = linear_gaussian_vae(n=10)
+    guide = GaussianGuide(Flatten(5), latent_dim=2)
+    x = data.train[:4]
+    torch.manual_seed(0)
+    unscaled = IWAELoss(num_particles=7).differentiable_loss(model, guide, x)
+    torch.manual_seed(0)
+    scaled = IWAELoss(num_particles=7).differentiable_loss(model, guide, x, 40)
+    assert torch.allclose(scaled, 10 * unscaled)
+    # k = 1 is the ELBO
+    torch.manual_seed(2)
+    one = IWAELoss(num_particles=1).differentiable_loss(model, guide, x)
+    torch.manual_seed(2)
+    assert torch.allclose(one, TraceELBO().differentiable_loss(model, guide, x))
+    # the bound lies below the exact log-likelihood and rises with k (on average)
+    with torch.no_grad():
+        k1 = -sum(IWAELoss(num_particles=1).loss(model, guide, x) for _ in range(200)) / 200
+        k50 = -sum(IWAELoss(num_particles=50).loss(model, guide, x) for _ in range(200)) / 200
+    assert k1 < k50 < exact.log_prob(x).sum().item()

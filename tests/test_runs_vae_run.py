@@ -1,0 +1,103 @@
+"""VAE runs on disk: resume, files per epoch, divergence, loading and evaluation."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from ppl_vae.data import DataConfig
+from ppl_vae.networks import NetworkConfig
+from ppl_vae.runs import RunDir, load_run, train_run
+from ppl_vae.svi import TrainConfig, mean_elbo
+from ppl_vae.vae import VAEConfig
+
+
+def small_run_configs():
+    data = DataConfig("pinwheel", num_train=1000, num_test=200)
+    vae = VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(16,)))
+    return data, vae
+
+
+def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(tmp_path):
+    data, vae = small_run_configs()
+    config = TrainConfig(epochs=4, kl_warmup=3)
+    straight = train_run(data, vae, config, tmp_path / "a", "cpu", pictures=False)
+    train_run(data, vae, TrainConfig(epochs=2, kl_warmup=3), tmp_path / "b", "cpu", pictures=False)
+    resumed = train_run(data, vae, config, tmp_path / "b", "cpu", resume=True, pictures=False)
+
+    def numbers(metrics):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+    assert numbers(resumed.metrics) == numbers(straight.metrics)
+    lines = [json.loads(s) for s in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert numbers(lines) == numbers(straight.metrics)
+    (a, _), (b, _) = RunDir(tmp_path / "a").load(), RunDir(tmp_path / "b").load()
+    assert a.epoch == b.epoch == 4
+    for name, value in a.params.items():
+        assert torch.equal(value, b.params[name]), name
+
+
+def test_metrics_and_checkpoint_are_written_each_epoch(tmp_path):
+    data, vae = small_run_configs()
+    run = train_run(data, vae, TrainConfig(epochs=2), tmp_path, "cpu")
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert {"epoch", "train_elbo", "test_elbo", "seconds"} <= lines[0].keys()
+    names = ["checkpoint.pt", "config.json", "metrics.jsonl", "reconstructions.png", "samples.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:  # atomic writes keep the usual permissions
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    # a loaded run reproduces the recorded test ELBO exactly
+    loaded = load_run(tmp_path, "cpu")
+    again = mean_elbo(loaded.model, loaded.guide, loaded.data, "test", 1000, seed=0)
+    assert again == pytest.approx(run.metrics[-1]["test_elbo"], abs=1e-6)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import ppl_vae.runs.vae_run as vae_run
+
+    data, vae = small_run_configs()
+    train = vae_run.train
+
+    def poisoned(model, guide, data, config, **kwargs):
+        def poison(metrics):  # after epoch 1, corrupt a decoder weight
+            if metrics["epoch"] == 1:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+
+        return train(model, guide, data, config, on_epoch=poison, **kwargs)
+
+    monkeypatch.setattr(vae_run, "train", poisoned)
+    with pytest.raises(FloatingPointError, match="epoch 2.*last good checkpoint \\(epoch 1\\)"):
+        train_run(data, vae, TrainConfig(epochs=3), tmp_path, "cpu", quiet=True)
+    state, _ = RunDir(tmp_path).load()
+    assert state.epoch == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert all(math.isfinite(v) for v in state.params["model$$$decoder.net.0.weight"].flatten())
+
+
+def test_a_nan_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatch):
+    import ppl_vae.runs.vae_run as vae_run
+
+    data, vae = small_run_configs()
+    train = vae_run.train
+
+    def poisoned(model, guide, data, config, **kwargs):
+        calls = []  # the first call (collecting parameters, validated) stays finite
+
+        def nan_after_first(module, inputs, output):
+            calls.append(1)
+            return output * float("nan") if len(calls) > 1 else output
+
+        model.decoder.register_forward_hook(nan_after_first)
+        return train(model, guide, data, config, **kwargs)
+
+    monkeypatch.setattr(vae_run, "train", poisoned)
+    with pytest.raises(FloatingPointError, match="epoch 1; .*no epoch finished"):
+        config = TrainConfig(epochs=2, capture=False)
+        train_run(data, vae, config, tmp_path, "cpu", quiet=True)
+    assert not (tmp_path / "checkpoint.pt").exists()
