@@ -1,0 +1,415 @@
+r"""EM shared by the mixtures: the fused E/M pass, initialisation, checks and prediction."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ppl_vae.errors import InputError
+from ppl_vae.mixture.kmeans import _kmeans, _kmeans_plusplus
+from ppl_vae.registry import Registry
+
+__all__ = [
+    "CACHE_BYTES",
+    "INITS",
+    "_Mixture",
+    "_Source",
+    "_as_float",
+    "_check_finite",
+    "_check_integer",
+    "_check_means_init",
+    "_check_number",
+    "_check_weights_init",
+    "_chunk_rows",
+]
+
+CACHE_BYTES = 2**30  # keep the sufficient statistics of the training set if they fit in this
+
+
+def _chunk_rows(width: int, x: Tensor) -> int:
+    """Rows per pass: a few MiB on CPU (the chunk stays in cache for both products), more on GPU."""
+    target = 2**22 if x.device.type == "cpu" else 2**28
+    return max(64, target // (max(width, 1) * x.element_size()))
+
+
+def _as_float(x, name: str = "x") -> Tensor:
+    """A floating tensor from ``x`` (integer and boolean input becomes the default dtype)."""
+    x = x if isinstance(x, Tensor) else torch.as_tensor(x)
+    if not torch.is_floating_point(x):
+        return x.to(torch.get_default_dtype())
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} has dtype {x.dtype}; pass float32 or float64 (x.float())")
+    return x
+
+
+# -- checks shared by the mixtures ---------------------------------------------------------------
+
+
+def _check_integer(name: str, value, minimum: int) -> int:
+    """``value`` if it is an integer (not a bool) of at least ``minimum`` (0 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive" if minimum >= 1 else "a non-negative"
+        raise InputError(f"{name} must be {kind} integer, got {value!r}")
+    return value
+
+
+def _check_number(name: str, value, positive: bool = False, why: str = "") -> float:
+    """``value`` as a float if it is a real number (not a bool), > 0 or >= 0; NaN fails.
+
+    ``why`` is put after the requirement in the message, e.g. " (a pseudo-count ...)".
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (value > 0 if positive else value >= 0):
+        kind = "a positive" if positive else "a non-negative"
+        raise InputError(f"{name} must be {kind} number{why}, got {value!r}")
+    return float(value)
+
+
+def _check_finite(x: Tensor, name: str, fix: str = "") -> Tensor:
+    """``x`` if it has no NaN or infinite entries; ``fix`` ends the message ("; ...")."""
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name} contains NaN or infinite values{fix}")
+    return x
+
+
+def _check_weights_init(w: Tensor, k: int) -> Tensor:
+    """Initial mixing weights: shape (k,), non-negative, summing to 1."""
+    if w.shape != (k,):
+        raise InputError(f"weights_init must have shape ({k},), got {tuple(w.shape)}")
+    if (w < 0).any() or abs(w.sum().item() - 1) > 1e-6:
+        raise InputError(
+            f"weights_init must be non-negative and sum to 1, got sum {w.sum().item():g}; "
+            f"divide by its sum"
+        )
+    return w
+
+
+def _check_means_init(m: Tensor, k: int, d: int, flatten: bool = False) -> Tensor:
+    """Initial means of shape (k, d); with ``flatten``, any shape of k * d entries is reshaped."""
+    if flatten and m.numel() == k * d:
+        m = m.reshape(k, d)
+    if m.shape != (k, d):
+        raise InputError(f"means_init must have shape ({k}, {d}), got {tuple(m.shape)}")
+    return m
+
+
+# -- initial responsibilities --------------------------------------------------------------------
+
+INITS: Registry[Tensor] = Registry("init")
+
+
+def _one_per_component(index: Tensor, n: int, k: int, x: Tensor) -> Tensor:
+    """Responsibilities (n, k) that put point ``index[j]`` in component j and leave the rest 0."""
+    index = index.to(x.device)
+    return torch.zeros(n, k, dtype=x.dtype, device=x.device).index_put_(
+        (index, torch.arange(k, device=x.device)), torch.ones((), dtype=x.dtype)
+    )
+
+
+@INITS.register("kmeans", help="labels of k-means (Lloyd's, from k-means++ seeds)")
+def _init_kmeans(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+    return torch.nn.functional.one_hot(_kmeans(x, k, g), k).to(x.dtype)
+
+
+@INITS.register("k-means++", help="k-means++ seeds, one per component; other points unassigned")
+def _init_kmeans_plusplus(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+    # like scikit-learn: only the seeds are assigned
+    return _one_per_component(_kmeans_plusplus(x, k, g), x.shape[0], k, x)
+
+
+@INITS.register("random", help="uniform random responsibilities, normalised")
+def _init_random(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+    resp = torch.rand(x.shape[0], k, generator=g, dtype=torch.float64).to(x)
+    return resp / resp.sum(1, keepdim=True)
+
+
+@INITS.register("random_from_data", help="one random point per component")
+def _init_random_from_data(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+    n = x.shape[0]
+    return _one_per_component(torch.randperm(n, generator=g)[:k], n, k, x)
+
+
+# -- EM ------------------------------------------------------------------------------------------
+
+
+class _Source:
+    """The sufficient statistics of a training set, in chunks; cached if within CACHE_BYTES."""
+
+    def __init__(self, features, x: Tensor, work_width: int | None = None, cache: bool = True):
+        width = features(x[:1]).shape[1]
+        self.features, self.x = features, x
+        self.rows = _chunk_rows(work_width or width, x)  # work_width: values per row per pass
+        fits = cache and x.shape[0] * width * x.element_size() <= CACHE_BYTES
+        self.cached = features(x) if fits else None
+
+    def chunks(self):
+        """Yields (first row, features of the rows from there) over the whole set."""
+        for start in range(0, self.x.shape[0], self.rows):
+            stop = start + self.rows
+            if self.cached is not None:
+                yield start, self.cached[start:stop]
+            else:
+                yield start, self.features(self.x[start:stop])
+
+
+class _Mixture:
+    r"""EM for a mixture of exponential-family components, shared by the concrete mixtures.
+
+    A component's log-density is linear in sufficient statistics :math:`T(x)`, so the joint
+    :math:`\log w_k + \log p(x \mid \theta_k) = T(x)^\top a_k + b_k` of all points and components
+    is one matrix product, and the E- and M-steps of one iteration take a single pass over the
+    data: each chunk's responsibilities :math:`r` are folded at once into :math:`r^\top T(x)`,
+    :math:`\sum_n r_{nk}` and :math:`\sum_n \log p(x_n)`.
+    """
+
+    _flat_means = False  # means_init may come in the shape of the points (Bernoulli: images)
+
+    def __init__(
+        self,
+        n_components: int,
+        tol: float,
+        max_iter: int,
+        n_init: int,
+        init: str,
+        seed: int | None,
+        warm_start: bool,
+    ):
+        self.n_components = _check_integer("n_components", n_components, 1)
+        self.tol = _check_number("tol", tol)
+        self.max_iter = _check_integer("max_iter", max_iter, 0)
+        self.n_init = _check_integer("n_init", n_init, 1)
+        self.init = INITS.check(init)
+        self.seed, self.warm_start = seed, warm_start
+        self.history_: list[float] = []
+
+    # -- hooks of the concrete mixtures ----------------------------------------------------------
+
+    def _check_input(self, x: Tensor, fitting: bool) -> Tensor:
+        raise NotImplementedError
+
+    def _check_points(self, x: Tensor, fitting: bool, what: str) -> Tensor:
+        """Checks an (N, D) tensor against the fitted D, the number of components, finiteness."""
+        if not fitting and x.shape[1] != self.means_.shape[1]:
+            raise InputError(
+                f"x has D={x.shape[1]} {what} but the mixture was fitted on "
+                f"D={self.means_.shape[1]}; pass points with the same {what}"
+            )
+        if fitting and x.shape[0] < self.n_components:
+            raise InputError(
+                f"x has {x.shape[0]} points but n_components={self.n_components}; use at most "
+                f"{x.shape[0]} components or more data"
+            )
+        return _check_finite(x, "x", "; clean or drop those rows")
+
+    def _check_inits(self, inits: dict, x: Tensor) -> dict:
+        """The initial parameters given to fit, as finite tensors like ``x``, shapes checked.
+
+        The concrete mixtures add the checks of their own parameters.
+        """
+        k, d = self.n_components, x.shape[1]
+        out = {}
+        for name, value in inits.items():
+            if value is not None:
+                value = _check_finite(_as_float(value, f"{name}_init").to(x), f"{name}_init")
+            out[name] = value
+        if out["weights"] is not None:
+            _check_weights_init(out["weights"], k)
+        if out["means"] is not None:
+            out["means"] = _check_means_init(out["means"], k, d, flatten=self._flat_means)
+        return out
+
+    def _override(self, inits: dict, x: Tensor) -> None:
+        """Replaces initial parameters by the ones given to fit (scikit-learn's order)."""
+        if inits["weights"] is not None:
+            self.weights_ = inits["weights"].clone()
+        if inits["means"] is not None:
+            self.means_ = inits["means"].clone()
+
+    def _features(self, x: Tensor) -> Tensor:
+        """Sufficient statistics T(x), shape (n, F), of prepared (e.g. centred) points."""
+        raise NotImplementedError
+
+    def _natural(self) -> tuple[Tensor, ...]:
+        """A (K, F) and b (K,) with log w_k + log p(x | k) = A @ T(x) + b."""
+        raise NotImplementedError
+
+    def _joint(self, feats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
+        """log w_k + log p(x_n | k) for a chunk, shape (K, n)."""
+        a, b = natural
+        return torch.addmm(b.unsqueeze(1), a, feats.T)
+
+    def _sums(self, resp: Tensor, feats: Tensor) -> Tensor:
+        """The M-step's sums over a chunk, r^T T(x), from responsibilities (K, n)."""
+        return resp @ feats
+
+    def _work_width(self, x: Tensor) -> int | None:
+        return None
+
+    def _centre_on(self, resp: Tensor, x: Tensor) -> None:
+        """Called with the initial responsibilities before the first M-step."""
+
+    def _m_step(self, stats: Tensor, nk: Tensor) -> None:
+        """Updates the parameters from r^T T(x) (K, F) and sum_n r (K,)."""
+        raise NotImplementedError
+
+    def _log_prior(self) -> float:
+        return 0.0
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        return x
+
+    def _parameters(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # -- EM --------------------------------------------------------------------------------------
+
+    @property
+    def _fitted(self) -> bool:
+        return hasattr(self, "weights_")
+
+    def _require_fitted(self) -> None:
+        if not self._fitted:
+            raise InputError(f"this {type(self).__name__} is not fitted yet; call fit(x) first")
+
+    def _generator(self) -> torch.Generator:
+        g = torch.Generator()
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+    def _pass(self, source: _Source) -> tuple[Tensor, Tensor, Tensor]:
+        """One E-step fused with the M-step's sums: (r^T T(x), sum_n r, sum_n log p(x_n)).
+
+        Components run along rows, (K, n), so that the product is ``A @ T^T`` (the layout is
+        chosen for speed on CPU; see docs/BENCHMARKS.md). Log-responsibilities are floored just
+        above the log of the smallest normal number before ``exp``, which keeps ``exp`` off its
+        slow path for subnormal results; a responsibility below 1e-37 (float32) or 1e-307
+        (float64) changes no sum.
+        """
+        natural = self._natural()
+        floor = math.log(torch.finfo(source.x.dtype).tiny) + 2
+        stats = nk = total = None
+        for _, feats in source.chunks():
+            joint = self._joint(feats, natural)  # (K, n)
+            top = joint.amax(0, keepdim=True)
+            resp = joint.sub_(top).clamp_(min=floor).exp_()
+            norm = resp.sum(0, keepdim=True)
+            resp.div_(norm)  # p(k | x_n), columns sum to 1
+            log_px = top.sum() + norm.log().sum()  # sum_n log sum_k exp(joint)
+            if stats is None:
+                stats, nk, total = self._sums(resp, feats), resp.sum(1), log_px
+            else:
+                stats += self._sums(resp, feats)
+                nk += resp.sum(1)
+                total += log_px
+        return stats, nk, total
+
+    def _em(self, source: _Source, n: int, lower_bound: float) -> tuple[list[float], bool, int]:
+        history, converged, n_iter = [], False, 0
+        for n_iter in range(1, self.max_iter + 1):
+            previous = lower_bound
+            stats, nk, total = self._pass(source)
+            lower_bound = (total.item() + self._log_prior()) / n
+            if not math.isfinite(lower_bound):
+                raise InputError(
+                    f"EM reached a non-finite log-likelihood at iteration {n_iter}; increase "
+                    f"reg_covar, scale the data, or fit in float64"
+                )
+            history.append(lower_bound)
+            self._m_step(stats, nk)
+            if abs(lower_bound - previous) < self.tol:
+                converged = True
+                break
+        return history, converged, n_iter
+
+    def _initial_resp(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """Initial responsibilities (N, K) from ``init``, drawn from the CPU generator ``g``."""
+        return INITS[self.init].factory(x, self.n_components, g)
+
+    def _initialize(self, source: _Source, x: Tensor, g: torch.Generator) -> None:
+        """Parameters from one M-step on the initial responsibilities."""
+        resp = self._initial_resp(x, g)
+        self._centre_on(resp, x)
+        stats = nk = None
+        for start, feats in source.chunks():
+            r = resp[start : start + feats.shape[0]].T
+            if stats is None:
+                stats, nk = self._sums(r, feats), r.sum(1)
+            else:
+                stats += self._sums(r, feats)
+                nk += r.sum(1)
+        self._m_step(stats, nk)
+
+    def _fit(self, x, inits: dict) -> _Mixture:
+        state = dict(self.__dict__)
+        try:
+            return self._fit_or_raise(x, inits)
+        except BaseException:  # a failed fit leaves the estimator as it was
+            self.__dict__.clear()
+            self.__dict__.update(state)
+            raise
+
+    def _fit_or_raise(self, x, inits: dict) -> _Mixture:
+        x = self._check_input(_as_float(x), fitting=True)
+        inits = self._check_inits(inits, x)
+        do_init = not (self.warm_start and self._fitted)
+        if do_init:
+            self._shift = x.mean(0)
+        xc = self._prepare(x)
+        source = _Source(self._features, xc, self._work_width(xc))
+        g = self._generator()
+        best = None
+        for _ in range(self.n_init if do_init else 1):
+            if do_init:
+                if any(v is None for v in inits.values()):
+                    self._initialize(source, xc, g)
+                self._override(inits, x)
+            start = -math.inf if do_init else self.lower_bound_
+            history, converged, n_iter = self._em(source, x.shape[0], start)
+            final = history[-1] if history else -math.inf
+            if best is None or final > best[0]:
+                best = (final, self._parameters(), history, converged, n_iter)
+        final, params, history, converged, n_iter = best
+        for name, value in params.items():
+            setattr(self, name, value)
+        self.lower_bound_, self.history_ = final, history
+        self.converged_, self.n_iter_ = converged, n_iter
+        return self
+
+    # -- prediction ------------------------------------------------------------------------------
+
+    def joint_log_prob(self, x) -> Tensor:
+        r""":math:`\log w_k + \log p(x_n \mid \theta_k)` for all points and components, (N, K)."""
+        self._require_fitted()
+        x = self._check_input(_as_float(x).to(self.weights_), fitting=False)
+        source = _Source(self._features, self._prepare(x), self._work_width(x), cache=False)
+        natural = self._natural()
+        return torch.cat([self._joint(feats, natural).T for _, feats in source.chunks()])
+
+    def score_samples(self, x) -> Tensor:
+        r"""The log-density :math:`\log p(x_n)` of every point, shape ``(N,)``, in nats."""
+        return torch.logsumexp(self.joint_log_prob(x), 1)
+
+    def score(self, x) -> float:
+        """The mean log-density of the points ``x`` (nats per point)."""
+        return self.score_samples(x).mean().item()
+
+    def predict(self, x) -> Tensor:
+        """The most probable component of every point, shape ``(N,)``."""
+        return self.joint_log_prob(x).argmax(1)
+
+    def predict_proba(self, x) -> Tensor:
+        """The responsibilities p(component k | x_n), shape ``(N, K)``; rows sum to 1."""
+        return torch.softmax(self.joint_log_prob(x), 1)
+
+    def _labels(
+        self, n_samples: int, generator: torch.Generator | None
+    ) -> tuple[Tensor, torch.Generator]:
+        _check_integer("n_samples", n_samples, 1)
+        g = generator if generator is not None else self._generator()
+        z = torch.multinomial(self.weights_.cpu(), n_samples, replacement=True, generator=g)
+        return z.to(self.weights_.device), g

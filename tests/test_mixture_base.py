@@ -1,0 +1,277 @@
+"""Behaviour shared by the mixtures: warm starts, chunks, failed fits, seeds, checks, registries."""
+
+import inspect
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers import blobs
+
+from ppl_vae.data import DataConfig, load_data
+from ppl_vae.errors import InputError
+from ppl_vae.mixture import (
+    COVARIANCE_TYPES,
+    INITS,
+    MIXTURES,
+    BernoulliMixture,
+    GaussianMixture,
+    base,
+)
+from ppl_vae.registry import Entry
+
+F64 = torch.float64
+
+
+# -- EM --------------------------------------------------------------------------------------------
+
+
+def test_warm_start_continues_where_the_last_fit_stopped():
+    x, w, m, p = blobs()
+    t = torch.from_numpy
+    straight = GaussianMixture(4, tol=0, max_iter=10).fit(t(x), t(w), t(m), t(p["full"]))
+    warm = GaussianMixture(4, tol=0, max_iter=4, warm_start=True)
+    warm.fit(t(x), t(w), t(m), t(p["full"]))
+    warm.max_iter = 6
+    warm.fit(t(x))
+    assert torch.allclose(warm.means_, straight.means_, rtol=1e-10)
+    np.testing.assert_allclose(warm.history_, straight.history_[4:], rtol=1e-12)
+
+
+def test_results_do_not_depend_on_chunks_or_on_caching(monkeypatch):
+    x, w, m, p = blobs()
+    t = torch.from_numpy
+    runs = []
+    for rows, cache in ((None, base.CACHE_BYTES), (7, base.CACHE_BYTES), (7, 0)):
+        if rows is not None:
+            monkeypatch.setattr(base, "_chunk_rows", lambda width, x, rows=rows: rows)
+        monkeypatch.setattr(base, "CACHE_BYTES", cache)
+        gm = GaussianMixture(4, tol=0, max_iter=10).fit(t(x), t(w), t(m), t(p["full"]))
+        runs.append((gm.means_, gm.history_, gm.score_samples(t(x))))
+    for means, history, log_p in runs[1:]:
+        assert torch.allclose(means, runs[0][0], rtol=1e-12)
+        np.testing.assert_allclose(history, runs[0][1], rtol=1e-12)
+        assert torch.allclose(log_p, runs[0][2], rtol=1e-12)
+
+
+def test_a_failed_fit_leaves_the_estimator_as_it_was():
+    x = load_data(DataConfig("ring8", num_train=500, num_test=10)).train.double()
+    gm = GaussianMixture(2, reg_covar=0, seed=0).fit(x)
+    before = {k: v.clone() for k, v in vars(gm).items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(InputError, match="increase reg_covar"):
+        gm.fit(torch.ones(50, 2, dtype=F64))
+    assert all(torch.equal(getattr(gm, k), v) for k, v in before.items())
+    with pytest.raises(InputError, match="increase reg_covar"):
+        GaussianMixture(1, reg_covar=0).fit(torch.ones(50, 2, dtype=F64))
+
+
+def test_seed_reproduces_and_more_inits_never_do_worse():
+    x = load_data(DataConfig("pinwheel", num_train=1500, num_test=10)).train.double()
+    a = GaussianMixture(8, seed=3).fit(x)
+    b = GaussianMixture(8, seed=3).fit(x)
+    assert torch.equal(a.means_, b.means_)
+    best = GaussianMixture(8, seed=3, n_init=4).fit(x)  # its first initialisation is a's
+    assert best.lower_bound_ >= a.lower_bound_
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+def test_bad_data_raise_clear_value_errors():
+    x = torch.randn(10, 2, dtype=F64)
+    with pytest.raises(InputError, match="10 points but n_components=11"):
+        GaussianMixture(11).fit(x)
+    for bad in (math.nan, math.inf):
+        y = x.clone()
+        y[3, 1] = bad
+        with pytest.raises(InputError, match="NaN or infinite"):
+            GaussianMixture(2).fit(y)
+    with pytest.raises(InputError, match=r"shape \(N, D\).*unsqueeze"):
+        GaussianMixture(2).fit(x[:, 0])
+    with pytest.raises(InputError, match=r"shape \(N, D\).*reshape"):
+        GaussianMixture(2).fit(x.reshape(10, 1, 2))
+    gm = GaussianMixture(2, seed=0).fit(x)
+    with pytest.raises(InputError, match="D=3 features but the mixture was fitted on D=2"):
+        gm.score(torch.randn(4, 3))
+    with pytest.raises(InputError, match="not fitted yet"):
+        GaussianMixture(2).score(x)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        GaussianMixture(2).fit(x.half())
+    with pytest.raises(InputError, match="binary data"):
+        BernoulliMixture(2).fit(torch.rand(20, 5))
+    with pytest.raises(InputError, match="NaN or infinite"):
+        BernoulliMixture(2).fit(torch.full((20, 5), math.nan))
+    with pytest.raises(InputError, match="D=5 values per point but the mixture was fitted on D=4"):
+        BernoulliMixture(1).fit(torch.ones(10, 4)).score(torch.ones(2, 5))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_components": 0}, "n_components must be a positive integer"),
+        (
+            {"covariance_type": "banded"},
+            "unknown covariance type 'banded'; choose one of full, tied, diag, spherical",
+        ),
+        ({"tol": -1.0}, "tol must be a non-negative number"),
+        ({"reg_covar": -1e-6}, "reg_covar must be a non-negative"),
+        ({"max_iter": -1}, "max_iter must be a non-negative integer"),
+        ({"n_init": 0}, "n_init must be a positive integer"),
+        ({"init": "kmedoids"}, "unknown init 'kmedoids'"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        GaussianMixture(**{"n_components": 2, **kwargs})
+
+
+def test_bad_initial_parameters():
+    x, w, m, p = blobs()
+    t = torch.from_numpy
+    x = t(x)
+    gm = GaussianMixture(4)
+    with pytest.raises(InputError, match=r"weights_init must have shape \(4,\)"):
+        gm.fit(x, weights_init=torch.ones(3) / 3)
+    with pytest.raises(InputError, match="sum to 1"):
+        gm.fit(x, weights_init=torch.ones(4))
+    with pytest.raises(InputError, match=r"means_init must have shape \(4, 3\)"):
+        gm.fit(x, means_init=torch.zeros(4, 2))
+    with pytest.raises(InputError, match=r"precisions_init must have shape \(4, 3, 3\)"):
+        gm.fit(x, precisions_init=torch.ones(4, 3))
+    asymmetric = t(p["full"]).clone()
+    asymmetric[0, 0, 1] += 1
+    with pytest.raises(InputError, match="symmetric"):
+        gm.fit(x, precisions_init=asymmetric)
+    with pytest.raises(InputError, match="positive definite"):
+        gm.fit(x, precisions_init=-t(p["full"]))
+    with pytest.raises(InputError, match="positive"):
+        GaussianMixture(4, "diag").fit(x, precisions_init=-t(p["diag"]))
+    with pytest.raises(InputError, match="alpha must be a positive number"):
+        BernoulliMixture(2, alpha=0)
+    with pytest.raises(InputError, match="strictly between 0 and 1"):
+        BernoulliMixture(2).fit(torch.ones(5, 3), means_init=torch.ones(2, 3))
+
+
+def test_shared_initial_parameter_checks_apply_to_both_mixtures():
+    x = torch.bernoulli(torch.full((40, 1, 2, 3), 0.5, dtype=F64))
+    with pytest.raises(InputError, match=r"weights_init must have shape \(2,\)"):
+        BernoulliMixture(2).fit(x, weights_init=torch.ones(3) / 3)
+    with pytest.raises(InputError, match="non-negative and sum to 1, got sum 2"):
+        BernoulliMixture(2).fit(x, weights_init=torch.ones(2))
+    with pytest.raises(InputError, match=r"means_init must have shape \(2, 6\)"):
+        BernoulliMixture(2).fit(x, means_init=torch.full((2, 5), 0.5))
+    with pytest.raises(InputError, match="means_init contains NaN or infinite values"):
+        BernoulliMixture(2).fit(x, means_init=torch.full((2, 6), math.nan))
+    with pytest.raises(InputError, match="weights_init contains NaN or infinite values"):
+        GaussianMixture(2).fit(x.flatten(1), weights_init=torch.tensor([math.inf, 0.5]))
+    # Bernoulli means may come in the shape of the images; Gaussian means may not
+    means = torch.full((2, 1, 2, 3), 0.5, dtype=F64)
+    means[1] = 0.25
+    bm = BernoulliMixture(2, max_iter=0).fit(x, means_init=means)
+    assert torch.equal(bm.means_, means.reshape(2, 6))
+    with pytest.raises(InputError, match=r"means_init must have shape \(2, 6\)"):
+        GaussianMixture(2).fit(x.flatten(1), means_init=means)
+
+
+@pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_components": True}, "n_components must be a positive integer, got True"),
+        ({"n_components": 1.5}, "n_components must be a positive integer, got 1.5"),
+        ({"tol": math.nan}, "tol must be a non-negative number, got nan"),
+        ({"tol": "0.1"}, "tol must be a non-negative number, got '0.1'"),
+        ({"max_iter": 2.0}, "max_iter must be a non-negative integer, got 2.0"),
+        ({"n_init": -1}, "n_init must be a positive integer, got -1"),
+        (
+            {"init": "kmedoids"},
+            "unknown init 'kmedoids'; choose one of kmeans, k-means++, random, random_from_data",
+        ),
+    ],
+)
+def test_both_mixtures_check_the_shared_settings(mixture, kwargs, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        mixture(**{"n_components": 2, **kwargs})
+
+
+def test_mixture_specific_settings_are_input_errors():
+    with pytest.raises(InputError, match=r"reg_covar must be a non-negative number, got nan"):
+        GaussianMixture(2, reg_covar=math.nan)
+    with pytest.raises(InputError, match=r"alpha must be a positive number \(a pseudo-count"):
+        BernoulliMixture(2, alpha=-1)
+    gm = GaussianMixture(1).fit(torch.randn(10, 2, dtype=F64))
+    with pytest.raises(InputError, match="n_samples must be a positive integer, got 0"):
+        gm.sample(0)
+
+
+# -- registries ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("init", INITS)
+def test_every_init_gives_responsibilities(init, dtype):
+    x = torch.from_numpy(blobs(n=300)[0]).to(dtype)
+    k = 4
+    resp = INITS[init].factory(x, k, torch.Generator().manual_seed(0))
+    assert resp.shape == (300, k) and resp.dtype == dtype and (resp >= 0).all()
+    rows = resp.sum(1)
+    if init in ("kmeans", "random"):  # every point shares itself out among the components
+        assert torch.allclose(rows, torch.ones_like(rows))
+    else:  # like scikit-learn: one seed point per component, the other rows 0
+        assert torch.equal(resp.sum(0), torch.ones(k, dtype=dtype))
+        assert torch.equal(rows.unique(), torch.tensor([0.0, 1.0], dtype=dtype))
+        assert int(rows.sum()) == k
+    again = INITS[init].factory(x, k, torch.Generator().manual_seed(0))
+    assert torch.equal(resp, again)  # drawn from the generator alone
+    if init == "kmeans":  # a hard partition into k non-empty clusters
+        assert (resp.sum(0) > 0).all() and set(resp.unique().tolist()) == {0.0, 1.0}
+
+
+def test_a_mixture_starts_from_the_registered_init(monkeypatch):
+    x = torch.from_numpy(blobs(n=200)[0])
+    calls = []
+
+    def uniform(x, k, g):
+        calls.append((x.shape, k))
+        return torch.full((x.shape[0], k), 1 / k, dtype=x.dtype)
+
+    monkeypatch.setitem(INITS._entries, "uniform", Entry("uniform", uniform))
+    gm = GaussianMixture(3, init="uniform", max_iter=0).fit(x)
+    assert calls == [((200, 3), 3)]
+    assert torch.allclose(gm.means_, x.mean(0).expand(3, -1))  # every component: the data mean
+
+
+def test_unknown_names_are_input_errors_that_list_the_choices():
+    for registry in (COVARIANCE_TYPES, INITS, MIXTURES):
+        message = f"unknown {registry.kind} 'nope'; choose one of {', '.join(registry.names)}"
+        with pytest.raises(InputError) as caught:
+            registry.check("nope")
+        assert str(caught.value) == message
+    assert COVARIANCE_TYPES.names == ("full", "tied", "diag", "spherical")
+    assert INITS.names == ("kmeans", "k-means++", "random", "random_from_data")
+    assert MIXTURES.names == ("gaussian", "bernoulli")
+    with pytest.raises(InputError, match="unknown mixture 'poisson'; choose one of gaussian, b"):
+        MIXTURES.build("poisson", n_components=2)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_covariance_types_give_the_shape_of_the_precisions(covariance_type):
+    x = torch.from_numpy(blobs()[0])
+    gm = GaussianMixture(4, covariance_type, max_iter=2, seed=0).fit(x)
+    shape = COVARIANCE_TYPES[covariance_type].factory(4, 3)
+    assert gm.precisions_.shape == gm.covariances_.shape == shape
+    with pytest.raises(InputError, match=rf"precisions_init must have shape \({shape[0]},"):
+        GaussianMixture(4, covariance_type).fit(x, precisions_init=torch.ones(shape + (1,)))
+
+
+def test_mixtures_are_built_by_name_with_their_declared_options():
+    gm = MIXTURES.build("gaussian", n_components=3, covariance_type="diag", seed=1)
+    assert isinstance(gm, GaussianMixture) and (gm.n_components, gm.covariance_type) == (3, "diag")
+    bm = MIXTURES.build("bernoulli", n_components=2, alpha=0.5)
+    assert isinstance(bm, BernoulliMixture) and bm.alpha == 0.5
+    for name in MIXTURES:  # the declared options are exactly what the constructor takes
+        cls = MIXTURES[name].factory
+        assert MIXTURES.options(name) == tuple(inspect.signature(cls).parameters)
+    with pytest.raises(InputError, match="reg_covar does not apply to the mixture 'bernoulli'"):
+        MIXTURES.build("bernoulli", n_components=2, reg_covar=1e-3)
