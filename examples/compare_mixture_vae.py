@@ -9,7 +9,7 @@ negative):
   log-likelihood is exact; and a VAE with a 2-D latent space and a Gaussian p(x|z) (learned
   per-dimension sigma; MLP 200-200, tanh), trained for 30 epochs with a 10-epoch KL warm-up,
   whose test log p(x) is estimated by importance sampling with the guide as proposal and 1000
-  draws per point (``ppl_vae.vae.evaluate_run``). The figure puts, for each set, the test points,
+  draws per point (``ppl_vae.runs.evaluate_run``). The figure puts, for each set, the test points,
   the mixture's log-density (``--figure-k`` components) and the VAE's (importance-sampled on a
   grid, ``--grid-samples`` draws per grid point) side by side, on shared levels.
 - statically binarized MNIST (60,000 / 10,000, one fixed Bernoulli draw from seed 0): Bernoulli
@@ -18,7 +18,7 @@ negative):
 
 Run:
     python examples/compare_mixture_vae.py --figure docs/mixture_vs_vae.png
-    python examples/compare_mixture_vae.py --datasets ring8 --ks 1,8 --epochs 2 --mnist-ks ""
+    python examples/compare_mixture_vae.py --quick   # ring8, K = 1 and 8, 2 epochs, no MNIST
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 
 from ppl_vae.data import DataConfig, load_data
-from ppl_vae.evaluate import log_likelihood
+from ppl_vae.importance import log_likelihood
 from ppl_vae.mixture import BernoulliMixture, GaussianMixture
-from ppl_vae.train import TrainConfig
-from ppl_vae.vae import VAEConfig, evaluate_run, train_run
+from ppl_vae.runs import EvaluateConfig, evaluate_run, train_run
+from ppl_vae.svi import TrainConfig
+from ppl_vae.vae import VAEConfig
 
 
 def fit_gaussian_mixtures(data, ks, seed: int) -> list[dict]:
@@ -70,7 +71,7 @@ def fit_vae(name: str, epochs: int, samples: int, runs_dir: Path) -> dict:
         quiet=True,
     )
     trained = time.perf_counter() - t0
-    result = evaluate_run(run, "test", num_samples=samples)
+    result = evaluate_run(run, EvaluateConfig(num_samples=samples))
     return {
         "model": f"VAE z=2, {epochs} epochs",
         "train": None,
@@ -178,7 +179,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs-dir", default=None, help="keep the VAE runs here")
     parser.add_argument("--figure", default="mixture_vs_vae.png")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help="ring8 only, K = 1 and 8, 2 epochs, few draws"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.ks, args.figure_k, args.mnist_ks = "ring8", "1,8", 8, ""
+        args.epochs, args.is_samples, args.grid_samples = 2, 100, 20
     torch.set_num_threads(1)
     ks = [int(k) for k in args.ks.split(",") if k]
     if args.figure_k not in ks:

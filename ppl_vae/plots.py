@@ -57,7 +57,7 @@ def reconstructions_figure(model: VAEModel, guide: AmortizedGuide, data: Data, n
     """Test points above E[x|z] for z drawn from q(z|x) (rows of originals over recons)."""
     g = torch.Generator(device=data.device).manual_seed(0)
     x = data.encode(data.test[: n if data.is_image else 2000], generator=g)
-    z = guide.distribution(x).sample()
+    z = guide.distribution(x)()  # a Pyro distribution draws when called (zuko flows only so)
     recon = model.observation(z).mean
     fig, ax = plt.subplots(figsize=(6, 6))
     if data.is_image:

@@ -1,16 +1,10 @@
 """Shared fixtures: MNIST location, a clean Pyro state for every test, bad input files."""
 
-import os
-
+import helpers  # noqa: F401  (sets PPL_VAE_DATA to ../shared/data when that holds MNIST)
 import numpy as np
 import pyro
 import pytest
 import torch
-
-from helpers import SHARED_DATA
-
-if "PPL_VAE_DATA" not in os.environ and (SHARED_DATA / "MNIST" / "raw").is_dir():
-    os.environ["PPL_VAE_DATA"] = str(SHARED_DATA)
 
 
 @pytest.fixture(autouse=True)

@@ -20,10 +20,12 @@ from ppl_vae.model import FixedGaussianLikelihood, VAEModel
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+if "PPL_VAE_DATA" not in os.environ and (SHARED_DATA / "MNIST" / "raw").is_dir():
+    os.environ["PPL_VAE_DATA"] = str(SHARED_DATA)  # before anything reads it
 
 
 def mnist_root() -> Path | None:
-    """The MNIST folder from PPL_VAE_DATA (set by conftest from ../shared/data), if present."""
+    """The MNIST folder from PPL_VAE_DATA (by default ../shared/data), if present."""
     root = os.environ.get("PPL_VAE_DATA")
     if root and (Path(root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
         return Path(root)

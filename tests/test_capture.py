@@ -13,8 +13,8 @@ from torch import fx
 from ppl_vae.capture import CapturedLoss
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.guides import GaussianGuide
-from ppl_vae.networks import NetworkConfig
 from ppl_vae.losses import TraceELBO
+from ppl_vae.networks import NetworkConfig
 from ppl_vae.runs import train_run
 from ppl_vae.svi import TrainConfig, collect_params, step_loss, train
 from ppl_vae.vae import VAEConfig, build_vae
@@ -50,7 +50,7 @@ def test_captured_training_gives_the_numbers_of_the_program_run_each_step(tmp_pa
 
 
 def linear_gaussian_loss():
-    model, guide, x, params = trainable_linear_gaussian_vae()
+    model, guide, x, params = trainable_linear_gaussian()
     loss = partial(TraceELBO(max_plate_nesting=1).differentiable_loss, model, guide)
     return loss, x, params
 

@@ -1,18 +1,23 @@
 """The ppl-vae command line: a short real run, --help, resume, and every bad-input case."""
 
+import argparse
+import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import needs_mnist
+from helpers import needs_mnist, run_cli
 
 from ppl_vae.cli import main
+from ppl_vae.data import DataConfig
+from ppl_vae.networks import NetworkConfig
+from ppl_vae.runs import EvaluateConfig, MixtureConfig
+from ppl_vae.svi import TrainConfig
+from ppl_vae.vae import VAEConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = [
     "--dataset", "--binarize", "--data-dir", "--latent-dim", "--network", "--hidden",
     "--activation", "--likelihood", "--sigma", "--guide", "--flow-length", "--flow-hidden",
@@ -20,12 +25,6 @@ TRAIN_FLAGS = [
     "--loss", "--num-particles", "--beta", "--kl-warmup", "--seed", "--device", "--out",
     "--resume", "--quiet",
 ]  # fmt: skip
-
-
-def run_cli(*args, capsys):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @needs_mnist
@@ -36,7 +35,7 @@ def test_one_short_mnist_epoch_writes_metrics_checkpoint_and_pictures(tmp_path, 
     )
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.pt", "metrics.jsonl", "reconstructions.png", "samples.png",
+        "checkpoint.pt", "config.json", "metrics.jsonl", "reconstructions.png", "samples.png",
     ]  # fmt: skip
     (metrics,) = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     # One epoch of the 784-200-200-50 VAE lands near -180 nats; an untrained one is below -540.
@@ -76,27 +75,44 @@ def test_help_documents_every_flag(capsys):
     assert "train" in capsys.readouterr().out
 
 
-@pytest.fixture
-def bad_files(tmp_path):
-    nan = np.random.default_rng(0).normal(size=(50, 2)).astype("float32")
-    nan[3, 1] = np.nan
-    np.save(tmp_path / "nan.npy", nan)
-    inf = nan.copy()
-    inf[3, 1] = np.inf
-    np.save(tmp_path / "inf.npy", inf)
-    (tmp_path / "a_file").write_text("not a directory")
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    (corrupt / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
-    (tmp_path / "empty_mnist").mkdir()
-    return tmp_path
+@pytest.mark.parametrize(
+    "command, configs",
+    [
+        ("train", [DataConfig, VAEConfig, NetworkConfig, TrainConfig]),
+        ("evaluate", [EvaluateConfig]),
+        ("em", [MixtureConfig]),
+    ],
+)
+def test_flags_and_defaults_come_from_the_configuration_dataclasses(command, configs):
+    """Every field has a flag whose help is the field's, with the dataclass default."""
+    from ppl_vae.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    actions = {flag: a for a in sub.choices[command]._actions for flag in a.option_strings}
+    for cls in configs:
+        for f in dataclasses.fields(cls):
+            if f.name in ("seed", "data_dir") or f.name == "network":
+                continue
+            if command == "em" and cls is DataConfig and f.name != "name":
+                continue
+            flag = (f.metadata.get("flags") or [f"--{f.name.replace('_', '-')}"])[0]
+            action = actions[flag]
+            assert action.help.startswith(f.metadata["help"].replace("%", "%%")), flag
+            if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
+                shown = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+                assert action.help.endswith(f"(default: {shown})"), flag
 
 
 BAD = [
     (["--dataset", "cifar"], "unknown data set 'cifar'"),
-    (["--dataset", "pinwheel", "--guide", "flowy"], "unknown guide 'flowy'"),
-    (["--dataset", "pinwheel", "--likelihood", "poisson"], "unknown likelihood 'poisson'"),
-    (["--dataset", "pinwheel", "--activation", "swishy"], "unknown activation 'swishy'"),
+    (["--dataset", "pinwheel", "--guide", "flowy"], "invalid choice: 'flowy'"),
+    (["--dataset", "pinwheel", "--likelihood", "poisson"], "invalid choice: 'poisson'"),
+    (["--dataset", "pinwheel", "--activation", "swishy"], "invalid choice: 'swishy'"),
+    (["--dataset", "pinwheel", "--guide", "planar", "--rank", "5"], "--rank does not apply"),
+    (["--dataset", "pinwheel", "--flow-length", "3"], "--flow-length does not apply to the guide"),
+    (["--dataset", "pinwheel", "--guide", "radial", "--flow-hidden", "8"], "--flow-hidden does"),
+    (["--dataset", "pinwheel", "--likelihood", "bernoulli", "--sigma", "1"], "--sigma does not"),
+    (["--dataset", "pinwheel", "--network", "conv", "--hidden", "8"], "--hidden does not apply"),
     (["--dataset", "pinwheel", "--likelihood", "bernoulli"], "needs binary data"),
     (["--dataset", "{tmp}/nan.npy"], "NaN or infinite"),
     (["--dataset", "{tmp}/inf.npy"], "NaN or infinite"),
@@ -109,7 +125,7 @@ BAD = [
     (["--dataset", "pinwheel", "--hidden", "200,x"], "comma-separated integers"),
     (["--dataset", "{tmp}/missing.npy"], "does not exist"),
     (["--dataset", "pinwheel", "--device", "tpu"], "unknown device 'tpu'"),
-    (["--dataset", "pinwheel", "--guide", "planar", "--flow-length", "0"], "flow length must be"),
+    (["--dataset", "pinwheel", "--guide", "planar", "--flow-length", "0"], "flow_length must be a positive"),
     (
         ["--dataset", "pinwheel", "--latent-dim", "2", "--guide", "lowrank", "--rank", "3"],
         "rank must lie in 1..2",
@@ -203,9 +219,11 @@ def test_evaluate_writes_nll_elbo_ess_and_settings(pinwheel_run, capsys):
     "args, message",
     [
         (["--run", "{tmp}/nowhere"], "no checkpoint at"),
-        (["--run", "{run}", "--num-samples", "0"], "--num-samples must be a positive"),
+        (["--run", "{run}", "--num-samples", "0"], "num_samples must be a positive"),
         (["--run", "{run}", "--chunk-size", "0"], "chunk_size must be a positive"),
-        (["--run", "{run}", "--batch-size", "0"], "batch size must be a positive"),
+        (["--run", "{run}", "--batch-size", "0"], "batch_size must be a positive"),
+        (["--run", "{run}", "--iwae-k", "1,100"], "every --iwae-k must lie in 1..10"),
+        (["--run", "{run}", "--iwae-k", "1,x"], "comma-separated integers"),
         (["--run", "{tmp}/corrupt"], "unreadable or corrupt"),
     ],
 )
@@ -215,3 +233,22 @@ def test_evaluate_bad_input(args, message, pinwheel_run, bad_files, capsys):
     code, _, err = run_cli("evaluate", "--num-samples", "10", *args, capsys=capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert sorted(pinwheel_run.iterdir()) == before
+
+
+def test_an_internal_error_is_not_reported_as_bad_input(monkeypatch, tmp_path):
+    """Only the project's own input errors exit 2; a bug keeps its traceback."""
+    import ppl_vae.cli as cli
+
+    def broken(*args, **kwargs):
+        raise TypeError("an internal bug")
+
+    monkeypatch.setattr(cli, "train_run", broken)
+    with pytest.raises(TypeError, match="an internal bug"):
+        main(["train", "--dataset", "pinwheel", "--out", str(tmp_path / "r")])
+
+
+def test_python_dash_m_ppl_vae_is_the_command_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ppl_vae", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "train" in proc.stdout and "evaluate" in proc.stdout

@@ -89,7 +89,7 @@ def test_bad_data_are_rejected(tmp_path):
         Data(torch.tensor([[0.0], [float("nan")]]), torch.zeros(1, 1), "continuous")
     with pytest.raises(ValueError, match="shapes differ"):
         Data(torch.zeros(3, 2), torch.zeros(3, 4), "continuous")
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(ValueError, match="floating-point"):
         Data(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), "continuous")
     with pytest.raises(ValueError, match="unknown data set 'svhn'"):
         load_data(DataConfig("svhn"))

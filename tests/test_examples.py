@@ -1,22 +1,90 @@
-"""Examples run end to end with their quick settings."""
+"""Every example runs end to end with --quick; the numbers it prints are checked."""
 
+import importlib.util
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-from helpers import needs_mnist
-
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+from helpers import ROOT, mnist_root
 
 
-@needs_mnist
-def test_train_vae_example_quick():
+def final_test_elbo(out):
+    # two epochs on 5k images: about -210 nats; an untrained decoder scores below -540
+    elbo = float(re.search(r"final test ELBO (-?[\d.]+)", out).group(1))
+    assert -260 < elbo < -150
+
+
+def em_touches(out):
+    gap = float(
+        re.search(r"max \|bound after E-step - log-likelihood\|[^\d]*([\d.e+-]+)", out).group(1)
+    )
+    assert gap < 1e-6
+
+
+def mixture_beats_one_gaussian(out):
+    # ring8: 8 components fit the 8 clusters far better than one Gaussian
+    k1 = float(re.search(r"\| ring8 \| GMM full K=1 \| (-?[\d.]+)", out).group(1))
+    k8 = float(re.search(r"\| ring8 \| GMM full K=8 \| (-?[\d.]+)", out).group(1))
+    assert k8 > k1 + 2
+
+
+# (script, arguments, what its output must show, needs MNIST)
+EXAMPLES = [
+    ("train_vae.py", ["--quick"], final_test_elbo, True),
+    ("em_vs_svi.py", ["--quick", "--out", "{tmp}/em_vs_svi.png"], em_touches, False),
+    (
+        "compare_mixture_vae.py",
+        ["--quick", "--figure", "{tmp}/cmv.png"],
+        mixture_beats_one_gaussian,
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize("script, args, check, mnist", EXAMPLES, ids=[e[0] for e in EXAMPLES])
+def test_example_runs_quickly(script, args, check, mnist, tmp_path):
+    if mnist and mnist_root() is None:
+        pytest.skip("MNIST not found")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_vae.py"), "--quick"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [sys.executable, str(ROOT / "examples" / script), *args],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    elbo = float(re.search(r"final test ELBO (-?[\d.]+)", proc.stdout).group(1))
-    # two epochs on 5k images: about -210 nats; an untrained decoder scores below -540
-    assert -260 < elbo < -150
+    check(proc.stdout)
+    for png in tmp_path.rglob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_example_is_in_the_list():
+    listed = {e[0] for e in EXAMPLES}
+    assert listed == {p.name for p in (ROOT / "examples").glob("*.py")}
+
+
+def test_em_vs_svi_example_em_bound_touches_after_every_e_step(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("em_vs_svi", ROOT / "examples" / "em_vs_svi.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--quick", "--out", str(tmp_path / "em_vs_svi.png")])
+    em, svi, local = result["em"], result["svi"], result["svi_local"]
+    ll, after_e, after_m = em["log_likelihood"], em["bound_after_e"], em["bound_after_m"]
+    assert len(after_e) == 30 and result["max_touch_gap"] < 1e-6
+    assert all(
+        abs(a - b) < 1e-6 for a, b in zip(ll, after_e, strict=False)
+    )  # F(q_t, theta_t) = log p
+    assert all(
+        m <= a + 1e-12 for a, m in zip(ll[1:], after_m, strict=True)
+    )  # F(q_t, theta_t+1) <= log p
+    assert (
+        max(a - m for a, m in zip(ll[1:], after_m, strict=True)) > 1e-4
+    )  # and strictly below somewhere
+    assert all(b >= a - 1e-9 for a, b in zip(ll, ll[1:], strict=False)) and ll[-1] > ll[0] + 1
+    # Pyro's enumerated ELBO is the log-likelihood itself; the fixed-q and local-q bounds lag
+    assert svi["max_loss_mismatch"] < 1e-8 and local["max_loss_mismatch"] < 1e-8
+    assert svi["log_likelihood"][-1] - svi["bound"][-1] > 1.0
+    assert all(
+        a - b > 1e-4 for a, b in zip(local["log_likelihood"][50:], local["bound"][50:], strict=True)
+    )
+    assert (tmp_path / "em_vs_svi.png").stat().st_size > 10_000
+    assert "max |bound after E-step - log-likelihood|" in capsys.readouterr().out

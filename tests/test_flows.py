@@ -9,10 +9,15 @@ from ppl_vae.flows import FLOWS, ConditionalSylvester, flow_steps
 DIM, CONTEXT = 4, 3
 
 
+def hidden(kind):
+    """A width of 16 for the flows with autoregressive networks, none for the others."""
+    return 16 if "hidden_dim" in FLOWS.options(kind) else None
+
+
 @pytest.mark.parametrize("kind", list(FLOWS))
 def test_log_abs_det_jacobian_matches_autograd_slogdet_in_float64(kind):
     torch.manual_seed(0)
-    steps = flow_steps(kind, DIM, CONTEXT, length=2, hidden=16).double()
+    steps = flow_steps(kind, DIM, CONTEXT, length=2, hidden=hidden(kind)).double()
     h = torch.randn(5, CONTEXT, dtype=torch.float64)
     x = 1.5 * torch.randn(5, DIM, dtype=torch.float64)
     for step in steps:
@@ -48,7 +53,7 @@ def test_steps_broadcast_over_leading_particle_dimensions():
     torch.manual_seed(2)
     h = torch.randn(5, CONTEXT)
     for kind in FLOWS:
-        step = flow_steps(kind, DIM, CONTEXT, length=1, hidden=16)[0]
+        step = flow_steps(kind, DIM, CONTEXT, length=1, hidden=hidden(kind))[0]
         t = step.condition(h)
         x = torch.randn(6, 5, DIM)
         y = t(x)
@@ -64,6 +69,8 @@ def test_bad_flow_arguments_name_the_fix():
         flow_steps("nope", DIM, CONTEXT, 2)
     with pytest.raises(ValueError, match="flow length must be a positive integer, got 0"):
         flow_steps("planar", DIM, CONTEXT, 0)
+    with pytest.raises(ValueError, match="planar flow has no hidden layer; drop --flow-hidden"):
+        flow_steps("planar", DIM, CONTEXT, 2, hidden=16)
     with pytest.raises(ValueError, match=r"num_vectors must lie in 1\.\.4, got 5"):
         ConditionalSylvester(DIM, CONTEXT, "orthogonal", num_vectors=5)
     with pytest.raises(ValueError, match="unknown Sylvester variant 'x'"):

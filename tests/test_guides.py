@@ -10,12 +10,12 @@ import torch
 from helpers import SIGMA_X, decode, nonlinear_model, quadrature
 
 from ppl_vae.data import DataConfig
-from ppl_vae.importance import log_likelihood
 from ppl_vae.flows import FLOWS
 from ppl_vae.guides import GUIDES, make_guide
+from ppl_vae.importance import log_likelihood
+from ppl_vae.losses import TraceELBO
 from ppl_vae.model import LIKELIHOODS, VAEModel
 from ppl_vae.networks import MLPDecoder, MLPEncoder, NetworkConfig
-from ppl_vae.losses import TraceELBO
 from ppl_vae.runs import load_run, train_run
 from ppl_vae.svi import TrainConfig
 from ppl_vae.vae import VAEConfig
@@ -32,8 +32,14 @@ NAMES = [
 ]
 
 
+def short_flow(name):
+    """flow_length=2 for the guides that take it."""
+    return {"flow_length": 2} if name in GUIDES and "flow_length" in GUIDES.options(name) else {}
+
+
 def small_guide(name, latent_dim=3, in_dim=6, **options):
-    return make_guide(name, MLPEncoder([in_dim], [8], "tanh"), latent_dim, flow_length=2, **options)
+    encoder = MLPEncoder([in_dim], [8], "tanh")
+    return make_guide(name, encoder, latent_dim, **short_flow(name), **options)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -85,7 +91,8 @@ def test_gradients_reach_every_guide_parameter(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_trained_guide_is_saved_and_loaded_exactly(tmp_path, name):
-    config = VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(8,)), guide=name, flow_length=2)
+    network = NetworkConfig(hidden=(8,))
+    config = VAEConfig(latent_dim=2, network=network, guide=name, **short_flow(name))
     run = train_run(
         DataConfig("moons", num_train=200, num_test=50),
         config,
@@ -115,6 +122,23 @@ def test_unknown_guides_and_bad_options_are_rejected():
         make_guide("iaf", MLPEncoder([6], [8], "tanh"), 3, flow_length=0)
 
 
+@pytest.mark.parametrize(
+    "name, option, takes",
+    [
+        ("planar", {"rank": 5}, "which takes flow_length; drop rank"),
+        ("gaussian", {"flow_length": 3}, "which takes no options; drop flow_length"),
+        ("sylvester", {"flow_hidden": 16}, "which takes flow_length; drop flow_hidden"),
+        ("lowrank", {"flow_length": 3}, "which takes rank; drop flow_length"),
+    ],
+)
+def test_an_option_the_guide_does_not_take_is_an_error_that_names_it(name, option, takes):
+    with pytest.raises(ValueError, match=f"does not apply to the guide '{name}', {takes}"):
+        make_guide(name, MLPEncoder([6], [8], "tanh"), 3, **option)
+    flag = "--" + next(iter(option)).replace("_", "-")
+    with pytest.raises(ValueError, match=f"{flag} does not apply to the guide '{name}'"):
+        VAEConfig(guide=name, **option)
+
+
 def test_lowrank_and_fullrank_covariances_are_what_the_heads_say():
     torch.manual_seed(4)
     x = torch.randn(2, 6)
@@ -142,7 +166,8 @@ def _gaps(steps=500, points=8):
     for name in GAP_GUIDES:
         pyro.clear_param_store()
         torch.manual_seed(0)
-        guide = make_guide(name, MLPEncoder([3], [32], "tanh"), 2, flow_length=4).double()
+        options = {"flow_length": 4} if name in FLOWS else {}
+        guide = make_guide(name, MLPEncoder([3], [32], "tanh"), 2, **options).double()
         optim = torch.optim.Adam(guide.parameters(), lr=1e-2)
         elbo = TraceELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)
         with pyro.validation_enabled(False):

@@ -1,7 +1,5 @@
 """Importance-sampled log p(x) against closed forms and quadrature; site checks."""
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import pytest

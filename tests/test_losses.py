@@ -9,7 +9,6 @@ from pyro import poutine
 
 from ppl_vae.guides import GaussianGuide
 from ppl_vae.losses import LOSSES, IWAELoss, TraceELBO, TraceMeanFieldELBO, scale_latent
-from ppl_vae.svi import TrainConfig
 
 
 def loss_and_grads(elbo, model, guide, params, *args, seed=3):

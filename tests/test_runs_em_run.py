@@ -1,27 +1,16 @@
-"""The ``em`` command and the EM-versus-SVI example (moved from test_mixture.py)."""
+"""The EM baseline as a run: MixtureConfig, em_run's files, and the ``em`` command."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_mnist
+from helpers import needs_mnist, run_cli
 
 from ppl_vae.cli import main
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.mixture import GaussianMixture
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 # -- command line ----------------------------------------------------------------------------------
-
-
-def run_cli(*args, capsys):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_em_command_writes_results_and_a_density_picture(tmp_path, capsys):
@@ -107,34 +96,3 @@ def test_em_bad_input_is_one_line_exit_2_and_leaves_nothing(args, message, bad_e
     assert err.count("\n") == 1 and err.startswith("ppl-vae") and "error:" in err
     assert "Traceback" not in err
     assert sorted(bad_em_files.rglob("*")) == before  # no half-written files or folders
-
-
-# -- the EM-versus-SVI example ---------------------------------------------------------------------
-
-
-def test_em_vs_svi_example_em_bound_touches_after_every_e_step(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("em_vs_svi", ROOT / "examples" / "em_vs_svi.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    result = example.main(["--quick", "--out", str(tmp_path / "em_vs_svi.png")])
-    em, svi, local = result["em"], result["svi"], result["svi_local"]
-    ll, after_e, after_m = em["log_likelihood"], em["bound_after_e"], em["bound_after_m"]
-    assert len(after_e) == 30 and result["max_touch_gap"] < 1e-6
-    assert all(
-        abs(a - b) < 1e-6 for a, b in zip(ll, after_e, strict=False)
-    )  # F(q_t, theta_t) = log p
-    assert all(
-        m <= a + 1e-12 for a, m in zip(ll[1:], after_m, strict=True)
-    )  # F(q_t, theta_t+1) <= log p
-    assert (
-        max(a - m for a, m in zip(ll[1:], after_m, strict=True)) > 1e-4
-    )  # and strictly below somewhere
-    assert all(b >= a - 1e-9 for a, b in zip(ll, ll[1:], strict=False)) and ll[-1] > ll[0] + 1
-    # Pyro's enumerated ELBO is the log-likelihood itself; the fixed-q and local-q bounds lag
-    assert svi["max_loss_mismatch"] < 1e-8 and local["max_loss_mismatch"] < 1e-8
-    assert svi["log_likelihood"][-1] - svi["bound"][-1] > 1.0
-    assert all(
-        a - b > 1e-4 for a, b in zip(local["log_likelihood"][50:], local["bound"][50:], strict=True)
-    )
-    assert (tmp_path / "em_vs_svi.png").stat().st_size > 10_000
-    assert "max |bound after E-step - log-likelihood|" in capsys.readouterr().out

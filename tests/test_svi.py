@@ -1,17 +1,10 @@
 """The SVI loop: convergence on a closed form, KL warm-up, settings, states and resume."""
 
-import math
-
 import pytest
-import torch
 from helpers import Flatten, linear_gaussian_vae
 
-from ppl_vae.data import DataConfig, load_data
-from ppl_vae.errors import InputError
 from ppl_vae.guides import GaussianGuide
-from ppl_vae.networks import NetworkConfig
 from ppl_vae.svi import TrainConfig, kl_weight, mean_elbo, train
-from ppl_vae.vae import VAEConfig, build_vae
 
 
 def test_svi_drives_the_elbo_to_the_exact_log_likelihood_of_a_linear_gaussian_model():
