@@ -125,7 +125,7 @@ BAD = [
     (["--dataset", "pinwheel", "--hidden", "200,x"], "comma-separated integers"),
     (["--dataset", "{tmp}/missing.npy"], "does not exist"),
     (["--dataset", "pinwheel", "--device", "tpu"], "unknown device 'tpu'"),
-    (["--dataset", "pinwheel", "--guide", "planar", "--flow-length", "0"], "flow_length must be a positive"),
+    (["--dataset", "pinwheel", "--guide", "planar", "--flow-length", "0"], "flow_length must be"),
     (
         ["--dataset", "pinwheel", "--latent-dim", "2", "--guide", "lowrank", "--rank", "3"],
         "rank must lie in 1..2",
