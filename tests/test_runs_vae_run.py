@@ -101,3 +101,29 @@ def test_a_nan_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatch):
         config = TrainConfig(epochs=2, capture=False)
         train_run(data, vae, config, tmp_path, "cpu", quiet=True)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+EVALUATE_KEYS = {
+    "split", "num_points", "num_samples", "nll", "nll_standard_error", "elbo", "ess", "iwae",
+    "seconds", "epoch", "chunk_size", "batch_size", "seed", "limit", "device", "log_px",
+}  # fmt: skip
+
+
+def test_evaluate_run_writes_evaluate_json_with_the_keys_scripts_read(tmp_path):
+    from ppl_vae.runs import EvaluateConfig, evaluate_run
+
+    data, vae = small_run_configs()
+    run = train_run(data, vae, TrainConfig(epochs=1), tmp_path, "cpu", quiet=True, pictures=False)
+    config = EvaluateConfig(num_samples=30, limit=40, batch_size=16, seed=2)
+    record = evaluate_run(run, config)
+    assert set(record) == EVALUATE_KEYS
+    assert record == json.loads((tmp_path / "evaluate.json").read_text())
+    assert record["num_points"] == len(record["log_px"]) == 40 and record["iwae"].keys() == {
+        "1",
+        "10",
+    }
+    # from the folder, without writing: the same estimate
+    again = evaluate_run(tmp_path, config, device="cpu", write=False)
+    assert again["log_px"] == record["log_px"]
+    # the mean log p(x) lies above the mean ELBO from the same draws
+    assert -record["nll"] > record["elbo"]

@@ -1,0 +1,97 @@
+"""The checkpoint format: round trip, config.json, and runs written before the redesign."""
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppl_vae.data import DataConfig
+from ppl_vae.errors import InputError
+from ppl_vae.networks import NetworkConfig
+from ppl_vae.runs import EvaluateConfig, RunConfig, RunDir, evaluate_run, load_run, train_run
+from ppl_vae.svi import TrainConfig
+from ppl_vae.vae import VAEConfig
+
+LEGACY = Path(__file__).parent / "fixtures" / "run-v0"
+
+
+def small_run(tmp_path, **vae):
+    data = DataConfig("pinwheel", num_train=300, num_test=100)
+    config = VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(8,)), **vae)
+    return train_run(
+        data, config, TrainConfig(epochs=2), tmp_path, "cpu", quiet=True, pictures=False
+    )
+
+
+def test_the_checkpoint_holds_the_state_and_the_configuration_as_plain_data(tmp_path):
+    run = small_run(tmp_path, guide="iaf", flow_length=2)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["format"] == 1 and ckpt["epoch"] == 2 and len(ckpt["metrics"]) == 2
+    assert json.loads(json.dumps(ckpt["config"])) == ckpt["config"]  # JSON-able
+    assert json.loads((tmp_path / "config.json").read_text()) == ckpt["config"]
+    assert RunConfig.from_dict(ckpt["config"]) == run.config
+    state, config = RunDir(tmp_path).load()
+    assert config == run.config and state.epoch == 2
+    assert state.metrics == run.metrics
+
+
+def test_unknown_formats_and_foreign_files_are_refused(tmp_path):
+    small_run(tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    torch.save({**ckpt, "format": 7}, tmp_path / "checkpoint.pt")
+    with pytest.raises(InputError, match="checkpoint format 7, newer than this ppl_vae reads"):
+        RunDir(tmp_path).load()
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(InputError, match="is not a ppl_vae checkpoint"):
+        RunDir(tmp_path).load()
+
+
+# -- a run written by ppl_vae before the redesign (tests/fixtures/run-v0) ------------------------
+
+
+def expected():
+    return json.loads((LEGACY / "expected.json").read_text())
+
+
+def test_a_pre_redesign_run_loads_with_its_configuration():
+    run = load_run(LEGACY, "cpu")
+    assert run.vae_config == VAEConfig(
+        latent_dim=2, network=NetworkConfig(hidden=(16,)), guide="planar", flow_length=2
+    )
+    assert run.data_config == DataConfig("pinwheel", num_train=600, num_test=200, seed=3)
+    assert run.train_config == TrainConfig(epochs=2, batch_size=100, seed=3)
+    assert [m["epoch"] for m in run.metrics] == [1, 2]
+
+
+def test_a_pre_redesign_run_evaluates_to_the_estimate_the_old_code_gave():
+    want = expected()["evaluate"]
+    config = EvaluateConfig(
+        split=want["split"], num_samples=want["num_samples"], batch_size=want["batch_size"],
+        iwae_k=tuple(want["iwae_ks"]), seed=want["seed"], limit=want["limit"],
+    )  # fmt: skip
+    got = evaluate_run(LEGACY, config, device="cpu", write=False)
+    assert got["nll"] == pytest.approx(want["nll"], rel=1e-9)
+    assert got["elbo"] == pytest.approx(want["elbo"], rel=1e-9)
+    assert got["iwae"] == pytest.approx(want["iwae"], rel=1e-9)
+    assert got["log_px"][:5] == pytest.approx(want["log_px_first"], rel=1e-9)
+
+
+def test_a_pre_redesign_run_resumes_to_the_epoch_the_old_code_gave(tmp_path):
+    shutil.copytree(LEGACY, tmp_path / "run")
+    old = load_run(tmp_path / "run", "cpu")
+    config = replace(old.train_config, epochs=3)
+    run = train_run(
+        old.data_config, old.vae_config, config, tmp_path / "run", "cpu", resume=True, quiet=True
+    )
+    want = expected()["resume_to_epoch_3"]
+    got = run.metrics[-1]
+    for key in ("epoch", "train_elbo", "test_elbo", "kl_weight"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    # the resumed run is written in the new format, its first epochs kept
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["format"] == 1 and [m["epoch"] for m in ckpt["metrics"]] == [1, 2, 3]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
