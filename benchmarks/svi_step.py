@@ -2,8 +2,8 @@ r"""Times one SVI step of ppl_vae against a hand-written PyTorch step, interleav
 
 Four steps on the same networks, batch, data and optimizer settings:
 
-- ``ppl_vae``: what :func:`ppl_vae.train.train` runs -- the ELBO of the Pyro model and guide
-  (``ppl_vae.elbo.TraceELBO`` or ``TraceMeanFieldELBO``, equal to Pyro's ``Trace_ELBO`` and
+- ``ppl_vae``: what :func:`ppl_vae.svi.train` runs -- the ELBO of the Pyro model and guide
+  (``ppl_vae.losses.TraceELBO`` or ``TraceMeanFieldELBO``, equal to Pyro's ``Trace_ELBO`` and
   ``TraceMeanField_ELBO`` in value and gradient), captured once as a graph of tensor operations
   and replayed (:class:`ppl_vae.capture.CapturedLoss`), one ``torch.optim.Adam`` over all
   parameters, validation off after the first trace, no host synchronisation;
@@ -26,22 +26,28 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import pyro
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI
 
-from ppl_vae import DataConfig, TrainConfig, VAEConfig, build_vae, load_data, train
-from ppl_vae.train import collect_params, make_loss, step_loss, svi_step
+from common import (
+    describe,
+    interleave,
+    medians,
+    parse_args,
+    reference_vae,
+    time_calls,
+    training_step,
+    write_section,
+)
+from ppl_vae import TrainConfig, train
+from ppl_vae.svi import collect_params, make_loss, step_loss
 
 LOG_2PI = math.log(2 * math.pi)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def hand_step(model, guide, optimizer, x, num_data, analytic_kl):
@@ -65,85 +71,54 @@ def hand_step(model, guide, optimizer, x, num_data, analytic_kl):
 
 
 def time_steps(batch: int, loss: str, repeats: int, steps: int, device: torch.device) -> dict:
-    data = load_data(DataConfig("mnist", "dynamic"), device)
+    data, model, guide = reference_vae(device)
     num_data = data.train.shape[0]
-    pyro.set_rng_seed(0)
-    model, guide = build_vae(VAEConfig(), data)
     x = torch.bernoulli(data.train[:batch])
-    config = TrainConfig(batch_size=batch, loss=loss)
-    pyro.clear_param_store()
     params = collect_params(model, guide, x, num_data)
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
-    elbo = make_loss(config)
+    elbo = make_loss(TrainConfig(batch_size=batch, loss=loss))
     stock_loss = pyro.infer.Trace_ELBO if loss == "elbo" else pyro.infer.TraceMeanField_ELBO
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), stock_loss())
     captured = step_loss(elbo, model, guide, params, capture=True)
     eager = step_loss(elbo, model, guide, params, capture=False)
 
-    def ours():
-        with pyro.validation_enabled(False):
-            return svi_step(captured, optimizer, x, num_data)
-
-    def ours_eager():
-        with pyro.validation_enabled(False):
-            return svi_step(eager, optimizer, x, num_data)
-
     def hand():
         return hand_step(model, guide, optimizer, x, num_data, analytic_kl=loss == "meanfield")
 
-    def stock():
-        return svi.step(x, num_data)
-
-    steps_by_name = {"ppl_vae": ours, "eager": ours_eager, "hand": hand, "stock": stock}
-    times: dict[str, list[float]] = {k: [] for k in steps_by_name}
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    names = list(steps_by_name)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-            step = steps_by_name[name]
-            for _ in range(5):
-                step()
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync()
-            times[name].append((time.perf_counter() - t0) / steps)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    contenders = {
+        "ppl_vae": training_step(captured, optimizer, x, num_data),
+        "eager": training_step(eager, optimizer, x, num_data),
+        "hand": hand,
+        "stock": lambda: svi.step(x, num_data),
+    }
+    times = interleave(contenders, repeats, device, calls=steps, warmup=5, rotate=True)
     ratios = {
         f"{k}/hand": statistics.median(a / b for a, b in zip(v, times["hand"], strict=True))
         for k, v in times.items()
     }
-    return medians | ratios
+    return medians(times) | ratios
 
 
 def time_epoch(device: torch.device) -> dict:
     """One MNIST epoch of ``train`` (batch 100) and the data handling of one epoch."""
-    data = load_data(DataConfig("mnist", "dynamic"), device)
-    pyro.set_rng_seed(0)
-    model, guide = build_vae(VAEConfig(), data)
-    t0 = time.perf_counter()
-    train(model, guide, data, TrainConfig(epochs=1, batch_size=100), quiet=True)
-    epoch = time.perf_counter() - t0
+    data, model, guide = reference_vae(device)
+    epoch, _ = time_calls(
+        lambda: train(model, guide, data, TrainConfig(epochs=1, batch_size=100), quiet=True),
+        device,
+    )
     g = torch.Generator(device=device).manual_seed(0)
-    handling = []
-    for _ in range(5):
-        t0 = time.perf_counter()
+
+    def handle():
         for _x in data.batches(100, "train", generator=g):
             pass
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        handling.append(time.perf_counter() - t0)
-    return {
-        "epoch_s": epoch,
-        "data_s": statistics.median(handling),
-    }
+
+    return {"epoch_s": epoch, "data_s": medians(interleave({"data": handle}, 5, device))["data"]}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="100,1000")
-    args, device, name = parse_timing_args(parser, argv, repeats=21, steps=10)
+    args, device = parse_args(parser, argv, repeats=21, steps=10)
     rows = []
     for loss in ("elbo", "meanfield"):
         for batch in (int(b) for b in args.batches.split(",")):
@@ -164,8 +139,7 @@ def main(argv=None) -> int:
     print(epoch_line)
     table = "\n".join(
         [
-            f"Device: {device.type} ({name}), torch {torch.__version__}, pyro {pyro.__version__}, "
-            f"{torch.get_num_threads()} threads; {args.repeats} repeats of {args.steps} steps; "
+            f"{describe(device)}; {args.repeats} repeats of {args.steps} steps; "
             "times are medians, ratios medians of the per-repeat ratios.",
             "",
             "| loss | batch | hand ms | ppl_vae ms | eager ms | stock SVI ms | ppl_vae / hand | "
@@ -177,42 +151,8 @@ def main(argv=None) -> int:
         ]
     )
     if args.write:
-        write_section(f"svi_step ({device.type})", table, " ".join(["python", *sys.argv]))
+        write_section(f"svi_step ({device.type})", table)
     return 0
-
-
-def parse_timing_args(
-    parser: argparse.ArgumentParser, argv, repeats: int, steps: int
-) -> tuple[argparse.Namespace, torch.device, str]:
-    """Adds the options every timing benchmark shares, parses, applies --threads.
-
-    Returns the arguments, the device and the device's name for the report.
-    """
-    parser.add_argument("--repeats", type=int, default=repeats)
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    return args, device, name
-
-
-def write_section(title: str, body: str, command: str) -> None:
-    """Replaces (or appends) the section ``title`` of docs/BENCHMARKS.md."""
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = f"<!-- {title} -->", f"<!-- /{title} -->"
-    section = f"{start}\n## {title}\n\nCommand: `{command}`\n\n{body}\n{end}"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torch import nn
 
 from ppl_vae import DataConfig, TrainConfig, load_data, train
 from ppl_vae.plots import image_grid
+from ppl_vae.runs import RunDir
 
 LATENT, HIDDEN, PIXELS = 50, 200, 784
 
@@ -68,7 +69,10 @@ def main(argv=None):
     if args.quick:  # a small slice keeps the smoke run short
         data = type(data)(data.train[:5000], data.test[:1000], data.encoding, data.name)
     config = TrainConfig(epochs=2 if args.quick else args.epochs, batch_size=100, lr=1e-3)
-    metrics = train(model, guide, data, config, args.out, on_epoch=print)
+    run = RunDir(args.out) if args.out else None  # metrics.jsonl and checkpoint.pt, per epoch
+    if run is not None:
+        run.start(None, [])
+    metrics = train(model, guide, data, config, checkpoint=run and run.save, on_epoch=print)
 
     with torch.no_grad():  # decode 16 prior draws
         z = torch.randn(16, LATENT)

@@ -2,8 +2,9 @@ r"""An SVI loss traced once into a graph of tensor operations, then replayed eac
 
 Evaluating a Pyro ELBO runs a good deal of Python around a few dozen tensor operations: the
 guide is traced, the model replayed against it, and every ``pyro.sample`` and ``pyro.param``
-statement passes through the stack of handlers (plates, scales, trace, replay). At batch 100
-on a CPU that Python costs about a sixth of a training step. :class:`CapturedLoss` runs the
+statement passes through the stack of handlers (plates, scales, trace, replay); at small
+batches on a CPU that Python is a sizeable part of a step (docs/BENCHMARKS.md, section
+svi_step). :class:`CapturedLoss` runs the
 loss once under ``torch.fx``'s ``make_fx``, which records the tensor operations the Pyro
 program performs, parameters as inputs; every later step replays that record. The Pyro
 program is still what defines the loss: the record is its ELBO's arithmetic, random draws
@@ -29,7 +30,7 @@ capture) or Python state that changes between steps. So that nothing is taken on
 
 A program that cannot be recorded runs itself every step, with a warning. A record does not
 validate (Pyro's checks of supports and shapes read tensor values): validate the program by
-running it once, as :func:`ppl_vae.train.train` does before its loop.
+running it once, as :func:`ppl_vae.svi.train` does before its loop.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class CapturedLoss:
     Calling it returns the loss for ``args``. A record is made for each distinct combination of
     tensor shapes, dtypes, devices and non-tensor arguments, so the short last batch of an epoch
     gets its own. :meth:`recheck` has every record checked against the program again at its
-    next use and made afresh if they disagree; :func:`~ppl_vae.train.train` calls it at the
+    next use and made afresh if they disagree; :func:`~ppl_vae.svi.train` calls it at the
     start of every epoch, so a program changed between epochs (an annealed temperature set by
     a callback, say) is followed.
     """

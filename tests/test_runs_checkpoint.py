@@ -95,3 +95,20 @@ def test_a_pre_redesign_run_resumes_to_the_epoch_the_old_code_gave(tmp_path):
     assert ckpt["format"] == 1 and [m["epoch"] for m in ckpt["metrics"]] == [1, 2, 3]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+
+
+def test_a_run_of_your_own_model_keeps_its_state_but_no_configuration(tmp_path):
+    from helpers import Flatten, linear_gaussian_vae
+
+    from ppl_vae.guides import GaussianGuide
+    from ppl_vae.svi import train
+
+    model, data, _ = linear_gaussian_vae(n=200)
+    guide = GaussianGuide(Flatten(5), latent_dim=2)
+    run = RunDir(tmp_path / "own")
+    run.start(None, [])
+    metrics = train(model, guide, data, TrainConfig(epochs=2), checkpoint=run.save, quiet=True)
+    assert run.state().epoch == 2 and run.state().metrics == metrics
+    assert not (tmp_path / "own" / "config.json").exists()
+    with pytest.raises(InputError, match="no configuration builds; load it with RunDir"):
+        run.load()

@@ -28,7 +28,7 @@ from ppl_vae.data import DataConfig
 from ppl_vae.errors import InputError, MissingInputError
 from ppl_vae.guides import GUIDES
 from ppl_vae.networks import NETWORKS
-from ppl_vae.runs.files import save_torch, write_json, write_text
+from ppl_vae.runs.files import make_output_dir, save_torch, write_json, write_text
 from ppl_vae.svi import TrainConfig, TrainState
 from ppl_vae.vae import VAEConfig
 
@@ -94,12 +94,18 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return self.checkpoint.is_file()
 
-    def start(self, config: RunConfig, history: list[dict]) -> None:
-        """Writes ``config.json`` and a ``metrics.jsonl`` holding ``history`` (may be empty)."""
-        write_json(config.to_dict(), self.path / CONFIG, indent=1)
+    def start(self, config: RunConfig | None, history: list[dict]) -> None:
+        """Creates the folder, writes ``config.json`` and a ``metrics.jsonl`` of ``history``.
+
+        ``config`` is ``None`` for a model and guide that no configuration builds (your own
+        Pyro functions): the checkpoint then holds the state alone.
+        """
+        make_output_dir(self.path)
+        if config is not None:
+            write_json(config.to_dict(), self.path / CONFIG, indent=1)
         write_text("".join(json.dumps(m) + "\n" for m in history), self.metrics)
 
-    def save(self, state: TrainState, config: RunConfig) -> None:
+    def save(self, state: TrainState, config: RunConfig | None = None) -> None:
         """Appends the epoch's metrics, then replaces the checkpoint atomically."""
         with open(self.metrics, "a") as f:
             f.write(json.dumps(state.metrics[-1]) + "\n")
@@ -110,12 +116,25 @@ class RunDir:
             "optimizer": state.optimizer,
             "rng": state.rng,
             "metrics": state.metrics,
-            "config": config.to_dict(),
+            "config": config.to_dict() if config is not None else None,
         }
         save_torch(record, self.checkpoint)
 
+    def state(self) -> TrainState:
+        """The training state alone, for runs of your own model and guide."""
+        return self._read()[0]
+
     def load(self) -> tuple[TrainState, RunConfig]:
         """The training state and configuration in the checkpoint; clear errors if unusable."""
+        state, plain = self._read()
+        if plain is None:
+            raise InputError(
+                f"{self.path} holds the state of a model that no configuration builds; "
+                f"load it with RunDir(path).state() and your own model and guide"
+            )
+        return state, RunConfig.from_dict(plain)
+
+    def _read(self) -> tuple[TrainState, dict | None]:
         path = self.checkpoint
         if not path.is_file():
             raise MissingInputError(f"no checkpoint at {path}; train a run there first")
@@ -150,4 +169,4 @@ class RunDir:
         state = TrainState(
             ckpt["epoch"], ckpt["params"], ckpt["optimizer"], ckpt["rng"], list(ckpt["metrics"])
         )
-        return state, RunConfig.from_dict(plain)
+        return state, plain

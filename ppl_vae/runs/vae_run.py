@@ -20,7 +20,7 @@ from ppl_vae.model import VAEModel
 from ppl_vae.plots import reconstructions_figure, samples_figure
 from ppl_vae.rng import forked_rng
 from ppl_vae.runs.checkpoint import EVALUATE, RunConfig, RunDir
-from ppl_vae.runs.files import make_output_dir, resolve_device, save_figure, write_json
+from ppl_vae.runs.files import resolve_device, save_figure, write_json
 from ppl_vae.svi import TrainConfig, TrainState, collect_params, restore_params, train
 from ppl_vae.vae import VAEConfig, build_vae
 
@@ -98,8 +98,7 @@ def train_run(
     data = load_data(data_config, dev)
     pyro.set_rng_seed(train_config.seed)
     model, guide = build_vae(vae_config, data)
-    make_output_dir(run_dir.path)  # only once every input has been checked
-    run_dir.start(config, state.metrics if state is not None else [])
+    run_dir.start(config, state.metrics if state is not None else [])  # inputs all checked
     saved_epoch = state.epoch if state is not None else 0
 
     def checkpoint(s: TrainState) -> None:

@@ -1,0 +1,199 @@
+r"""What the benchmark scripts share: options, the reference VAE, interleaved timing, the report.
+
+Each script in ``benchmarks/`` imports this module as ``from common import ...``; running a
+script as ``python benchmarks/<name>.py`` puts this folder on ``sys.path``.
+
+- :func:`parse_args` adds the shared options (``--repeats``, ``--steps``, ``--device``,
+  ``--threads``, ``--write``), parses and applies ``--threads``;
+- :func:`reference_vae` builds the reference MNIST VAE (MLP 784-200-200, z of dimension 50,
+  Bernoulli likelihood, dynamic binarization) from seed 0;
+- :func:`training_step` is one SVI step as :func:`ppl_vae.svi.train` runs it;
+- :func:`interleave` times contenders in turn, repeat after repeat, so that a slow spell of a
+  shared machine hits all of them alike; :func:`medians` summarises;
+- :func:`describe` is the line naming the device and versions; :func:`write_section` rewrites
+  the script's section of docs/BENCHMARKS.md (``--write``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from ppl_vae import DataConfig, VAEConfig, build_vae, load_data
+from ppl_vae.svi import svi_step
+
+__all__ = [
+    "BENCHMARKS_MD",
+    "ROOT",
+    "describe",
+    "interleave",
+    "medians",
+    "mnist",
+    "parse_args",
+    "reference_vae",
+    "sync",
+    "time_calls",
+    "training_step",
+    "write_section",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
+
+
+def parse_args(
+    parser: argparse.ArgumentParser,
+    argv=None,
+    *,
+    repeats: int,
+    steps: int | None = None,
+    device: bool = True,
+) -> tuple[argparse.Namespace, torch.device]:
+    """Adds the options the benchmarks share, parses ``argv``, applies ``--threads``.
+
+    Every script gets ``--repeats`` (default ``repeats``) and ``--write``; ``--steps`` is added
+    when ``steps`` is given, ``--device`` and ``--threads`` when ``device`` is true (otherwise
+    the device is the CPU). Returns the arguments and the device.
+    """
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved repeats")
+    if steps is not None:
+        parser.add_argument("--steps", type=int, default=steps, help="timed steps per repeat")
+    if device:
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return args, torch.device(getattr(args, "device", "cpu"))
+
+
+def describe(device: torch.device) -> str:
+    """``Device: <type> (<name>), torch <version>, pyro <version>, <n> threads``."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine() or "cpu"
+    return (
+        f"Device: {device.type} ({name}), torch {torch.__version__}, pyro {pyro.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@functools.cache
+def mnist(device: torch.device):
+    """Dynamically binarized MNIST on ``device``, loaded once per process."""
+    return load_data(DataConfig("mnist", "dynamic"), device)
+
+
+def reference_vae(device: torch.device, config: VAEConfig | None = None):
+    """``(data, model, guide)``: MNIST and a VAE built from seed 0, the param store cleared.
+
+    ``config`` defaults to :class:`~ppl_vae.vae.VAEConfig` ``()``, the reference architecture.
+    """
+    data = mnist(device)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model, guide = build_vae(config or VAEConfig(), data)
+    return data, model, guide
+
+
+def training_step(loss: Callable, optimizer: torch.optim.Optimizer, *args) -> Callable:
+    """A closure running one :func:`~ppl_vae.svi.svi_step` of ``loss``, validation off.
+
+    Validation is off as in :func:`ppl_vae.svi.train`'s loop, after the first trace.
+    """
+
+    def step():
+        with pyro.validation_enabled(False):
+            return svi_step(loss, optimizer, *args)
+
+    return step
+
+
+def time_calls(
+    fn: Callable[[], Any], device: torch.device, calls: int = 1, warmup: int = 0
+) -> tuple[float, Any]:
+    """Seconds per call of ``fn`` over ``calls`` timed calls after ``warmup`` untimed ones.
+
+    Returns the time and what the last call returned.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        result = fn()
+    sync(device)
+    return (time.perf_counter() - t0) / calls, result
+
+
+def interleave(
+    contenders: dict[str, Callable[[], Any]],
+    repeats: int,
+    device: torch.device,
+    *,
+    calls: int = 1,
+    warmup: int = 0,
+    rotate: bool = False,
+    before: Callable[[str], None] | None = None,
+    report: Callable[[str, float, Any], None] | None = None,
+) -> dict[str, list[float]]:
+    """Times every contender in turn, ``repeats`` times; the seconds per call, by name.
+
+    In each repeat every contender runs ``warmup`` untimed then ``calls`` timed calls (see
+    :func:`time_calls`). ``rotate`` rotates the order from repeat to repeat; ``before(name)``
+    runs before a contender's turn, untimed; ``report(name, seconds, result)`` after it.
+    """
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            if before is not None:
+                before(name)
+            seconds, result = time_calls(contenders[name], device, calls, warmup)
+            times[name].append(seconds)
+            if report is not None:
+                report(name, seconds, result)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each list."""
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def write_section(title: str, body: str, command: str | None = None) -> None:
+    """Replaces (or appends) the section ``title`` of docs/BENCHMARKS.md.
+
+    ``command`` (default: this process's command line) is recorded above ``body``.
+    """
+    if command is None:
+        command = " ".join(["python", *sys.argv])
+    path = BENCHMARKS_MD
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {title} -->", f"<!-- /{title} -->"
+    section = f"{start}\n## {title}\n\nCommand: `{command}`\n\n{body}\n{end}"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
