@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import interleave, medians, parse_args, write_section
 
 from ppl_vae.mixture import GaussianMixture
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from svi_step import write_section  # noqa: E402
 
 
 def problem(n: int, d: int, k: int, seed: int = 0):
@@ -86,17 +81,16 @@ def time_all(covariance: str, n: int, d: int, k: int, iters: int, repeats: int) 
         "sklearn float32": sklearn(np.float32),
         "ours float32": ours(torch.float32),
     }
-    times = {name: [] for name in contenders}
     scores = {}
+
+    def report(name, seconds, score):
+        scores[name] = score
+        print(f"  {covariance} {name}: {seconds:.2f} s", flush=True)
+
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for _ in range(repeats):
-            for name, fit in contenders.items():
-                t0 = time.perf_counter()
-                scores[name] = fit()
-                times[name].append(time.perf_counter() - t0)
-                print(f"  {covariance} {name}: {times[name][-1]:.2f} s", flush=True)
-    return {"median": {k: statistics.median(v) for k, v in times.items()}, "scores": scores}
+        times = interleave(contenders, repeats, torch.device("cpu"), report=report)
+    return {"median": medians(times), "scores": scores}
 
 
 def main(argv=None) -> int:
@@ -105,10 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", type=int, default=32)
     parser.add_argument("--components", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--covariances", default="full,diag")
-    parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
-    args = parser.parse_args(argv)
+    args, _ = parse_args(parser, argv, repeats=3, device=False)
     torch.set_num_threads(1)
     import sklearn
 
@@ -149,7 +141,7 @@ def main(argv=None) -> int:
         ]
     )
     if args.write:
-        write_section("em (cpu)", body, " ".join(["python", *sys.argv]))
+        write_section("em (cpu)", body)
     return 0
 
 

@@ -3,9 +3,9 @@ r"""Training-step time of every guide relative to the diagonal Gaussian, interle
 The reference MNIST setting: MLP 784-200-200, z of dimension 50, Bernoulli likelihood, batch
 100 of dynamically binarized images, ``Trace_ELBO`` captured and replayed as in
 :func:`ppl_vae.svi.train`, Adam over all parameters. Flow guides have ``--flow-length``
-steps (given only to the guides that take it). Each repeat times ``--steps`` steps of every guide in turn (each after 3 untimed steps);
-the figure is the median over repeats, so a slow spell on a shared machine hits every guide
-alike.
+steps (given only to the guides that take it). Each repeat times ``--steps`` steps of every
+guide in turn (each after 3 untimed steps); the figure is the median over repeats, so a slow
+spell on a shared machine hits every guide alike.
 
 Run: ``python benchmarks/guides.py --write`` (``--write`` updates docs/BENCHMARKS.md).
 """
@@ -17,9 +17,16 @@ import sys
 
 import pyro
 import torch
+from common import (
+    describe,
+    interleave,
+    medians,
+    parse_args,
+    reference_vae,
+    training_step,
+    write_section,
+)
 
-from common import describe, interleave, medians, parse_args, reference_vae, training_step
-from common import write_section
 from ppl_vae import GUIDES, TrainConfig, VAEConfig
 from ppl_vae.svi import collect_params, make_loss, step_loss
 

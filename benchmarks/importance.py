@@ -3,14 +3,14 @@ r"""Throughput and peak memory of importance-sampled log p(x) against the bare d
 For the reference architecture (MLP 784-200-200-z50, tanh, Bernoulli decoder) and one batch of
 binarized MNIST test points:
 
-- ``log_likelihood``: :func:`ppl_vae.evaluate.log_likelihood` with K draws per point (guide
+- ``log_likelihood``: :func:`ppl_vae.importance.log_likelihood` with K draws per point (guide
   encoder, draws, prior, guide and decoder log-densities, float64 log-sum-exp);
 - ``bare``: the decoder forward pass plus the Bernoulli log-probability on the same number of
   rows (points x K), in the same chunks, on pre-drawn latents -- a lower bound on the cost.
 
 The two are interleaved, median of ``--repeats``. Throughput is (points x samples) per second;
-the figure of merit is bare time / log_likelihood time (target >= 0.8). Peak memory is measured
-for K = 500 and K = 5000 at the same chunk size, each in a fresh process (peak RSS on CPU,
+the figure of merit is bare time / log_likelihood time. Peak memory is measured for K = 500
+and K = 5000 at the same chunk size, each in a fresh process (peak RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA).
 
 Run: ``python benchmarks/importance.py --write`` (updates docs/BENCHMARKS.md).
@@ -21,34 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pyro
 import torch
 import torch.nn.functional as F
+from common import describe, interleave, medians, parse_args, reference_vae, write_section
 
-from ppl_vae import DataConfig, VAEConfig, build_vae, load_data
-from ppl_vae.evaluate import log_likelihood
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from svi_step import write_section  # noqa: E402
+from ppl_vae.importance import log_likelihood
 
 
 def setup(points: int, device: torch.device):
-    data = load_data(DataConfig("mnist", "dynamic"), device)
-    pyro.set_rng_seed(0)
-    model, guide = build_vae(VAEConfig(), data)
+    """The reference VAE and ``points`` binarized test images."""
+    data, model, guide = reference_vae(device)
     x = torch.bernoulli(data.test[:points], generator=torch.Generator(device).manual_seed(0))
     return model, guide, x
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_both(points, samples, chunk, repeats, device) -> dict:
@@ -70,17 +58,9 @@ def time_both(points, samples, chunk, repeats, device) -> dict:
     def ours():
         return log_likelihood(model, guide, x, num_samples=samples, chunk_size=chunk)
 
-    times = {"bare": [], "log_likelihood": []}
     ours()  # warm-up
     bare()
-    for _ in range(repeats):
-        for name, fn in (("bare", bare), ("log_likelihood", ours)):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return medians(interleave({"bare": bare, "log_likelihood": ours}, repeats, device))
 
 
 def peak_memory(points, samples, chunk, device) -> float:
@@ -112,15 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--points", type=int, default=100, help="data points per call")
     parser.add_argument("--samples", type=int, default=5000, help="K")
     parser.add_argument("--chunk", type=int, default=500, help="draws per vectorized pass")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--peak-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--write", action="store_true")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = parse_args(parser, argv, repeats=3)
     if args.peak_only:
         print(json.dumps(peak_memory(args.points, args.samples, args.chunk, device)))
         return 0
@@ -136,11 +109,9 @@ def main(argv=None) -> int:
             env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if fixed else {}))
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             peaks[fixed, k] = json.loads(proc.stdout)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     body = "\n".join(
         [
-            f"Device: {device.type} ({name}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; {args.points} test points x K = {args.samples}, "
+            f"{describe(device)}; {args.points} test points x K = {args.samples}, "
             f"chunk {args.chunk} draws ({args.points * args.chunk} decoder rows per pass); "
             f"median of {args.repeats}.",
             "",
@@ -170,7 +141,7 @@ def main(argv=None) -> int:
     )
     print(body)
     if args.write:
-        write_section(f"importance ({device.type})", body, " ".join(["python", *sys.argv]))
+        write_section(f"importance ({device.type})", body)
     return 0
 
 

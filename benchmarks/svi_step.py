@@ -32,8 +32,6 @@ import sys
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI
-
 from common import (
     describe,
     interleave,
@@ -44,6 +42,8 @@ from common import (
     training_step,
     write_section,
 )
+from pyro.infer import SVI
+
 from ppl_vae import TrainConfig, train
 from ppl_vae.svi import collect_params, make_loss, step_loss
 

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 import pyro
 import torch
 from torch import Tensor, fx
+from torch.fx.experimental.proxy_tensor import make_fx
 
 __all__ = ["CapturedLoss"]
 
@@ -209,8 +210,6 @@ class CapturedLoss:
         if custom is not None:
             return self._fall_back(program, f"it uses the custom autograd.Function {custom}")
         try:
-            from torch.fx.experimental.proxy_tensor import make_fx
-
             with torch.random.fork_rng(self._devices(args)), pyro.validation_enabled(False):
                 record = make_fx(program)(self.params, *args)
         except Exception as e:  # any failure to trace means: run the program itself

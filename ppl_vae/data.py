@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -238,8 +239,6 @@ def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """A (N, ...) tensor from a .pt or .npy file, split 90/10 into train and test."""
     try:
         if path.suffix == ".npy":
-            import numpy as np
-
             x = torch.from_numpy(np.load(path, allow_pickle=False))
         else:
             x = torch.load(path, map_location="cpu", weights_only=True)

@@ -19,12 +19,18 @@ from ppl_vae.mixture import BernoulliMixture, GaussianMixture  # noqa: E402
 from ppl_vae.model import VAEModel  # noqa: E402
 
 __all__ = [
+    "close_figure",
     "image_grid",
     "metrics_figure",
     "mixture_figure",
     "reconstructions_figure",
     "samples_figure",
 ]
+
+
+def close_figure(fig) -> None:
+    """Frees a figure made here (pyplot keeps every open figure alive)."""
+    plt.close(fig)
 
 
 def image_grid(images: Tensor, ncols: int = 8) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ppl_vae.capture import CapturedLoss
 from ppl_vae.config import check_positive, option
@@ -200,8 +201,6 @@ class _StepLosses:
 
 
 def _progress(total: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
-
     disable = quiet or not sys.stderr.isatty()
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 

@@ -1,10 +1,17 @@
 """The SVI loop: convergence on a closed form, KL warm-up, settings, states and resume."""
 
+import math
+
 import pytest
+import torch
 from helpers import Flatten, linear_gaussian_vae
 
+from ppl_vae.data import DataConfig, load_data
+from ppl_vae.errors import InputError
 from ppl_vae.guides import GaussianGuide
+from ppl_vae.networks import NetworkConfig
 from ppl_vae.svi import TrainConfig, kl_weight, mean_elbo, train
+from ppl_vae.vae import VAEConfig, build_vae
 
 
 def test_svi_drives_the_elbo_to_the_exact_log_likelihood_of_a_linear_gaussian_model():
@@ -42,3 +49,45 @@ def test_bad_training_settings_are_rejected(kwargs, match):
 def test_iwae_rejects_kl_warmup():
     with pytest.raises(ValueError, match="iwae loss has none"):
         TrainConfig(loss="iwae", num_particles=5, kl_warmup=3)
+
+
+def small_problem():
+    torch.manual_seed(0)  # the same initial parameters each time
+    data = load_data(DataConfig("pinwheel", num_train=400, num_test=100))
+    model, guide = build_vae(VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(8,))), data)
+    return model, guide, data
+
+
+def test_train_writes_no_files_and_hands_each_epochs_state_to_the_callback(tmp_path):
+    model, guide, data = small_problem()
+    states = []
+    metrics = train(model, guide, data, TrainConfig(epochs=3), checkpoint=states.append)
+    assert [s.epoch for s in states] == [1, 2, 3] and states[-1].metrics == metrics
+    assert all(v.device.type == "cpu" for v in states[-1].params.values())
+    with pytest.raises(InputError, match="train\\(\\) writes no files"):
+        train(model, guide, data, TrainConfig(epochs=1), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_resuming_from_a_state_gives_the_numbers_of_an_uninterrupted_run():
+    config = TrainConfig(epochs=4, kl_warmup=2)
+    straight = train(*small_problem(), config)
+    states = []
+    train(*small_problem(), TrainConfig(epochs=2, kl_warmup=2), checkpoint=states.append)
+    resumed = train(*small_problem(), config, resume_from=states[-1])
+
+    def numbers(history):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in history]
+
+    assert numbers(resumed) == numbers(straight)
+
+
+def test_a_nan_loss_raises_floating_point_error_naming_the_epoch():
+    model, guide, data = small_problem()
+
+    def poison(metrics):
+        with torch.no_grad():
+            next(model.parameters()).fill_(math.nan)
+
+    with pytest.raises(FloatingPointError, match="NaN or infinite in epoch 2; lower --lr"):
+        train(model, guide, data, TrainConfig(epochs=3), on_epoch=poison)

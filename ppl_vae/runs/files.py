@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ppl_vae.errors import InputError
+from ppl_vae.plots import close_figure
 
 __all__ = [
     "make_output_dir",
@@ -61,15 +62,13 @@ def write_json(record: object, path: str | os.PathLike, indent: int | None = Non
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Saves a matplotlib figure as PNG, atomically, and closes it."""
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     try:
         _replace_atomic(
             path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), "wb"
         )
     finally:
-        plt.close(fig)
+        close_figure(fig)
     return path
 
 
