@@ -21,6 +21,7 @@ from ppl_vae.vae import VAEConfig
 __all__ = ["main"]
 
 SHARED = ("seed", "data_dir")  # configuration fields set by the shared flags
+EM_DATA = {"name": "pinwheel"}  # the em command's own default data set
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +44,9 @@ def _converter(parse):
     return convert
 
 
-def _add_config(group, cls: type, prefix: str, only: Sequence[str] | None = None) -> None:
+def _add_config(
+    group, cls: type, prefix: str, only: Sequence[str] | None = None, defaults: dict | None = None
+) -> None:
     """Adds a flag for every field of the dataclass ``cls`` (nested dataclasses recursively).
 
     Defaults stay in the dataclass: a flag not given is absent from the namespace, so the
@@ -62,8 +65,9 @@ def _add_config(group, cls: type, prefix: str, only: Sequence[str] | None = None
         flags = meta.get("flags") or [f"--{f.name.replace('_', '-')}"]
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
         help_text = meta.get("help", "")
-        if f.default is not dataclasses.MISSING and f.default is not None:
-            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        default = (defaults or {}).get(f.name, f.default)
+        if default is not dataclasses.MISSING and default is not None:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             help_text += f" (default: {shown})"
         kwargs["help"] = help_text.replace("%", "%%")
         if tp is bool:
@@ -155,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convergence, settings, seconds) and mixture.png (density over the data for 2-D "
         "sets, component means for images) to --out.",
     )
-    _add_config(m.add_argument_group("data"), DataConfig, "data", only=("name",))
+    _add_config(m.add_argument_group("data"), DataConfig, "data", only=("name",), defaults=EM_DATA)
     _add_config(m.add_argument_group("mixture"), MixtureConfig, "mixture")
     m.add_argument("--out", default="runs/em", help="output directory (default: runs/em)")
     return parser
@@ -202,7 +206,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _em(args: argparse.Namespace) -> None:
-    data = _build(DataConfig, args, "data", seed=args.seed, data_dir=args.data_dir)
+    data = _build(DataConfig, args, "data", seed=args.seed, data_dir=args.data_dir, **EM_DATA)
     config = _build(MixtureConfig, args, "mixture", seed=args.seed)
     r = em_run(dataclasses.replace(data, binarize="static"), config, args.out, args.device)
     status = "converged" if r["converged"] else "not converged"

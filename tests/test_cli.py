@@ -85,9 +85,9 @@ def test_help_documents_every_flag(capsys):
 )
 def test_flags_and_defaults_come_from_the_configuration_dataclasses(command, configs):
     """Every field has a flag whose help is the field's, with the dataclass default."""
-    from ppl_vae.cli import build_parser
+    import ppl_vae.cli as cli
 
-    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (sub,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     actions = {flag: a for a in sub.choices[command]._actions for flag in a.option_strings}
     for cls in configs:
         for f in dataclasses.fields(cls):
@@ -98,8 +98,9 @@ def test_flags_and_defaults_come_from_the_configuration_dataclasses(command, con
             flag = (f.metadata.get("flags") or [f"--{f.name.replace('_', '-')}"])[0]
             action = actions[flag]
             assert action.help.startswith(f.metadata["help"].replace("%", "%%")), flag
-            if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
-                shown = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+            default = cli.EM_DATA.get(f.name, f.default) if command == "em" else f.default
+            if default not in (None, dataclasses.MISSING) and not isinstance(default, bool):
+                shown = default if not isinstance(default, tuple) else ",".join(default)
                 assert action.help.endswith(f"(default: {shown})"), flag
 
 
@@ -252,3 +253,9 @@ def test_python_dash_m_ppl_vae_is_the_command_line():
         [sys.executable, "-m", "ppl_vae", "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "train" in proc.stdout and "evaluate" in proc.stdout
+
+
+def test_em_without_a_data_set_fits_the_pinwheel(tmp_path, capsys):
+    code, out, err = run_cli("em", "--max-iter", "2", "--out", tmp_path / "em", capsys=capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "em" / "results.json").read_text())["dataset"] == "pinwheel"
