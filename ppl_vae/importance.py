@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from torch import Tensor
 
 from ppl_vae.errors import InputError
-from ppl_vae.sites import PLATE, sample_sites, trace_guide_and_model
+from ppl_vae.sites import PLATE, log_density, sample_sites, trace_guide_and_model
 
 __all__ = ["LogLikelihood", "importance_log_weights", "log_likelihood"]
 
@@ -74,6 +75,34 @@ class _Sites:
         self.max_plate_nesting = nesting
 
 
+def _vectorized(fn: Callable, num_particles: int, dim: int) -> Callable:
+    def run(*args, **kwargs):
+        with pyro.plate(PARTICLES, num_particles, dim=dim):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def log_weights(model_trace, guide_trace, keep_dims: set[int], scaled: bool) -> Tensor:
+    r"""The log importance weight :math:`\sum \log p - \sum \log q` over every sample site.
+
+    The one path from traces to weights: each site's log-density is masked as Pyro masks it
+    (``poutine.mask``, ``obs_mask``: a masked element contributes 0) and, with ``scaled``,
+    multiplied by its scale (``poutine.scale``, subsampling) as in Pyro's ELBOs. Batch
+    dimensions not in ``keep_dims`` (negative) are summed; the kept ones stay, aligned from the
+    right, so the result broadcasts over them.
+    """
+    total = 0.0
+    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+        for site in sample_sites(trace):
+            lp = scale_and_mask(log_density(site), site["scale"] if scaled else 1.0, site["mask"])
+            dims = [d for d in range(-lp.dim(), 0) if d not in keep_dims]
+            if dims:
+                lp = lp.sum(dims, keepdim=True)
+            total = total + sign * lp
+    return total
+
+
 def importance_log_weights(
     model: Callable,
     guide: Callable,
@@ -83,41 +112,32 @@ def importance_log_weights(
     data_plate: str = PLATE,
     max_plate_nesting: int = 1,
     data_dim: int = -1,
-) -> tuple[Tensor, float | Tensor]:
+) -> Tensor:
     r"""Log importance weights :math:`\log p(x_i, z_k) - \log q(z_k|x_i)`, shape ``(K, N)``.
 
     The guide is traced under an outer plate of ``num_particles`` draws and the model replayed
-    against it. Log-densities are unscaled (``poutine.scale`` does not enter a weight); every
-    batch dimension other than the particle and data-plate dimensions is summed.
-
-    Returns the weights and the scale of the model's observed site (``num_data / N`` under a
-    scaled data plate, else 1), which an importance-weighted loss applies after the log-sum-exp.
+    against it (:func:`log_weights`): masks apply, scales do not (``poutine.scale`` weights a
+    loss, not the density of a point), and every batch dimension other than the particle and
+    the data plate's (``data_dim``) is summed.
     """
     particle_dim = -max_plate_nesting - 1
+    model_tr, guide_tr = trace_guide_and_model(
+        _vectorized(model, num_particles, particle_dim),
+        _vectorized(guide, num_particles, particle_dim),
+        args,
+        kwargs,
+    )
+    lw = log_weights(model_tr, guide_tr, {particle_dim, data_dim}, scaled=False)
+    lw = torch.as_tensor(lw)
+    lw = lw.reshape((1,) * (max_plate_nesting + 1 - lw.dim()) + lw.shape)
+    return _to_k_by_n(lw, particle_dim, data_dim, num_particles)
 
-    def vectorized(fn):
-        def run(*a, **k):
-            with pyro.plate(PARTICLES, num_particles, dim=particle_dim):
-                return fn(*a, **k)
 
-        return run
-
-    model_tr, guide_tr = trace_guide_and_model(vectorized(model), vectorized(guide), args, kwargs)
-    log_w, scale = 0.0, 1.0
-    for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
-        for site in sample_sites(tr):
-            if site["is_observed"]:
-                if sign < 0:
-                    continue
-                scale = site["scale"]
-            lp = site["fn"].log_prob(site["value"])
-            lp = lp.reshape((1,) * (max_plate_nesting + 1 - lp.dim()) + lp.shape)
-            keep = {lp.dim() + particle_dim, lp.dim() + data_dim}
-            other = [d for d in range(lp.dim()) if d not in keep]
-            if other:
-                lp = lp.sum(other, keepdim=True)
-            log_w = log_w + sign * lp.reshape(lp.shape[lp.dim() + particle_dim], -1)
-    return log_w, scale
+def _to_k_by_n(lw: Tensor, particle_dim: int, data_dim: int, num_particles: int) -> Tensor:
+    """(..., K, ..., N, ...) with size-1 elsewhere to (K, N); a missing K broadcasts."""
+    k_axis, n_axis = lw.dim() + particle_dim, lw.dim() + data_dim
+    lw = lw.movedim((k_axis, n_axis), (0, 1)).reshape(lw.shape[k_axis], lw.shape[n_axis])
+    return lw.expand(num_particles, -1)
 
 
 def log_likelihood(
@@ -184,7 +204,7 @@ def log_likelihood(
         done = 0
         while done < num_samples:
             c = min(chunk, num_samples - done)
-            lw, _ = importance_log_weights(
+            lw = importance_log_weights(
                 model, guide, c, args, kwargs, data_plate, sites.max_plate_nesting, sites.dim
             )
             lw = lw.to(torch.float64)

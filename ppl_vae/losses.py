@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import torch
+from pyro import poutine
 from pyro.distributions import Distribution
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
@@ -30,9 +32,16 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 from torch import Tensor
 
 from ppl_vae.errors import InputError
-from ppl_vae.importance import importance_log_weights
+from ppl_vae.importance import log_weights
 from ppl_vae.registry import Registry
-from ppl_vae.sites import LATENT, PLATE, sample_sites, trace_guide_and_model
+from ppl_vae.sites import (
+    LATENT,
+    PLATE,
+    log_density,
+    plate_dims,
+    sample_sites,
+    trace_guide_and_model,
+)
 
 __all__ = [
     "LOSSES",
@@ -42,12 +51,6 @@ __all__ = [
     "TraceMeanFieldELBO",
     "scale_latent",
 ]
-
-
-def _log_prob(site: dict) -> Tensor:
-    if "unscaled_log_prob" in site:  # computed already, for validation
-        return site["unscaled_log_prob"]
-    return site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
 
 
 def _not_subsample(name: str, site: dict) -> bool:
@@ -150,9 +153,9 @@ class TraceELBO(_HostFree, Trace_ELBO):
     def _elbo_particle(self, model_trace, guide_trace) -> Tensor:
         terms = _Terms()
         for site in sample_sites(model_trace):
-            terms.add(_log_prob(site), site["scale"], site["mask"])
+            terms.add(log_density(site), site["scale"], site["mask"])
         for site in sample_sites(guide_trace):
-            terms.add(_log_prob(site), site["scale"], site["mask"], sign=-1.0)
+            terms.add(log_density(site), site["scale"], site["mask"], sign=-1.0)
         return terms.total()
 
 
@@ -169,7 +172,10 @@ class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
         if is_validation_enabled():
-            _check_mean_field_requirement(model_trace, guide_trace)
+            # on the traces without the plates' subsample sites, as Pyro's checks them
+            _check_mean_field_requirement(
+                prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+            )
             for site in sample_sites(guide_trace):
                 check_fully_reparametrized(site)
         return model_trace, guide_trace
@@ -178,15 +184,20 @@ class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
         terms = _Terms()
         for site in sample_sites(model_trace):
             name = site["name"]
-            if site["is_observed"] or name not in guide_trace.nodes:
-                terms.add(_log_prob(site), site["scale"], site["mask"])
+            if site["is_observed"]:
+                terms.add(log_density(site), site["scale"], site["mask"])
                 continue
+            if name not in guide_trace.nodes:  # Pyro's raises a KeyError here
+                raise InputError(
+                    f"the model's latent site {name!r} is not in the guide; the mean-field ELBO "
+                    f"needs the guide to draw every latent site of the model"
+                )
             guide_site = guide_trace.nodes[name]
             try:
                 kl = kl_divergence(guide_site["fn"], site["fn"])
             except NotImplementedError:
-                terms.add(_log_prob(site), site["scale"], site["mask"])
-                terms.add(_log_prob(guide_site), guide_site["scale"], guide_site["mask"], -1.0)
+                terms.add(log_density(site), site["scale"], site["mask"])
+                terms.add(log_density(guide_site), guide_site["scale"], guide_site["mask"], -1.0)
             else:
                 if torch.is_tensor(kl):
                     terms.add(kl, guide_site["scale"], guide_site["mask"], sign=-1.0)
@@ -195,43 +206,112 @@ class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
                     terms.rest.append(-kl * guide_site["fn"].batch_shape.numel())
         for site in sample_sites(guide_trace):  # auxiliary guide sites
             if site["name"] not in model_trace.nodes:
-                terms.add(_log_prob(site), site["scale"], site["mask"], sign=-1.0)
+                terms.add(log_density(site), site["scale"], site["mask"], sign=-1.0)
         return terms.total()
 
 
 class IWAELoss:
-    r"""The importance-weighted bound of Burda et al. (2015), per data point, as a loss.
+    r"""The importance-weighted bound of Burda et al. (2015) as a loss.
 
     .. math::
         \mathcal{L}_k(x_i) = \log \frac{1}{k} \sum_{j=1}^k \frac{p(x_i, z_j)}{q(z_j|x_i)},
         \qquad z_j \sim q(z|x_i)
 
-    The k draws are vectorized under an outer particle plate and the bound is formed per point
-    before the mini-batch scale ``num_data / N`` is applied. (Pyro's ``RenyiELBO(alpha=0)`` forms
-    the same bound, but scales the log-weights before the log-sum-exp, which is not the bound of
-    the full data set under subsampling, and it has no ``differentiable_loss``.) With
-    reparameterized guides the gradient is that of Burda et al.: the normalized weights times
-    the gradients of the log-weights. ``num_particles=1`` gives the ELBO.
+    The k draws are vectorized under an outer particle plate, and the log-weights come from
+    :func:`ppl_vae.importance.log_weights`, so masks count as in Pyro. Which bound:
+
+    - **Per point** when every model site lies in some plate (the data plate, at any dim): the
+      log-sum-exp is taken per element of the plates common to all model sites, as in Pyro's
+      ``RenyiELBO(alpha=0)``. If every site has one and the same scale (the mini-batch scale
+      ``num_data / N``, say), it is applied after the log-sum-exp: the bound of the full data
+      set under subsampling. Pyro scales the log-weights before it instead; that is the one
+      place where the two differ, on purpose. Sites with different or tensor scales are scaled
+      before the log-sum-exp, as in Pyro.
+    - **Joint** when a model site lies outside every plate (a global latent): one bound for the
+      whole batch, Pyro's.
+
+    With reparameterized guides the gradient is that of Burda et al.: the normalized weights
+    times the gradients of the log-weights. A guide site without a reparameterized draw is an
+    error (Pyro's ``RenyiELBO(alpha=0)`` gives such sites no score-function term).
+    ``num_particles=1`` gives the ELBO.
+
+    Arguments:
+        num_particles: k.
+        max_plate_nesting: Plates nested in the model, as in Pyro's ELBOs; ``None`` finds it
+            from a first run of the model and guide.
+        data_plate: Kept for compatibility; the kept plates are found from the trace.
     """
 
-    def __init__(self, num_particles: int = 5, max_plate_nesting: int = 1, data_plate: str = PLATE):
-        if num_particles < 1:
+    def __init__(
+        self, num_particles: int = 5, max_plate_nesting: int | None = None, data_plate: str = PLATE
+    ):
+        if (
+            isinstance(num_particles, bool)
+            or not isinstance(num_particles, int)
+            or num_particles < 1
+        ):
             raise InputError(f"num_particles must be a positive integer, got {num_particles}")
         self.num_particles, self.max_plate_nesting = num_particles, max_plate_nesting
         self.data_plate = data_plate
 
+    def _nesting(self, model, guide, args, kwargs) -> int:
+        if self.max_plate_nesting is None:
+            with poutine.block(), torch.random.fork_rng(_cuda_devices(args)):  # draws unchanged
+                traces = trace_guide_and_model(model, guide, args, kwargs)
+            dims = [-d for tr in traces for site in sample_sites(tr) for d in plate_dims(site)]
+            self.max_plate_nesting = max(dims, default=0)
+        return self.max_plate_nesting
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         """The negative bound as a tensor whose gradient is the bound's gradient."""
-        log_w, scale = importance_log_weights(
-            model, guide, self.num_particles, args, kwargs, self.data_plate, self.max_plate_nesting
+        k = self.num_particles
+        particle_dim = -self._nesting(model, guide, args, kwargs) - 1
+
+        def vectorized(fn):
+            def run(*a, **kw):
+                with pyro.plate("_iwae_particles", k, dim=particle_dim):
+                    return fn(*a, **kw)
+
+            return run
+
+        model_trace, guide_trace = trace_guide_and_model(
+            vectorized(model), vectorized(guide), args, kwargs
         )
-        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)
-        return -(bound.sum() * scale)
+        guide_sites, model_sites = sample_sites(guide_trace), sample_sites(model_trace)
+        for site in guide_sites:
+            if not _reparameterized(site["fn"]):
+                raise InputError(
+                    f"IWAELoss needs reparameterized guide sites, but {site['name']!r} is drawn "
+                    f"from {type(site['fn']).__name__}; use TraceELBO for score-function guides"
+                )
+        common = set.intersection(*(plate_dims(s) for s in model_sites)) if model_sites else set()
+        scales = [site["scale"] for site in model_sites + guide_sites]
+        shared = scales[0] if _all_same(scales) and len(common) > 1 else None
+        lw = log_weights(model_trace, guide_trace, common, scaled=shared is None)
+        lw = torch.as_tensor(lw)
+        lw = lw.reshape((1,) * (-particle_dim - lw.dim()) + lw.shape)
+        bound = torch.logsumexp(lw, lw.dim() + particle_dim) - math.log(k)
+        if lw.shape[lw.dim() + particle_dim] == 1:  # no site depends on the draws
+            bound = bound + math.log(k)
+        total = bound.sum()
+        return -(total * shared if shared is not None else total)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The negative bound as a float."""
         with torch.no_grad():
             return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+
+def _cuda_devices(args: tuple) -> list[int]:
+    return sorted({a.device.index or 0 for a in args if torch.is_tensor(a) and a.is_cuda})
+
+
+def _all_same(scales: list) -> bool:
+    """Whether every scale is the same Python number (or the same tensor object)."""
+    first = scales[0]
+    if torch.is_tensor(first):
+        return all(s is first for s in scales)
+    return all(not torch.is_tensor(s) and s == first for s in scales)
 
 
 LOSSES: Registry = Registry("loss")
@@ -253,7 +333,7 @@ def _trace_mean_field_elbo(num_particles: int = 1) -> TraceMeanFieldELBO:
 
 @LOSSES.register("iwae", options=("num_particles",), help="the IWAE bound, k = --num-particles")
 def _iwae(num_particles: int = 1) -> IWAELoss:
-    return IWAELoss(num_particles=num_particles, max_plate_nesting=1)
+    return IWAELoss(num_particles=num_particles, max_plate_nesting=1)  # the VAE's one plate
 
 
 class LatentScaleMessenger(ScaleMessenger):

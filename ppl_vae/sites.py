@@ -9,12 +9,15 @@ import pyro
 from pyro import poutine
 from pyro.poutine import Trace
 from pyro.poutine.util import site_is_subsample
+from torch import Tensor
 
 __all__ = [
     "LATENT",
     "OBSERVED",
     "PLATE",
     "data_plate",
+    "log_density",
+    "plate_dims",
     "sample_sites",
     "trace_guide_and_model",
 ]
@@ -46,6 +49,18 @@ def sample_sites(trace: Trace) -> list[dict]:
         for site in trace.nodes.values()
         if site["type"] == "sample" and not site_is_subsample(site)
     ]
+
+
+def log_density(site: dict) -> Tensor:
+    """A sample site's log-density at its value, before its scale and mask are applied."""
+    if "unscaled_log_prob" in site:  # computed already, for validation
+        return site["unscaled_log_prob"]
+    return site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+
+
+def plate_dims(site: dict) -> set[int]:
+    """The dimensions of the vectorized plates a site lies in."""
+    return {f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None}
 
 
 def trace_guide_and_model(
