@@ -39,6 +39,7 @@ from ppl_vae.sites import (
     PLATE,
     log_density,
     plate_dims,
+    plate_frames,
     sample_sites,
     trace_guide_and_model,
 )
@@ -99,18 +100,23 @@ class _Terms:
         return sum(sums[1:] + self.rest, start=sums[0]) if sums else sum(self.rest)
 
 
+def _validate(model_trace, guide_trace, max_plate_nesting: int) -> None:
+    """Pyro's checks of a model/guide pair (``get_importance_trace`` under validation)."""
+    check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+    check_if_enumerated(guide_trace)
+    model_trace.compute_log_prob(site_filter=_not_subsample)  # warns on NaN
+    prune_subsample_sites(guide_trace).compute_score_parts()  # same site dicts
+    for site in sample_sites(model_trace) + sample_sites(guide_trace):
+        check_site_shape(site, max_plate_nesting)
+
+
 class _HostFree:
     """Traces without Pyro's copies and log-density bookkeeping; the loss as a tensor."""
 
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = trace_guide_and_model(model, guide, args, kwargs)
         if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
-            check_if_enumerated(guide_trace)
-            model_trace.compute_log_prob(site_filter=_not_subsample)  # warns on NaN
-            prune_subsample_sites(guide_trace).compute_score_parts()  # same site dicts
-            for site in sample_sites(model_trace) + sample_sites(guide_trace):
-                check_site_shape(site, self.max_plate_nesting)
+            _validate(model_trace, guide_trace, self.max_plate_nesting)
         return model_trace, guide_trace
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
@@ -206,6 +212,11 @@ class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
                     terms.rest.append(-kl * guide_site["fn"].batch_shape.numel())
         for site in sample_sites(guide_trace):  # auxiliary guide sites
             if site["name"] not in model_trace.nodes:
+                if not site["infer"].get("is_auxiliary"):  # Pyro's asserts it
+                    raise InputError(
+                        f"the guide site {site['name']!r} is not in the model; the mean-field "
+                        f"ELBO needs it marked infer={{'is_auxiliary': True}}"
+                    )
                 terms.add(log_density(site), site["scale"], site["mask"], sign=-1.0)
         return terms.total()
 
@@ -223,10 +234,10 @@ class IWAELoss:
     - **Per point** when every model site lies in some plate (the data plate, at any dim): the
       log-sum-exp is taken per element of the plates common to all model sites, as in Pyro's
       ``RenyiELBO(alpha=0)``. If every site has one and the same scale (the mini-batch scale
-      ``num_data / N``, say), it is applied after the log-sum-exp: the bound of the full data
-      set under subsampling. Pyro scales the log-weights before it instead; that is the one
-      place where the two differ, on purpose. Sites with different or tensor scales are scaled
-      before the log-sum-exp, as in Pyro.
+      ``num_data / N``, say; a Python number), it is applied after the log-sum-exp: the bound
+      of the full data set under subsampling. Pyro scales the log-weights before it instead;
+      that is the one place where the two differ, on purpose. Sites with different or tensor
+      scales are scaled before the log-sum-exp, as in Pyro.
     - **Joint** when a model site lies outside every plate (a global latent): one bound for the
       whole batch, Pyro's.
 
@@ -277,6 +288,8 @@ class IWAELoss:
         model_trace, guide_trace = trace_guide_and_model(
             vectorized(model), vectorized(guide), args, kwargs
         )
+        if is_validation_enabled():
+            _validate(model_trace, guide_trace, -particle_dim)
         guide_sites, model_sites = sample_sites(guide_trace), sample_sites(model_trace)
         for site in guide_sites:
             if not _reparameterized(site["fn"]):
@@ -284,10 +297,12 @@ class IWAELoss:
                     f"IWAELoss needs reparameterized guide sites, but {site['name']!r} is drawn "
                     f"from {type(site['fn']).__name__}; use TraceELBO for score-function guides"
                 )
-        common = set.intersection(*(plate_dims(s) for s in model_sites)) if model_sites else set()
+        # the plates common to all model sites (Pyro's rule), the particles' included
+        common = set.intersection(*map(plate_frames, model_sites)) if model_sites else set()
         scales = [site["scale"] for site in model_sites + guide_sites]
         shared = scales[0] if _all_same(scales) and len(common) > 1 else None
-        lw = log_weights(model_trace, guide_trace, common, scaled=shared is None)
+        keep = {f.dim for f in common}
+        lw = log_weights(model_trace, guide_trace, keep, scaled=shared is None)
         lw = torch.as_tensor(lw)
         lw = lw.reshape((1,) * (-particle_dim - lw.dim()) + lw.shape)
         bound = torch.logsumexp(lw, lw.dim() + particle_dim) - math.log(k)

@@ -18,6 +18,7 @@ __all__ = [
     "data_plate",
     "log_density",
     "plate_dims",
+    "plate_frames",
     "sample_sites",
     "trace_guide_and_model",
 ]
@@ -58,9 +59,14 @@ def log_density(site: dict) -> Tensor:
     return site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
 
 
+def plate_frames(site: dict) -> set:
+    """The vectorized plates a site lies in (frames of ``cond_indep_stack``, with their dims)."""
+    return {f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None}
+
+
 def plate_dims(site: dict) -> set[int]:
     """The dimensions of the vectorized plates a site lies in."""
-    return {f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None}
+    return {f.dim for f in plate_frames(site)}
 
 
 def trace_guide_and_model(
