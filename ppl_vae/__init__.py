@@ -6,6 +6,8 @@ from importlib.metadata import PackageNotFoundError, version
 from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.guides import GUIDES, AmortizedGuide, FlowGuide, GaussianGuide, make_guide
 from ppl_vae.importance import LogLikelihood, log_likelihood
+from ppl_vae.losses import IWAELoss, TraceELBO, TraceMeanFieldELBO
+from ppl_vae.mixture import BernoulliMixture, GaussianMixture
 from ppl_vae.model import LIKELIHOODS, VAEModel
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.runs import EvaluateConfig, Run, evaluate_run, load_run, train_run
@@ -21,14 +23,19 @@ __all__ = [
     "GUIDES",
     "LIKELIHOODS",
     "AmortizedGuide",
+    "BernoulliMixture",
     "Data",
     "DataConfig",
     "EvaluateConfig",
     "FlowGuide",
     "GaussianGuide",
+    "GaussianMixture",
+    "IWAELoss",
     "LogLikelihood",
     "NetworkConfig",
     "Run",
+    "TraceELBO",
+    "TraceMeanFieldELBO",
     "TrainConfig",
     "VAEConfig",
     "VAEModel",

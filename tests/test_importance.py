@@ -1,5 +1,7 @@
 """Importance-sampled log p(x) against closed forms and quadrature; site checks."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -121,3 +123,144 @@ def test_vae_model_and_guide():
     model, guide = build_vae(VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(8,))), data)
     r = log_likelihood(model, guide, data.test, num_samples=500, diagnostics=True)
     assert r.log_px.shape == (50,) and (r.log_px >= r.elbo).all()
+
+
+# -- closed forms: with the exact posterior as guide every weight is p(x), for any K ---------------
+
+F64 = torch.float64
+
+
+def test_masked_entries_and_a_data_plate_at_dim_minus_2():
+    """x_ij ~ N(w_j z_i, s^2) on a (points x features) grid with some entries masked out:
+    log p(x_i) is the Gaussian marginal of the observed entries alone."""
+    g = torch.Generator().manual_seed(0)
+    n, d, s = 6, 4, 0.6
+    w = torch.randn(d, generator=g, dtype=F64)
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    mask = torch.rand(n, d, generator=g) < 0.6
+    mask[:, 0] = True  # every point keeps one entry
+
+    def model(x):
+        with pyro.plate("data", n, dim=-2):
+            z = pyro.sample("z", dist.Normal(torch.zeros(n, 1, dtype=F64), 1.0))
+            with pyro.plate("features", d, dim=-1), pyro.poutine.mask(mask=mask):
+                pyro.sample("x", dist.Normal(z * w, s), obs=x)
+
+    m = mask.to(F64)
+    precision = 1 + (m * w**2).sum(1, keepdim=True) / s**2
+    mean = (m * w * x).sum(1, keepdim=True) / s**2 / precision
+
+    def guide(x):
+        with pyro.plate("data", n, dim=-2):
+            pyro.sample("z", dist.Normal(mean, precision.rsqrt()))
+
+    exact = torch.stack([
+        dist.MultivariateNormal(
+            torch.zeros(int(r.sum()), dtype=F64),
+            torch.outer(w[r], w[r]) + s**2 * torch.eye(int(r.sum()), dtype=F64),
+        ).log_prob(x[i, r])
+        for i, r in enumerate(mask)
+    ])  # fmt: skip
+    got = log_likelihood(model, guide, x, num_samples=3)
+    assert torch.allclose(got, exact, rtol=0, atol=1e-10)
+    unmasked = exact.new_tensor(  # what the unmasked model would give: off by whole nats
+        [dist.Normal(0, 1).log_prob(torch.tensor(0.0)).item()] * n
+    )
+    assert (got - unmasked).abs().max() > 0.5
+
+
+def test_two_dependent_latents():
+    """z1 ~ N(0, 1), z2 | z1 ~ N(a z1, t^2), x | z ~ N(b1 z1 + b2 z2, s^2): the guide is the
+    exact posterior, q(z1 | x) q(z2 | z1, x), by Gaussian conditioning."""
+    a, t, b1, b2, s = 0.8, 0.5, 1.2, -0.7, 0.4
+    x = torch.tensor([-1.0, 0.3, 2.2], dtype=F64)
+    n = len(x)
+    cov_z = torch.tensor([[1.0, a], [a, a * a + t * t]], dtype=F64)
+    b = torch.tensor([b1, b2], dtype=F64)
+    var_x = b @ cov_z @ b + s * s
+    gain = cov_z @ b / var_x  # posterior mean of z = gain * x
+    post = cov_z - torch.outer(cov_z @ b, cov_z @ b) / var_x
+
+    def model(x):
+        with pyro.plate("data", n):
+            z1 = pyro.sample("z1", dist.Normal(torch.zeros(n, dtype=F64), 1.0))
+            z2 = pyro.sample("z2", dist.Normal(a * z1, t))
+            pyro.sample("x", dist.Normal(b1 * z1 + b2 * z2, s), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", n):
+            z1 = pyro.sample("z1", dist.Normal(gain[0] * x, post[0, 0].sqrt()))
+            cond_mean = gain[1] * x + post[1, 0] / post[0, 0] * (z1 - gain[0] * x)
+            cond_sd = (post[1, 1] - post[1, 0] ** 2 / post[0, 0]).sqrt()
+            pyro.sample("z2", dist.Normal(cond_mean, cond_sd))
+
+    exact = dist.Normal(0.0, var_x.sqrt()).log_prob(x)
+    assert torch.allclose(log_likelihood(model, guide, x, num_samples=5), exact, atol=1e-10)
+
+
+def test_gamma_poisson_gives_the_negative_binomial():
+    a, b = 2.5, 0.7
+    x = torch.tensor([0.0, 1.0, 4.0, 9.0], dtype=F64)
+    n = len(x)
+
+    def model(x):
+        with pyro.plate("data", n):
+            rate = pyro.sample("rate", dist.Gamma(torch.full((n,), a, dtype=F64), b))
+            pyro.sample("x", dist.Poisson(rate), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", n):
+            pyro.sample("rate", dist.Gamma(a + x, b + 1.0))
+
+    exact = (
+        torch.lgamma(a + x) - math.lgamma(a) - torch.lgamma(x + 1)
+        + a * math.log(b / (b + 1)) - x * math.log(b + 1)
+    )  # fmt: skip
+    assert torch.allclose(log_likelihood(model, guide, x, num_samples=4), exact, atol=1e-10)
+
+
+def test_dirichlet_multinomial():
+    alpha = torch.tensor([0.5, 1.5, 3.0], dtype=F64)
+    counts = torch.tensor([[3.0, 0.0, 2.0], [0.0, 0.0, 5.0], [1.0, 2.0, 2.0]], dtype=F64)
+    n, total = len(counts), 5
+
+    def model(c):
+        with pyro.plate("data", n):
+            probs = pyro.sample("probs", dist.Dirichlet(alpha.expand(n, 3)))
+            pyro.sample("c", dist.Multinomial(total, probs), obs=c)
+
+    def guide(c):
+        with pyro.plate("data", n):
+            pyro.sample("probs", dist.Dirichlet(alpha + c))
+
+    exact = (
+        math.lgamma(total + 1) - torch.lgamma(counts + 1).sum(1)
+        + torch.lgamma(alpha.sum()) - torch.lgamma(total + alpha.sum())
+        + (torch.lgamma(counts + alpha) - torch.lgamma(alpha)).sum(1)
+    )  # fmt: skip
+    got = log_likelihood(model, guide, counts, num_samples=4)
+    assert torch.allclose(got, exact, atol=1e-9)
+
+
+def test_obs_mask_scores_the_observed_entries_only():
+    """pyro.sample(obs_mask=m) with the missing entries drawn by the guide from their exact
+    conditional: log p(x_i) is the density of the observed entries."""
+    x = torch.tensor([0.4, -1.3, 2.0, 0.1], dtype=F64)
+    mask = torch.tensor([True, False, True, False])
+    n, s = len(x), 0.5
+
+    def model(x):
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(torch.zeros(n, dtype=F64), 1.0))
+            pyro.sample("x", dist.Normal(z, s), obs=x, obs_mask=mask)
+
+    prec = 1 + mask.to(F64) / s**2
+
+    def guide(x):
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(torch.where(mask, x, 0.0) / s**2 / prec, prec.rsqrt()))
+            with pyro.poutine.mask(mask=~mask):
+                pyro.sample("x_unobserved", dist.Normal(z, s))
+
+    exact = torch.where(mask, dist.Normal(0.0, (1 + s**2) ** 0.5).log_prob(x), 0.0)
+    assert torch.allclose(log_likelihood(model, guide, x, num_samples=3), exact, atol=1e-10)

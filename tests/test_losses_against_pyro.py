@@ -630,3 +630,43 @@ def test_iwae_with_one_particle_is_the_elbo_whatever_the_plates_and_scales(name)
     one = run(IWAELoss(num_particles=1, max_plate_nesting=n), c["build"], False, seed=4)
     elbo = run(TraceELBO(max_plate_nesting=n), c["build"], False, seed=4)
     assert one[0] == pytest.approx(elbo[0], rel=1e-9)
+
+
+def _deviations():
+    """The largest relative deviations from Pyro over the zoo (``python tests/<this file>``)."""
+    worst = {}
+    for c in CASES.values():
+        n = c["nesting"]
+        pairs = {"TraceELBO": (TraceELBO, Trace_ELBO), "TraceMeanFieldELBO": (TraceMeanFieldELBO,
+                 TraceMeanField_ELBO)}  # fmt: skip
+        runs = []
+        for label, (ours, theirs) in pairs.items():
+            if label == "TraceMeanFieldELBO" and not c["meanfield"]:
+                continue
+            for kw in ({}, {"num_particles": 3}, {"num_particles": 3, "vectorize_particles": True}):
+                o = dict(max_plate_nesting=n, **kw)
+                runs.append(
+                    (label, run(ours(**o), c["build"], False), run(theirs(**o), c["build"], True))
+                )
+        if c["iwae"] == "same":
+            renyi = RenyiELBO(
+                alpha=0, num_particles=4, vectorize_particles=True, max_plate_nesting=n
+            )
+            runs.append(
+                ("IWAELoss", run(IWAELoss(4, n), c["build"], False), run(renyi, c["build"], True))
+            )
+        for label, (a, ga, _), (b, gb, _) in runs:
+            dv = abs(a - b) / max(abs(b), 1e-300)
+            dg = max(
+                [((u - v).abs().max() / v.abs().max().clamp_min(1e-300)).item()
+                 for u, v in ((ga[k], gb[k]) for k in ga) if u is not None and v is not None],
+                default=0.0,
+            )  # fmt: skip
+            w = worst.setdefault(label, [0.0, 0.0, 0])
+            w[0], w[1], w[2] = max(w[0], dv), max(w[1], dg), w[2] + 1
+    for label, (dv, dg, count) in worst.items():
+        print(f"{label}: {count} runs, value rel. diff <= {dv:.1e}, gradient rel. diff <= {dg:.1e}")
+
+
+if __name__ == "__main__":
+    _deviations()
