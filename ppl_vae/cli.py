@@ -14,7 +14,16 @@ from ppl_vae.config import field_types, strip_optional
 from ppl_vae.data import DataConfig
 from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
-from ppl_vae.runs import EvaluateConfig, MixtureConfig, em_run, evaluate_run, load_run, train_run
+from ppl_vae.runs import (
+    PICTURES,
+    EvaluateConfig,
+    MixtureConfig,
+    em_run,
+    evaluate_run,
+    load_run,
+    plot_run,
+    train_run,
+)
 from ppl_vae.svi import TrainConfig
 from ppl_vae.vae import VAEConfig
 
@@ -125,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=shared,
         help="train a VAE by SVI and write metrics, a checkpoint and pictures",
         description="Train a VAE (Pyro model p(z)p(x|z), amortized guide q(z|x)) by SVI. "
-        "Writes config.json, metrics.jsonl (one line per epoch), checkpoint.pt, samples.png "
-        "and reconstructions.png to --out.",
+        "Writes config.json, metrics.jsonl (one line per epoch), checkpoint.pt and the "
+        "pictures of ppl-vae plot to --out.",
     )
     _add_config(t.add_argument_group("data"), DataConfig, "data")
     _add_config(t.add_argument_group("model and guide"), VAEConfig, "vae")
@@ -138,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its checkpoint (--epochs is the new total)",
     )
+    r.add_argument(
+        "--plot-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also draw the pictures every N epochs (they are always drawn at the end)",
+    )
     e = sub.add_parser(
         "evaluate",
         parents=shared,
@@ -148,6 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--run", required=True, help="run directory written by ppl-vae train")
     _add_config(e.add_argument_group("importance sampling"), EvaluateConfig, "evaluate")
+    p = sub.add_parser(
+        "plot",
+        parents=shared,
+        help="draw the pictures of a finished or running run",
+        description="Draw a run's pictures from its checkpoint and metrics.jsonl (neither is "
+        "changed): curves.png (ELBO per epoch), samples.png, and for images "
+        "reconstructions.png, interpolation.png, latent.png and, for a 2-D latent, "
+        "manifold.png; for 2-D data density.png (data and model log-density) and latent.png. "
+        f"Pictures: {PICTURES.help()}.",
+    )
+    p.add_argument("--run", required=True, help="run directory written by ppl-vae train")
+    p.add_argument("--out", default=None, help="folder for the pictures (default: the run's)")
+    p.add_argument(
+        "--pictures",
+        type=_converter(_names),
+        default=None,
+        metavar="NAME,...",
+        help=f"which pictures, comma-separated (default: all that apply): {', '.join(PICTURES)}",
+    )
     m = sub.add_parser(
         "em",
         parents=shared,
@@ -175,6 +210,7 @@ def _train(args: argparse.Namespace) -> None:
         device=args.device,
         resume=args.resume,
         quiet=args.quiet,
+        plot_every=args.plot_every,
     )
     last = run.metrics[-1] if run.metrics else None
     if last is not None and not args.quiet:
@@ -217,7 +253,22 @@ def _em(args: argparse.Namespace) -> None:
     )
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "em": _em}
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n for n in text.split(",") if n)
+    for name in names:
+        PICTURES.check(name)
+    return names
+
+
+def _plot(args: argparse.Namespace) -> None:
+    paths = plot_run(args.run, args.out, args.pictures, args.device, data_dir=args.data_dir)
+    if not args.quiet:
+        print(
+            f"wrote {', '.join(p.name for p in paths)} to {paths[0].parent if paths else args.out}"
+        )
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot, "em": _em}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ __all__ = [
 
 Binarization = Literal["dynamic", "static", "gray"]
 BINARIZATIONS: tuple[str, ...] = get_args(Binarization)
-SYNTHETIC: Registry[Tensor] = Registry("synthetic data set")  # (n, generator) -> (n, 2)
+SYNTHETIC: Registry = Registry("synthetic data set")  # (n, generator) -> (points, labels)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,14 @@ class Data:
         name: A name for messages and plots.
     """
 
-    def __init__(self, train: Tensor, test: Tensor, encoding: str, name: str = "data"):
+    def __init__(
+        self,
+        train: Tensor,
+        test: Tensor,
+        encoding: str,
+        name: str = "data",
+        test_labels: Tensor | None = None,
+    ):
         for split, t in (("train", train), ("test", test)):
             if not torch.is_floating_point(t):
                 raise InputError(
@@ -102,7 +109,12 @@ class Data:
             )
         if encoding == "dynamic" and ((train < 0).any() or (train > 1).any()):
             raise InputError(f"{name}: dynamic binarization needs values in [0, 1]")
+        if test_labels is not None and test_labels.shape != test.shape[:1]:
+            raise InputError(
+                f"{name}: {tuple(test_labels.shape)} test labels for {test.shape[0]} test points"
+            )
         self.train, self.test, self.encoding, self.name = train, test, encoding, name
+        self.test_labels = test_labels  # a class per test point (digits, arms), for pictures
 
     @property
     def event_shape(self) -> torch.Size:
@@ -124,7 +136,8 @@ class Data:
         return self.train.device
 
     def to(self, device: torch.device | str) -> Data:
-        return Data(self.train.to(device), self.test.to(device), self.encoding, self.name)
+        labels = self.test_labels
+        return Data(self.train.to(device), self.test.to(device), self.encoding, self.name, labels)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Returns a batch as the model sees it (a fresh binarization for ``dynamic``)."""
@@ -171,7 +184,13 @@ def load_mnist(root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
     The files are read with ``torchvision.datasets.MNIST`` from ``root`` (see
     :func:`resolve_data_root`) and downloaded only when they are absent.
     """
-    from torchvision.datasets import MNIST
+    train, test, _ = _mnist(root)
+    return train, test
+
+
+def _mnist(root: str | os.PathLike | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Training and test images (intensities) and the test digits."""
+    from torchvision.datasets import MNIST  # torchvision only when MNIST is asked for
 
     root = resolve_data_root(root)
     splits = []
@@ -188,12 +207,12 @@ def load_mnist(root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
                     f"DIR/MNIST/raw holds the four MNIST files"
                 ) from None
         splits.append(ds.data.unsqueeze(1).float().div_(255.0))
-    return splits[0], splits[1]
+    return splits[0], splits[1], ds.targets.clone()
 
 
 @SYNTHETIC.register("pinwheel", help="five curved arms (Johnson et al. 2016)")
-def pinwheel(n: int, generator: torch.Generator) -> Tensor:
-    """Five curved arms (Johnson et al. 2016), as an ``(n, 2)`` tensor."""
+def pinwheel(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Five curved arms (Johnson et al. 2016): ``(n, 2)`` points and each one's arm."""
     g = generator
     arms, radial_std, tangential_std, rate = 5, 0.3, 0.05, 0.25
     label = torch.randint(arms, (n,), generator=g)
@@ -203,28 +222,28 @@ def pinwheel(n: int, generator: torch.Generator) -> Tensor:
     pts = torch.stack([r, t], dim=1)
     c, s = torch.cos(angle), torch.sin(angle)
     rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
-    return 2.0 * (rot @ pts.unsqueeze(-1)).squeeze(-1)
+    return 2.0 * (rot @ pts.unsqueeze(-1)).squeeze(-1), label
 
 
 @SYNTHETIC.register("moons", help="two interleaved half circles")
-def moons(n: int, generator: torch.Generator) -> Tensor:
-    """Two interleaved half circles with noise 0.1, as an ``(n, 2)`` tensor."""
+def moons(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Two interleaved half circles with noise 0.1: ``(n, 2)`` points and each one's moon."""
     g = generator
     upper = torch.rand(n, generator=g) < 0.5
     t = torch.rand(n, generator=g) * math.pi
     x = torch.where(upper, torch.cos(t), 1.0 - torch.cos(t))
     y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
     pts = torch.stack([x - 0.5, y - 0.25], dim=1) * 2.0
-    return pts + 0.1 * torch.randn(n, 2, generator=g)
+    return pts + 0.1 * torch.randn(n, 2, generator=g), (~upper).long()
 
 
 @SYNTHETIC.register("ring8", help="8 Gaussians (std 0.1) on a circle of radius 2")
-def ring8(n: int, generator: torch.Generator) -> Tensor:
-    """A mixture of 8 Gaussians (std 0.1) on a circle of radius 2, as an ``(n, 2)`` tensor."""
+def ring8(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """8 Gaussians (std 0.1) on a circle of radius 2: ``(n, 2)`` points and their components."""
     k = torch.randint(8, (n,), generator=generator)
     angle = k * (2 * math.pi / 8)
     centers = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-    return centers + 0.1 * torch.randn(n, 2, generator=generator)
+    return centers + 0.1 * torch.randn(n, 2, generator=generator), k
 
 
 DATASETS: tuple[str, ...] = ("mnist", *SYNTHETIC)
@@ -232,7 +251,7 @@ DATASETS: tuple[str, ...] = ("mnist", *SYNTHETIC)
 
 def synthetic_2d(name: str, n: int, generator: torch.Generator) -> Tensor:
     r"""Draws ``n`` points of the synthetic 2-D data set ``name`` (see :data:`SYNTHETIC`)."""
-    return SYNTHETIC.build(name, n, generator)
+    return SYNTHETIC.build(name, n, generator)[0]
 
 
 def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -256,14 +275,14 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
     """Loads the data set ``config`` names onto ``device``."""
     g = torch.Generator().manual_seed(config.seed)
     if config.name == "mnist":
-        train, test = load_mnist(config.data_dir)
+        train, test, digits = _mnist(config.data_dir)
         if config.binarize == "static":
             train, test = torch.bernoulli(train, generator=g), torch.bernoulli(test, generator=g)
-        return Data(train.to(device), test.to(device), config.binarize, "mnist")
+        return Data(train.to(device), test.to(device), config.binarize, "mnist", digits)
     if config.name in SYNTHETIC:
-        train = synthetic_2d(config.name, config.num_train, g)
-        test = synthetic_2d(config.name, config.num_test, g)
-        return Data(train.to(device), test.to(device), "continuous", config.name)
+        train, _ = SYNTHETIC.build(config.name, config.num_train, g)
+        test, labels = SYNTHETIC.build(config.name, config.num_test, g)
+        return Data(train.to(device), test.to(device), "continuous", config.name, labels)
     path = Path(config.name)
     if not path.is_file():
         raise MissingInputError(f"data file {path} does not exist")

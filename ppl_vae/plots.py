@@ -5,24 +5,34 @@ Each function returns a ``Figure``; :func:`ppl_vae.runs.files.save_figure` write
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg", force=False)
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from ppl_vae.data import Data  # noqa: E402
 from ppl_vae.guides import AmortizedGuide  # noqa: E402
+from ppl_vae.importance import log_likelihood  # noqa: E402
 from ppl_vae.mixture import BernoulliMixture, GaussianMixture  # noqa: E402
 from ppl_vae.model import VAEModel  # noqa: E402
 
 __all__ = [
     "close_figure",
+    "curves_figure",
+    "density_figure",
     "image_grid",
-    "metrics_figure",
+    "interpolation_figure",
+    "latent_figure",
+    "manifold_figure",
     "mixture_figure",
+    "posterior_means",
     "reconstructions_figure",
     "samples_figure",
 ]
@@ -86,22 +96,157 @@ def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str)
     ax.legend(loc="upper right", markerscale=4)
 
 
-def metrics_figure(
-    metrics: list[dict], title: str = "", train_label: str = "train ELBO (objective)"
-):
-    """The training objective and the test ELBO per epoch (nats per example)."""
+def curves_figure(metrics: list[dict], title: str = ""):
+    """Train and test ELBO per epoch (nats per example), and the KL weight when it changes."""
     epochs = [m["epoch"] for m in metrics]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(epochs, [m["train_elbo"] for m in metrics], label=train_label)
-    ax.plot(epochs, [m["test_elbo"] for m in metrics], label="test ELBO")
-    last = metrics[-1]["test_elbo"]
-    top = max(max(m["train_elbo"], m["test_elbo"]) for m in metrics)
-    ax.set_ylim(min(last, metrics[-1]["train_elbo"]) - 15, top + 3)
+    ax.plot(epochs, [m["train_elbo"] for m in metrics], marker=".", label="train (objective)")
+    ax.plot(epochs, [m["test_elbo"] for m in metrics], marker=".", label="test ELBO")
+    last, top = metrics[-1], max(max(m["train_elbo"], m["test_elbo"]) for m in metrics)
+    bottom = min(last["train_elbo"], last["test_elbo"])
+    span = max(top - bottom, 1e-3)
+    ax.set_ylim(bottom - 0.3 * span, top + 0.1 * span)  # the first epochs may fall below
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per example")
-    ax.set_title(title or f"final test ELBO {last:.2f}")
+    ax.set_title(title or f"ELBO per epoch; last test ELBO {last['test_elbo']:.2f}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    weights = [m.get("kl_weight", 1.0) for m in metrics]
+    if len(set(weights)) > 1:  # an annealed KL term
+        twin = ax.twinx()
+        twin.plot(epochs, weights, color="gray", linestyle="--", label="KL weight")
+        twin.set_ylabel("KL weight")
+        twin.set_ylim(0, 1.05 * max(weights))
+        twin.legend(loc="lower right")
+    ax.legend(loc="lower center")
+    return fig
+
+
+@torch.no_grad()
+def posterior_means(guide: AmortizedGuide, x: Tensor, draws: int = 256) -> Tensor:
+    """E_q[z | x] per row: the guide's mean, or an average of draws for flows."""
+    q = guide.distribution(x)
+    try:
+        return q.mean
+    except NotImplementedError:  # flows: a Monte Carlo mean
+        return torch.stack([q() for _ in range(draws)]).mean(0)
+
+
+def _grid(images: Tensor, ax, title: str, ncols: int) -> None:
+    ax.imshow(image_grid(images.clamp(0, 1), ncols=ncols).numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title)
+    ax.axis("off")
+
+
+@torch.no_grad()
+def interpolation_figure(
+    model: VAEModel, guide: AmortizedGuide, data: Data, rows: int = 6, steps: int = 10
+):
+    """Decodings along straight lines between the posterior means of pairs of test images."""
+    g = torch.Generator(device=data.device).manual_seed(1)
+    x = data.encode(data.test[: 2 * rows], generator=g)
+    z = posterior_means(guide, x)
+    t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype)[:, None]
+    lines = [(1 - t) * z[2 * r] + t * z[2 * r + 1] for r in range(rows)]
+    images = model.observation(torch.cat(lines)).mean
+    fig, ax = plt.subplots(figsize=(steps * 0.7, rows * 0.75))
+    _grid(images, ax, "decodings from one test image's posterior mean to another's", steps)
+    return fig
+
+
+@torch.no_grad()
+def latent_figure(guide: AmortizedGuide, data: Data, n: int = 5000):
+    """The test points' posterior means, coloured by their label (digit, arm, component).
+
+    A 2-D latent is drawn as it is; a larger one by its first two principal components.
+    """
+    g = torch.Generator(device=data.device).manual_seed(2)
+    x = data.encode(data.test[:n], generator=g)
+    z = torch.cat([posterior_means(guide, x[i : i + 500]) for i in range(0, len(x), 500)]).cpu()
+    if z.shape[1] == 1:  # a strip, spread upwards at random so that points do not hide others
+        jitter = torch.rand(len(z), generator=torch.Generator().manual_seed(0))
+        xy, what, axes = torch.cat([z, jitter[:, None]], 1), "the 1-D latent z", ("z", "jitter")
+    elif z.shape[1] == 2:
+        xy, what = z, "the latent z itself"
+        axes = ("z1", "z2")
+    else:
+        centred = z - z.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        xy, what = centred @ v[:2].T, f"first two principal components of the {z.shape[1]}-D z"
+        axes = ("PC 1", "PC 2")
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    labels = data.test_labels[:n].cpu() if data.test_labels is not None else None
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.5)
+    else:
+        classes = labels.unique().tolist()
+        cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+        for c in classes:
+            pick = labels == c
+            ax.scatter(xy[pick, 0], xy[pick, 1], s=2, alpha=0.6, color=cmap(classes.index(c)),
+                       label=str(c))  # fmt: skip
+        title = "digit" if data.name == "mnist" else "label"
+        ax.legend(title=title, markerscale=5, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title(f"posterior means E[z|x] of {len(xy)} test points:\n{what}")
+    return fig
+
+
+@torch.no_grad()
+def manifold_figure(model: VAEModel, n: int = 20):
+    """For a 2-D latent, the decoder's means on a grid of prior quantiles (Kingma & Welling,
+    2014, Fig. 4)."""
+    p = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
+    q = torch.distributions.Normal(0.0, 1.0).icdf(p).to(model._zero)
+    z1, z2 = torch.meshgrid(q, q.flip(0), indexing="xy")  # z2 grows upwards
+    images = model.observation(torch.stack([z1.flatten(), z2.flatten()], -1)).mean
+    fig, ax = plt.subplots(figsize=(8, 8))
+    _grid(images, ax, f"E[x|z] on a {n}x{n} grid of prior quantiles of z (z1 across, z2 up)", n)
+    return fig
+
+
+@torch.no_grad()
+def density_figure(model, guide, data: Data, size: int = 60, num_samples: int = 200):
+    """2-D data: the test points' histogram density beside the model's importance-sampled
+    log p(x) on a grid, on shared colour levels."""
+    pts = data.test.cpu().double()
+    lo, hi = pts.min(0).values, pts.max(0).values
+    pad = 0.1 * (hi - lo)
+    xs = torch.linspace(lo[0] - pad[0], hi[0] + pad[0], size, dtype=torch.float64)
+    ys = torch.linspace(lo[1] - pad[1], hi[1] + pad[1], size, dtype=torch.float64)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    grid = torch.stack([gx.flatten(), gy.flatten()], 1).to(data.test)
+    with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+        torch.manual_seed(3)
+        log_p = torch.cat([
+            log_likelihood(model, guide, grid[i : i + 400], num_samples=num_samples)
+            for i in range(0, len(grid), 400)
+        ]).reshape(size, size).cpu()  # fmt: skip
+        test = log_likelihood(model, guide, data.test[:2000], num_samples=num_samples).mean()
+    counts, xe, ye = np.histogram2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=40,
+                                    range=[[xs[0], xs[-1]], [ys[0], ys[-1]]])  # fmt: skip
+    area = (xe[1] - xe[0]) * (ye[1] - ye[0])
+    with np.errstate(divide="ignore"):
+        log_hist = np.log(counts.T / counts.sum() / area)
+    top = math.ceil(max(float(log_p.max()), float(np.nanmax(log_hist))))
+    levels = np.linspace(top - 8.0, top, 17)  # half-nat steps over the top 8 nats
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharex=True, sharey=True)
+    axes[0].contourf((xe[:-1] + xe[1:]) / 2, (ye[:-1] + ye[1:]) / 2,
+                     np.clip(log_hist, levels[0], None), levels=levels, cmap="viridis")  # fmt: skip
+    axes[0].set_title(f"test data ({len(pts)} points)\nlog of the histogram density", fontsize=10)
+    filled = axes[1].contourf(gx.numpy(), gy.numpy(), log_p.clamp(min=levels[0]).numpy(),
+                              levels=levels, cmap="viridis")  # fmt: skip
+    axes[1].set_title(
+        f"model: importance-sampled log p(x), K={num_samples}\nmean over the test points "
+        f"{test:.3f}",
+        fontsize=10,
+    )
+    for ax in axes:
+        ax.set_xlabel("x1")
+        ax.set_aspect("equal")
+    axes[0].set_ylabel("x2")
+    fig.colorbar(filled, ax=axes, label="log density (nats)", shrink=0.85)
     return fig
 
 

@@ -35,7 +35,8 @@ def test_one_short_mnist_epoch_writes_metrics_checkpoint_and_pictures(tmp_path, 
     )
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.pt", "config.json", "metrics.jsonl", "reconstructions.png", "samples.png",
+        "checkpoint.pt", "config.json", "curves.png", "interpolation.png", "latent.png",
+        "metrics.jsonl", "reconstructions.png", "samples.png",
     ]  # fmt: skip
     (metrics,) = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     # One epoch of the 784-200-200-50 VAE lands near -180 nats; an untrained one is below -540.

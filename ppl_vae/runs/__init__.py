@@ -8,15 +8,18 @@ configurations into files: checkpoints, ``config.json``, ``metrics.jsonl``, ``ev
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
 from ppl_vae.runs.em_run import MixtureConfig, em_run, make_mixture
 from ppl_vae.runs.vae_run import (
+    PICTURES,
     EvaluateConfig,
     Run,
     evaluate_run,
     load_run,
+    plot_run,
     train_run,
     write_pictures,
 )
 
 __all__ = [
+    "PICTURES",
     "EvaluateConfig",
     "MixtureConfig",
     "Run",
@@ -26,6 +29,7 @@ __all__ = [
     "evaluate_run",
     "load_run",
     "make_mixture",
+    "plot_run",
     "train_run",
     "write_pictures",
 ]

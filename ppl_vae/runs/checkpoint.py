@@ -94,6 +94,15 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return self.checkpoint.is_file()
 
+    def read_metrics(self) -> list[dict]:
+        """The lines of ``metrics.jsonl`` (none if it is absent); a clear error if corrupt."""
+        if not self.metrics.is_file():
+            return []
+        try:
+            return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+        except (ValueError, UnicodeDecodeError):
+            raise InputError(f"{self.metrics} is not one JSON object per line") from None
+
     def start(self, config: RunConfig | None, history: list[dict]) -> None:
         """Creates the folder, writes ``config.json`` and a ``metrics.jsonl`` of ``history``.
 
