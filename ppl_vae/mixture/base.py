@@ -449,10 +449,6 @@ class _Mixture:
     def _fitted(self) -> bool:
         return hasattr(self, "weights_")
 
-    def __sklearn_is_fitted__(self) -> bool:
-        """For ``sklearn.utils.validation.check_is_fitted``."""
-        return self._fitted
-
     def _require_fitted(self, method: str) -> None:
         if not self._fitted:
             raise NotFittedError(
