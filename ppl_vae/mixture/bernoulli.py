@@ -93,7 +93,8 @@ class BernoulliMixture(_Mixture):
         """Fits the mixture to binary points ``x`` of shape (N, ...) by MAP-EM; returns ``self``.
 
         Arguments:
-            x: Binary (0/1) points, N >= ``n_components``.
+            x: Binary (0/1) points, N >= 2 and N >= ``n_components``; integer and boolean
+                input becomes float64.
             weights_init: Initial weights (K,), non-negative, summing to 1.
             means_init: Initial pixel probabilities (K, D), strictly inside (0, 1).
         """

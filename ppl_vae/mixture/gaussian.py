@@ -78,9 +78,10 @@ class GaussianMixture(_Mixture):
     negligible in float64, but not in float32 for thin components far from the mean. So in
     float32, ``full`` and ``tied`` mixtures are computed per component as scikit-learn does --
     :math:`\|(x - \mu_k) U_k\|^2` from one product :math:`x [U_1 \dots U_K]`, and the M-step's
-    scatter about the current means with one batched product -- which keeps float32 as accurate
-    as scikit-learn's float32; ``diag`` and ``spherical`` use the expansion in both dtypes. For
-    speed, see docs/BENCHMARKS.md (measured by ``benchmarks/em.py``).
+    scatter about the current means with one batched product; ``diag`` and ``spherical`` use the
+    expansion in both dtypes. Speed and float32 accuracy against scikit-learn: see
+    docs/BENCHMARKS.md (measured by ``benchmarks/em.py``); agreement with scikit-learn in float64
+    (and which is the more accurate far from the origin): see docs/RESULTS.md.
 
     Data, parameters and computations share the device and dtype (float32 or float64) of the
     tensor passed to :meth:`fit`; later inputs are moved there.
@@ -178,7 +179,8 @@ class GaussianMixture(_Mixture):
         """Fits the mixture to the points ``x`` by EM; returns ``self``.
 
         Arguments:
-            x: Points, shape (N, D) with N >= ``n_components``, finite.
+            x: Points, shape (N, D) with N >= 2 and N >= ``n_components``, finite; a tensor,
+                array or list (float32 and float64 keep their dtype, others become float64).
             weights_init: Initial weights (K,), non-negative, summing to 1.
             means_init: Initial means (K, D).
             precisions_init: Initial precisions (inverse covariances): (K, D, D) ``full``,
