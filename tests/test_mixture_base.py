@@ -334,6 +334,7 @@ def test_get_params_are_the_constructor_arguments_and_clone_as_sklearn(mixture):
     assert torch.equal(cloned.fit(x).means_, fitted.means_)  # the same seed: the same fit
     assert torch.equal(type(m)(**m.get_params()).fit(x).means_, fitted.means_)
     assert repr(mixture(3, seed=5)) == f"{mixture.__name__}(n_components=3, seed=5)"
+    assert fitted.score(x, None) == fitted.score(x)  # scikit-learn's scorers pass y=None
 
 
 @pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])

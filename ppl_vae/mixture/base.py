@@ -597,7 +597,7 @@ class _Mixture:
         final, params, history, converged, n_iter = best
         for name, value in params.items():
             setattr(self, name, value)
-        self.lower_bound_, self.history_, self.lower_bounds_ = final, history, history
+        self.lower_bound_, self.history_, self.lower_bounds_ = final, history, list(history)
         self.converged_, self.n_iter_ = converged, n_iter
         self.n_features_in_ = x.shape[1]
 
@@ -627,8 +627,11 @@ class _Mixture:
         r"""The log-density :math:`\log p(x_n)` of every point, shape ``(N,)``, in nats."""
         return torch.logsumexp(self._joint_log_prob(x, "score_samples"), 1)
 
-    def score(self, x) -> float:
-        """The mean log-density of the points ``x`` (nats per point)."""
+    def score(self, x, y=None) -> float:
+        """The mean log-density of the points ``x`` (nats per point).
+
+        ``y`` is ignored; it is there for scikit-learn's scorers, which call ``score(x, y)``.
+        """
         return torch.logsumexp(self._joint_log_prob(x, "score"), 1).mean().item()
 
     def predict(self, x) -> Tensor:
