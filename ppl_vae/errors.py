@@ -2,7 +2,7 @@ r"""The project's own error for bad input: what the command line reports as a us
 
 from __future__ import annotations
 
-__all__ = ["InputError", "MissingInputError"]
+__all__ = ["InputError", "MissingInputError", "NotFittedError"]
 
 
 class InputError(ValueError):
@@ -16,3 +16,12 @@ class InputError(ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the user named (a data set, a run) is not there."""
+
+
+class NotFittedError(InputError, AttributeError):
+    """An estimator was asked for something that needs a fit (a score, a prediction) before one.
+
+    Both a ``ValueError`` and an ``AttributeError``, as scikit-learn's ``NotFittedError``, so
+    code written for either (``except ValueError``, ``hasattr``-style ``except AttributeError``)
+    keeps working.
+    """

@@ -3,6 +3,7 @@
 import inspect
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -10,18 +11,21 @@ import torch
 from helpers import blobs
 
 from ppl_vae.data import DataConfig, load_data
-from ppl_vae.errors import InputError
+from ppl_vae.errors import InputError, NotFittedError
 from ppl_vae.mixture import (
     COVARIANCE_TYPES,
     INITS,
     MIXTURES,
     BernoulliMixture,
+    ConvergenceWarning,
     GaussianMixture,
     base,
 )
 from ppl_vae.registry import Entry
 
 F64 = torch.float64
+
+pytestmark = pytest.mark.filterwarnings("ignore::ppl_vae.mixture.ConvergenceWarning")
 
 
 # -- EM --------------------------------------------------------------------------------------------
@@ -275,3 +279,213 @@ def test_mixtures_are_built_by_name_with_their_declared_options():
         assert MIXTURES.options(name) == tuple(inspect.signature(cls).parameters)
     with pytest.raises(InputError, match="reg_covar does not apply to the mixture 'bernoulli'"):
         MIXTURES.build("bernoulli", n_components=2, reg_covar=1e-3)
+
+
+# -- the scikit-learn surface ----------------------------------------------------------------------
+
+
+def _binary(n=60, d=6, seed=0):
+    return torch.bernoulli(
+        torch.full((n, d), 0.4, dtype=F64), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def test_not_fitted_error_is_a_value_error_and_an_attribute_error():
+    assert issubclass(NotFittedError, InputError) and issubclass(NotFittedError, AttributeError)
+    error = NotFittedError("message")
+    assert isinstance(error, ValueError) and isinstance(error, AttributeError)
+    assert str(error) == "message"
+
+
+@pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])
+@pytest.mark.parametrize(
+    "method",
+    ["predict", "predict_proba", "score", "score_samples", "joint_log_prob", "bic", "aic",
+     "sample", "distribution"],
+)  # fmt: skip
+def test_every_method_that_needs_a_fit_raises_not_fitted_error(mixture, method):
+    call = {"sample": lambda m: m.sample(3), "distribution": lambda m: m.distribution()}
+    run = call.get(method, lambda m: getattr(m, method)(_binary()))
+    with pytest.raises(
+        NotFittedError,
+        match=rf"this {mixture.__name__} is not fitted yet; call fit\(x\) before {method}",
+    ):
+        run(mixture(2))
+    with pytest.raises(AttributeError):  # what getattr-style code written for sklearn expects
+        run(mixture(2))
+    run(mixture(2, seed=0).fit(_binary()))  # and fitted, it works
+
+
+@pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])
+def test_get_params_are_the_constructor_arguments_and_clone_as_sklearn(mixture):
+    names = sorted(p for p in inspect.signature(mixture).parameters)
+    m = mixture(3, tol=np.float32(0.01), max_iter=np.int64(7), seed=5, verbose_interval=2)
+    params = m.get_params()
+    assert list(params) == names == sorted(m.get_params(deep=False))
+    assert params["max_iter"] is m.max_iter and params["verbose"] == 0
+    assert type(params["max_iter"]) is np.int64  # kept as given, as scikit-learn keeps it
+    copy = type(m)(**m.get_params())
+    assert copy.get_params() == params and not hasattr(copy, "weights_")
+    base_module = pytest.importorskip("sklearn.base")
+    cloned = base_module.clone(m)  # scikit-learn's clone checks that every argument is kept
+    assert type(cloned) is mixture and cloned.get_params() == params
+    x = _binary()
+    fitted = m.fit(x)
+    assert torch.equal(cloned.fit(x).means_, fitted.means_)  # the same seed: the same fit
+    assert torch.equal(type(m)(**m.get_params()).fit(x).means_, fitted.means_)
+    assert repr(mixture(3, seed=5)) == f"{mixture.__name__}(n_components=3, seed=5)"
+    assert fitted.score(x, None) == fitted.score(x)  # scikit-learn's scorers pass y=None
+
+
+@pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])
+def test_set_params_checks_names_and_values_and_returns_self(mixture):
+    m = mixture(2)
+    assert m.set_params() is m
+    assert m.set_params(n_components=3, tol=0.5) is m and (m.n_components, m.tol) == (3, 0.5)
+    with pytest.raises(InputError, match=r"'reg_covr' is not a parameter of \w+Mixture; its pa"):
+        m.set_params(reg_covr=1e-3)
+    with pytest.raises(InputError, match="is not a parameter"):
+        m.set_params(n_components__x=1)  # no argument is a nested estimator
+    with pytest.raises(InputError, match="max_iter must be a non-negative integer, got -1"):
+        m.set_params(tol=0.1, max_iter=-1)
+    assert (m.tol, m.max_iter) == (0.5, 100)  # a failed set_params changes nothing
+    m.n_init = 0  # assigned directly: fit checks the settings too
+    with pytest.raises(InputError, match="n_init must be a positive integer, got 0"):
+        m.fit(_binary())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"verbose": -1}, "verbose must be a non-negative integer, got -1"),
+        ({"verbose_interval": 0}, "verbose_interval must be a positive integer, got 0"),
+        ({"warm_start": "yes"}, "warm_start must be True or False, got 'yes'"),
+        ({"seed": -1}, "seed must be None or a non-negative integer, got -1"),
+        ({"seed": 1.5}, "seed must be None or a non-negative integer, got 1.5"),
+        ({"n_components": np.bool_(True)}, "n_components must be a positive integer"),
+    ],
+)
+def test_bad_scikit_learn_settings(kwargs, message):
+    for mixture in (GaussianMixture, BernoulliMixture):
+        with pytest.raises(InputError, match=re.escape(message)):
+            mixture(**{"n_components": 2, **kwargs})
+
+
+def test_numpy_scalars_are_accepted_wherever_python_numbers_are():
+    x = torch.from_numpy(blobs()[0])
+    i = np.int64
+    settings = dict(
+        n_components=i(3), max_iter=i(20), n_init=i(2), seed=i(4), verbose=i(0),
+        verbose_interval=i(5), tol=np.float32(1e-3), reg_covar=np.float64(1e-6),
+        warm_start=np.bool_(False),
+    )  # fmt: skip
+    gm = GaussianMixture(**settings).fit(x)
+    plain = GaussianMixture(**{k: v.item() for k, v in settings.items()}).fit(x)
+    assert torch.equal(gm.means_, plain.means_) and gm.means_.shape == (3, 3)
+    assert gm.sample(i(4))[0].shape == (4, 3)
+    bm = BernoulliMixture(i(2), alpha=np.float32(0.5), max_iter=i(5), seed=i(0)).fit(_binary())
+    assert bm.means_.shape == (2, 6)
+
+
+@pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])
+def test_input_dtypes_follow_sklearn(mixture):
+    x = _binary()
+    assert mixture(2, seed=0).fit(x.numpy().astype(np.int64)).means_.dtype == F64
+    assert mixture(2, seed=0).fit(x.numpy().astype(bool)).means_.dtype == F64
+    assert mixture(2, seed=0).fit(x.to(torch.uint8)).means_.dtype == F64
+    assert mixture(2, seed=0).fit(x.tolist()).means_.dtype == F64
+    assert mixture(2, seed=0).fit(x.float()).means_.dtype == torch.float32
+    assert mixture(2, seed=0).fit(x.numpy().astype(np.float32)).means_.dtype == torch.float32
+    ints = mixture(2, seed=0).fit(x.numpy().astype(np.int64))
+    assert torch.equal(ints.means_, mixture(2, seed=0).fit(x).means_)
+    # negative strides and read-only arrays are copied, silently
+    flipped = x.numpy()[::-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = mixture(2, seed=0).fit(flipped)
+        frozen = np.array(flipped)
+        frozen.flags.writeable = False
+        b = mixture(2, seed=0).fit(frozen)
+    assert torch.equal(a.means_, b.means_)
+    assert torch.equal(a.predict(flipped), a.predict(torch.from_numpy(flipped.copy())))
+
+
+@pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])
+def test_complex_and_non_numeric_input_is_refused(mixture):
+    x = _binary().numpy()
+    for bad in (x.astype(complex), torch.from_numpy(x).to(torch.complex64), [[1 + 2j, 0j]] * 5):
+        with pytest.raises(InputError, match=r"x is complex .*; pass real values"):
+            mixture(2).fit(bad)
+    with pytest.raises(InputError, match="weights_init is complex"):
+        mixture(2).fit(x, weights_init=np.array([0.5, 0.5], dtype=complex))
+    with pytest.raises(InputError, match="x has dtype <U1; pass real numbers"):
+        mixture(2).fit([["a", "b"]] * 5)
+    with pytest.raises(InputError, match="x is not an array of numbers"):
+        mixture(2).fit([[1.0, 0.0], [1.0]])
+    fitted = mixture(2, seed=0).fit(x)
+    with pytest.raises(InputError, match="x is complex"):
+        fitted.score(x.astype(complex))
+
+
+@pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])
+def test_zero_points_are_an_input_error_as_in_sklearn(mixture):
+    # scikit-learn raises ValueError for 0 samples in predict, predict_proba, score_samples and
+    # score (and fit needs 2); so do we, with our own message, rather than returning empty results
+    x = _binary()
+    fitted = mixture(2, seed=0).fit(x)
+    for method in ("predict", "predict_proba", "score_samples", "score", "bic", "aic"):
+        with pytest.raises(InputError, match=r"x has no points \(shape \(0, 6\)\); pass at least"):
+            getattr(fitted, method)(x[:0])
+    for n in (0, 1):
+        with pytest.raises(InputError, match=rf"x has {n} point\(s\); fitting needs at least 2"):
+            mixture(1).fit(x[:n])
+
+
+@pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])
+def test_a_warm_start_on_another_number_of_features_is_an_input_error(mixture):
+    # scikit-learn fails inside its E-step (a matmul shape error); we say what is wrong
+    x = _binary()
+    warm = mixture(2, seed=0, warm_start=True).fit(x)
+    means = warm.means_.clone()
+    what = "features" if mixture is GaussianMixture else "values per point"
+    with pytest.raises(
+        InputError,
+        match=rf"x has D=7 {what} but warm_start continues the mixture fitted on D=6; .*"
+        rf"set warm_start=False",
+    ):
+        warm.fit(torch.cat([x, x[:, :1]], 1))
+    assert torch.equal(warm.means_, means)
+    warm.warm_start = False  # the fix given: a fresh fit
+    assert warm.fit(torch.cat([x, x[:, :1]], 1)).means_.shape == (2, 7)
+    # a warm start continues in the dtype of the fitted parameters
+    again = mixture(2, seed=0, warm_start=True).fit(x)
+    assert again.fit(x.float()).means_.dtype == F64
+
+
+@pytest.mark.parametrize("mixture", [GaussianMixture, BernoulliMixture])
+def test_fit_predict_equals_fit_then_predict_and_sets_the_fit(mixture):
+    x = _binary(n=200, d=8)
+    labels = mixture(3, init="random", seed=0, max_iter=2, tol=0).fit_predict(x)
+    fitted = mixture(3, init="random", seed=0, max_iter=2, tol=0).fit(x)
+    assert torch.equal(labels, fitted.predict(x)) and labels.shape == (200,)
+    stale = mixture(3, init="random", seed=0, max_iter=1, tol=0).fit(x).predict(x)
+    assert not torch.equal(labels, stale)  # labels after the last M-step, not before it
+
+
+def test_the_convergence_warning_points_at_the_caller_and_names_the_fix():
+    x = torch.from_numpy(blobs()[0])
+    with pytest.warns(ConvergenceWarning) as caught:
+        GaussianMixture(4, max_iter=1, seed=0).fit(x)
+    assert caught[0].filename == __file__
+    assert "max_iter=1" in str(caught[0].message) and "raise max_iter or tol" in str(
+        caught[0].message
+    )
+    with pytest.warns(ConvergenceWarning) as caught:
+        GaussianMixture(4, max_iter=1, seed=0).fit_predict(x)
+    assert caught[0].filename == __file__
+    with pytest.warns(ConvergenceWarning, match="raise max_iter or tol, or try another") as caught:
+        BernoulliMixture(2, max_iter=1, tol=0, seed=0).fit(_binary())
+    assert "reg_covar" not in str(caught[0].message)
+    with warnings.catch_warnings():  # no iteration asked for: no warning, as scikit-learn
+        warnings.simplefilter("error")
+        GaussianMixture(4, max_iter=0, seed=0).fit(x)

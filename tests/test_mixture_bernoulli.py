@@ -1,11 +1,16 @@
 """The Bernoulli mixture: known components, the MAP step in closed form, images, samples."""
 
+import math
+import warnings
+
 import pytest
 import torch
 
-from ppl_vae.mixture import BernoulliMixture
+from ppl_vae.mixture import BernoulliMixture, ConvergenceWarning
 
 F64 = torch.float64
+
+pytestmark = pytest.mark.filterwarnings("ignore::ppl_vae.mixture.ConvergenceWarning")
 
 
 def binary_components(n=3000, seed=0):
@@ -71,3 +76,33 @@ def test_bernoulli_mixture_on_images_flattens_and_samples():
     draws, labels = bm.sample(1000, generator=g)
     assert draws.shape == (1000, 16) and set(draws.unique().tolist()) <= {0.0, 1.0}
     assert draws.mean().item() == pytest.approx(0.3, abs=0.03)
+
+
+def test_bernoulli_bic_counts_k_d_plus_k_minus_1_parameters_and_picks_the_true_k():
+    x, _, _ = binary_components()
+    n, d = x.shape
+    bics = []
+    for k in range(1, 6):
+        bm = BernoulliMixture(k, n_init=2, seed=0).fit(x)
+        log_l = bm.score_samples(x).sum().item()
+        p = k * d + k - 1  # pixel probabilities and weights; the prior adds no parameter
+        assert bm._n_parameters() == p
+        assert bm.bic(x) == pytest.approx(-2 * log_l + p * math.log(n), rel=1e-12)
+        assert bm.aic(x) == pytest.approx(-2 * log_l + 2 * p, rel=1e-12)
+        bics.append(bm.bic(x))
+    assert min(range(5), key=bics.__getitem__) + 1 == 3
+
+
+def test_bernoulli_fit_predict_warns_and_reports_like_the_gaussian_mixture(capsys):
+    x, _, _ = binary_components()
+    with pytest.warns(ConvergenceWarning, match="max_iter=2"):
+        labels = BernoulliMixture(3, init="random", max_iter=2, seed=0).fit_predict(x)
+    fitted = BernoulliMixture(3, init="random", max_iter=2, seed=0).fit(x)
+    assert torch.equal(labels, fitted.predict(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bm = BernoulliMixture(3, seed=0, verbose=1, verbose_interval=1).fit(x)
+    assert bm.converged_
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "initialisation 1 of 1" and len(lines) == bm.n_iter_ + 2
+    assert lines[-1] == f"initialisation 1: converged after {bm.n_iter_} iterations"

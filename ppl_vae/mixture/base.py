@@ -2,18 +2,26 @@ r"""EM shared by the mixtures: the fused E/M pass, initialisation, checks and pr
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
+import os
+import sys
+import time
+import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ppl_vae.errors import InputError
+from ppl_vae.errors import InputError, NotFittedError
 from ppl_vae.mixture.kmeans import _kmeans, _kmeans_plusplus
 from ppl_vae.registry import Registry
 
 __all__ = [
     "CACHE_BYTES",
     "INITS",
+    "ConvergenceWarning",
     "_Mixture",
     "_Source",
     "_as_float",
@@ -21,6 +29,7 @@ __all__ = [
     "_check_integer",
     "_check_means_init",
     "_check_number",
+    "_check_seed",
     "_check_weights_init",
     "_chunk_rows",
 ]
@@ -34,33 +43,112 @@ def _chunk_rows(width: int, x: Tensor) -> int:
     return max(64, target // (max(width, 1) * x.element_size()))
 
 
+class ConvergenceWarning(UserWarning):
+    """EM stopped at ``max_iter`` before the change per iteration fell below ``tol``.
+
+    A ``UserWarning``, as scikit-learn's ``sklearn.exceptions.ConvergenceWarning``; silence it
+    with ``warnings.filterwarnings("ignore", category=ConvergenceWarning)``.
+    """
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning name the first caller outside this package."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _as_float(x, name: str = "x") -> Tensor:
-    """A floating tensor from ``x`` (integer and boolean input becomes the default dtype)."""
-    x = x if isinstance(x, Tensor) else torch.as_tensor(x)
-    if not torch.is_floating_point(x):
-        return x.to(torch.get_default_dtype())
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} has dtype {x.dtype}; pass float32 or float64 (x.float())")
-    return x
+    """A float32 or float64 tensor from ``x``, with scikit-learn's choice of dtype.
+
+    float32 and float64 tensors and arrays keep their dtype (a tensor also its device);
+    integer and boolean input, Python lists and numbers become float64. Complex input is
+    refused rather than losing its imaginary part, and other floating dtypes (float16,
+    bfloat16) are a ``TypeError``. NumPy arrays with negative strides or read-only memory are
+    copied, which torch needs.
+    """
+    if isinstance(x, Tensor):
+        if x.is_complex():
+            raise InputError(f"{name} is complex ({x.dtype}); pass real values, e.g. x.real")
+        if not torch.is_floating_point(x):
+            return x.to(torch.float64)
+        if x.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} has dtype {x.dtype}; pass float32 or float64 (x.float())")
+        return x
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{name} is not an array of numbers ({e})") from None
+    kind = a.dtype.kind
+    if kind == "c":
+        raise InputError(f"{name} is complex ({a.dtype}); pass real values, e.g. x.real")
+    if kind in "biuO":
+        try:
+            a = a.astype(np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"{name} has entries that are not real numbers") from None
+    elif kind != "f":
+        raise InputError(f"{name} has dtype {a.dtype}; pass real numbers")
+    elif a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} has dtype {a.dtype}; pass float32 or float64")
+    if any(step < 0 for step in a.strides) or not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a)
 
 
 # -- checks shared by the mixtures ---------------------------------------------------------------
 
 
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
 def _check_integer(name: str, value, minimum: int) -> int:
-    """``value`` if it is an integer (not a bool) of at least ``minimum`` (0 or 1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int if it is an integer of at least ``minimum`` (0 or 1).
+
+    Python and NumPy integers (``np.int64(3)``) pass; bools and floats such as 2.0 do not.
+    """
+    if _is_bool(value) or not isinstance(value, numbers.Integral) or value < minimum:
         kind = "a positive" if minimum >= 1 else "a non-negative"
         raise InputError(f"{name} must be {kind} integer, got {value!r}")
-    return value
+    return int(value)
+
+
+def _check_seed(value) -> int | None:
+    """``value`` if it is None or a non-negative integer (a seed for ``torch.Generator``)."""
+    if value is not None and (
+        _is_bool(value) or not isinstance(value, numbers.Integral) or value < 0
+    ):
+        raise InputError(f"seed must be None or a non-negative integer, got {value!r}")
+    return None if value is None else int(value)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not _is_bool(value):
+        raise InputError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_verbose(value) -> int:
+    """``verbose``: a non-negative integer or a bool (True is 1), as scikit-learn takes it."""
+    if _is_bool(value):
+        return int(value)
+    if not isinstance(value, numbers.Integral) or value < 0:
+        raise InputError(f"verbose must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def _check_number(name: str, value, positive: bool = False, why: str = "") -> float:
     """``value`` as a float if it is a real number (not a bool), > 0 or >= 0; NaN fails.
 
-    ``why`` is put after the requirement in the message, e.g. " (a pseudo-count ...)".
+    Python and NumPy numbers pass. ``why`` is put after the requirement in the message,
+    e.g. " (a pseudo-count ...)".
     """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, numbers.Real) and not _is_bool(value)
     if not ok or not (value > 0 if positive else value >= 0):
         kind = "a positive" if positive else "a non-negative"
         raise InputError(f"{name} must be {kind} number{why}, got {value!r}")
@@ -78,7 +166,8 @@ def _check_weights_init(w: Tensor, k: int) -> Tensor:
     """Initial mixing weights: shape (k,), non-negative, summing to 1."""
     if w.shape != (k,):
         raise InputError(f"weights_init must have shape ({k},), got {tuple(w.shape)}")
-    if (w < 0).any() or abs(w.sum().item() - 1) > 1e-6:
+    tol = 1e-6 if w.dtype == torch.float32 else 1e-8  # scikit-learn's tolerances
+    if (w < 0).any() or abs(w.sum().item() - 1) > tol:
         raise InputError(
             f"weights_init must be non-negative and sum to 1, got sum {w.sum().item():g}; "
             f"divide by its sum"
@@ -165,6 +254,8 @@ class _Mixture:
     """
 
     _flat_means = False  # means_init may come in the shape of the points (Bernoulli: images)
+    _what = "features"  # what a point's D values are called in messages
+    _fix = "raise max_iter or tol"  # what the ConvergenceWarning suggests
 
     def __init__(
         self,
@@ -175,27 +266,112 @@ class _Mixture:
         init: str,
         seed: int | None,
         warm_start: bool,
+        verbose: int,
+        verbose_interval: int,
     ):
-        self.n_components = _check_integer("n_components", n_components, 1)
-        self.tol = _check_number("tol", tol)
-        self.max_iter = _check_integer("max_iter", max_iter, 0)
-        self.n_init = _check_integer("n_init", n_init, 1)
-        self.init = INITS.check(init)
-        self.seed, self.warm_start = seed, warm_start
-        self.history_: list[float] = []
+        # as scikit-learn, the arguments are kept as given (so that get_params and clone return
+        # them unchanged); they are checked here, by set_params and again by fit
+        self.n_components, self.tol, self.max_iter = n_components, tol, max_iter
+        self.n_init, self.init, self.seed, self.warm_start = n_init, init, seed, warm_start
+        self.verbose, self.verbose_interval = verbose, verbose_interval
+        self._check_settings()
+
+    # -- settings, scikit-learn's convention -------------------------------------------------------
+
+    def _check_settings(self) -> None:
+        """An InputError naming the first constructor argument that is not valid now."""
+        _check_integer("n_components", self.n_components, 1)
+        _check_number("tol", self.tol)
+        _check_integer("max_iter", self.max_iter, 0)
+        _check_integer("n_init", self.n_init, 1)
+        INITS.check(self.init)
+        _check_seed(self.seed)
+        _check_bool("warm_start", self.warm_start)
+        _check_verbose(self.verbose)
+        _check_integer("verbose_interval", self.verbose_interval, 1)
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        """The constructor's argument names, sorted (scikit-learn's ``_get_param_names``)."""
+        names = []
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if p.kind == p.VAR_POSITIONAL:
+                raise TypeError(f"{cls.__name__}.__init__ must not take *{name}")
+            if name != "self" and p.kind != p.VAR_KEYWORD:
+                names.append(name)
+        return sorted(names)
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor arguments by name, as scikit-learn's ``get_params``.
+
+        ``type(m)(**m.get_params())`` is an unfitted copy of ``m`` with the same settings, which
+        is what ``sklearn.base.clone(m)`` builds. No argument is itself an estimator, so ``deep``
+        changes nothing.
+        """
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> _Mixture:
+        """Sets constructor arguments by name (as scikit-learn's ``set_params``); returns ``self``.
+
+        An unknown name or an invalid value is an InputError and changes nothing. New settings
+        apply to the next :meth:`fit`.
+        """
+        names = self._param_names()
+        for name in params:
+            if name not in names:
+                raise InputError(
+                    f"{name!r} is not a parameter of {type(self).__name__}; its parameters are "
+                    f"{', '.join(names)}"
+                )
+        before = {name: getattr(self, name) for name in params}
+        for name, value in params.items():
+            setattr(self, name, value)
+        try:
+            self._check_settings()
+        except InputError:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
+        return self
+
+    def __repr__(self) -> str:
+        """The class and the arguments that differ from their defaults, as scikit-learn's."""
+        parameters = inspect.signature(type(self).__init__).parameters
+        given = [
+            f"{name}={getattr(self, name)!r}"
+            for name, p in parameters.items()
+            if name in self._param_names() and repr(getattr(self, name)) != repr(p.default)
+        ]
+        return f"{type(self).__name__}({', '.join(given)})"
 
     # -- hooks of the concrete mixtures ----------------------------------------------------------
 
     def _check_input(self, x: Tensor, fitting: bool) -> Tensor:
         raise NotImplementedError
 
-    def _check_points(self, x: Tensor, fitting: bool, what: str) -> Tensor:
-        """Checks an (N, D) tensor against the fitted D, the number of components, finiteness."""
-        if not fitting and x.shape[1] != self.means_.shape[1]:
+    def _check_points(self, x: Tensor, fitting: bool) -> Tensor:
+        """Checks an (N, D) tensor against the fitted D, the number of points, finiteness.
+
+        As scikit-learn: a fit needs at least 2 points and ``n_components``; everything else at
+        least one point; a warm start continues only on points with the fitted D.
+        """
+        what = self._what
+        continuing = fitting and self.warm_start and self._fitted
+        if (continuing or not fitting) and x.shape[1] != self.means_.shape[1]:
+            d = self.means_.shape[1]
+            if continuing:
+                raise InputError(
+                    f"x has D={x.shape[1]} {what} but warm_start continues the mixture fitted on "
+                    f"D={d}; pass points with D={d} {what}, or set warm_start=False to fit afresh"
+                )
             raise InputError(
                 f"x has D={x.shape[1]} {what} but the mixture was fitted on "
-                f"D={self.means_.shape[1]}; pass points with the same {what}"
+                f"D={d}; pass points with the same {what}"
             )
+        if not fitting and x.shape[0] == 0:
+            raise InputError(f"x has no points (shape {tuple(x.shape)}); pass at least one")
+        if fitting and x.shape[0] < 2:
+            raise InputError(f"x has {x.shape[0]} point(s); fitting needs at least 2")
         if fitting and x.shape[0] < self.n_components:
             raise InputError(
                 f"x has {x.shape[0]} points but n_components={self.n_components}; use at most "
@@ -263,23 +439,33 @@ class _Mixture:
     def _parameters(self) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def _n_parameters(self) -> int:
+        """The number of free parameters of the fitted mixture, for :meth:`bic` and :meth:`aic`."""
+        raise NotImplementedError
+
     # -- EM --------------------------------------------------------------------------------------
 
     @property
     def _fitted(self) -> bool:
         return hasattr(self, "weights_")
 
-    def _require_fitted(self) -> None:
+    def _require_fitted(self, method: str) -> None:
         if not self._fitted:
-            raise InputError(f"this {type(self).__name__} is not fitted yet; call fit(x) first")
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet; call fit(x) before {method}"
+            )
 
     def _generator(self) -> torch.Generator:
         g = torch.Generator()
         if self.seed is None:
             g.seed()
         else:
-            g.manual_seed(self.seed)
+            g.manual_seed(int(self.seed))
         return g
+
+    def _say(self, level: int, text: str) -> None:
+        if self.verbose >= level:
+            print(text, flush=True)
 
     def _pass(self, source: _Source) -> tuple[Tensor, Tensor, Tensor]:
         """One E-step fused with the M-step's sums: (r^T T(x), sum_n r, sum_n log p(x_n)).
@@ -310,7 +496,8 @@ class _Mixture:
 
     def _em(self, source: _Source, n: int, lower_bound: float) -> tuple[list[float], bool, int]:
         history, converged, n_iter = [], False, 0
-        for n_iter in range(1, self.max_iter + 1):
+        clock = time.perf_counter()
+        for n_iter in range(1, int(self.max_iter) + 1):
             previous = lower_bound
             stats, nk, total = self._pass(source)
             lower_bound = (total.item() + self._log_prior()) / n
@@ -321,7 +508,19 @@ class _Mixture:
                 )
             history.append(lower_bound)
             self._m_step(stats, nk)
-            if abs(lower_bound - previous) < self.tol:
+            change = lower_bound - previous
+            if self.verbose and n_iter % self.verbose_interval == 0:
+                if self.verbose >= 2:
+                    now = time.perf_counter()
+                    self._say(
+                        2,
+                        f"  iteration {n_iter}: {now - clock:.3f} s since the last line, "
+                        f"change {change:.5g}",
+                    )
+                    clock = now
+                else:
+                    self._say(1, f"  iteration {n_iter}")
+            if abs(change) < self.tol:
                 converged = True
                 break
         return history, converged, n_iter
@@ -347,23 +546,38 @@ class _Mixture:
     def _fit(self, x, inits: dict) -> _Mixture:
         state = dict(self.__dict__)
         try:
-            return self._fit_or_raise(x, inits)
+            self._fit_or_raise(x, inits)
         except BaseException:  # a failed fit leaves the estimator as it was
             self.__dict__.clear()
             self.__dict__.update(state)
             raise
+        if not self.converged_ and self.max_iter > 0:  # scikit-learn's rule; 0: the start is kept
+            warnings.warn(
+                f"EM stopped after max_iter={self.max_iter} iterations with the change per "
+                f"iteration still at least tol={self.tol:g} (converged_ is False); "
+                f"{self._fix}, or try another init or seed",
+                ConvergenceWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+        return self
 
-    def _fit_or_raise(self, x, inits: dict) -> _Mixture:
+    def _fit_or_raise(self, x, inits: dict) -> None:
+        self._check_settings()  # attributes may have been assigned since construction
         x = self._check_input(_as_float(x), fitting=True)
-        inits = self._check_inits(inits, x)
         do_init = not (self.warm_start and self._fitted)
+        if not do_init:  # continue in the dtype and on the device of the fitted parameters
+            x = x.to(self.weights_)
+        inits = self._check_inits(inits, x)
         if do_init:
             self._shift = x.mean(0)
         xc = self._prepare(x)
         source = _Source(self._features, xc, self._work_width(xc))
         g = self._generator()
         best = None
-        for _ in range(self.n_init if do_init else 1):
+        runs = int(self.n_init) if do_init else 1
+        for run in range(runs):
+            self._say(1, f"initialisation {run + 1} of {runs}" + ("" if do_init else " (warm)"))
+            clock = time.perf_counter()
             if do_init:
                 if any(v is None for v in inits.values()):
                     self._initialize(source, xc, g)
@@ -371,20 +585,39 @@ class _Mixture:
             start = -math.inf if do_init else self.lower_bound_
             history, converged, n_iter = self._em(source, x.shape[0], start)
             final = history[-1] if history else -math.inf
+            if self.verbose and self.max_iter > 0:
+                line = f"initialisation {run + 1}: " + (
+                    f"converged after {n_iter} iterations" if converged else "did not converge"
+                )
+                if self.verbose >= 2:
+                    line += f", {time.perf_counter() - clock:.3f} s, lower bound {final:.5f}"
+                self._say(1, line)
             if best is None or final > best[0]:
                 best = (final, self._parameters(), history, converged, n_iter)
         final, params, history, converged, n_iter = best
         for name, value in params.items():
             setattr(self, name, value)
-        self.lower_bound_, self.history_ = final, history
+        self.lower_bound_, self.history_, self.lower_bounds_ = final, history, list(history)
         self.converged_, self.n_iter_ = converged, n_iter
-        return self
+        self.n_features_in_ = x.shape[1]
 
     # -- prediction ------------------------------------------------------------------------------
 
+    def fit_predict(self, x, *args, **kwargs) -> Tensor:
+        """Fits the mixture to ``x`` (arguments as :meth:`fit`); returns the labels of ``x``.
+
+        As scikit-learn's ``fit_predict``: the labels come from an E-step with the fitted
+        parameters (after the last M-step), so they equal ``fit(x, ...).predict(x)`` for any
+        ``max_iter`` and ``tol``.
+        """
+        return self.fit(x, *args, **kwargs).predict(x)
+
     def joint_log_prob(self, x) -> Tensor:
         r""":math:`\log w_k + \log p(x_n \mid \theta_k)` for all points and components, (N, K)."""
-        self._require_fitted()
+        return self._joint_log_prob(x, "joint_log_prob")
+
+    def _joint_log_prob(self, x, method: str) -> Tensor:
+        self._require_fitted(method)
         x = self._check_input(_as_float(x).to(self.weights_), fitting=False)
         source = _Source(self._features, self._prepare(x), self._work_width(x), cache=False)
         natural = self._natural()
@@ -392,24 +625,40 @@ class _Mixture:
 
     def score_samples(self, x) -> Tensor:
         r"""The log-density :math:`\log p(x_n)` of every point, shape ``(N,)``, in nats."""
-        return torch.logsumexp(self.joint_log_prob(x), 1)
+        return torch.logsumexp(self._joint_log_prob(x, "score_samples"), 1)
 
-    def score(self, x) -> float:
-        """The mean log-density of the points ``x`` (nats per point)."""
-        return self.score_samples(x).mean().item()
+    def score(self, x, y=None) -> float:
+        """The mean log-density of the points ``x`` (nats per point).
+
+        ``y`` is ignored; it is there for scikit-learn's scorers, which call ``score(x, y)``.
+        """
+        return torch.logsumexp(self._joint_log_prob(x, "score"), 1).mean().item()
 
     def predict(self, x) -> Tensor:
         """The most probable component of every point, shape ``(N,)``."""
-        return self.joint_log_prob(x).argmax(1)
+        return self._joint_log_prob(x, "predict").argmax(1)
 
     def predict_proba(self, x) -> Tensor:
         """The responsibilities p(component k | x_n), shape ``(N, K)``; rows sum to 1."""
-        return torch.softmax(self.joint_log_prob(x), 1)
+        return torch.softmax(self._joint_log_prob(x, "predict_proba"), 1)
+
+    def bic(self, x) -> float:
+        r"""The Bayesian information criterion of the fitted mixture on ``x``; lower is better.
+
+        :math:`-2 \sum_n \log p(x_n) + P \log N` with ``P`` free parameters, as scikit-learn's.
+        """
+        log_p = torch.logsumexp(self._joint_log_prob(x, "bic"), 1)
+        return -2 * log_p.sum().item() + self._n_parameters() * math.log(log_p.shape[0])
+
+    def aic(self, x) -> float:
+        r"""Akaike's information criterion on ``x``, :math:`-2 \sum_n \log p(x_n) + 2 P`."""
+        log_p = torch.logsumexp(self._joint_log_prob(x, "aic"), 1)
+        return -2 * log_p.sum().item() + 2 * self._n_parameters()
 
     def _labels(
         self, n_samples: int, generator: torch.Generator | None
     ) -> tuple[Tensor, torch.Generator]:
-        _check_integer("n_samples", n_samples, 1)
+        n_samples = _check_integer("n_samples", n_samples, 1)
         g = generator if generator is not None else self._generator()
         z = torch.multinomial(self.weights_.cpu(), n_samples, replacement=True, generator=g)
         return z.to(self.weights_.device), g

@@ -41,6 +41,11 @@ class BernoulliMixture(_Mixture):
         init: As for :class:`GaussianMixture`.
         seed: Seeds the initialisation and :meth:`sample`.
         warm_start: A second :meth:`fit` continues from the current parameters.
+        verbose, verbose_interval: Progress lines, as for :class:`GaussianMixture`.
+
+    The scikit-learn surface is :class:`GaussianMixture`'s: :meth:`fit_predict`,
+    :meth:`bic` and :meth:`aic` (of the plain log-likelihood, with K D + K - 1 parameters),
+    :meth:`get_params` and :meth:`set_params`, :class:`ConvergenceWarning`, ``NotFittedError``.
 
     Attributes:
         weights_: Mixing weights (K,). means_: Pixel probabilities (K, D).
@@ -59,6 +64,7 @@ class BernoulliMixture(_Mixture):
     """
 
     _flat_means = True  # means_init may have the shape of the images, (K, ...)
+    _what = "values per point"
 
     def __init__(
         self,
@@ -70,16 +76,25 @@ class BernoulliMixture(_Mixture):
         init: str = "kmeans",
         seed: int | None = None,
         warm_start: bool = False,
+        verbose: int = 0,
+        verbose_interval: int = 10,
     ):
-        super().__init__(n_components, tol, max_iter, n_init, init, seed, warm_start)
+        self.alpha = alpha
+        super().__init__(
+            n_components, tol, max_iter, n_init, init, seed, warm_start, verbose, verbose_interval
+        )
+
+    def _check_settings(self) -> None:
         why = " (a pseudo-count that keeps probabilities off 0 and 1)"
-        self.alpha = _check_number("alpha", alpha, positive=True, why=why)
+        _check_number("alpha", self.alpha, positive=True, why=why)
+        super()._check_settings()
 
     def fit(self, x, weights_init: Tensor | None = None, means_init: Tensor | None = None):
         """Fits the mixture to binary points ``x`` of shape (N, ...) by MAP-EM; returns ``self``.
 
         Arguments:
-            x: Binary (0/1) points, N >= ``n_components``.
+            x: Binary (0/1) points, N >= 2 and N >= ``n_components``; integer and boolean
+                input becomes float64.
             weights_init: Initial weights (K,), non-negative, summing to 1.
             means_init: Initial pixel probabilities (K, D), strictly inside (0, 1).
         """
@@ -94,8 +109,7 @@ class BernoulliMixture(_Mixture):
                 f"x must have shape (N, D) or (N, ...) for N points, got {tuple(x.shape)}; "
                 f"add the point dimension (e.g. x.unsqueeze(0) for one point)"
             )
-        x = x.reshape(x.shape[0], -1)
-        x = self._check_points(x, fitting, "values per point")
+        x = self._check_points(x.flatten(1), fitting)
         if not ((x == 0) | (x == 1)).all():
             raise InputError(
                 "BernoulliMixture needs binary data (every value 0 or 1); binarize it first, "
@@ -120,10 +134,11 @@ class BernoulliMixture(_Mixture):
     def _m_step(self, stats: Tensor, nk: Tensor) -> None:
         nk_eps = nk + 10 * torch.finfo(nk.dtype).eps
         self.weights_ = nk_eps / nk_eps.sum()
-        self.means_ = (stats + self.alpha) / (nk[:, None] + 2 * self.alpha)
+        a = float(self.alpha)
+        self.means_ = (stats + a) / (nk[:, None] + 2 * a)
 
     def _log_prior(self) -> float:
-        a = self.alpha
+        a = float(self.alpha)
         log_beta = 2 * math.lgamma(1 + a) - math.lgamma(2 + 2 * a)
         mu = self.means_
         total = a * (mu.log() + torch.log1p(-mu)).sum() - mu.numel() * log_beta
@@ -132,9 +147,14 @@ class BernoulliMixture(_Mixture):
     def _parameters(self) -> dict[str, Tensor]:
         return {"weights_": self.weights_, "means_": self.means_}
 
+    def _n_parameters(self) -> int:
+        """K D pixel probabilities and K - 1 weights (the prior adds no free parameter)."""
+        k, d = self.means_.shape
+        return k * d + k - 1
+
     def distribution(self) -> torch.distributions.MixtureSameFamily:
         """The fitted mixture over flattened points, as a ``MixtureSameFamily``."""
-        self._require_fitted()
+        self._require_fitted("distribution")
         return MixtureSameFamily(
             Categorical(probs=self.weights_), Independent(Bernoulli(probs=self.means_), 1)
         )
@@ -143,7 +163,7 @@ class BernoulliMixture(_Mixture):
         self, n_samples: int = 1, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """Draws ``n_samples`` binary points (n, D) and their components (n,)."""
-        self._require_fitted()
+        self._require_fitted("sample")
         z, g = self._labels(n_samples, generator)
         u = torch.rand(n_samples, self.means_.shape[1], generator=g, dtype=self.means_.dtype)
         return (u.to(self.means_.device) < self.means_[z]).to(self.means_.dtype), z

@@ -78,9 +78,10 @@ class GaussianMixture(_Mixture):
     negligible in float64, but not in float32 for thin components far from the mean. So in
     float32, ``full`` and ``tied`` mixtures are computed per component as scikit-learn does --
     :math:`\|(x - \mu_k) U_k\|^2` from one product :math:`x [U_1 \dots U_K]`, and the M-step's
-    scatter about the current means with one batched product -- which keeps float32 as accurate
-    as scikit-learn's float32; ``diag`` and ``spherical`` use the expansion in both dtypes. For
-    speed, see docs/BENCHMARKS.md (measured by ``benchmarks/em.py``).
+    scatter about the current means with one batched product; ``diag`` and ``spherical`` use the
+    expansion in both dtypes. Speed and float32 accuracy against scikit-learn: see
+    docs/BENCHMARKS.md (measured by ``benchmarks/em.py``); agreement with scikit-learn in float64
+    (and which is the more accurate far from the origin): see docs/RESULTS.md.
 
     Data, parameters and computations share the device and dtype (float32 or float64) of the
     tensor passed to :meth:`fit`; later inputs are moved there.
@@ -98,7 +99,19 @@ class GaussianMixture(_Mixture):
             ``"kmeans"`` (labels of k-means), ``"k-means++"``
             (its seeds), ``"random"`` or ``"random_from_data"`` (one random point per component).
         seed: Seeds the initialisation and :meth:`sample` (None: fresh randomness).
-        warm_start: A second :meth:`fit` continues from the current parameters.
+        warm_start: A second :meth:`fit` continues from the current parameters (one
+            initialisation, on points with the fitted D, in the fitted dtype and device).
+        verbose: 0 prints nothing; 1 prints a line per initialisation and every
+            ``verbose_interval`` iterations; 2 adds times and the change of the lower bound.
+        verbose_interval: Iterations between progress lines.
+
+    As in scikit-learn, the arguments are kept as given and checked on construction, by
+    :meth:`set_params` and by :meth:`fit`; :meth:`get_params` returns them, so
+    ``type(m)(**m.get_params())`` is ``sklearn.base.clone(m)``. A fit that ends at
+    ``max_iter`` (> 0) without converging warns with :class:`ConvergenceWarning`. Methods that
+    need a fit raise :class:`~ppl_vae.errors.NotFittedError` before one. Points may be tensors,
+    arrays or lists: float32 and float64 keep their dtype, integers, bools and lists become
+    float64 (scikit-learn's rule); complex input is refused.
 
     Attributes:
         weights_: Mixing weights, shape (K,).
@@ -108,8 +121,10 @@ class GaussianMixture(_Mixture):
         converged_: Whether the change fell below ``tol`` before ``max_iter``.
         n_iter_: Iterations run by the kept initialisation.
         history_: Mean log-likelihood (nats per point) of the parameters at the start of every
-            iteration, i.e. scikit-learn's ``lower_bounds_``; EM never decreases it.
+            iteration, i.e. scikit-learn's ``lower_bounds_`` (also set under that name); EM
+            never decreases it.
         lower_bound_: Its last value.
+        n_features_in_: D, the number of features seen by :meth:`fit`.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -128,6 +143,8 @@ class GaussianMixture(_Mixture):
         algorithm. Pedregosa et al. (2011), scikit-learn: ``sklearn/mixture/_gaussian_mixture.py``.
     """
 
+    _fix = "raise max_iter or tol, or reg_covar if a component is degenerate"
+
     def __init__(
         self,
         n_components: int = 1,
@@ -139,10 +156,18 @@ class GaussianMixture(_Mixture):
         init: str = "kmeans",
         seed: int | None = None,
         warm_start: bool = False,
+        verbose: int = 0,
+        verbose_interval: int = 10,
     ):
-        super().__init__(n_components, tol, max_iter, n_init, init, seed, warm_start)
-        self.covariance_type = COVARIANCE_TYPES.check(covariance_type)
-        self.reg_covar = _check_number("reg_covar", reg_covar)
+        self.covariance_type, self.reg_covar = covariance_type, reg_covar
+        super().__init__(
+            n_components, tol, max_iter, n_init, init, seed, warm_start, verbose, verbose_interval
+        )
+
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        COVARIANCE_TYPES.check(self.covariance_type)
+        _check_number("reg_covar", self.reg_covar)
 
     def fit(
         self,
@@ -154,7 +179,8 @@ class GaussianMixture(_Mixture):
         """Fits the mixture to the points ``x`` by EM; returns ``self``.
 
         Arguments:
-            x: Points, shape (N, D) with N >= ``n_components``, finite.
+            x: Points, shape (N, D) with N >= 2 and N >= ``n_components``, finite; a tensor,
+                array or list (float32 and float64 keep their dtype, others become float64).
             weights_init: Initial weights (K,), non-negative, summing to 1.
             means_init: Initial means (K, D).
             precisions_init: Initial precisions (inverse covariances): (K, D, D) ``full``,
@@ -172,7 +198,7 @@ class GaussianMixture(_Mixture):
             raise InputError(
                 f"x must have shape (N, D), got {tuple(x.shape)}; reshape it (e.g. {fix})"
             )
-        return self._check_points(x, fitting, "features")
+        return self._check_points(x, fitting)
 
     def _check_inits(self, inits: dict, x: Tensor) -> dict:
         out = super()._check_inits(inits, x)
@@ -315,7 +341,7 @@ class GaussianMixture(_Mixture):
                     cov = s / nk_eps[:, None, None] - correction[:, None, None] * outer
                 else:  # pooled, as scikit-learn: (X^T X - sum_k N_k mu_k mu_k^T) / sum_k N_k
                     cov = (s.sum(0) - (nk_eps[:, None, None] * outer).sum(0)) / nk_eps.sum()
-            cov.diagonal(dim1=-2, dim2=-1).add_(self.reg_covar)
+            cov.diagonal(dim1=-2, dim2=-1).add_(float(self.reg_covar))
             lower, info = torch.linalg.cholesky_ex(cov)
             if (info != 0).any():
                 which = (
@@ -337,7 +363,7 @@ class GaussianMixture(_Mixture):
             var = stats[:, d:] / nk_eps[:, None] - mu * mu
         else:  # its mean over dimensions, from E_r[|x|^2]
             var = (stats[:, d] / nk_eps - (mu * mu).sum(1)) / d
-        var = var + self.reg_covar
+        var = var + float(self.reg_covar)
         if not (var > 0).all():
             raise InputError(
                 f"a component's variance is not positive even with reg_covar={self.reg_covar:g}; "
@@ -351,11 +377,17 @@ class GaussianMixture(_Mixture):
         names = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
         return {name: getattr(self, name) for name in names}
 
+    def _n_parameters(self) -> int:
+        """Covariance, mean and K - 1 weight parameters, counted as scikit-learn counts them."""
+        k, d = self.means_.shape
+        covariance = {"full": k * d * (d + 1) // 2, "tied": d * (d + 1) // 2, "diag": k * d}
+        return covariance.get(self.covariance_type, k) + k * d + k - 1
+
     # -- distribution and sampling ---------------------------------------------------------------
 
     def distribution(self) -> torch.distributions.MixtureSameFamily:
         """The fitted mixture as a :class:`torch.distributions.MixtureSameFamily`."""
-        self._require_fitted()
+        self._require_fitted("distribution")
         k, d = self.means_.shape
         if self.covariance_type in ("full", "tied"):
             cov = self.covariances_.expand(k, d, d)
@@ -373,7 +405,7 @@ class GaussianMixture(_Mixture):
 
         Draws come from ``generator`` (a CPU generator), else from one seeded with ``seed``.
         """
-        self._require_fitted()
+        self._require_fitted("sample")
         z, g = self._labels(n_samples, generator)
         k, d = self.means_.shape
         eps = torch.randn(n_samples, d, generator=g, dtype=self.means_.dtype)
