@@ -245,7 +245,7 @@ def _em(args: argparse.Namespace) -> None:
     data = _build(DataConfig, args, "data", seed=args.seed, data_dir=args.data_dir, **EM_DATA)
     config = _build(MixtureConfig, args, "mixture", seed=args.seed)
     r = em_run(dataclasses.replace(data, binarize="static"), config, args.out, args.device)
-    status = "converged" if r["converged"] else "not converged"
+    status = "converged" if r["converged"] else "not converged: raise --max-iter or --tol"
     print(
         f"{r['mixture']} K={config.n_components} on {r['dataset']}: train "
         f"{r['train_log_likelihood']:.4f}, test {r['test_log_likelihood']:.4f} nats per point; "

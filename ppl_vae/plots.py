@@ -224,8 +224,8 @@ def density_figure(model, guide, data: Data, size: int = 60, num_samples: int = 
             for i in range(0, len(grid), 400)
         ]).reshape(size, size).cpu()  # fmt: skip
         test = log_likelihood(model, guide, data.test[:2000], num_samples=num_samples).mean()
-    counts, xe, ye = np.histogram2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=40,
-                                    range=[[xs[0], xs[-1]], [ys[0], ys[-1]]])  # fmt: skip
+    box = [[float(xs[0]), float(xs[-1])], [float(ys[0]), float(ys[-1])]]
+    counts, xe, ye = np.histogram2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=40, range=box)
     area = (xe[1] - xe[0]) * (ye[1] - ye[0])
     with np.errstate(divide="ignore"):
         log_hist = np.log(counts.T / counts.sum() / area)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ppl_vae.config import check_positive, option, to_dict
 from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.errors import InputError
-from ppl_vae.mixture import COVARIANCE_TYPES, INITS, MIXTURES
+from ppl_vae.mixture import COVARIANCE_TYPES, INITS, MIXTURES, ConvergenceWarning
 from ppl_vae.plots import mixture_figure
 from ppl_vae.runs.files import make_output_dir, resolve_device, save_figure, write_json
 
@@ -115,7 +116,9 @@ def em_run(
     mixture = make_mixture(config, data.is_binary)
     train, test = _arrays(data, config.kind(data.is_binary), DTYPES[config.dtype])
     t0 = time.perf_counter()
-    mixture.fit(train)
+    with warnings.catch_warnings():  # the record says whether EM converged
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mixture.fit(train)
     seconds = time.perf_counter() - t0
     settings = to_dict(config)
     # the keys of results.json before the fields took the estimators' names, for old scripts
