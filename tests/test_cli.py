@@ -260,3 +260,81 @@ def test_em_without_a_data_set_fits_the_pinwheel(tmp_path, capsys):
     code, out, err = run_cli("em", "--max-iter", "2", "--out", tmp_path / "em", capsys=capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "em" / "results.json").read_text())["dataset"] == "pinwheel"
+
+
+def _digest(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_plot_draws_every_picture_of_a_2d_run_and_changes_nothing(pinwheel_run, tmp_path, capsys):
+    before = _digest(pinwheel_run)
+    code, out, err = run_cli(
+        "plot", "--run", pinwheel_run, "--out", tmp_path / "pics", capsys=capsys
+    )
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "pics").iterdir())
+    assert names == ["curves.png", "density.png", "latent.png", "samples.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (tmp_path / "pics").iterdir())
+    assert _digest(pinwheel_run) == before  # the run is read, never changed
+    code, _, err = run_cli("plot", "--run", pinwheel_run, "--out", tmp_path / "one",
+                           "--pictures", "curves", capsys=capsys)  # fmt: skip
+    assert code == 0 and [p.name for p in (tmp_path / "one").iterdir()] == ["curves.png"]
+
+
+@needs_mnist
+def test_plot_draws_every_picture_of_an_mnist_run_with_a_2d_latent(tmp_path, capsys):
+    run = tmp_path / "mnist"
+    code, _, err = run_cli("train", "--latent-dim", "2", "--epochs", "1", "--batch-size", "500",
+                           "--out", run, "--quiet", capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    for p in run.glob("*.png"):
+        p.unlink()
+    code, _, err = run_cli("plot", "--run", run, capsys=capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in run.glob("*.png")) == [
+        "curves.png", "interpolation.png", "latent.png", "manifold.png", "reconstructions.png",
+        "samples.png",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run", "{tmp}/nowhere"], "no checkpoint at"),
+        (["--run", "{tmp}/empty_mnist"], "no checkpoint at"),
+        (["--run", "{tmp}/corrupt"], "unreadable or corrupt"),
+        (["--run", "{run}", "--pictures", "curves,heatmap"], "unknown picture 'heatmap'"),
+        (["--run", "{run}", "--pictures", "manifold"], "the manifold picture needs images"),
+        (["--run", "{run}", "--out", "{tmp}/a_file/pics"], "cannot create output directory"),
+    ],
+)
+def test_plot_bad_input_is_one_line_exit_2_and_leaves_nothing(
+    args, message, pinwheel_run, bad_files, capsys
+):
+    args = [a.replace("{tmp}", str(bad_files)).replace("{run}", str(pinwheel_run)) for a in args]
+    before, files = _digest(pinwheel_run), sorted(bad_files.rglob("*"))
+    code, _, err = run_cli("plot", *args, capsys=capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert _digest(pinwheel_run) == before and sorted(bad_files.rglob("*")) == files
+
+
+def test_a_failed_picture_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from ppl_vae.plots import curves_figure
+    from ppl_vae.runs.files import save_figure
+
+    metrics = [{"epoch": 1, "train_elbo": -3.0, "test_elbo": -3.1, "kl_weight": 1.0}]
+    path = save_figure(curves_figure(metrics), tmp_path / "curves.png")
+    old = path.read_bytes()
+
+    def half_then_fail(self, f, **kwargs):
+        f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_figure(curves_figure(metrics), path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["curves.png"]

@@ -3,8 +3,18 @@
 import torch
 
 from ppl_vae.data import DataConfig, load_data
+from ppl_vae.model import BernoulliLikelihood, VAEModel
 from ppl_vae.networks import NetworkConfig
-from ppl_vae.plots import image_grid, reconstructions_figure, samples_figure
+from ppl_vae.plots import (
+    close_figure,
+    curves_figure,
+    image_grid,
+    latent_figure,
+    manifold_figure,
+    posterior_means,
+    reconstructions_figure,
+    samples_figure,
+)
 from ppl_vae.runs.files import save_figure
 from ppl_vae.vae import VAEConfig, build_vae
 
@@ -27,3 +37,61 @@ def test_scatter_pictures_for_two_dimensional_data(tmp_path):
     for path in (a, b):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recon.png", "samples.png"]
+
+
+def small_vae(latent_dim=2, name="moons", guide="gaussian"):
+    data = load_data(DataConfig(name, num_train=200, num_test=120))
+    config = VAEConfig(latent_dim=latent_dim, network=NetworkConfig(hidden=(8,)), guide=guide)
+    return (*build_vae(config, data), data)
+
+
+def test_the_manifold_is_the_decoder_on_a_grid_of_prior_quantiles():
+    torch.manual_seed(0)
+    encoder, decoder = NetworkConfig(hidden=(8,)).build((1, 28, 28), 2)
+    model = VAEModel(decoder, BernoulliLikelihood(), 2, (1, 28, 28))
+    fig = manifold_figure(model, n=5)
+    shown = fig.axes[0].get_images()[0].get_array()
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9]))
+    z1, z2 = torch.meshgrid(q, q.flip(0), indexing="xy")
+    with torch.no_grad():
+        means = model.observation(torch.stack([z1.flatten(), z2.flatten()], -1)).mean
+    assert torch.allclose(torch.as_tensor(shown.data), image_grid(means, ncols=5), atol=1e-6)
+    close_figure(fig)
+
+
+def test_a_larger_latent_is_drawn_by_its_first_two_principal_components():
+    model, guide, data = small_vae(latent_dim=3)
+    fig = latent_figure(guide, data)
+    points = torch.cat([torch.as_tensor(c.get_offsets()) for c in fig.axes[0].collections])
+    z = posterior_means(guide, data.encode(data.test))
+    centred = z - z.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    pcs = (centred @ v[:2].T).double()
+    # the same set of points (the scatter groups them by label); signs of components are free
+    key = lambda p: sorted(map(tuple, p.abs().round(decimals=4).tolist()))  # noqa: E731
+    assert key(points) == key(pcs)
+    assert "principal components" in fig.axes[0].get_title()
+    close_figure(fig)
+
+
+def test_posterior_means_are_the_guides_mean_or_the_average_of_flow_draws():
+    model, guide, data = small_vae()
+    x = data.test[:7]
+    assert torch.equal(posterior_means(guide, x), guide.distribution(x).mean)
+    _, flow, _ = small_vae(guide="planar")
+    torch.manual_seed(0)
+    z = torch.stack([flow.distribution(x)() for _ in range(4000)])
+    assert torch.allclose(posterior_means(flow, x, draws=4000), z.mean(0), atol=0.05)
+
+
+def test_the_curves_show_the_recorded_numbers_and_the_kl_weight_when_annealed():
+    metrics = [
+        {"epoch": e, "train_elbo": -10.0 + e, "test_elbo": -11.0 + e, "kl_weight": min(1, e / 2)}
+        for e in (1, 2, 3)
+    ]
+    fig = curves_figure(metrics)
+    lines = {line.get_label(): line.get_ydata().tolist() for ax in fig.axes for line in ax.lines}
+    assert lines["train (objective)"] == [-9.0, -8.0, -7.0]
+    assert lines["test ELBO"] == [-10.0, -9.0, -8.0]
+    assert lines["KL weight"] == [0.5, 1.0, 1.0]
+    close_figure(fig)
