@@ -128,3 +128,20 @@ def test_evaluate_run_writes_evaluate_json_with_the_keys_scripts_read(tmp_path):
     assert again["log_px"] == record["log_px"]
     # the mean log p(x) lies above the mean ELBO from the same draws
     assert -record["nll"] > record["elbo"]
+
+
+def test_drawing_pictures_every_epoch_leaves_the_training_numbers_unchanged(tmp_path):
+    data, vae = small_run_configs()
+    config = TrainConfig(epochs=2)
+    plain = train_run(data, vae, config, tmp_path / "a", "cpu", quiet=True, pictures=False)
+    drawn = train_run(data, vae, config, tmp_path / "b", "cpu", quiet=True, plot_every=1)
+
+    def numbers(metrics):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+    assert numbers(drawn.metrics) == numbers(plain.metrics)
+    assert (tmp_path / "b" / "density.png").is_file() and not (
+        tmp_path / "a" / "curves.png"
+    ).exists()
+    with pytest.raises(ValueError, match="plot_every must be a positive number"):
+        train_run(data, vae, config, tmp_path / "c", "cpu", plot_every=0)
