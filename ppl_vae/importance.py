@@ -15,7 +15,13 @@ from torch import Tensor
 from ppl_vae.errors import InputError
 from ppl_vae.sites import PLATE, log_density, sample_sites, trace_guide_and_model
 
-__all__ = ["LogLikelihood", "importance_log_weights", "log_likelihood"]
+__all__ = [
+    "LogLikelihood",
+    "WeightTerms",
+    "importance_log_weights",
+    "log_likelihood",
+    "log_weights",
+]
 
 PARTICLES = "_ll_particles"
 
@@ -83,24 +89,60 @@ def _vectorized(fn: Callable, num_particles: int, dim: int) -> Callable:
     return run
 
 
-def log_weights(model_trace, guide_trace, keep_dims: set[int], scaled: bool) -> Tensor:
+class WeightTerms:
+    r"""A sum of per-site terms :math:`\pm\,\mathrm{scale} \cdot \mathrm{mask} \cdot \log p`,
+    reduced over every batch dimension but ``keep_dims``.
+
+    Terms of one shape and one scale (a Python number or one tensor) are added before the scale
+    is applied, so a loss costs one multiplication per scale rather than one per site; masked
+    terms and per-element scales are scaled and masked one by one, with Pyro's
+    ``scale_and_mask``. With no ``keep_dims`` the result is a scalar: the ELBO of one particle.
+    """
+
+    def __init__(self, keep_dims=()):
+        self.keep = set(keep_dims)
+        self.groups: dict[tuple, list] = {}
+        self.rest: list[Tensor] = []
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        if not self.keep:
+            return t.sum()
+        dims = [d for d in range(-t.dim(), 0) if d not in self.keep]
+        return t.sum(dims, keepdim=True) if dims else t
+
+    def add(self, term: Tensor, scale=1.0, mask=None, sign: float = 1.0) -> None:
+        """Adds ``sign * scale * term``, masked where ``mask`` is False."""
+        if mask is not None or (torch.is_tensor(scale) and scale.dim() > 0):
+            self.rest.append(sign * self._reduce(scale_and_mask(term, scale, mask)))
+            return
+        key = (scale if not torch.is_tensor(scale) else id(scale), term.shape)
+        if key in self.groups:
+            group = self.groups[key]
+            group[1] = group[1] + term if sign > 0 else group[1] - term
+        else:
+            self.groups[key] = [scale, term if sign > 0 else -term]
+
+    def total(self) -> Tensor:
+        sums = [scale_and_mask(self._reduce(term), scale) for scale, term in self.groups.values()]
+        return sum(sums[1:] + self.rest, start=sums[0]) if sums else sum(self.rest)
+
+
+def log_weights(model_trace, guide_trace, keep_dims, scaled: bool) -> Tensor:
     r"""The log importance weight :math:`\sum \log p - \sum \log q` over every sample site.
 
-    The one path from traces to weights: each site's log-density is masked as Pyro masks it
-    (``poutine.mask``, ``obs_mask``: a masked element contributes 0) and, with ``scaled``,
+    The one path from traces to weights, shared by :func:`log_likelihood`, the IWAE loss and the
+    ELBOs: each site's log-density (:func:`ppl_vae.sites.log_density`) is masked as Pyro masks
+    it (``poutine.mask``, ``obs_mask``: a masked element contributes 0) and, with ``scaled``,
     multiplied by its scale (``poutine.scale``, subsampling) as in Pyro's ELBOs. Batch
     dimensions not in ``keep_dims`` (negative) are summed; the kept ones stay, aligned from the
-    right, so the result broadcasts over them.
+    right. With no ``keep_dims`` and ``scaled``, this is the ELBO of one particle.
     """
-    total = 0.0
+    terms = WeightTerms(keep_dims)
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
         for site in sample_sites(trace):
-            lp = scale_and_mask(log_density(site), site["scale"] if scaled else 1.0, site["mask"])
-            dims = [d for d in range(-lp.dim(), 0) if d not in keep_dims]
-            if dims:
-                lp = lp.sum(dims, keepdim=True)
-            total = total + sign * lp
-    return total
+            scale = site["scale"] if scaled else 1.0
+            terms.add(log_density(site), scale, site["mask"], sign)
+    return terms.total()
 
 
 def importance_log_weights(

@@ -35,7 +35,7 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 from torch import Tensor
 
 from ppl_vae.errors import InputError
-from ppl_vae.importance import log_weights
+from ppl_vae.importance import WeightTerms, log_weights
 from ppl_vae.registry import Registry
 from ppl_vae.sites import (
     LATENT,
@@ -74,33 +74,6 @@ def _reparameterized(fn) -> bool:
     while type(fn).score_parts in _DELEGATING:
         fn = fn.base_dist
     return fn.has_rsample and type(fn).score_parts is Distribution.score_parts
-
-
-class _Terms:
-    r"""A sum of per-site log-density terms, grouped by the scale they share.
-
-    ``add(term, scale, mask)`` adds ``scale * term`` (masked); terms of one shape and one scale
-    are added before the scale is applied, and ``total()`` sums what is left.
-    """
-
-    def __init__(self):
-        self.groups: dict[tuple, list] = {}
-        self.rest: list[Tensor] = []
-
-    def add(self, term: Tensor, scale, mask=None, sign: float = 1.0) -> None:
-        if mask is not None or (torch.is_tensor(scale) and scale.dim() > 0):
-            self.rest.append(sign * scale_and_mask(term, scale, mask).sum())
-            return
-        key = (scale if not torch.is_tensor(scale) else id(scale), term.shape)
-        if key in self.groups:
-            group = self.groups[key]
-            group[1] = group[1] + term if sign > 0 else group[1] - term
-        else:
-            self.groups[key] = [scale, term if sign > 0 else -term]
-
-    def total(self) -> Tensor:
-        sums = [scale_and_mask(term.sum(), scale) for scale, term in self.groups.values()]
-        return sum(sums[1:] + self.rest, start=sums[0]) if sums else sum(self.rest)
 
 
 def _validate(model_trace, guide_trace, max_plate_nesting: int) -> None:
@@ -160,12 +133,7 @@ class TraceELBO(_HostFree, Trace_ELBO):
     _pyro_particle = Trace_ELBO._differentiable_loss_particle
 
     def _elbo_particle(self, model_trace, guide_trace) -> Tensor:
-        terms = _Terms()
-        for site in sample_sites(model_trace):
-            terms.add(log_density(site), site["scale"], site["mask"])
-        for site in sample_sites(guide_trace):
-            terms.add(log_density(site), site["scale"], site["mask"], sign=-1.0)
-        return terms.total()
+        return log_weights(model_trace, guide_trace, (), scaled=True)
 
 
 class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
@@ -190,7 +158,7 @@ class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
         return model_trace, guide_trace
 
     def _elbo_particle(self, model_trace, guide_trace) -> Tensor:
-        terms = _Terms()
+        terms = WeightTerms()
         for site in sample_sites(model_trace):
             name = site["name"]
             if site["is_observed"]:
