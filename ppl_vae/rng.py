@@ -13,11 +13,23 @@ __all__ = ["forked_rng", "rng_state", "set_rng_state"]
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    """The global torch, Python and NumPy streams, CUDA's if present, and ``generator``'s."""
+    """The global torch, Python and NumPy streams, CUDA's if present, and ``generator``'s.
+
+    Everything is a tensor or a plain number, so that a checkpoint holding it loads with
+    ``torch.load(weights_only=True)``.
+    """
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(words), "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "data": generator.get_state(),
     }
     if torch.cuda.is_available():
@@ -26,10 +38,17 @@ def rng_state(generator: torch.Generator) -> dict:
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    """Restores what :func:`rng_state` took."""
+    """Restores what :func:`rng_state` took (also the tuples of checkpoints of format 0)."""
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    if isinstance(python, dict):
+        python = (python["version"], tuple(python["state"].tolist()), python["gauss"])
+    random.setstate(python)
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        keys = numpy["keys"].numpy().astype(np.uint32)
+        numpy = (numpy["name"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
+    np.random.set_state(numpy)
     generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

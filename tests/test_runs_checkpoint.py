@@ -112,3 +112,40 @@ def test_a_run_of_your_own_model_keeps_its_state_but_no_configuration(tmp_path):
     assert not (tmp_path / "own" / "config.json").exists()
     with pytest.raises(InputError, match="no configuration builds; load it with RunDir"):
         run.load()
+
+
+class _Touch:
+    """Unpickling this calls Path.touch(marker): a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_whose_unpickling_would_run_code_is_refused_and_never_run(tmp_path, capsys):
+    from helpers import run_cli
+
+    run = tmp_path / "downloaded"
+    run.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save(
+        {"epoch": 1, "params": {}, "optimizer": {}, "x": _Touch(marker)}, run / "checkpoint.pt"
+    )
+    with pytest.raises(InputError, match="would execute; it was not loaded"):
+        RunDir(run).load()
+    for command in (
+        ["evaluate", "--run", run],
+        ["plot", "--run", run],
+        ["train", "--resume", "--out", run],
+    ):
+        code, _, err = run_cli(*command, capsys=capsys)
+        assert code == 2 and "it was not loaded" in err and err.count("\n") == 1
+    assert not marker.exists()
+
+
+def test_new_checkpoints_hold_only_tensors_and_plain_data(tmp_path):
+    small_run(tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no allow-listed globals
+    assert ckpt["format"] == 1 and isinstance(ckpt["rng"]["numpy"]["keys"], torch.Tensor)

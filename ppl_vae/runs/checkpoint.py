@@ -4,7 +4,9 @@ A run directory holds
 
 - ``checkpoint.pt``: ``{"format": 1, "epoch", "params", "optimizer", "rng", "metrics",
   "config"}``, where ``config`` is ``{"data", "vae", "train"}`` as plain data
-  (:func:`ppl_vae.config.to_dict`), written atomically after every epoch;
+  (:func:`ppl_vae.config.to_dict`) and the random streams are tensors, written atomically
+  after every epoch and read with ``torch.load(weights_only=True)``: a file that needs more
+  (a pickle that would run code) is refused, never executed;
 - ``config.json``: the same configurations, readable without torch;
 - ``metrics.jsonl``: one JSON line per finished epoch;
 - ``evaluate.json``, ``samples.png``, ``reconstructions.png``: written by
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ppl_vae.config import from_dict, to_dict
@@ -75,6 +79,29 @@ def _upgrade_vae(vae: dict) -> dict:
     if vae.get("likelihood") == "bernoulli":
         vae["sigma"] = None
     return vae
+
+
+# NumPy arrays (the RNG state in checkpoints of format 0) rebuild from data alone
+_NUMPY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_plain(path: Path) -> object:
+    """``torch.load(weights_only=True)``: tensors and plain data only; nothing is executed."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise InputError(
+                f"{path} holds objects other than tensors and plain data, which loading would "
+                f"execute; it was not loaded. Only load checkpoints from a source you trust"
+            ) from None
+        raise InputError(f"checkpoint {path} is unreadable or corrupt; delete it") from None
+    except Exception as e:
+        raise InputError(
+            f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); "
+            f"delete it and train again"
+        ) from None
 
 
 class RunDir:
@@ -147,13 +174,7 @@ class RunDir:
         path = self.checkpoint
         if not path.is_file():
             raise MissingInputError(f"no checkpoint at {path}; train a run there first")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise InputError(
-                f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); "
-                f"delete it and train again"
-            ) from None
+        ckpt = _load_plain(path)
         if not isinstance(ckpt, dict) or not {"params", "epoch", "optimizer"} <= ckpt.keys():
             raise InputError(f"{path} is not a ppl_vae checkpoint; delete it and train again")
         version = ckpt.get("format", 0)
