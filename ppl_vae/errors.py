@@ -2,7 +2,7 @@ r"""The project's own error for bad input: what the command line reports as a us
 
 from __future__ import annotations
 
-__all__ = ["InputError", "MissingInputError", "NotFittedError"]
+__all__ = ["InputError", "MissingInputError", "NotFittedError", "WriteError"]
 
 
 class InputError(ValueError):
@@ -25,3 +25,8 @@ class NotFittedError(InputError, AttributeError):
     code written for either (``except ValueError``, ``hasattr``-style ``except AttributeError``)
     keeps working.
     """
+
+
+class WriteError(InputError):
+    """A file could not be written (a full or read-only disk, no permission); the message names
+    it and says what is intact. The command line reports it as one line, exit status 2."""

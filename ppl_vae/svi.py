@@ -81,6 +81,7 @@ class TrainState:
     optimizer: dict  # the Adam state dict
     rng: dict  # see ppl_vae.rng.rng_state
     metrics: list[dict]  # one dictionary per finished epoch
+    untrained_elbo: float | None = None  # the test ELBO before training, for divergence checks
 
 
 def make_loss(config: TrainConfig) -> ELBO | IWAELoss:
@@ -211,6 +212,25 @@ def _diverged(epoch: int) -> FloatingPointError:
     )
 
 
+def _check_divergence(test: float, epoch: int, history: list[dict], untrained: float | None):
+    """Training has diverged when the test ELBO is not finite, falls below the untrained
+    model's by more than max(1, 10%) nats, or falls more than half its size (plus one nat)
+    below the best so far: e.g. below -151 after a best of -100."""
+    best = max((m["test_elbo"] for m in history), default=None)
+    low = not math.isfinite(test)
+    if untrained is not None and math.isfinite(untrained):
+        low = low or test < untrained - max(1.0, 0.1 * abs(untrained))
+    if best is not None:
+        low = low or test < best - 0.5 * abs(best) - 1.0
+    if low:
+        seen = f"best so far {best:.6g}, " if best is not None else ""
+        before = f"untrained {untrained:.6g}" if untrained is not None else "untrained unknown"
+        raise FloatingPointError(
+            f"training diverged in epoch {epoch}: the test ELBO fell to {test:.6g} nats "
+            f"({seen}{before}); lower --lr or check the data"
+        )
+
+
 def _run_epoch(
     loss, optimizer, data: Data, config: TrainConfig, generator, epoch: int, quiet: bool
 ) -> float:
@@ -310,12 +330,17 @@ def train(
         set_rng_state(resume_from.rng, generator)
         history = list(resume_from.metrics)
         start = resume_from.epoch + 1
+    if resume_from is not None:
+        untrained = resume_from.untrained_elbo
+    else:
+        untrained = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
     losses = _StepLosses(model, guide, params, config)
     for epoch in range(start, config.epochs + 1):
         t0 = time.perf_counter()
         weight = kl_weight(epoch, config)
         train_elbo = _run_epoch(losses(weight), optimizer, data, config, generator, epoch, quiet)
         test_elbo = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
+        _check_divergence(test_elbo, epoch, history, untrained)
         metrics = {
             "epoch": epoch,
             "train_elbo": train_elbo,
@@ -327,7 +352,8 @@ def train(
         if checkpoint is not None:
             params_cpu = {k: v.detach().cpu() for k, v in params.items()}
             state = optimizer.state_dict()
-            checkpoint(TrainState(epoch, params_cpu, state, rng_state(generator), list(history)))
+            rng = rng_state(generator)
+            checkpoint(TrainState(epoch, params_cpu, state, rng, list(history), untrained))
         if on_epoch is not None:
             on_epoch(metrics)
     return history

@@ -35,7 +35,7 @@ def test_one_short_mnist_epoch_writes_metrics_checkpoint_and_pictures(tmp_path, 
     )
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.pt", "config.json", "curves.png", "interpolation.png", "latent.png",
+        ".lock", "checkpoint.pt", "config.json", "curves.png", "interpolation.png", "latent.png",
         "metrics.jsonl", "reconstructions.png", "samples.png",
     ]  # fmt: skip
     (metrics,) = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
@@ -323,6 +323,7 @@ def test_plot_bad_input_is_one_line_exit_2_and_leaves_nothing(
 def test_a_failed_picture_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     import matplotlib.figure
 
+    from ppl_vae.errors import WriteError
     from ppl_vae.plots import curves_figure
     from ppl_vae.runs.files import save_figure
 
@@ -335,6 +336,7 @@ def test_a_failed_picture_write_keeps_the_old_file_and_leaves_no_temporary(tmp_p
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match="cannot write .*curves.png: No space left on device; "
+                       "the previous curves.png is intact"):  # fmt: skip
         save_figure(curves_figure(metrics), path)
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["curves.png"]

@@ -46,7 +46,7 @@ def test_metrics_and_checkpoint_are_written_each_epoch(tmp_path):
     assert [m["epoch"] for m in lines] == [1, 2]
     assert {"epoch", "train_elbo", "test_elbo", "seconds"} <= lines[0].keys()
     pictures = ["curves.png", "density.png", "latent.png", "samples.png"]  # for 2-D data
-    names = sorted(["checkpoint.pt", "config.json", "metrics.jsonl", *pictures])
+    names = sorted([".lock", "checkpoint.pt", "config.json", "metrics.jsonl", *pictures])
     assert sorted(p.name for p in tmp_path.iterdir()) == names
     umask = os.umask(0)
     os.umask(umask)
@@ -73,7 +73,8 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
         return train(model, guide, data, config, on_epoch=poison, **kwargs)
 
     monkeypatch.setattr(vae_run, "train", poisoned)
-    with pytest.raises(FloatingPointError, match="epoch 2.*last good checkpoint \\(epoch 1\\)"):
+    kept = "epoch 2.*the checkpoint of epoch 1 in .* is intact"
+    with pytest.raises(FloatingPointError, match=kept):
         train_run(data, vae, TrainConfig(epochs=3), tmp_path, "cpu", quiet=True)
     state, _ = RunDir(tmp_path).load()
     assert state.epoch == 1
@@ -91,6 +92,8 @@ def test_a_nan_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatch):
         calls = []  # the first call (collecting parameters, validated) stays finite
 
         def nan_after_first(module, inputs, output):
+            if not torch.is_grad_enabled():  # the test ELBO (no gradient) stays finite
+                return output
             calls.append(1)
             return output * float("nan") if len(calls) > 1 else output
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,14 @@ from ppl_vae.data import DataConfig
 from ppl_vae.errors import InputError, MissingInputError
 from ppl_vae.guides import GUIDES
 from ppl_vae.networks import NETWORKS
-from ppl_vae.runs.files import make_output_dir, save_torch, write_json, write_text
+from ppl_vae.runs.files import (
+    folder_lock,
+    make_output_dir,
+    remove_stale_temporaries,
+    save_torch,
+    write_json,
+    write_text,
+)
 from ppl_vae.svi import TrainConfig, TrainState
 from ppl_vae.vae import VAEConfig
 
@@ -130,21 +139,35 @@ class RunDir:
         except (ValueError, UnicodeDecodeError):
             raise InputError(f"{self.metrics} is not one JSON object per line") from None
 
-    def start(self, config: RunConfig | None, history: list[dict]) -> None:
-        """Creates the folder, writes ``config.json`` and a ``metrics.jsonl`` of ``history``.
+    def holds_run(self) -> bool:
+        """Whether the folder already holds (part of) a run."""
+        return any((self.path / name).exists() for name in (CHECKPOINT, CONFIG, METRICS))
 
-        ``config`` is ``None`` for a model and guide that no configuration builds (your own
-        Pyro functions): the checkpoint then holds the state alone.
+    @contextmanager
+    def writing(self) -> Iterator[RunDir]:
+        """Holds the folder's lock (one writer at a time) and removes stale temporaries."""
+        make_output_dir(self.path)
+        with folder_lock(self.path):
+            remove_stale_temporaries(self.path, (CHECKPOINT, CONFIG, METRICS))
+            yield self
+
+    def start(self, config: RunConfig | None, history: list[dict]) -> None:
+        """Prepares the writes of a run: a new one, or ``history`` continued.
+
+        A new run writes nothing until its first checkpoint, so a run it replaces stays intact
+        until then. A continued run gets a ``metrics.jsonl`` that matches its checkpoint (a
+        kill between the two writes of an epoch leaves ``metrics.jsonl`` one line short, never
+        ahead). ``config`` is ``None`` for a model and guide that no configuration builds (your
+        own Pyro functions): the checkpoint then holds the state alone.
         """
         make_output_dir(self.path)
-        if config is not None:
-            write_json(config.to_dict(), self.path / CONFIG, indent=1)
-        write_text("".join(json.dumps(m) + "\n" for m in history), self.metrics)
+        self._new = not history
+        if history:
+            write_text("".join(json.dumps(m) + "\n" for m in history), self.metrics)
 
     def save(self, state: TrainState, config: RunConfig | None = None) -> None:
-        """Appends the epoch's metrics, then replaces the checkpoint atomically."""
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(state.metrics[-1]) + "\n")
+        """Replaces the checkpoint, then ``metrics.jsonl`` (and, at a new run's first epoch,
+        ``config.json`` and the old run's pictures and estimate); each write atomic."""
         record = {
             "format": FORMAT,
             "epoch": state.epoch,
@@ -153,8 +176,16 @@ class RunDir:
             "rng": state.rng,
             "metrics": state.metrics,
             "config": config.to_dict() if config is not None else None,
+            "untrained_elbo": state.untrained_elbo,
         }
         save_torch(record, self.checkpoint)
+        if getattr(self, "_new", False):
+            self._new = False
+            if config is not None:
+                write_json(config.to_dict(), self.path / CONFIG, indent=1)
+            for stale in (EVALUATE, *(p.name for p in self.path.glob("*.png"))):
+                (self.path / stale).unlink(missing_ok=True)
+        write_text("".join(json.dumps(m) + "\n" for m in state.metrics), self.metrics)
 
     def state(self) -> TrainState:
         """The training state alone, for runs of your own model and guide."""
@@ -197,6 +228,7 @@ class RunDir:
                 f"({FORMAT}); upgrade ppl_vae"
             )
         state = TrainState(
-            ckpt["epoch"], ckpt["params"], ckpt["optimizer"], ckpt["rng"], list(ckpt["metrics"])
-        )
+            ckpt["epoch"], ckpt["params"], ckpt["optimizer"], ckpt["rng"], list(ckpt["metrics"]),
+            ckpt.get("untrained_elbo"),
+        )  # fmt: skip
         return state, plain

@@ -2,19 +2,24 @@ r"""Files on disk: atomic writes under unique temporary names, output folders, t
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ppl_vae.errors import InputError
+from ppl_vae.errors import InputError, WriteError
 from ppl_vae.plots import close_figure
 
 __all__ = [
+    "folder_lock",
     "make_output_dir",
+    "remove_stale_temporaries",
     "resolve_device",
     "save_figure",
     "save_torch",
@@ -27,10 +32,15 @@ def _replace_atomic(path: Path, write: Callable[[object], None], mode: str) -> N
     """Writes through ``write(file)`` to a new temporary file beside ``path``, then renames it.
 
     The temporary name is unique (``tempfile.mkstemp``), so two writers never share one; it is
-    removed if anything fails, and the result gets the usual permissions (umask).
+    removed if anything fails (a signal included), and the result gets the usual permissions
+    (umask). A full or read-only disk is a one-line :class:`WriteError` naming the file; the
+    previous file is then intact.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -40,14 +50,66 @@ def _replace_atomic(path: Path, write: Callable[[object], None], mode: str) -> N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _write_error(path: Path, e: OSError) -> WriteError:
+    kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+    return WriteError(f"cannot write {path}: {e.strerror or e}; {kept}")
+
+
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
+    """Removes temporary files of ``names`` left by writers that died (kill -9, power loss).
+
+    Call it only while holding the folder's lock, when no other writer of those names lives.
+    """
+    for name in names:
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An advisory ``fcntl`` lock on ``folder/.lock``: one writer at a time.
+
+    The operating system releases it when the holder exits, however it dies. A second writer
+    gets a one-line error naming the holder's pid.
+    """
+    path = folder / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise InputError(
+                f"another ppl-vae process (pid {holder}) is writing to {folder}; wait for it to "
+                f"finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def save_torch(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
-    _replace_atomic(Path(path), lambda f: torch.save(obj, f), "wb")
+    """``torch.save`` to a temporary file beside ``path``, then rename over it.
+
+    The bytes are made in memory first, so that a full disk is an ``OSError`` of the write
+    (torch's own writer reports it as a bare ``RuntimeError``).
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _replace_atomic(Path(path), lambda f: f.write(buffer.getbuffer()), "wb")
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:

@@ -2,6 +2,8 @@ r"""VAE runs on disk: train into a run directory, load one back, evaluate its lo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -36,11 +38,13 @@ from ppl_vae.vae import VAEConfig, build_vae
 __all__ = [
     "PICTURES",
     "EvaluateConfig",
+    "Interrupted",
     "Run",
     "evaluate_run",
     "default_pictures",
     "load_run",
     "plot_run",
+    "resumed_config",
     "train_run",
     "write_pictures",
 ]
@@ -163,6 +167,74 @@ def plot_run(
     return write_pictures(run, out, names)
 
 
+CHANGEABLE = ("epochs", "capture")  # training settings a resumed run may change
+
+
+def _differences(recorded, given, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(field path, recorded, given) for each field where two configurations differ."""
+    out = []
+    for f in dataclasses.fields(recorded):
+        a, b = getattr(recorded, f.name), getattr(given, f.name)
+        if dataclasses.is_dataclass(a):
+            out += _differences(a, b, f"{prefix}{f.name}.")
+        elif a != b:
+            out.append((f"{prefix}{f.name}", a, b))
+    return out
+
+
+def _flag(cls: type, path: str) -> str:
+    name = path.split(".")[-1]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "." in path:  # a nested configuration (the network)
+        return _flag(type(getattr(cls(), path.split(".")[0])), path.split(".", 1)[1])
+    flags = fields[name].metadata.get("flags") if name in fields else None
+    return flags[0] if flags else f"--{name.replace('_', '-')}"
+
+
+def check_resume(saved: RunConfig, config: RunConfig, finished: int, run_dir: Path) -> None:
+    """An error naming the first setting of ``config`` that contradicts the run's own."""
+    allowed = ", ".join(f"--{n}" for n in CHANGEABLE)
+    for cls, a, b in (
+        (DataConfig, replace(saved.data, data_dir=None), replace(config.data, data_dir=None)),
+        (VAEConfig, saved.vae, config.vae),
+        (TrainConfig, replace(saved.train, epochs=1, capture=True),
+         replace(config.train, epochs=1, capture=True)),
+    ):  # fmt: skip
+        for path, recorded, given in _differences(a, b):
+            flag = _flag(cls, path)
+            raise InputError(
+                f"{flag} {given} contradicts the run's recorded {path}={recorded}; --resume "
+                f"continues the same run, where only {allowed}, --device, --quiet and "
+                f"--plot-every may change: drop {flag}, or start a new run with --overwrite "
+                f"or another --out"
+            )
+    if config.train.epochs <= finished:
+        raise InputError(
+            f"the run in {run_dir} has finished {finished} epochs, so --epochs "
+            f"{config.train.epochs} leaves nothing to do; pass a larger --epochs"
+        )
+
+
+def resumed_config(run_dir: str | os.PathLike, given: dict[str, dict]) -> RunConfig:
+    """The run's recorded configuration with the ``given`` settings applied over it
+    (``{"data": {...}, "vae": {..., "network": {...}}, "train": {...}}``, as flags give them);
+    :func:`train_run` then refuses any that contradicts the record."""
+    _, saved = RunDir(run_dir).load()
+
+    def overlay(config, values: dict):
+        plain = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        nested = {
+            k: overlay(getattr(config, k), v) for k, v in values.items() if isinstance(v, dict)
+        }
+        return replace(config, **plain, **nested)
+
+    return RunConfig(
+        overlay(saved.data, given.get("data", {})),
+        overlay(saved.vae, given.get("vae", {})),
+        overlay(saved.train, given.get("train", {})),
+    )
+
+
 def train_run(
     data_config: DataConfig,
     vae_config: VAEConfig,
@@ -173,51 +245,79 @@ def train_run(
     quiet: bool = False,
     pictures: bool = True,
     plot_every: int | None = None,
+    overwrite: bool = False,
 ) -> Run:
     """Loads data, builds the VAE and trains it, with metrics and checkpoints in ``out_dir``.
 
-    With ``resume``, the data and VAE configuration come from the checkpoint, so only the
-    training settings (e.g. more epochs) can change. With ``pictures``, every picture that
-    applies (:func:`default_pictures`) is drawn at the end, and every ``plot_every`` epochs.
+    A folder that holds a run is refused unless ``resume`` (continue it: the data, model and
+    objective must be the recorded ones; only the epochs and the capture may change) or
+    ``overwrite`` (replace it: the old run stays intact until the new one's first checkpoint).
+    One process writes a run at a time (a lock in the folder). With ``pictures``, every picture
+    that applies (:func:`default_pictures`) is drawn at the end, and every ``plot_every``
+    epochs. Divergence stops training with ``FloatingPointError`` naming the checkpoint kept.
     """
     if plot_every is not None and (isinstance(plot_every, bool) or plot_every < 1):
         raise InputError(f"plot_every must be a positive number of epochs, got {plot_every}")
+    if resume and overwrite:
+        raise InputError("--resume continues a run and --overwrite replaces it; choose one")
     run_dir = RunDir(out_dir)
-    state = None
-    if resume:
-        state, saved = run_dir.load()
-        data_config, vae_config = saved.data, saved.vae
-    config = RunConfig(data_config, vae_config, train_config)
-    dev = resolve_device(device)
-    data = load_data(data_config, dev)
-    pyro.set_rng_seed(train_config.seed)
-    model, guide = build_vae(vae_config, data)
-    run_dir.start(config, state.metrics if state is not None else [])  # inputs all checked
-    saved_epoch = state.epoch if state is not None else 0
+    with contextlib.ExitStack() as stack:
+        state = None
+        if resume:
+            state, saved = run_dir.load()  # checked before anything is written
+            check_resume(saved, RunConfig(data_config, vae_config, train_config), state.epoch,
+                         run_dir.path)  # fmt: skip
+            stack.enter_context(run_dir.writing())
+            state, _ = run_dir.load()  # as the lock holder sees it
+            data_config = replace(saved.data, data_dir=data_config.data_dir)
+            vae_config = saved.vae
+        elif run_dir.holds_run() and not overwrite:
+            raise InputError(
+                f"{run_dir.path} holds a run already; pass --resume to continue it, "
+                f"--overwrite to replace it, or choose another --out"
+            )
+        config = RunConfig(data_config, vae_config, train_config)
+        dev = resolve_device(device)
+        data = load_data(data_config, dev)
+        pyro.set_rng_seed(train_config.seed)
+        model, guide = build_vae(vae_config, data)
+        if not resume:  # only once every input has been checked: bad input leaves nothing
+            stack.enter_context(run_dir.writing())
+        run_dir.start(config, state.metrics if state is not None else [])
+        saved_epoch = state.epoch if state is not None else 0
 
-    def checkpoint(s: TrainState) -> None:
-        nonlocal saved_epoch
-        run_dir.save(s, config)
-        saved_epoch = s.epoch
-        if pictures and plot_every and s.epoch % plot_every == 0:
-            write_pictures(Run(model, guide, data, config, s.metrics, run_dir.path))
+        def checkpoint(s: TrainState) -> None:
+            nonlocal saved_epoch
+            run_dir.save(s, config)
+            saved_epoch = s.epoch
+            if pictures and plot_every and s.epoch % plot_every == 0:
+                write_pictures(Run(model, guide, data, config, s.metrics, run_dir.path))
 
-    try:
-        metrics = train(
-            model, guide, data, train_config,
-            resume_from=state, checkpoint=checkpoint, quiet=quiet,
-        )  # fmt: skip
-    except FloatingPointError as e:
-        kept = (
-            f"the last good checkpoint (epoch {saved_epoch}) is kept in {run_dir.path}"
-            if saved_epoch
-            else "no epoch finished, so no checkpoint was written"
-        )
-        raise FloatingPointError(f"{e}; {kept}") from None
-    run = Run(model, guide, data, config, metrics, run_dir.path)
-    if pictures:
-        write_pictures(run)
-    return run
+        try:
+            metrics = train(
+                model, guide, data, train_config,
+                resume_from=state, checkpoint=checkpoint, quiet=quiet,
+            )  # fmt: skip
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; {_kept(run_dir, saved_epoch)}") from None
+        except KeyboardInterrupt:
+            raise Interrupted(_kept(run_dir, saved_epoch)) from None
+        run = Run(model, guide, data, config, metrics, run_dir.path)
+        if pictures:
+            write_pictures(run)
+        return run
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C, SIGTERM); the message says what is kept."""
+
+
+def _kept(run_dir: RunDir, epoch: int) -> str:
+    if epoch:
+        return f"the checkpoint of epoch {epoch} in {run_dir.path} is intact"
+    if run_dir.has_checkpoint():
+        return f"no epoch finished; the earlier checkpoint in {run_dir.path} is untouched"
+    return "no epoch finished, so no checkpoint was written"
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "auto", data_dir: str | None = None) -> Run:
