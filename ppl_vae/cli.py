@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -17,11 +18,13 @@ from ppl_vae.registry import Registry
 from ppl_vae.runs import (
     PICTURES,
     EvaluateConfig,
+    Interrupted,
     MixtureConfig,
     em_run,
     evaluate_run,
     load_run,
     plot_run,
+    resumed_config,
     train_run,
 )
 from ppl_vae.svi import TrainConfig
@@ -112,7 +115,9 @@ def _shared_flags() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False)
     s = shared.add_argument_group("shared")
     s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
-    s.add_argument("--seed", type=int, default=0, help="seeds everything random in the run")
+    s.add_argument(
+        "--seed", type=int, default=None, help="seeds everything random in the run (default: 0)"
+    )
     s.add_argument(
         "--data-dir", default=None, help="folder holding MNIST/raw (default: $PPL_VAE_DATA)"
     )
@@ -145,7 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint (--epochs is the new total)",
+        help="continue the run in --out from its checkpoint: its data, model and objective; "
+        "only --epochs (the new total), --capture, --device, --quiet and --plot-every may "
+        "change",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (it stays intact until the new run's first checkpoint)",
     )
     r.add_argument(
         "--plot-every",
@@ -200,20 +212,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given(args: argparse.Namespace, prefix: str, **shared) -> dict:
+    """The flags given under ``prefix`` (nested by field), and the shared ones given."""
+    out: dict = {k: v for k, v in shared.items() if v is not None}
+    for key, value in vars(args).items():
+        if key.startswith(prefix + "."):
+            *path, name = key[len(prefix) + 1 :].split(".")
+            target = out
+            for part in path:
+                target = target.setdefault(part, {})
+            target[name] = value
+    return out
+
+
 def _train(args: argparse.Namespace) -> None:
     shared = {"seed": args.seed, "data_dir": args.data_dir}
+    if args.resume:  # the run's own settings, with what was given over them (checked)
+        given = {
+            "data": _given(args, "data", **shared),
+            "vae": _given(args, "vae"),
+            "train": _given(args, "train", seed=args.seed),
+        }
+        config = resumed_config(args.out, given)
+        data, vae, train = config.data, config.vae, config.train
+    else:
+        data = _build(DataConfig, args, "data", **shared)
+        vae = _build(VAEConfig, args, "vae")
+        train = _build(TrainConfig, args, "train", **shared)
     run = train_run(
-        _build(DataConfig, args, "data", **shared),
-        _build(VAEConfig, args, "vae"),
-        _build(TrainConfig, args, "train", **shared),
-        args.out,
-        device=args.device,
-        resume=args.resume,
-        quiet=args.quiet,
-        plot_every=args.plot_every,
-    )
+        data, vae, train, args.out, device=args.device, resume=args.resume, quiet=args.quiet,
+        plot_every=args.plot_every, overwrite=args.overwrite,
+    )  # fmt: skip
     last = run.metrics[-1] if run.metrics else None
-    if last is not None and not args.quiet:
+    if last is not None:  # the result, also with --quiet
         print(
             f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, "
             f"test ELBO {last['test_elbo']:.2f} nats per example; wrote {args.out}"
@@ -278,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed
         return int(e.code or 0)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         COMMANDS[args.command](args)
     except InputError as e:
@@ -286,10 +318,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FloatingPointError, OSError) as e:
         print(f"ppl-vae: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("ppl-vae: interrupted; the last finished epoch is in the checkpoint", file=sys.stderr)
+    except Interrupted as e:  # train: the message says which checkpoint is intact
+        print(f"ppl-vae: interrupted; {e}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print(f"ppl-vae: interrupted; {args.command} wrote nothing", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler) is handled as Ctrl-C is
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@ r"""Data sets held as one tensor on the training device and batched by index."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,11 +190,28 @@ def load_mnist(root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
     return train, test
 
 
+MNIST_FILES = {  # the uncompressed files torchvision reads, and their sizes in bytes
+    "train-images-idx3-ubyte": 47_040_016,
+    "train-labels-idx1-ubyte": 60_008,
+    "t10k-images-idx3-ubyte": 7_840_016,
+    "t10k-labels-idx1-ubyte": 10_008,
+}
+
+
 def _mnist(root: str | os.PathLike | None) -> tuple[Tensor, Tensor, Tensor]:
     """Training and test images (intensities) and the test digits."""
     from torchvision.datasets import MNIST  # torchvision only when MNIST is asked for
 
     root = resolve_data_root(root)
+    raw = root / "MNIST" / "raw"
+    for name, size in MNIST_FILES.items():  # a truncated file is named, not "not found"
+        path = raw / name
+        if path.is_file() and path.stat().st_size != size:
+            raise InputError(
+                f"MNIST file {path} has {path.stat().st_size} bytes, not {size}: it is truncated "
+                f"or corrupt; delete it (and its .gz) and fetch it again"
+            )
+    created = [d for d in (root, root / "MNIST", raw) if not d.exists()]
     splits = []
     for train in (True, False):
         try:
@@ -201,8 +220,11 @@ def _mnist(root: str | os.PathLike | None) -> tuple[Tensor, Tensor, Tensor]:
             try:
                 ds = MNIST(str(root), train=train, download=True)
             except Exception as e:  # offline, unwritable, or a truncated download
+                for d in reversed(created):  # a mistyped --data-dir leaves nothing behind
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
                 raise MissingInputError(
-                    f"MNIST not found in {root / 'MNIST' / 'raw'} and the download failed "
+                    f"MNIST not found in {raw} and the download failed "
                     f"({type(e).__name__}); pass --data-dir DIR or set PPL_VAE_DATA=DIR, where "
                     f"DIR/MNIST/raw holds the four MNIST files"
                 ) from None
@@ -254,18 +276,38 @@ def synthetic_2d(name: str, n: int, generator: torch.Generator) -> Tensor:
     return SYNTHETIC.build(name, n, generator)[0]
 
 
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """A (N, ...) tensor from a .pt or .npy file, split 90/10 into train and test."""
     try:
         if path.suffix == ".npy":
             x = torch.from_numpy(np.load(path, allow_pickle=False))
         else:
-            x = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on checking sparse tensors
+                warnings.simplefilter("ignore", UserWarning)
+                x = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise InputError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
     if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 2:
         raise InputError(f"data file {path} must hold one tensor of shape (N, ...) with N >= 2")
-    x = x.to(torch.get_default_dtype())  # the networks' dtype, whatever the file holds
+    if x.layout != torch.strided:
+        raise InputError(f"data file {path} holds a sparse tensor; save x.to_dense() instead")
+    if x.is_complex():
+        raise InputError(
+            f"data file {path} holds complex values; save real ones (e.g. torch.view_as_real(x))"
+        )
+    if x.dtype == torch.bool or not (x.is_floating_point() or x.dtype in _INTEGERS):
+        x = x.to(torch.int64) if x.dtype == torch.bool else x
+    dtype = torch.get_default_dtype()  # the networks' dtype, whatever the file holds
+    largest = x.abs().max().item() if x.numel() else 0.0
+    if math.isfinite(largest) and largest > torch.finfo(dtype).max:
+        raise InputError(
+            f"data file {path} holds values up to {largest:.3g}, beyond {dtype}'s range "
+            f"({torch.finfo(dtype).max:.3g}); rescale the data"
+        )
+    x = x.to(dtype)
     order = torch.randperm(x.shape[0], generator=generator)
     n_test = max(1, x.shape[0] // 10)
     return x[order[n_test:]], x[order[:n_test]]

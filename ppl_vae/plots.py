@@ -89,10 +89,22 @@ def reconstructions_figure(model: VAEModel, guide: AmortizedGuide, data: Data, n
 
 
 def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str) -> None:
-    d, m = data.cpu().numpy(), model.cpu().numpy()
-    ax.scatter(d[:, 0], d[:, 1], s=3, alpha=0.4, label=data_label)
-    ax.scatter(m[:, 0], m[:, 1], s=3, alpha=0.4, label=model_label)
-    ax.set_aspect("equal")
+    """Data against model points: a scatter of 2-D points (the first two coordinates of
+    larger ones, as the axis labels say), or two histograms of 1-D ones."""
+    d, m = data.detach().cpu().double().numpy(), model.detach().cpu().double().numpy()
+    if d.shape[1] == 1:
+        bins = np.histogram_bin_edges(np.concatenate([d[:, 0], m[:, 0]]), bins=50)
+        ax.hist(d[:, 0], bins=bins, density=True, alpha=0.5, label=data_label)
+        ax.hist(m[:, 0], bins=bins, density=True, alpha=0.5, label=model_label)
+        ax.set_xlabel("x")
+        ax.set_ylabel("density")
+    else:
+        ax.scatter(d[:, 0], d[:, 1], s=3, alpha=0.4, label=data_label)
+        ax.scatter(m[:, 0], m[:, 1], s=3, alpha=0.4, label=model_label)
+        ax.set_aspect("equal")
+        first = " (the first two of " + str(d.shape[1]) + " coordinates)" if d.shape[1] > 2 else ""
+        ax.set_xlabel("x1" + first)
+        ax.set_ylabel("x2")
     ax.legend(loc="upper right", markerscale=4)
 
 

@@ -206,6 +206,17 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
+def _report(metrics: dict, epochs: int, done: int, elapsed: float) -> None:
+    """One line per epoch on stderr; on a terminal it stays above the progress bar."""
+    left = (epochs - metrics["epoch"]) * elapsed / done
+    line = (
+        f"epoch {metrics['epoch']}/{epochs}: train {metrics['train_elbo']:.3f}, test ELBO "
+        f"{metrics['test_elbo']:.3f} nats, {metrics['seconds']:.1f} s"
+        + (f", about {left:.0f} s to go" if left > 0 else "")
+    )
+    tqdm.write(line, file=sys.stderr)
+
+
 def _diverged(epoch: int) -> FloatingPointError:
     return FloatingPointError(
         f"the loss became NaN or infinite in epoch {epoch}; lower --lr or check the data"
@@ -335,6 +346,7 @@ def train(
     else:
         untrained = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
     losses = _StepLosses(model, guide, params, config)
+    began = time.perf_counter()
     for epoch in range(start, config.epochs + 1):
         t0 = time.perf_counter()
         weight = kl_weight(epoch, config)
@@ -349,6 +361,8 @@ def train(
             "seconds": time.perf_counter() - t0,
         }
         history.append(metrics)
+        if not quiet:
+            _report(metrics, config.epochs, epoch - start + 1, time.perf_counter() - began)
         if checkpoint is not None:
             params_cpu = {k: v.detach().cpu() for k, v in params.items()}
             state = optimizer.state_dict()

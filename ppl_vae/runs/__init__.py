@@ -10,10 +10,12 @@ from ppl_vae.runs.em_run import MixtureConfig, em_run, make_mixture
 from ppl_vae.runs.vae_run import (
     PICTURES,
     EvaluateConfig,
+    Interrupted,
     Run,
     evaluate_run,
     load_run,
     plot_run,
+    resumed_config,
     train_run,
     write_pictures,
 )
@@ -21,6 +23,7 @@ from ppl_vae.runs.vae_run import (
 __all__ = [
     "PICTURES",
     "EvaluateConfig",
+    "Interrupted",
     "MixtureConfig",
     "Run",
     "RunConfig",
@@ -30,6 +33,7 @@ __all__ = [
     "load_run",
     "make_mixture",
     "plot_run",
+    "resumed_config",
     "train_run",
     "write_pictures",
 ]
