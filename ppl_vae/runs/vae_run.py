@@ -202,6 +202,7 @@ def check_resume(saved: RunConfig, config: RunConfig, finished: int, run_dir: Pa
     ):  # fmt: skip
         for path, recorded, given in _differences(a, b):
             flag = _flag(cls, path)
+            given = ",".join(map(str, given)) if isinstance(given, tuple) else given
             raise InputError(
                 f"{flag} {given} contradicts the run's recorded {path}={recorded}; --resume "
                 f"continues the same run, where only {allowed}, --device, --quiet and "
