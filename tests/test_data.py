@@ -117,3 +117,34 @@ def test_missing_mnist_offline_names_where_it_looked(tmp_path, monkeypatch):
     assert str(Path(tmp_path) / "MNIST" / "raw") in msg and "PPL_VAE_DATA" in msg
     assert "\n" not in msg
     assert os.listdir(tmp_path) in ([], ["MNIST"])  # nothing but torchvision's empty folders
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: torch.randn(40, 3).to_sparse(), "holds a sparse tensor; save x.to_dense()"),
+        (lambda: torch.randn(40, 2, dtype=torch.complex64), "holds complex values"),
+        (lambda: torch.full((40, 2), 1e300, dtype=torch.float64), "beyond torch.float32's range"),
+    ],
+)
+def test_file_data_that_cannot_be_modelled_get_a_clear_error(make, message, tmp_path):
+    torch.save(make(), tmp_path / "x.pt")
+    with pytest.raises(ValueError, match=message):
+        load_data(DataConfig(str(tmp_path / "x.pt")))
+
+
+def test_a_truncated_mnist_file_is_named_with_its_size(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte has 100 bytes, not 10008"):
+        load_data(DataConfig("mnist", data_dir=str(tmp_path)))
+
+
+def test_a_mistyped_data_dir_leaves_nothing_behind(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens there
+    with pytest.raises(FileNotFoundError, match="MNIST not found"):
+        load_data(DataConfig("mnist", data_dir=str(tmp_path / "typo")))
+    assert not (tmp_path / "typo").exists()

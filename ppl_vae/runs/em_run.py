@@ -35,8 +35,9 @@ class MixtureConfig:
     """
 
     mixture: str | None = option(
-        None, "the family (default: bernoulli for binary data, else gaussian)", choices=MIXTURES
-    )
+        None, "the family; auto (the default): bernoulli for binary data, else gaussian",
+        choices=(*MIXTURES.names, "auto"),
+    )  # fmt: skip
     n_components: int = option(
         8, "K, the number of components", flags=("--n-components", "--components")
     )
@@ -54,6 +55,8 @@ class MixtureConfig:
     dtype: str = option("float64", "the precision EM runs in", choices=tuple(DTYPES))
 
     def __post_init__(self):
+        if self.mixture == "auto":
+            object.__setattr__(self, "mixture", None)
         check_positive(self, "n_components", "n_init")
         if self.dtype not in DTYPES:
             raise InputError(f"unknown dtype {self.dtype!r}; choose float64 or float32")
