@@ -12,17 +12,17 @@ negative):
   draws per point (``ppl_vae.evaluate_run``). The figure puts, for each set, the test points,
   the mixture's log-density (``--figure-k`` components, exact) and the VAE's (importance-sampled
   on a 100 x 100 grid, ``--grid-samples`` draws per grid point) side by side, on shared colour
-  levels (the 12 nats below the mixture's maximum), with the held-out log-likelihood in the
-  titles.
+  levels (1-nat steps over the 12 nats below the mixture's maximum), with the held-out
+  log-likelihood in the titles.
 - statically binarized MNIST (60,000 / 10,000, one fixed Bernoulli draw from seed 0): Bernoulli
   mixtures (MAP-EM, Beta(2, 2) prior) with K = 10, 50, 100, flattened to 784 pixels, float32;
   table only (``--mnist-ks ""`` skips them).
 
 Everything is printed as one Markdown table at the end.
 
-Run (times on one CPU thread, the machine's other core idle):
+Run (wall-clock times measured on one CPU thread, another run busy on the second core):
     python examples/em_vs_vae.py --quick   # ring8, K = 1 and 8, 2 epochs, no MNIST: ~15 s
-    python examples/em_vs_vae.py --figure docs/img/em_vs_vae.png   # the defaults: ~6 min
+    python examples/em_vs_vae.py --figure docs/img/em_vs_vae.png   # the defaults: 2.5-5 min
 
 MNIST is read from --data-dir, else $PPL_VAE_DATA, else ~/.cache/ppl_vae (see the README).
 """
@@ -115,7 +115,7 @@ def vae_log_density(run, grid: torch.Tensor, samples: int) -> torch.Tensor:
 def figure(panels: list[tuple], k: int, grid_samples: int, is_samples: int):
     rows = len(panels)
     fig, axes = plt.subplots(
-        rows, 3, figsize=(12.5, 3.7 * rows), squeeze=False, layout="constrained"
+        rows, 3, figsize=(10, 2.95 * rows), squeeze=False, layout="constrained"
     )
     for row, (name, data, gmm, vae) in zip(axes, panels, strict=True):
         test = data.test.double()
@@ -133,9 +133,9 @@ def figure(panels: list[tuple], k: int, grid_samples: int, is_samples: int):
         # shared levels: the 12 nats below the mixture's exact maximum (values outside are
         # clipped, so an importance-sampling outlier cannot wash out the colour scale)
         top = math.ceil(log_p["gmm"].max().item() * 2) / 2
-        levels = torch.linspace(top - 12, top, 25).numpy()
+        levels = torch.linspace(top - 12, top, 13).numpy()  # 1-nat steps
         row[0].scatter(test[:, 0], test[:, 1], s=1, alpha=0.5)
-        row[0].set_title(f"{name}: {len(test):,} test points", fontsize=10)
+        row[0].set_title(f"{name}: {len(test):,} test points", fontsize=9)
         titles = {
             "gmm": f"EM Gaussian mixture, full, K={k}\nheld-out log-lik {gmm['test']:.3f}",
             "vae": f"VAE, z=2: held-out log-lik {vae['test']:.3f}\n"
@@ -144,8 +144,8 @@ def figure(panels: list[tuple], k: int, grid_samples: int, is_samples: int):
         for ax, key in zip(row[1:], ("gmm", "vae"), strict=True):
             values = log_p[key].clamp(levels[0], levels[-1]).numpy()
             filled = ax.contourf(gx.numpy(), gy.numpy(), values, levels=levels, cmap="viridis")
-            ax.set_title(titles[key], fontsize=10)
-        fig.colorbar(filled, ax=row[1:], label="log p(x), nats", shrink=0.9, ticks=levels[::4])
+            ax.set_title(titles[key], fontsize=9)
+        fig.colorbar(filled, ax=row[1:], label="log p(x), nats", shrink=0.9, ticks=levels[::2])
         for ax in row:
             ax.set_xlim(xs[0], xs[-1])
             ax.set_ylim(ys[0], ys[-1])
@@ -155,7 +155,7 @@ def figure(panels: list[tuple], k: int, grid_samples: int, is_samples: int):
     fig.suptitle(
         f"log-density on shared levels per row: data, EM Gaussian mixture (exact), VAE "
         f"(importance-sampled on the grid, {grid_samples} draws per point)",
-        fontsize=11,
+        fontsize=10,
     )
     return fig
 

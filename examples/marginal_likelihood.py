@@ -18,9 +18,9 @@ The model is the default VAE (``build_vae(VAEConfig())``: z = 50, MLP 200-200 ta
 guide, Bernoulli p(x|z)) trained by ``train`` on dynamically binarized MNIST; ``--run DIR``
 sweeps a run trained by ``ppl-vae train`` instead.
 
-Run (times on one CPU thread, the machine's other core idle):
+Run (wall-clock times measured on one CPU thread, another run busy on the second core):
     python examples/marginal_likelihood.py --quick   # 5k images, 2 epochs, 100 points, K=256: ~15 s
-    python examples/marginal_likelihood.py --out docs/img/marginal_likelihood.png   # ~5 min
+    python examples/marginal_likelihood.py --out docs/img/marginal_likelihood.png   # ~4.5 min
     python examples/marginal_likelihood.py --run runs/mnist --max-k 4096
 
 MNIST is read from --data-dir, else $PPL_VAE_DATA, else ~/.cache/ppl_vae (see the README).

@@ -17,9 +17,9 @@ importance-sampled log p(x) from the same K draws, with standard errors over the
 The gap log p(x) - ELBO is the average KL(q(z|x) || p(z|x)) the guide leaves; a richer guide
 should shrink it, and its standard error is small because it is paired point by point.
 
-Run (times on one CPU thread, the machine's other core idle):
+Run (wall-clock times measured on one CPU thread, another run busy on the second core):
     python examples/swap_guides.py --quick   # 5k images, 2 epochs, 200 points x 100 draws: ~20 s
-    python examples/swap_guides.py --out docs/img/swap_guides.png   # the defaults: ~6 min
+    python examples/swap_guides.py --out docs/img/swap_guides.png   # the defaults: 6.5-7 min
 
 MNIST is read from --data-dir, else $PPL_VAE_DATA, else ~/.cache/ppl_vae (see the README).
 """
@@ -106,8 +106,9 @@ def figure(rows: list[dict], title: str):
     right.errorbar([r["gap"] for r in rows], list(ys), xerr=[r["gap_se"] for r in rows],
                    fmt="s", color="C2", capsize=4)  # fmt: skip
     for r, y in zip(rows, ys, strict=True):
-        right.annotate(f"{r['gap']:.2f}", (r["gap"], y), textcoords="offset points",
-                       xytext=(0, 8), ha="center", fontsize=9)  # fmt: skip
+        label = f"{r['gap']:.2f} ± {r['gap_se']:.2f}"
+        right.annotate(label, (r["gap"], y), textcoords="offset points", xytext=(0, 8),
+                       ha="center", fontsize=9)  # fmt: skip
     for ax in (left, right):
         ax.set_yticks(list(ys), [r["guide"] for r in rows])
         ax.set_ylim(len(rows) - 0.5, -1.1)  # room above the first row for the legend
@@ -159,7 +160,7 @@ def main(argv=None) -> list[dict]:
         print(f"  {name}: trained in {seconds:.0f} s, log p(x) {rows[-1]['log_px']:.2f}",
               flush=True)  # fmt: skip
 
-    print(f"\n{len(data.train)} training images, {args.epochs} epochs, seed {args.seed}; "
+    print(f"\n{len(data.train):,} training images, {args.epochs} epochs, seed {args.seed}; "
           f"{args.points} test images x K={args.num_samples} draws")  # fmt: skip
     print("| guide | test ELBO (all test) | ELBO ± se | log p(x) ± se | gap ± se | ESS | train s |")
     print("|---|---|---|---|---|---|---|")
@@ -170,7 +171,7 @@ def main(argv=None) -> list[dict]:
             f"{r['ess']:.1f} | {r['seconds']:.0f} |"
         )
     title = (
-        f"one VAE model (z={args.latent_dim}), three guides: MNIST, {len(data.train)} images, "
+        f"one VAE model (z={args.latent_dim}), three guides: MNIST, {len(data.train):,} images, "
         f"{args.epochs} epochs; {args.points} test images, K={args.num_samples}"
     )
     print(f"wrote {save_figure(figure(rows, title), args.out)}")
