@@ -2,6 +2,8 @@ r"""Gaussian and Bernoulli mixtures fitted by expectation-maximisation (EM), in 
 
 from __future__ import annotations
 
+import inspect
+
 from ppl_vae.mixture.base import INITS, ConvergenceWarning, _Mixture
 from ppl_vae.mixture.bernoulli import BernoulliMixture
 from ppl_vae.mixture.gaussian import COVARIANCE_TYPES, GaussianMixture
@@ -18,38 +20,22 @@ __all__ = [
 
 MIXTURES: Registry[_Mixture] = Registry("mixture")
 """The mixtures by name; each factory is the class, which takes the declared options."""
+
+
+def _arguments(cls) -> tuple[str, ...]:
+    """The constructor's arguments: the options an estimator takes (as get_params lists them)."""
+    return tuple(p for p in inspect.signature(cls).parameters if p != "self")
+
+
 MIXTURES.register(
     "gaussian",
     GaussianMixture,
-    options=(
-        "n_components",
-        "covariance_type",
-        "tol",
-        "reg_covar",
-        "max_iter",
-        "n_init",
-        "init",
-        "seed",
-        "warm_start",
-        "verbose",
-        "verbose_interval",
-    ),
+    options=_arguments(GaussianMixture),
     help="Gaussian components, for continuous data",
 )
 MIXTURES.register(
     "bernoulli",
     BernoulliMixture,
-    options=(
-        "n_components",
-        "alpha",
-        "tol",
-        "max_iter",
-        "n_init",
-        "init",
-        "seed",
-        "warm_start",
-        "verbose",
-        "verbose_interval",
-    ),
+    options=_arguments(BernoulliMixture),
     help="products of Bernoullis with a Beta prior (MAP), for binary data",
 )
