@@ -9,8 +9,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from ppl_vae.config import field_types, strip_optional
 from ppl_vae.data import DataConfig
 from ppl_vae.errors import InputError
@@ -121,7 +119,12 @@ def _shared_flags() -> argparse.ArgumentParser:
     s.add_argument(
         "--data-dir", default=None, help="folder holding MNIST/raw (default: $PPL_VAE_DATA)"
     )
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress (a bar on a terminal, else a line every 10 s or epoch); the result "
+        "is still printed",
+    )
     return shared
 
 
@@ -254,16 +257,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     config = _build(EvaluateConfig, args, "evaluate", seed=args.seed)
     run = load_run(args.run, args.device, data_dir=args.data_dir)
-    bar = tqdm(
-        total=config.num_points(run.data) * config.num_samples,
-        unit="draw",
-        unit_scale=True,
-        dynamic_ncols=True,
-        disable=args.quiet or not sys.stderr.isatty(),
-        desc=f"log p(x), {config.split}",
-    )
-    r = evaluate_run(run, config, progress=lambda done: bar.update(done - bar.n))
-    bar.close()
+    r = evaluate_run(run, config, quiet=args.quiet)
     iwae = ", ".join(f"IWAE_{k} {v:.2f}" for k, v in r["iwae"].items())
     print(
         f"{r['split']} NLL {r['nll']:.2f} ± {r['nll_standard_error']:.2f} nats "
@@ -275,7 +269,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _em(args: argparse.Namespace) -> None:
     data = _build(DataConfig, args, "data", seed=args.seed, data_dir=args.data_dir, **EM_DATA)
     config = _build(MixtureConfig, args, "mixture", seed=args.seed)
-    r = em_run(dataclasses.replace(data, binarize="static"), config, args.out, args.device)
+    data = dataclasses.replace(data, binarize="static")
+    r = em_run(data, config, args.out, args.device, quiet=args.quiet)
     status = "converged" if r["converged"] else "not converged: raise --max-iter or --tol"
     print(
         f"{r['mixture']} K={config.n_components} on {r['dataset']}: train "

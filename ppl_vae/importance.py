@@ -18,12 +18,31 @@ from ppl_vae.sites import PLATE, log_density, sample_sites, trace_guide_and_mode
 __all__ = [
     "LogLikelihood",
     "WeightTerms",
+    "default_chunk_size",
     "importance_log_weights",
     "log_likelihood",
     "log_weights",
 ]
 
 PARTICLES = "_ll_particles"
+# Default rows (points x draws) per vectorized pass. On a CPU, passes of 1,000 to 10,000 rows run
+# at the same speed and larger ones slower, with more memory (benchmarks/evaluate_sizes.py,
+# docs/BENCHMARKS.md); on a GPU larger passes amortise the kernel launches (not yet measured).
+ROWS_PER_PASS = {"cpu": 10_000}
+ROWS_PER_PASS_ACCELERATOR = 100_000
+
+
+def default_chunk_size(num_points: int, device: torch.device | str) -> int:
+    """Draws per pass when none is given: the device's rows per pass / N, at least 1."""
+    rows = ROWS_PER_PASS.get(torch.device(device).type, ROWS_PER_PASS_ACCELERATOR)
+    return max(1, rows // num_points)
+
+
+def _device_of(args, kwargs) -> torch.device:
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value):
+            return value.device
+    return torch.device("cpu")
 
 
 @dataclass
@@ -209,7 +228,8 @@ def log_likelihood(
         model: A Pyro model taking ``*args, **kwargs``; every sample site inside ``data_plate``.
         guide: A Pyro guide over the same latent sites (any family: Gaussian, flows, ...).
         num_samples: K, the number of importance samples per data point.
-        chunk_size: Draws per vectorized pass (default: about 100,000 / N, at least 1).
+        chunk_size: Draws per vectorized pass (default :func:`default_chunk_size`: about
+            10,000 / N on a CPU, 100,000 / N on a GPU, at least 1).
         data_plate: Name of the plate over data points.
         diagnostics: Also return the ELBO, the effective sample size and IWAE bounds.
         iwae_ks: The k of the IWAE bounds to compute with ``diagnostics`` (each k <= K).
@@ -240,7 +260,8 @@ def log_likelihood(
 
     with torch.no_grad(), poutine.block(hide_types=["param"]):
         sites = _Sites(model, guide, args, kwargs, data_plate)
-        chunk = min(num_samples, chunk_size or max(1, 100_000 // sites.size))
+        chunk = chunk_size or default_chunk_size(sites.size, _device_of(args, kwargs))
+        chunk = min(num_samples, chunk)
         lse = lse2 = total = None
         groups = {k: _GroupedLSE(k) for k in ks}
         done = 0

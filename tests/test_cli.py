@@ -340,3 +340,45 @@ def test_a_failed_picture_write_keeps_the_old_file_and_leaves_no_temporary(tmp_p
                        "the previous curves.png is intact"):  # fmt: skip
         save_figure(curves_figure(metrics), path)
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_train_prints_a_line_per_epoch_off_a_terminal_and_quiet_only_the_result(tmp_path, capsys):
+    args = ["train", "--dataset", "pinwheel", "--hidden", "16", "--epochs", "2"]
+    code, out, err = run_cli(*args, "--out", tmp_path / "a", capsys=capsys)
+    assert code == 0, err
+    metrics = [json.loads(s) for s in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lines = err.splitlines()
+    assert [s.split(":")[0] for s in lines] == ["epoch 1/2", "epoch 2/2"]
+    for line, m in zip(lines, metrics, strict=True):  # the figures recorded, and an ETA
+        assert f"train {m['train_elbo']:.3f}, test ELBO {m['test_elbo']:.3f} nats" in line
+    assert "s to go" in lines[0] and "to go" not in lines[1]
+    assert f"test ELBO {metrics[-1]['test_elbo']:.2f}" in out
+    code, out, err = run_cli(*args, "--out", tmp_path / "b", "--quiet", capsys=capsys)
+    assert code == 0 and err == "" and f"test ELBO {metrics[-1]['test_elbo']:.2f}" in out
+
+
+def test_evaluate_reports_the_running_nll_off_a_terminal(pinwheel_run, capsys):
+    code, out, err = run_cli("evaluate", "--run", pinwheel_run, "--num-samples", "100",
+                             "--batch-size", "500", capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    record = json.loads((pinwheel_run / "evaluate.json").read_text())
+    last = err.splitlines()[-1]  # the whole split done: its NLL is the result's
+    assert last.startswith("log p(x), test: 2,000/2,000 points, ")
+    assert f"NLL so far {record['nll']:.2f} nats" in last and "draws/s" in last
+    assert f"NLL {record['nll']:.2f}" in out
+    code, out, err = run_cli("evaluate", "--run", pinwheel_run, "--num-samples", "100",
+                             "--quiet", capsys=capsys)  # fmt: skip
+    assert code == 0 and err == "" and "NLL" in out
+
+
+def test_em_reports_its_iterations_off_a_terminal(tmp_path, capsys):
+    code, out, err = run_cli("em", "--out", tmp_path / "em", capsys=capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "em" / "results.json").read_text())
+    assert record["converged"]
+    last = err.splitlines()[-1]  # the final iteration, whatever the spacing of the lines
+    assert last.startswith("EM GaussianMixture K=8 on pinwheel: initialisation 1/1, ")
+    assert f"iteration {record['n_iter']}: log-likelihood {record['history'][-1]:.4f}" in last
+    assert last.endswith("converged")
+    code, out, err = run_cli("em", "--out", tmp_path / "em", "--quiet", capsys=capsys)
+    assert code == 0 and err == "" and "nats per point" in out

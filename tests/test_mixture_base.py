@@ -43,6 +43,22 @@ def test_warm_start_continues_where_the_last_fit_stopped():
     np.testing.assert_allclose(warm.history_, straight.history_[4:], rtol=1e-12)
 
 
+def test_on_iteration_follows_every_initialisation_and_is_not_a_parameter():
+    x, *_ = blobs()
+    seen = []
+    m = GaussianMixture(4, n_init=2, max_iter=50)
+    m.on_iteration = lambda init, n_iter, bound: seen.append((init, n_iter, bound))
+    m.fit(torch.from_numpy(x))
+    assert {init for init, _, _ in seen} == {1, 2}
+    for init in (1, 2):  # iterations count from 1 within each initialisation
+        steps = [n for i, n, _ in seen if i == init]
+        assert steps == list(range(1, len(steps) + 1))
+    finals = {i: [b for j, _, b in seen if j == i] for i in (1, 2)}
+    assert any(f == m.history_ for f in finals.values())  # the kept fit's bounds, as recorded
+    assert "on_iteration" not in m.get_params()
+    assert GaussianMixture(**m.get_params()).on_iteration is None
+
+
 def test_results_do_not_depend_on_chunks_or_on_caching(monkeypatch):
     x, w, m, p = blobs()
     t = torch.from_numpy

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -256,6 +257,11 @@ class _Mixture:
     _flat_means = False  # means_init may come in the shape of the points (Bernoulli: images)
     _what = "features"  # what a point's D values are called in messages
     _fix = "raise max_iter or tol"  # what the ConvergenceWarning suggests
+    objective = "log-likelihood"  # what lower_bound_ is, per point
+    # Called after every EM iteration as on_iteration(init, n_iter, lower_bound), init counting
+    # from 1; set it on an instance to follow a long fit. Not a constructor argument, so
+    # get_params and clone leave it out.
+    on_iteration: Callable[[int, int, float], None] | None = None
 
     def __init__(
         self,
@@ -494,7 +500,9 @@ class _Mixture:
                 total += log_px
         return stats, nk, total
 
-    def _em(self, source: _Source, n: int, lower_bound: float) -> tuple[list[float], bool, int]:
+    def _em(
+        self, source: _Source, n: int, lower_bound: float, run: int
+    ) -> tuple[list[float], bool, int]:
         history, converged, n_iter = [], False, 0
         clock = time.perf_counter()
         for n_iter in range(1, int(self.max_iter) + 1):
@@ -508,6 +516,8 @@ class _Mixture:
                 )
             history.append(lower_bound)
             self._m_step(stats, nk)
+            if self.on_iteration is not None:
+                self.on_iteration(run, n_iter, lower_bound)
             change = lower_bound - previous
             if self.verbose and n_iter % self.verbose_interval == 0:
                 if self.verbose >= 2:
@@ -583,7 +593,7 @@ class _Mixture:
                     self._initialize(source, xc, g)
                 self._override(inits, x)
             start = -math.inf if do_init else self.lower_bound_
-            history, converged, n_iter = self._em(source, x.shape[0], start)
+            history, converged, n_iter = self._em(source, x.shape[0], start, run + 1)
             final = history[-1] if history else -math.inf
             if self.verbose and self.max_iter > 0:
                 line = f"initialisation {run + 1}: " + (

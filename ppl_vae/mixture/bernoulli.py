@@ -65,6 +65,7 @@ class BernoulliMixture(_Mixture):
 
     _flat_means = True  # means_init may have the shape of the images, (K, ...)
     _what = "values per point"
+    objective = "log-likelihood + log prior"
 
     def __init__(
         self,

@@ -2,9 +2,11 @@ r"""The EM baseline as a run: fit a mixture to a data set, write ``results.json`
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +16,14 @@ from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.errors import InputError
 from ppl_vae.mixture import COVARIANCE_TYPES, INITS, MIXTURES, ConvergenceWarning
 from ppl_vae.plots import mixture_figure
-from ppl_vae.runs.files import make_output_dir, resolve_device, save_figure, write_json
+from ppl_vae.progress import Progress, time_left
+from ppl_vae.runs.files import (
+    check_output_dir,
+    make_output_dir,
+    resolve_device,
+    save_figure,
+    write_json,
+)
 
 __all__ = ["DTYPES", "MixtureConfig", "em_run", "make_mixture"]
 
@@ -101,26 +110,67 @@ def _arrays(data: Data, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return train, test
 
 
+@contextmanager
+def _progress(mixture, config: MixtureConfig, dataset: str, quiet: bool):
+    """Reports the fit's iterations, a line at a time (the last one always).
+
+    The time left is at most the remaining iterations at the rate since the first one (which
+    also pays for the initialisation, k-means by default).
+    """
+    total = config.n_init * config.max_iter
+    name = f"EM {type(mixture).__name__} K={config.n_components} on {dataset}"
+    previous, first = {}, []
+
+    with Progress(total, name, "iteration", quiet=quiet) as progress:
+
+        def on_iteration(init: int, n_iter: int, objective: float) -> None:
+            done, elapsed = (init - 1) * config.max_iter + n_iter, progress.elapsed
+            if not first:  # the rate is taken from here on
+                first.extend((done, elapsed))
+            change = objective - previous.get(init, -math.inf)
+            previous[init] = objective
+            if abs(change) < config.tol:
+                state = ", converged"
+            else:
+                d0, t0 = first
+                state = time_left(done - d0, total - d0, elapsed - t0, bound=True)
+            text = (
+                f"{name}: initialisation {init}/{config.n_init}, iteration {n_iter}: "
+                f"{mixture.objective} {objective:.4f} nats per point, {elapsed:.1f} s{state}"
+            )
+            progress.update(done, text)
+
+        mixture.on_iteration = on_iteration
+        try:
+            yield
+        finally:
+            mixture.on_iteration = None
+
+
 def em_run(
     data_config: DataConfig,
     config: MixtureConfig,
     out_dir: str | os.PathLike,
     device: str = "cpu",
+    *,
+    quiet: bool = False,
 ) -> dict:
     """Fits a mixture to the training split and writes ``results.json`` and ``mixture.png``.
 
     The output directory is created only after every input was checked and the fit succeeded,
     and files are written atomically, so bad input leaves nothing behind. Returns the record
     written to ``results.json`` (train/test mean log-likelihood in nats per point, iterations,
-    convergence, settings and seconds).
+    convergence, settings and seconds). Progress goes to stderr (see :mod:`ppl_vae.progress`)
+    unless ``quiet``.
     """
     dev = resolve_device(device)
     data = load_data(data_config, dev)
     mixture = make_mixture(config, data.is_binary)
+    check_output_dir(out_dir)
     train, test = _arrays(data, config.kind(data.is_binary), DTYPES[config.dtype])
     t0 = time.perf_counter()
-    with warnings.catch_warnings():  # the record says whether EM converged
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with _progress(mixture, config, data.name, quiet), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the record says if EM converged
         mixture.fit(train)
     seconds = time.perf_counter() - t0
     settings = to_dict(config)

@@ -134,6 +134,21 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def check_output_dir(out_dir: str | os.PathLike) -> None:
+    """An InputError now if ``out_dir`` could not be created or written later; creates nothing.
+
+    A command checks its output folder before long work, so that a mistyped ``--out`` fails
+    at once rather than after the work.
+    """
+    out = Path(out_dir)
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise InputError(f"cannot create output directory {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        what = "output directory" if existing == out else "folder"
+        raise InputError(f"{what} {existing} is not writable; choose another --out")
+
+
 def make_output_dir(out_dir: str | os.PathLike) -> Path:
     """Creates ``out_dir`` (and parents); a clear error if it cannot be created or written."""
     out = Path(out_dir)

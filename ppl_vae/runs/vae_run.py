@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ppl_vae.config import check_positive, option
 from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.errors import InputError
 from ppl_vae.guides import AmortizedGuide
-from ppl_vae.importance import log_likelihood
+from ppl_vae.importance import default_chunk_size, log_likelihood
 from ppl_vae.model import VAEModel
 from ppl_vae.plots import (
     curves_figure,
@@ -28,6 +27,7 @@ from ppl_vae.plots import (
     reconstructions_figure,
     samples_figure,
 )
+from ppl_vae.progress import Progress, time_left
 from ppl_vae.registry import Registry
 from ppl_vae.rng import forked_rng
 from ppl_vae.runs.checkpoint import EVALUATE, RunConfig, RunDir
@@ -351,8 +351,8 @@ class EvaluateConfig:
     split: str = option("test", "the split to evaluate", choices=("test", "train"))
     num_samples: int = option(5000, "K, importance samples per point")
     chunk_size: int | None = option(
-        None, "draws per vectorized pass (default about 100,000 / --batch-size); peak memory "
-        "grows with chunk size x batch size, not with K",
+        None, "draws per vectorized pass (default 10,000 / --batch-size on a CPU, 100,000 / "
+        "--batch-size on a GPU); peak memory grows with chunk size x batch size, not with K",
     )  # fmt: skip
     batch_size: int = option(100, "data points per pass")
     iwae_k: tuple[int, ...] | None = option(
@@ -381,39 +381,44 @@ class EvaluateConfig:
             return self.iwae_k
         return tuple(k for k in DEFAULT_IWAE_KS if k <= self.num_samples)
 
+    def chunk_size_on(self, device) -> int:
+        """Draws per pass: as given, or the device's default for ``batch_size`` points."""
+        return self.chunk_size or default_chunk_size(self.batch_size, device)
+
     def num_points(self, data: Data) -> int:
         """How many points of ``data`` this evaluates."""
         n = (data.test if self.split == "test" else data.train).shape[0]
         return min(n, self.limit) if self.limit is not None else n
 
 
-def _estimate(run: Run, config: EvaluateConfig, progress: Callable[[int], None] | None) -> dict:
+def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     data = run.data
     x_all = data.train if config.split == "train" else data.test
-    x_all = x_all[: config.num_points(data)]
-    ks = config.iwae_ks
-    results, done = [], 0
-    with forked_rng(data.device, config.seed) as g:
-        for start in range(0, x_all.shape[0], config.batch_size):
+    n = config.num_points(data)
+    x_all, ks, k = x_all[:n], config.iwae_ks, config.num_samples
+    chunk = config.chunk_size_on(data.device)
+    results, done, total_log_px = [], 0, 0.0
+    desc = f"log p(x), {config.split}"
+    with (
+        Progress(n * k, desc, "draw", quiet=quiet, scale=True) as progress,
+        forked_rng(data.device, config.seed) as g,
+    ):
+        for start in range(0, n, config.batch_size):
             x = data.encode(x_all[start : start + config.batch_size], generator=g)
-
-            def advance(k, n=x.shape[0], base=done):
-                if progress is not None:
-                    progress(base + n * k)
-
-            results.append(
-                log_likelihood(
-                    run.model,
-                    run.guide,
-                    x,
-                    num_samples=config.num_samples,
-                    chunk_size=config.chunk_size,
-                    diagnostics=True,
-                    iwae_ks=ks,
-                    progress=advance,
-                )  # fmt: skip
+            result = log_likelihood(
+                run.model, run.guide, x, num_samples=k, chunk_size=chunk,
+                diagnostics=True, iwae_ks=ks,
+                progress=lambda d, base=done * k, m=x.shape[0]: progress.update(base + m * d),
+            )  # fmt: skip
+            results.append(result)
+            done += x.shape[0]
+            total_log_px += result.log_px.sum().item()
+            elapsed, nll = progress.elapsed, -total_log_px / done
+            progress.update(
+                done * k,
+                f"{desc}: {done:,}/{n:,} points, NLL so far {nll:.2f} nats, "
+                f"{done * k / elapsed:,.0f} draws/s, {elapsed:.1f} s" + time_left(done, n, elapsed),
             )
-            done += x.shape[0] * config.num_samples
     log_px = torch.cat([r.log_px for r in results])
     return {
         "split": config.split,
@@ -434,7 +439,7 @@ def evaluate_run(
     *,
     device: str = "auto",
     data_dir: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    quiet: bool = False,
     write: bool = True,
 ) -> dict:
     """Importance-sampled log p(x) of a trained run on a split, with diagnostics.
@@ -445,19 +450,20 @@ def evaluate_run(
     :func:`ppl_vae.importance.log_likelihood`); dynamically binarized data are binarized once,
     from ``config.seed``. Returns the record of ``evaluate.json`` — the means over points
     (``nll`` is -log p(x), in nats), the settings, the wall time and the per-point estimates —
-    and, with ``write``, writes it into the run's directory.
+    and, with ``write``, writes it into the run's directory. Progress goes to stderr (see
+    :mod:`ppl_vae.progress`) unless ``quiet``.
     """
     config = config or EvaluateConfig()
     if not isinstance(run, Run):
         run = load_run(run, device, data_dir=data_dir)
     t0 = time.perf_counter()
-    result = _estimate(run, config, progress)
+    result = _estimate(run, config, quiet)
     log_px = result.pop("log_px")
     record = {
         **result,
         "seconds": time.perf_counter() - t0,
         "epoch": run.metrics[-1]["epoch"] if run.metrics else 0,
-        "chunk_size": config.chunk_size,
+        "chunk_size": config.chunk_size_on(run.data.device),
         "batch_size": config.batch_size,
         "seed": config.seed,
         "limit": config.limit,

@@ -1,0 +1,126 @@
+r"""``ppl-vae evaluate``'s batch and chunk sizes: throughput and peak memory over a grid.
+
+For the reference architecture (MLP 784-200-200-z50, tanh, Bernoulli decoder), ``--points``
+binarized MNIST test points are estimated at K = ``--samples`` draws each as ``evaluate`` does:
+``--batch-size`` points at a time, each call of :func:`ppl_vae.importance.log_likelihood` with
+diagnostics and the IWAE bounds, ``chunk`` draws per vectorized pass, so that a pass decodes
+``batch x chunk`` rows. Every setting runs in its own process (a fresh heap, so that its peak
+RSS is its own), one untimed call first; settings are visited in turn, the order rotated from
+repeat to repeat, and the median is reported. Throughput is (points x samples) per second.
+
+Run: ``python benchmarks/evaluate_sizes.py --threads 1 --write`` (updates docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import describe, parse_args, reference_vae, write_section
+
+from ppl_vae.importance import log_likelihood
+
+BATCHES = (1, 10, 25, 100)
+ROWS = (1_000, 10_000, 25_000, 100_000)  # decoder rows per pass, batch x chunk
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not in /proc/self/status (Linux only)")
+
+
+def one_setting(points: int, samples: int, batch: int, chunk: int, device) -> dict:
+    """Seconds for ``points`` points at K = ``samples``, after one untimed batch, and the peak
+    RSS growth (MiB) over both, from the model and data loaded."""
+    data, model, guide = reference_vae(device)
+    g = torch.Generator(device).manual_seed(0)
+    x_all = torch.bernoulli(data.test[:points], generator=g)
+
+    def estimate(xs):
+        for start in range(0, xs.shape[0], batch):
+            log_likelihood(
+                model, guide, xs[start : start + batch], num_samples=samples, chunk_size=chunk,
+                diagnostics=True, iwae_ks=(1, 10, 100),
+            )  # fmt: skip
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
+    base = _peak_rss_mib()  # the model and the data loaded
+    estimate(x_all[:batch])  # warm-up
+    t0 = time.perf_counter()
+    estimate(x_all)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"seconds": time.perf_counter() - t0, "peak": _peak_rss_mib() - base}
+
+
+def settings(samples: int) -> list[tuple[int, int]]:
+    """(batch, chunk) pairs of the grid; a chunk never exceeds K."""
+    out = []
+    for batch in BATCHES:
+        for rows in ROWS:
+            chunk = min(samples, max(1, rows // batch))
+            if (batch, chunk) not in out:
+                out.append((batch, chunk))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--points", type=int, default=200, help="data points per setting")
+    parser.add_argument("--samples", type=int, default=1000, help="K")
+    parser.add_argument(
+        "--one", nargs=2, type=int, metavar=("BATCH", "CHUNK"), help=argparse.SUPPRESS
+    )
+    args, device = parse_args(parser, argv, repeats=2)
+    if args.one:
+        print(json.dumps(one_setting(args.points, args.samples, *args.one, device)))
+        return 0
+    grid = settings(args.samples)
+    runs: dict[tuple[int, int], list[dict]] = {s: [] for s in grid}
+    for r in range(args.repeats):
+        shift = r * len(grid) // args.repeats
+        for batch, chunk in grid[shift:] + grid[:shift]:
+            cmd = [sys.executable, __file__, "--one", str(batch), str(chunk)]
+            cmd += ["--points", str(args.points), "--samples", str(args.samples)]
+            cmd += ["--device", args.device, "--repeats", "1"]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs[batch, chunk].append(json.loads(proc.stdout))
+            print(f"batch {batch}, chunk {chunk}: {runs[batch, chunk][-1]}", file=sys.stderr)
+    draws = args.points * args.samples
+    rows = [
+        "| batch | chunk | rows per pass | points x samples / s | peak RSS growth |",
+        "|---|---|---|---|---|",
+    ]
+    for batch, chunk in grid:
+        seconds = statistics.median(m["seconds"] for m in runs[batch, chunk])
+        peak = max(m["peak"] for m in runs[batch, chunk])
+        rows.append(
+            f"| {batch} | {chunk} | {batch * chunk:,} | {draws / seconds:,.0f} | {peak:,.0f} MiB |"
+        )
+    body = "\n".join(
+        [
+            f"{describe(device)}; {args.points} test points x K = {args.samples}, as `evaluate` "
+            f"runs them (diagnostics and IWAE_1,10,100 included); median of {args.repeats} "
+            f"runs, each setting in its own process; peak: the largest of the runs.",
+            "",
+            *rows,
+        ]
+    )
+    print(body)
+    if args.write:
+        write_section(f"evaluate sizes ({device.type})", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
