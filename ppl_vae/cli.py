@@ -11,6 +11,7 @@ from typing import Any
 
 from ppl_vae.config import field_types, strip_optional
 from ppl_vae.data import DataConfig
+from ppl_vae.distributed import destroy, world
 from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
 from ppl_vae.runs import (
@@ -20,6 +21,7 @@ from ppl_vae.runs import (
     MixtureConfig,
     em_run,
     evaluate_run,
+    join_processes,
     load_run,
     plot_run,
     resumed_config,
@@ -247,7 +249,7 @@ def _train(args: argparse.Namespace) -> None:
         plot_every=args.plot_every, overwrite=args.overwrite,
     )  # fmt: skip
     last = run.metrics[-1] if run.metrics else None
-    if last is not None:  # the result, also with --quiet
+    if last is not None and world().main:  # the result, also with --quiet
         print(
             f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, "
             f"test ELBO {last['test_elbo']:.2f} nats per example; wrote {args.out}"
@@ -258,6 +260,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     config = _build(EvaluateConfig, args, "evaluate", seed=args.seed)
     run = load_run(args.run, args.device, data_dir=args.data_dir)
     r = evaluate_run(run, config, quiet=args.quiet)
+    if not world().main:
+        return
     iwae = ", ".join(f"IWAE_{k} {v:.2f}" for k, v in r["iwae"].items())
     print(
         f"{r['split']} NLL {r['nll']:.2f} ± {r['nll_standard_error']:.2f} nats "
@@ -306,22 +310,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        join_processes(args.device)  # under torchrun; nothing in one process
         COMMANDS[args.command](args)
     except InputError as e:
-        print(f"ppl-vae: error: {e}", file=sys.stderr)
+        _say(f"ppl-vae: error: {e}", every_rank=True)
         return 2
     except (FloatingPointError, OSError) as e:
-        print(f"ppl-vae: error: {e}", file=sys.stderr)
+        _say(f"ppl-vae: error: {e}", every_rank=isinstance(e, OSError))
         return 1
     except Interrupted as e:  # train: the message says which checkpoint is intact
-        print(f"ppl-vae: interrupted; {e}", file=sys.stderr)
+        _say(f"ppl-vae: interrupted; {e}")
         return 130
     except KeyboardInterrupt:
-        print(f"ppl-vae: interrupted; {args.command} wrote nothing", file=sys.stderr)
+        _say(f"ppl-vae: interrupted; {args.command} wrote nothing")
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        destroy()
     return 0
+
+
+def _say(message: str, every_rank: bool = False) -> None:
+    """A message on stderr: from rank 0 only under torchrun (the ranks agree on what happened)
+    unless ``every_rank`` (an error that one rank alone may meet), then prefixed by the rank."""
+    w = world()
+    if w.main:
+        print(message, file=sys.stderr)
+    elif every_rank:
+        print(f"[rank {w.rank}] {message}", file=sys.stderr)
 
 
 def _terminate(signum, frame):

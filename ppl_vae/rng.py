@@ -2,6 +2,7 @@ r"""Random streams: snapshots that make a run resumable, and forked streams for 
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,7 +10,21 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["forked_rng", "rng_state", "set_rng_state"]
+__all__ = ["derived_seed", "forked_rng", "rng_state", "seed_streams", "set_rng_state"]
+
+
+def derived_seed(seed: int, *keys) -> int:
+    """A seed in [0, 2**32) for the stream ``keys`` of ``seed`` (a batch, a rank), the same in
+    every process and every Python session; distinct keys give unrelated streams."""
+    digest = hashlib.sha256(repr((int(seed), *keys)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seed_streams(device: torch.device, seed: int) -> torch.Generator:
+    """Seeds torch's global streams (all devices) with ``seed``; returns a generator on
+    ``device`` seeded alike, for data-side draws."""
+    torch.manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -64,5 +79,4 @@ def forked_rng(device: torch.device, seed: int) -> Iterator[torch.Generator]:
     """
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield torch.Generator(device=device).manual_seed(seed)
+        yield seed_streams(device, seed)

@@ -19,9 +19,18 @@ from tqdm.auto import tqdm
 from ppl_vae.capture import CapturedLoss
 from ppl_vae.config import check_positive, option
 from ppl_vae.data import Data
+from ppl_vae.distributed import (
+    World,
+    all_gather_objects,
+    all_reduce_sum,
+    batch_shard,
+    reduce_gradients,
+    world,
+)
 from ppl_vae.errors import InputError
 from ppl_vae.losses import LOSSES, IWAELoss, scale_latent
-from ppl_vae.rng import forked_rng, rng_state, set_rng_state
+from ppl_vae.progress import Progress, time_left
+from ppl_vae.rng import derived_seed, forked_rng, rng_state, seed_streams, set_rng_state
 
 __all__ = [
     "TrainConfig",
@@ -41,7 +50,9 @@ class TrainConfig:
     """How to run stochastic variational inference."""
 
     epochs: int = option(10, "passes over the training set (with --resume: the new total)")
-    batch_size: int = option(100, "data points per SVI step")
+    batch_size: int = option(
+        100, "data points per SVI step, over all processes (under torchrun each takes its share)"
+    )
     lr: float = option(1e-3, "Adam learning rate")
     loss: str = option("elbo", "the training objective", choices=LOSSES)
     num_particles: int = option(
@@ -135,22 +146,30 @@ def mean_elbo(
 ) -> float:
     """The mean ELBO per data point (nats) on ``split``, at full KL weight.
 
-    Draws (dynamic binarization and latents) come from ``seed`` in forked streams, so the
-    figure is a deterministic function of the parameters and the caller's streams are left
-    alone.
+    Batch ``b`` of the split draws its binarization and latents from the seed
+    ``derived_seed(seed, b)`` in forked streams, so the figure is a deterministic function of
+    the parameters, the caller's streams are left alone, and under ``torchrun`` (each rank
+    takes every ``size``-th batch, the sums are reduced) it is the one-process figure.
     """
     elbo = LOSSES.build("elbo", num_particles=num_particles)
-    with forked_rng(data.device, seed) as g:
-        total = torch.zeros((), dtype=torch.float64, device=data.device)
-        n = 0
-        for x in data.batches(batch_size, split, shuffle=False, generator=g):
-            total -= elbo.differentiable_loss(model, guide, x)
-            n += x.shape[0]
-    return float(total) / n
+    w = world()
+    x_all = data.test if split == "test" else data.train
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    with forked_rng(data.device, seed):
+        for b, start in enumerate(range(0, x_all.shape[0], batch_size)):
+            if b % w.size == w.rank:
+                g = seed_streams(data.device, derived_seed(seed, b))
+                x = data.encode(x_all[start : start + batch_size], generator=g)
+                total -= elbo.differentiable_loss(model, guide, x)
+    return float(all_reduce_sum(total)) / x_all.shape[0]
 
 
 def svi_step(
-    loss: Callable[..., Tensor], optimizer: torch.optim.Optimizer, *args, **kwargs
+    loss: Callable[..., Tensor],
+    optimizer: torch.optim.Optimizer,
+    *args,
+    before_update: Callable[[], None] | None = None,
+    **kwargs,
 ) -> Tensor:
     """One SVI step: ``loss(*args, **kwargs)``, its gradient, one optimizer step.
 
@@ -158,10 +177,13 @@ def svi_step(
     ``functools.partial(elbo.differentiable_loss, model, guide)`` or a
     :class:`~ppl_vae.capture.CapturedLoss`. One ``torch.optim`` optimizer over all parameters
     replaces Pyro's one-optimizer-per-parameter wrapper, and the loss comes back as a tensor, so
-    a step makes no host synchronisation.
+    a step makes no host synchronisation. ``before_update`` runs between the gradient and the
+    update (under ``torchrun``: the gradients' all-reduce).
     """
     value = loss(*args, **kwargs)
     value.backward()
+    if before_update is not None:
+        before_update()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return value.detach()
@@ -201,20 +223,14 @@ class _StepLosses:
         return loss
 
 
-def _progress(total: int, desc: str, quiet: bool):
-    disable = quiet or not sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
-
-
 def _report(metrics: dict, epochs: int, done: int, elapsed: float) -> None:
-    """One line per epoch on stderr; on a terminal it stays above the progress bar."""
-    left = (epochs - metrics["epoch"]) * elapsed / done
-    line = (
+    """One line per epoch on stderr; on a terminal it stays above the next epoch's bar."""
+    tqdm.write(
         f"epoch {metrics['epoch']}/{epochs}: train {metrics['train_elbo']:.3f}, test ELBO "
         f"{metrics['test_elbo']:.3f} nats, {metrics['seconds']:.1f} s"
-        + (f", about {left:.0f} s to go" if left > 0 else "")
+        + time_left(done, done + epochs - metrics["epoch"], elapsed),
+        file=sys.stderr,
     )
-    tqdm.write(line, file=sys.stderr)
 
 
 def _diverged(epoch: int) -> FloatingPointError:
@@ -242,30 +258,70 @@ def _check_divergence(test: float, epoch: int, history: list[dict], untrained: f
         )
 
 
+def _shard_step(loss, optimizer, params: list[Tensor], x: Tensor, num_data: int, w: World):
+    """One step of the global batch ``x``: this rank's rows, the gradients summed over the
+    ranks with each weighted by its share (the gradient of the whole batch's loss). Returns
+    this rank's share of the batch's loss."""
+    part = batch_shard(x.shape[0], w)
+    share = (part.stop - part.start) / x.shape[0]
+    reduce = partial(reduce_gradients, params, share)
+    if share == 0:  # fewer rows than ranks: no loss here, zeros to the all-reduce
+        reduce()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return torch.zeros((), device=x.device)
+    return svi_step(loss, optimizer, x[part], num_data, before_update=reduce) * share
+
+
 def _run_epoch(
-    loss, optimizer, data: Data, config: TrainConfig, generator, epoch: int, quiet: bool
+    loss, optimizer, params, data: Data, config: TrainConfig, generator, epoch: int, quiet: bool
 ) -> float:
-    """One pass over the training set; returns the mean objective per data point."""
+    """One pass over the training set; returns the mean objective per data point.
+
+    Under ``torchrun`` every rank draws the same permutation and binarization (``generator``
+    is seeded alike on all ranks) and steps on its share of each global batch.
+    """
+    w = world()
     num_data = data.train.shape[0]
     steps = math.ceil(num_data / config.batch_size)
     total = torch.zeros((), device=data.device)
-    bar = _progress(steps, f"epoch {epoch}/{config.epochs}", quiet)
+    bar = Progress(steps, f"epoch {epoch}/{config.epochs}", "step", quiet=quiet).bar
     # The first trace (collect_params) validated every site; the hot loop skips validation.
     with pyro.validation_enabled(False):
         batches = data.batches(config.batch_size, "train", generator=generator)
         for i, x in enumerate(batches):
-            total += svi_step(loss, optimizer, x, num_data)
+            if w.active:
+                total += _shard_step(loss, optimizer, params, x, num_data, w)
+            else:
+                total += svi_step(loss, optimizer, x, num_data)
             if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
-                running = -total.item() / (i + 1) / num_data
+                running = -all_reduce_sum(total.clone()).item() / (i + 1) / num_data
                 if not math.isfinite(running):
                     raise _diverged(epoch)
                 bar.set_postfix(elbo=f"{running:.2f}", refresh=False)
             bar.update()
     bar.close()
-    train_elbo = -float(total) / steps / num_data
+    train_elbo = -float(all_reduce_sum(total)) / steps / num_data
     if not math.isfinite(train_elbo):
         raise _diverged(epoch)
     return train_elbo
+
+
+def _rank_rng(rng: dict, w: World) -> dict:
+    """This rank's streams in a checkpoint's ``rng``; an error if the number of processes
+    differs from the run's (the data order would repeat or skip)."""
+    ranks = rng.get("ranks", [rng])
+    if len(ranks) != w.size:
+        how = (
+            "without torchrun"
+            if len(ranks) == 1
+            else f"with torchrun --nproc_per_node {len(ranks)}"
+        )
+        raise InputError(
+            f"this run was trained by {len(ranks)} process{'es' * (len(ranks) > 1)}, this is "
+            f"{w.size}; resume it {how} (each process's random streams are in the checkpoint)"
+        )
+    return ranks[w.rank]
 
 
 def train(
@@ -300,6 +356,11 @@ def train(
     epoch (``ppl_vae.runs`` writes it), and ``resume_from`` continues from one with the same
     numbers as an uninterrupted run. A NaN or infinite loss raises ``FloatingPointError``.
 
+    Under ``torchrun`` (see :mod:`ppl_vae.distributed`) every rank steps on its share of each
+    global batch of ``config.batch_size`` and the gradients are summed over the ranks, each
+    weighted by its share: the update is the one-process update on the whole batch, with each
+    rank's latent draws from its own stream. The metrics are reduced over the ranks.
+
     Arguments:
         model: The generative model, a Pyro program.
         guide: The amortized guide, a Pyro program.
@@ -307,7 +368,8 @@ def train(
         config: Optimisation settings.
         out_dir: Must be ``None``; run directories belong to :mod:`ppl_vae.runs`.
         resume_from: A state from an earlier run of the same configuration.
-        checkpoint: Called with the state after every epoch.
+        checkpoint: Called with the state after every epoch (on rank 0 only under torchrun;
+            the state holds every rank's random streams).
         on_epoch: Called with each epoch's metrics (after ``checkpoint``).
         quiet: Hide the progress bar (it is also hidden when stderr is not a terminal).
 
@@ -320,10 +382,10 @@ def train(
             "train() writes no files; for a run directory use "
             "ppl_vae.runs.train_run(data_config, vae_config, train_config, out_dir)"
         )
-    device = data.device
+    device, w = data.device, world()
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # alike on every rank
     x0 = data.encode(
         data.train[: config.batch_size], generator=torch.Generator(device).manual_seed(0)
     )
@@ -332,13 +394,15 @@ def train(
         raise InputError(
             "the model and guide register no parameters; use pyro.module or pyro.param"
         )
+    if w.rank > 0:  # the same initial parameters (seed), then each rank its own latent draws
+        pyro.set_rng_seed(derived_seed(config.seed, "rank", w.rank))
     optimizer = torch.optim.Adam(params.values(), lr=config.lr)
     history: list[dict] = []
     start = 1
     if resume_from is not None:
         restore_params(params, resume_from.params)
         optimizer.load_state_dict(resume_from.optimizer)
-        set_rng_state(resume_from.rng, generator)
+        set_rng_state(_rank_rng(resume_from.rng, w), generator)
         history = list(resume_from.metrics)
         start = resume_from.epoch + 1
     if resume_from is not None:
@@ -350,7 +414,16 @@ def train(
     for epoch in range(start, config.epochs + 1):
         t0 = time.perf_counter()
         weight = kl_weight(epoch, config)
-        train_elbo = _run_epoch(losses(weight), optimizer, data, config, generator, epoch, quiet)
+        train_elbo = _run_epoch(
+            losses(weight),
+            optimizer,
+            list(params.values()),
+            data,
+            config,
+            generator,
+            epoch,
+            quiet or not w.main,
+        )
         test_elbo = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
         _check_divergence(test_elbo, epoch, history, untrained)
         metrics = {
@@ -361,13 +434,16 @@ def train(
             "seconds": time.perf_counter() - t0,
         }
         history.append(metrics)
-        if not quiet:
+        if not quiet and w.main:
             _report(metrics, config.epochs, epoch - start + 1, time.perf_counter() - began)
         if checkpoint is not None:
-            params_cpu = {k: v.detach().cpu() for k, v in params.items()}
-            state = optimizer.state_dict()
             rng = rng_state(generator)
-            checkpoint(TrainState(epoch, params_cpu, state, rng, list(history), untrained))
+            if w.active:  # every rank's streams, for rank 0 to save
+                rng = {"ranks": all_gather_objects(rng)}
+            if w.main:
+                params_cpu = {k: v.detach().cpu() for k, v in params.items()}
+                state = optimizer.state_dict()
+                checkpoint(TrainState(epoch, params_cpu, state, rng, list(history), untrained))
         if on_epoch is not None:
             on_epoch(metrics)
     return history

@@ -7,6 +7,7 @@ configurations into files: checkpoints, ``config.json``, ``metrics.jsonl``, ``ev
 
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
 from ppl_vae.runs.em_run import MixtureConfig, em_run, make_mixture
+from ppl_vae.runs.files import join_processes
 from ppl_vae.runs.vae_run import (
     PICTURES,
     EvaluateConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "RunDir",
     "em_run",
     "evaluate_run",
+    "join_processes",
     "load_run",
     "make_mixture",
     "plot_run",

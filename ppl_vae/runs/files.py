@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ppl_vae.distributed import init, launched
 from ppl_vae.errors import InputError, WriteError
 from ppl_vae.plots import close_figure
 
@@ -176,3 +177,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but no CUDA GPU is visible; use cpu or auto")
     return dev
+
+
+def join_processes(device: str) -> None:
+    """Under ``torchrun``: joins the process group on ``device`` (gloo on CPU, NCCL on CUDA);
+    nothing in one process."""
+    if launched():
+        init(resolve_device(device))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -14,9 +15,10 @@ import torch
 
 from ppl_vae.config import check_positive, option
 from ppl_vae.data import Data, DataConfig, load_data
+from ppl_vae.distributed import agree, all_gather_objects, world
 from ppl_vae.errors import InputError
 from ppl_vae.guides import AmortizedGuide
-from ppl_vae.importance import default_chunk_size, log_likelihood
+from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood
 from ppl_vae.model import VAEModel
 from ppl_vae.plots import (
     curves_figure,
@@ -29,7 +31,7 @@ from ppl_vae.plots import (
 )
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.registry import Registry
-from ppl_vae.rng import forked_rng
+from ppl_vae.rng import derived_seed, forked_rng, seed_streams
 from ppl_vae.runs.checkpoint import EVALUATE, RunConfig, RunDir
 from ppl_vae.runs.files import make_output_dir, resolve_device, save_figure, write_json
 from ppl_vae.svi import TrainConfig, TrainState, collect_params, restore_params, train
@@ -256,6 +258,7 @@ def train_run(
     One process writes a run at a time (a lock in the folder). With ``pictures``, every picture
     that applies (:func:`default_pictures`) is drawn at the end, and every ``plot_every``
     epochs. Divergence stops training with ``FloatingPointError`` naming the checkpoint kept.
+    Under ``torchrun`` every rank trains and only rank 0 takes the lock and writes.
     """
     if plot_every is not None and (isinstance(plot_every, bool) or plot_every < 1):
         raise InputError(f"plot_every must be a positive number of epochs, got {plot_every}")
@@ -268,8 +271,6 @@ def train_run(
             state, saved = run_dir.load()  # checked before anything is written
             check_resume(saved, RunConfig(data_config, vae_config, train_config), state.epoch,
                          run_dir.path)  # fmt: skip
-            stack.enter_context(run_dir.writing())
-            state, _ = run_dir.load()  # as the lock holder sees it
             data_config = replace(saved.data, data_dir=data_config.data_dir)
             vae_config = saved.vae
         elif run_dir.holds_run() and not overwrite:
@@ -282,9 +283,15 @@ def train_run(
         data = load_data(data_config, dev)
         pyro.set_rng_seed(train_config.seed)
         model, guide = build_vae(vae_config, data)
-        if not resume:  # only once every input has been checked: bad input leaves nothing
+
+        def begin() -> None:  # rank 0 writes; only once every input has been checked
+            nonlocal state
             stack.enter_context(run_dir.writing())
-        run_dir.start(config, state.metrics if state is not None else [])
+            if resume:
+                state, _ = run_dir.load()  # as the lock holder sees it
+            run_dir.start(config, state.metrics if state is not None else [])
+
+        agree(begin)  # under torchrun: a refusal on rank 0 (the lock) stops every rank
         saved_epoch = state.epoch if state is not None else 0
 
         def checkpoint(s: TrainState) -> None:
@@ -304,7 +311,7 @@ def train_run(
         except KeyboardInterrupt:
             raise Interrupted(_kept(run_dir, saved_epoch)) from None
         run = Run(model, guide, data, config, metrics, run_dir.path)
-        if pictures:
+        if pictures and world().main:
             write_pictures(run)
         return run
 
@@ -391,19 +398,31 @@ class EvaluateConfig:
         return min(n, self.limit) if self.limit is not None else n
 
 
+def _on_cpu(r: LogLikelihood) -> LogLikelihood:
+    iwae = {k: v.cpu() for k, v in r.iwae.items()}
+    return LogLikelihood(r.log_px.cpu(), r.elbo.cpu(), r.ess.cpu(), iwae, r.num_samples)
+
+
 def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
-    data = run.data
+    """Every point's estimate; batch ``b`` (points ``b * batch_size`` onwards) draws from the
+    seed ``derived_seed(seed, b)``, so that the figures do not depend on how batches are
+    shared out: under ``torchrun`` rank r takes every size-th batch from the r-th, and every
+    rank gets all batches' results back, in order."""
+    data, w = run.data, world()
     x_all = data.train if config.split == "train" else data.test
     n = config.num_points(data)
     x_all, ks, k = x_all[:n], config.iwae_ks, config.num_samples
     chunk = config.chunk_size_on(data.device)
+    mine = list(range(0, n, config.batch_size))[w.rank :: w.size]  # first points of my batches
+    share = sum(min(config.batch_size, n - start) for start in mine)
     results, done, total_log_px = [], 0, 0.0
-    desc = f"log p(x), {config.split}"
+    desc = f"log p(x), {config.split}" + (f", rank 0 of {w.size}" if w.active else "")
     with (
-        Progress(n * k, desc, "draw", quiet=quiet, scale=True) as progress,
-        forked_rng(data.device, config.seed) as g,
+        Progress(share * k, desc, "draw", quiet=quiet or not w.main, scale=True) as progress,
+        forked_rng(data.device, config.seed),
     ):
-        for start in range(0, n, config.batch_size):
+        for start in mine:
+            g = seed_streams(data.device, derived_seed(config.seed, start // config.batch_size))
             x = data.encode(x_all[start : start + config.batch_size], generator=g)
             result = log_likelihood(
                 run.model, run.guide, x, num_samples=k, chunk_size=chunk,
@@ -416,9 +435,13 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
             elapsed, nll = progress.elapsed, -total_log_px / done
             progress.update(
                 done * k,
-                f"{desc}: {done:,}/{n:,} points, NLL so far {nll:.2f} nats, "
-                f"{done * k / elapsed:,.0f} draws/s, {elapsed:.1f} s" + time_left(done, n, elapsed),
+                f"{desc}: {done:,}/{share:,} points, NLL so far {nll:.2f} nats, "
+                f"{done * k / elapsed:,.0f} draws/s, {elapsed:.1f} s"
+                + time_left(done, share, elapsed),
             )
+    if w.active:  # every rank's batches, back in the order of the points
+        ranks = all_gather_objects([_on_cpu(r) for r in results])
+        results = [ranks[b % w.size][b // w.size] for b in range(math.ceil(n / config.batch_size))]
     log_px = torch.cat([r.log_px for r in results])
     return {
         "split": config.split,
@@ -468,8 +491,9 @@ def evaluate_run(
         "seed": config.seed,
         "limit": config.limit,
         "device": str(run.data.device),
+        "processes": world().size,
         "log_px": log_px,
     }
-    if write and run.directory is not None:
+    if write and run.directory is not None and world().main:
         write_json(record, run.directory / EVALUATE)
     return record

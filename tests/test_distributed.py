@@ -1,0 +1,165 @@
+"""Two processes under torchrun (gloo, CPU): the same numbers as one process, rank 0 writes.
+
+Each case starts real ``torchrun`` jobs (``python -m torch.distributed.run --standalone``), one
+thread per process, and compares with one process: the step on a global batch split across the
+ranks is the one-process step on the whole batch (a deterministic program, so to float32
+rounding), evaluation shares batches out without changing a figure, and a 2-rank run killed
+with SIGKILL resumes to the uninterrupted run's parameters exactly.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, run_cli
+
+from ppl_vae.distributed import World, batch_shard
+from ppl_vae.rng import derived_seed
+from ppl_vae.runs import RunDir
+
+WORKER = ROOT / "tests" / "ddp_worker.py"
+RUN = ["--dataset", "pinwheel", "--latent-dim", "2", "--hidden", "16", "--quiet"]
+
+
+def torchrun(*args, nproc=2, timeout=300, **kwargs):
+    """``torchrun --standalone --nproc_per_node nproc ARGS``, one thread per process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)  # fmt: skip
+
+
+def ppl_vae(*args, **kwargs):
+    return torchrun("-m", "ppl_vae", *args, **kwargs)
+
+
+def descendants(pid):
+    """The processes started by ``pid``, and theirs (torchrun puts its workers in sessions of
+    their own, so a process group kill does not reach them)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def numbers(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(s).items() if k != "seconds"} for s in lines]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_batch_shards_are_contiguous_and_cover_the_batch(size):
+    for n in (0, 1, 4, 16, 17):
+        parts = [batch_shard(n, World(r, size)) for r in range(size)]
+        assert [i for p in parts for i in range(p.start, p.stop)] == list(range(n))
+        assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+
+
+def test_derived_seeds_are_fixed_and_distinct():
+    assert derived_seed(0, 1) == derived_seed(0, 1)  # in this process; sha256, so in any
+    seeds = {derived_seed(s, b) for s in range(4) for b in range(50)}
+    assert len(seeds) == 200 and all(0 <= s < 2**32 for s in seeds)
+
+
+@pytest.mark.parametrize("capture", ["--capture", "--no-capture"])
+def test_two_ranks_take_the_one_process_step_on_the_combined_batch(tmp_path, capture):
+    """65 points in batches of 16: four split 8/8 and a last of one row, which leaves rank 1
+    an empty shard; the gradients are weighted by each rank's share of the batch."""
+    one = subprocess.run([sys.executable, WORKER, tmp_path / "one.pt", capture], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = torchrun(WORKER, tmp_path / "two.pt", capture)
+    assert two.returncode == 0, two.stderr
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a["params"].keys() == b["params"].keys()
+    for name in a["params"]:  # float32 sums in another order: rounding only
+        torch.testing.assert_close(b["params"][name], a["params"][name], rtol=0, atol=1e-6)
+    for m1, m2 in zip(a["metrics"], b["metrics"], strict=True):
+        assert m2["train_elbo"] == pytest.approx(m1["train_elbo"], abs=1e-5)
+        assert m2["test_elbo"] == pytest.approx(m1["test_elbo"], abs=1e-5)  # sharded, reduced
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ddp") / "straight"
+    proc = ppl_vae("train", *RUN, "--epochs", "6", "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def test_only_rank_0_writes_and_the_metrics_are_one_runs(two_rank_run):
+    names = sorted(p.name for p in two_rank_run.iterdir())
+    assert names == [".lock", "checkpoint.pt", "config.json", "curves.png", "density.png",
+                     "latent.png", "metrics.jsonl", "samples.png"]  # fmt: skip
+    assert [m["epoch"] for m in numbers(two_rank_run)] == [1, 2, 3, 4, 5, 6]
+    state, _ = RunDir(two_rank_run).load()
+    assert len(state.rng["ranks"]) == 2  # both ranks' streams, saved by rank 0
+    assert not torch.equal(state.rng["ranks"][0]["torch"], state.rng["ranks"][1]["torch"])
+
+
+def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_one(two_rank_run, tmp_path):
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "ppl_vae", "train", *RUN, "--epochs", "6",
+               "--out", str(run)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (run / "metrics.jsonl").exists() or not numbers(run):
+        assert proc.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.05)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and both ranks, without warning
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    finished = len(numbers(run))
+    time.sleep(1.0)
+    assert 1 <= finished < 6 and len(numbers(run)) == finished  # no rank left writing
+    again = ppl_vae("train", "--out", run, "--epochs", "6", "--resume", "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert numbers(run) == numbers(two_rank_run)
+    (a, _), (b, _) = RunDir(run).load(), RunDir(two_rank_run).load()
+    for name in a.params:
+        assert torch.equal(a.params[name], b.params[name]), name
+
+
+def test_resume_with_another_number_of_processes_says_how_many(two_rank_run, capsys):
+    code, _, err = run_cli("train", "--out", two_rank_run, "--epochs", "7", "--resume",
+                           capsys=capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "trained by 2 processes, this is 1; resume it with torchrun --nproc_per_node 2" in err
+
+
+def test_two_rank_evaluation_equals_one_process(two_rank_run, capsys):
+    flags = ["--num-samples", "40", "--batch-size", "300", "--seed", "3"]  # 7 batches: 4 and 3
+    code, _, err = run_cli("evaluate", "--run", two_rank_run, *flags, "--quiet", capsys=capsys)
+    assert code == 0, err
+    one = json.loads((two_rank_run / "evaluate.json").read_text())
+    proc = ppl_vae("evaluate", "--run", two_rank_run, *flags)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("NLL") == 1  # printed by rank 0 only
+    two = json.loads((two_rank_run / "evaluate.json").read_text())
+    assert one["processes"] == 1 and two["processes"] == 2
+    assert len(two["log_px"]) == one["num_points"] == 2000
+    torch.testing.assert_close(torch.tensor(two["log_px"]), torch.tensor(one["log_px"]),
+                               rtol=0, atol=1e-9)  # fmt: skip
+    for key in ("nll", "elbo", "ess"):
+        assert two[key] == pytest.approx(one[key], abs=1e-9)
