@@ -275,6 +275,8 @@ def _em(args: argparse.Namespace) -> None:
     config = _build(MixtureConfig, args, "mixture", seed=args.seed)
     data = dataclasses.replace(data, binarize="static")
     r = em_run(data, config, args.out, args.device, quiet=args.quiet)
+    if not world().main:
+        return
     status = "converged" if r["converged"] else "not converged: raise --max-iter or --tol"
     print(
         f"{r['mixture']} K={config.n_components} on {r['dataset']}: train "

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ppl_vae.errors import InputError, NotFittedError
 from ppl_vae.mixture.kmeans import _kmeans, _kmeans_plusplus
+from ppl_vae.mixture.rows import Rows
 from ppl_vae.registry import Registry
 
 __all__ = [
@@ -190,35 +191,42 @@ def _check_means_init(m: Tensor, k: int, d: int, flatten: bool = False) -> Tenso
 INITS: Registry[Tensor] = Registry("init")
 
 
-def _one_per_component(index: Tensor, n: int, k: int, x: Tensor) -> Tensor:
-    """Responsibilities (n, k) that put point ``index[j]`` in component j and leave the rest 0."""
-    index = index.to(x.device)
-    return torch.zeros(n, k, dtype=x.dtype, device=x.device).index_put_(
-        (index, torch.arange(k, device=x.device)), torch.ones((), dtype=x.dtype)
+def _one_per_component(index: Tensor, k: int, x: Tensor, rows: Rows) -> Tensor:
+    """Responsibilities (n, k) that put point ``index[j]`` (a global row) in component j and
+    leave the rest 0."""
+    which, local = rows.local_index(index)
+    return torch.zeros(x.shape[0], k, dtype=x.dtype, device=x.device).index_put_(
+        (local.to(x.device), which.to(x.device)), torch.ones((), dtype=x.dtype)
     )
 
 
 @INITS.register("kmeans", help="labels of k-means (Lloyd's, from k-means++ seeds)")
-def _init_kmeans(x: Tensor, k: int, g: torch.Generator) -> Tensor:
-    return torch.nn.functional.one_hot(_kmeans(x, k, g), k).to(x.dtype)
+def _init_kmeans(x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None) -> Tensor:
+    return torch.nn.functional.one_hot(_kmeans(x, k, g, rows=rows), k).to(x.dtype)
 
 
 @INITS.register("k-means++", help="k-means++ seeds, one per component; other points unassigned")
-def _init_kmeans_plusplus(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+def _init_kmeans_plusplus(
+    x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None
+) -> Tensor:
     # like scikit-learn: only the seeds are assigned
-    return _one_per_component(_kmeans_plusplus(x, k, g), x.shape[0], k, x)
+    rows = rows or Rows(x)
+    return _one_per_component(_kmeans_plusplus(x, k, g, rows), k, x, rows)
 
 
 @INITS.register("random", help="uniform random responsibilities, normalised")
-def _init_random(x: Tensor, k: int, g: torch.Generator) -> Tensor:
-    resp = torch.rand(x.shape[0], k, generator=g, dtype=torch.float64).to(x)
+def _init_random(x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None) -> Tensor:
+    rows = rows or Rows(x)
+    resp = rows.mine(torch.rand(rows.total, k, generator=g, dtype=torch.float64)).to(x)
     return resp / resp.sum(1, keepdim=True)
 
 
 @INITS.register("random_from_data", help="one random point per component")
-def _init_random_from_data(x: Tensor, k: int, g: torch.Generator) -> Tensor:
-    n = x.shape[0]
-    return _one_per_component(torch.randperm(n, generator=g)[:k], n, k, x)
+def _init_random_from_data(
+    x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None
+) -> Tensor:
+    rows = rows or Rows(x)
+    return _one_per_component(torch.randperm(rows.total, generator=g)[:k], k, x, rows)
 
 
 # -- EM ------------------------------------------------------------------------------------------
@@ -262,6 +270,11 @@ class _Mixture:
     # from 1; set it on an instance to follow a long fit. Not a constructor argument, so
     # get_params and clone leave it out.
     on_iteration: Callable[[int, int, float], None] | None = None
+    # Under torchrun: the points given to fit are this rank's contiguous shard (in rank order)
+    # of one training set, and every sum over points is reduced over the process group
+    # (ppl_vae.mixture.rows). Not a constructor argument either.
+    sharded: bool = False
+    _rows = None  # the Rows of the fit in progress
 
     def __init__(
         self,
@@ -374,14 +387,15 @@ class _Mixture:
                 f"x has D={x.shape[1]} {what} but the mixture was fitted on "
                 f"D={d}; pass points with the same {what}"
             )
-        if not fitting and x.shape[0] == 0:
+        n = self._rows.total if fitting else x.shape[0]  # fitting a shard: all the shards'
+        if not fitting and n == 0:
             raise InputError(f"x has no points (shape {tuple(x.shape)}); pass at least one")
-        if fitting and x.shape[0] < 2:
-            raise InputError(f"x has {x.shape[0]} point(s); fitting needs at least 2")
-        if fitting and x.shape[0] < self.n_components:
+        if fitting and n < 2:
+            raise InputError(f"x has {n} point(s); fitting needs at least 2")
+        if fitting and n < self.n_components:
             raise InputError(
-                f"x has {x.shape[0]} points but n_components={self.n_components}; use at most "
-                f"{x.shape[0]} components or more data"
+                f"x has {n} points but n_components={self.n_components}; use at most "
+                f"{n} components or more data"
             )
         return _check_finite(x, "x", "; clean or drop those rows")
 
@@ -498,7 +512,8 @@ class _Mixture:
                 stats += self._sums(resp, feats)
                 nk += resp.sum(1)
                 total += log_px
-        return stats, nk, total
+        reduce = self._rows.reduce
+        return reduce(stats), reduce(nk), reduce(total)
 
     def _em(
         self, source: _Source, n: int, lower_bound: float, run: int
@@ -537,6 +552,8 @@ class _Mixture:
 
     def _initial_resp(self, x: Tensor, g: torch.Generator) -> Tensor:
         """Initial responsibilities (N, K) from ``init``, drawn from the CPU generator ``g``."""
+        if self._rows.sharded:
+            return INITS[self.init].factory(x, self.n_components, g, rows=self._rows)
         return INITS[self.init].factory(x, self.n_components, g)
 
     def _initialize(self, source: _Source, x: Tensor, g: torch.Generator) -> None:
@@ -551,7 +568,7 @@ class _Mixture:
             else:
                 stats += self._sums(r, feats)
                 nk += r.sum(1)
-        self._m_step(stats, nk)
+        self._m_step(self._rows.reduce(stats), self._rows.reduce(nk))
 
     def _fit(self, x, inits: dict) -> _Mixture:
         state = dict(self.__dict__)
@@ -573,13 +590,17 @@ class _Mixture:
 
     def _fit_or_raise(self, x, inits: dict) -> None:
         self._check_settings()  # attributes may have been assigned since construction
-        x = self._check_input(_as_float(x), fitting=True)
+        x = _as_float(x)
+        self._rows = Rows(x, self.sharded)
+        x = self._check_input(x, fitting=True)
         do_init = not (self.warm_start and self._fitted)
         if not do_init:  # continue in the dtype and on the device of the fitted parameters
             x = x.to(self.weights_)
         inits = self._check_inits(inits, x)
         if do_init:
-            self._shift = x.mean(0)
+            self._shift = (
+                self._rows.reduce(x.sum(0)) / self._rows.total if self.sharded else x.mean(0)
+            )
         xc = self._prepare(x)
         source = _Source(self._features, xc, self._work_width(xc))
         g = self._generator()
@@ -593,7 +614,7 @@ class _Mixture:
                     self._initialize(source, xc, g)
                 self._override(inits, x)
             start = -math.inf if do_init else self.lower_bound_
-            history, converged, n_iter = self._em(source, x.shape[0], start, run + 1)
+            history, converged, n_iter = self._em(source, self._rows.total, start, run + 1)
             final = history[-1] if history else -math.inf
             if self.verbose and self.max_iter > 0:
                 line = f"initialisation {run + 1}: " + (

@@ -310,8 +310,9 @@ class GaussianMixture(_Mixture):
 
     def _centre_on(self, resp: Tensor, x: Tensor) -> None:
         if self._centred(x.dtype):  # the first scatter sums are taken about the weighted means
-            nk_eps = resp.sum(0) + 10 * torch.finfo(x.dtype).eps
-            self.means_ = (resp.T @ x) / nk_eps[:, None] + self._shift
+            reduce = self._rows.reduce
+            nk_eps = reduce(resp.sum(0)) + 10 * torch.finfo(x.dtype).eps
+            self.means_ = reduce(resp.T @ x) / nk_eps[:, None] + self._shift
 
     def _m_step(self, stats: Tensor, nk: Tensor) -> None:
         d = self._shift.shape[0]

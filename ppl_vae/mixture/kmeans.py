@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ppl_vae.mixture.rows import Rows
+
 __all__ = ["_kmeans", "_kmeans_plusplus", "_nearest"]
 
 
@@ -14,47 +16,69 @@ def _nearest(x: Tensor, centers: Tensor) -> Tensor:
     return d.argmin(1)
 
 
-def _kmeans_plusplus(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+def _kmeans_plusplus(x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None) -> Tensor:
     """Indices of k-means++ seeds (Arthur & Vassilvitskii 2007): each next one drawn with
     probability proportional to its squared distance from the nearest seed so far.
 
-    Draws come from the CPU generator ``g``; the indices are a CPU tensor of shape (k,).
+    Draws come from the CPU generator ``g``; the indices are a CPU tensor of shape (k,), global
+    row indices when ``x`` is a shard (``rows``): the distances of all shards are gathered so
+    that every rank draws the same seeds.
     """
-    n = x.shape[0]
+    rows = rows or Rows(x)
     sq = (x * x).sum(1)
-    index = int(torch.randint(n, (1,), generator=g))
+
+    def distances(index: int) -> Tensor:
+        point, norm = rows.take(x, [index])[0], rows.take(sq, [index])[0]
+        return (sq - 2 * (x @ point) + norm).clamp_min_(0)
+
+    index = int(torch.randint(rows.total, (1,), generator=g))
     seeds = [index]
-    d2 = (sq - 2 * (x @ x[index]) + sq[index]).clamp_min_(0)
+    d2 = distances(index)
     for _ in range(1, k):
-        weights = d2.to("cpu", torch.float64)
+        weights = rows.gather(d2).to("cpu", torch.float64)
         if not weights.sum() > 0:  # every point coincides with a seed
-            index = int(torch.randint(n, (1,), generator=g))
+            index = int(torch.randint(rows.total, (1,), generator=g))
         else:
             index = int(torch.multinomial(weights, 1, generator=g))
         seeds.append(index)
-        d2 = torch.minimum(d2, (sq - 2 * (x @ x[index]) + sq[index]).clamp_min_(0))
+        d2 = torch.minimum(d2, distances(index))
     return torch.tensor(seeds)
 
 
-def _kmeans(x: Tensor, k: int, g: torch.Generator, max_iter: int = 100, tol: float = 1e-4):
-    """Lloyd's k-means from k-means++ seeds; returns the label of every point.
+def _kmeans(
+    x: Tensor,
+    k: int,
+    g: torch.Generator,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    rows: Rows | None = None,
+):
+    """Lloyd's k-means from k-means++ seeds; returns the label of every point (of the shard).
 
     Stops when no label changes or the centres move less (summed squared distance) than
     ``tol`` times the mean per-dimension variance of ``x``, as scikit-learn does. An empty
-    cluster keeps its centre.
+    cluster keeps its centre. With ``rows`` of a shard, counts, sums, the variance and the
+    stopping test are over all shards.
     """
-    centers = x[_kmeans_plusplus(x, k, g).to(x.device)]
-    limit = tol * x.var(0).mean()
+    rows = rows or Rows(x)
+    centers = rows.take(x, _kmeans_plusplus(x, k, g, rows))
+    if rows.sharded:
+        mean = rows.reduce(x.sum(0)) / rows.total
+        var = rows.reduce(((x - mean) ** 2).sum(0)) / (rows.total - 1)
+    else:
+        var = x.var(0)
+    limit = tol * var.mean()
     labels = _nearest(x, centers)
     for _ in range(max_iter):
         onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)
-        counts = onehot.sum(0)
-        sums = onehot.T @ x
+        counts = rows.reduce(onehot.sum(0))
+        sums = rows.reduce(onehot.T @ x)
         moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
         shift = ((moved - centers) ** 2).sum()
         centers = moved
         new = _nearest(x, centers)
-        if torch.equal(new, labels) or shift <= limit:
+        changed = rows.reduce(torch.tensor(float(not torch.equal(new, labels)), device=x.device))
+        if not changed > 0 or shift <= limit:
             return new
         labels = new
     return labels

@@ -13,6 +13,7 @@ import torch
 
 from ppl_vae.config import check_positive, option, to_dict
 from ppl_vae.data import Data, DataConfig, load_data
+from ppl_vae.distributed import all_reduce_sum, batch_shard, world
 from ppl_vae.errors import InputError
 from ppl_vae.mixture import COVARIANCE_TYPES, INITS, MIXTURES, ConvergenceWarning
 from ppl_vae.plots import mixture_figure
@@ -161,35 +162,45 @@ def em_run(
     and files are written atomically, so bad input leaves nothing behind. Returns the record
     written to ``results.json`` (train/test mean log-likelihood in nats per point, iterations,
     convergence, settings and seconds). Progress goes to stderr (see :mod:`ppl_vae.progress`)
-    unless ``quiet``.
+    unless ``quiet``. Under ``torchrun`` each rank fits on its contiguous share of the training
+    points with the E-step's sums reduced over the ranks (:mod:`ppl_vae.mixture.rows`), the
+    same mixture as one process to rounding; rank 0 writes.
     """
     dev = resolve_device(device)
     data = load_data(data_config, dev)
     mixture = make_mixture(config, data.is_binary)
     check_output_dir(out_dir)
     train, test = _arrays(data, config.kind(data.is_binary), DTYPES[config.dtype])
+    w = world()
+    if w.active:  # each rank fits on its rows; every sum over points is reduced
+        train, mixture.sharded = train[batch_shard(train.shape[0], w)], True
     t0 = time.perf_counter()
-    with _progress(mixture, config, data.name, quiet), warnings.catch_warnings():
+    with _progress(mixture, config, data.name, quiet or not w.main), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # the record says if EM converged
         mixture.fit(train)
     seconds = time.perf_counter() - t0
+    num_train = int(all_reduce_sum(torch.tensor(train.shape[0], device=train.device)))
+    train_ll = float(all_reduce_sum(mixture.score_samples(train).sum())) / num_train
     settings = to_dict(config)
     # the keys of results.json before the fields took the estimators' names, for old scripts
     settings.update(components=config.n_components, covariance=config.covariance_type)
     record = {
         "dataset": data.name,
         "mixture": type(mixture).__name__,
-        "train_log_likelihood": mixture.score(train),
+        "train_log_likelihood": train_ll,
         "test_log_likelihood": mixture.score(test),
         "n_iter": mixture.n_iter_,
         "converged": mixture.converged_,
         "seconds": seconds,
-        "num_train": train.shape[0],
+        "num_train": num_train,
         "num_test": test.shape[0],
         "device": str(dev),
+        "processes": w.size,
         "settings": {"data": to_dict(data_config), "mixture": settings},
         "history": mixture.history_,
     }
+    if not w.main:
+        return record
     out = make_output_dir(out_dir)
     fig = mixture_figure(mixture, data)
     record["picture"] = save_figure(fig, out / PICTURE).name if fig is not None else None
