@@ -10,7 +10,16 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["derived_seed", "forked_rng", "rng_state", "seed_streams", "set_rng_state"]
+CPU_STATE_BYTES = 5056  # torch.Generator("cpu").get_state().numel()
+
+__all__ = [
+    "derived_seed",
+    "forked_rng",
+    "rng_state",
+    "saved_device",
+    "seed_streams",
+    "set_rng_state",
+]
 
 
 def derived_seed(seed: int, *keys) -> int:
@@ -46,14 +55,30 @@ def rng_state(generator: torch.Generator) -> dict:
             "cached_gaussian": float(cached),
         },
         "data": generator.get_state(),
+        "data_device": generator.device.type,
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    """Restores what :func:`rng_state` took (also the tuples of checkpoints of format 0)."""
+def saved_device(state: dict) -> str:
+    """The device type of the data generator whose state ``state`` holds ("cpu" or "cuda");
+    from the size of the state in checkpoints that did not record it (a CPU generator's
+    Mersenne Twister state is 5,056 bytes, a CUDA generator's Philox seed and offset 16)."""
+    if "data_device" in state:
+        return state["data_device"]
+    return "cpu" if state["data"].numel() == CPU_STATE_BYTES else "cuda"
+
+
+def set_rng_state(state: dict, generator: torch.Generator, reseed: int = 0) -> bool:
+    """Restores what :func:`rng_state` took (also the tuples of checkpoints of format 0).
+
+    A data generator saved on another device type (a CUDA run resumed on a CPU, or the
+    reverse) cannot continue its stream there: ``generator`` is seeded with ``reseed`` instead
+    and False is returned; the global streams are restored either way (CUDA's where it was
+    saved and a GPU is visible). True when every stream continues exactly.
+    """
     torch.set_rng_state(state["torch"])
     python = state["python"]
     if isinstance(python, dict):
@@ -64,9 +89,15 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         keys = numpy["keys"].numpy().astype(np.uint32)
         numpy = (numpy["name"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
     np.random.set_state(numpy)
-    generator.set_state(state["data"])
+    exact = saved_device(state) == generator.device.type
+    if exact:
+        generator.set_state(state["data"])
+    else:
+        generator.manual_seed(reseed)
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+    return exact
 
 
 @contextmanager

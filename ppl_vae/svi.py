@@ -2,6 +2,7 @@ r"""Stochastic variational inference: the training loop, with an epoch callback;
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -30,7 +31,14 @@ from ppl_vae.distributed import (
 from ppl_vae.errors import InputError
 from ppl_vae.losses import LOSSES, IWAELoss, scale_latent
 from ppl_vae.progress import Progress, time_left
-from ppl_vae.rng import derived_seed, forked_rng, rng_state, seed_streams, set_rng_state
+from ppl_vae.rng import (
+    derived_seed,
+    forked_rng,
+    rng_state,
+    saved_device,
+    seed_streams,
+    set_rng_state,
+)
 
 __all__ = [
     "TrainConfig",
@@ -401,8 +409,19 @@ def train(
     start = 1
     if resume_from is not None:
         restore_params(params, resume_from.params)
-        optimizer.load_state_dict(resume_from.optimizer)
-        set_rng_state(_rank_rng(resume_from.rng, w), generator)
+        # a copy: Adam would otherwise update the state's tensors in place (load_state_dict
+        # keeps tensors already of the right dtype and device), spoiling a second resume
+        optimizer.load_state_dict(copy.deepcopy(resume_from.optimizer))
+        saved = _rank_rng(resume_from.rng, w)
+        reseed = derived_seed(config.seed, "moved", resume_from.epoch, w.rank)
+        if not set_rng_state(saved, generator, reseed) and not quiet and w.main:
+            print(
+                f"note: this run's data stream was saved on {saved_device(saved)} and cannot "
+                f"continue on {device.type}; batch order and binarization go on from a new "
+                f"stream (seed {reseed}, from --seed and the epoch), so the run is reproducible "
+                f"but not bit-identical to one that stayed on {saved_device(saved)}",
+                file=sys.stderr,
+            )
         history = list(resume_from.metrics)
         start = resume_from.epoch + 1
     if resume_from is not None:

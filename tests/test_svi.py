@@ -1,5 +1,6 @@
 """The SVI loop: convergence on a closed form, KL warm-up, settings, states and resume."""
 
+import dataclasses
 import math
 
 import pytest
@@ -80,6 +81,25 @@ def test_resuming_from_a_state_gives_the_numbers_of_an_uninterrupted_run():
         return [{k: v for k, v in m.items() if k != "seconds"} for m in history]
 
     assert numbers(resumed) == numbers(straight)
+
+
+def test_a_data_stream_saved_on_another_device_is_reseeded_and_said(capsys):
+    """What a CUDA checkpoint resumed on a CPU meets (its Philox state is 16 bytes): the global
+    streams and parameters continue, the data stream starts afresh from --seed and the epoch."""
+    config = TrainConfig(epochs=3)
+    states = []
+    train(*small_problem(), TrainConfig(epochs=2), checkpoint=states.append, quiet=True)
+    state = dataclasses.replace(states[-1])
+    state.rng = {**state.rng, "data": torch.zeros(16, dtype=torch.uint8), "data_device": "cuda"}
+    capsys.readouterr()
+    first = train(*small_problem(), config, resume_from=state)
+    err = capsys.readouterr().err
+    assert "data stream was saved on cuda and cannot continue on cpu" in err
+    again = train(*small_problem(), config, resume_from=state, quiet=True)
+    assert [m["test_elbo"] for m in first] == [m["test_elbo"] for m in again]  # reproducible
+    exact = train(*small_problem(), config, resume_from=states[-1], quiet=True)
+    assert [m["test_elbo"] for m in first[:2]] == [m["test_elbo"] for m in exact[:2]]
+    assert first[2]["test_elbo"] != exact[2]["test_elbo"]  # another batch order in epoch 3
 
 
 def test_a_nan_loss_raises_floating_point_error_naming_the_epoch():
