@@ -34,6 +34,9 @@ __all__ = ["main"]
 
 SHARED = ("seed", "data_dir")  # configuration fields set by the shared flags
 EM_DATA = {"name": "pinwheel"}  # the em command's own default data set
+# torchrun reads --run as an abbreviation of its own --run-path, even after the module name
+RUN_FLAGS = ("--run", "--run-dir")
+RUN_HELP = "run directory written by ppl-vae train (under torchrun: --run-dir)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run's guide as proposal; print the mean NLL (nats), ELBO and effective sample size and "
         "write them with the settings and wall time to RUN/evaluate.json.",
     )
-    e.add_argument("--run", required=True, help="run directory written by ppl-vae train")
+    e.add_argument(*RUN_FLAGS, dest="run", required=True, help=RUN_HELP)
     _add_config(e.add_argument_group("importance sampling"), EvaluateConfig, "evaluate")
     p = sub.add_parser(
         "plot",
@@ -191,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "manifold.png; for 2-D data density.png (data and model log-density) and latent.png. "
         f"Pictures: {PICTURES.help()}.",
     )
-    p.add_argument("--run", required=True, help="run directory written by ppl-vae train")
+    p.add_argument(*RUN_FLAGS, dest="run", required=True, help=RUN_HELP)
     p.add_argument("--out", default=None, help="folder for the pictures (default: the run's)")
     p.add_argument(
         "--pictures",

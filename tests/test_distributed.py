@@ -154,7 +154,7 @@ def test_two_rank_evaluation_equals_one_process(two_rank_run, capsys):
     code, _, err = run_cli("evaluate", "--run", two_rank_run, *flags, "--quiet", capsys=capsys)
     assert code == 0, err
     one = json.loads((two_rank_run / "evaluate.json").read_text())
-    proc = ppl_vae("evaluate", "--run", two_rank_run, *flags)
+    proc = ppl_vae("evaluate", "--run-dir", two_rank_run, *flags)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("NLL") == 1  # printed by rank 0 only
     two = json.loads((two_rank_run / "evaluate.json").read_text())

@@ -66,17 +66,23 @@ def test_a_pre_redesign_run_loads_with_its_configuration():
     assert [m["epoch"] for m in run.metrics] == [1, 2]
 
 
-def test_a_pre_redesign_run_evaluates_to_the_estimate_the_old_code_gave():
+def test_a_pre_redesign_run_evaluates_to_the_old_codes_estimate_within_monte_carlo_error():
+    """The old code drew every batch from one stream; batches now draw from seeds derived from
+    the seed and the batch index (so that sharding changes nothing), so the figures agree to
+    Monte Carlo error: over 12 seeds this NLL has a spread of 0.029 nats and the test ELBO of
+    the epoch-2 parameters 0.051; the tolerances are four times those."""
     want = expected()["evaluate"]
     config = EvaluateConfig(
         split=want["split"], num_samples=want["num_samples"], batch_size=want["batch_size"],
         iwae_k=tuple(want["iwae_ks"]), seed=want["seed"], limit=want["limit"],
     )  # fmt: skip
-    got = evaluate_run(LEGACY, config, device="cpu", write=False)
-    assert got["nll"] == pytest.approx(want["nll"], rel=1e-9)
-    assert got["elbo"] == pytest.approx(want["elbo"], rel=1e-9)
-    assert got["iwae"] == pytest.approx(want["iwae"], rel=1e-9)
-    assert got["log_px"][:5] == pytest.approx(want["log_px_first"], rel=1e-9)
+    got = evaluate_run(LEGACY, config, device="cpu", write=False, quiet=True)
+    assert got["nll"] == pytest.approx(want["nll"], abs=0.12)
+    assert got["iwae"]["10"] == pytest.approx(want["iwae"]["10"], abs=0.12)
+    assert got["elbo"] == pytest.approx(want["elbo"], abs=0.2)
+    assert got["nll"] != want["nll"]  # the draws did change: the tolerance is what is tested
+    again = evaluate_run(LEGACY, config, device="cpu", write=False, quiet=True)
+    assert again["log_px"] == got["log_px"]  # deterministic for the seed
 
 
 def test_a_pre_redesign_run_resumes_to_the_epoch_the_old_code_gave(tmp_path):
@@ -88,8 +94,10 @@ def test_a_pre_redesign_run_resumes_to_the_epoch_the_old_code_gave(tmp_path):
     )
     want = expected()["resume_to_epoch_3"]
     got = run.metrics[-1]
-    for key in ("epoch", "train_elbo", "test_elbo", "kl_weight"):
+    for key in ("epoch", "train_elbo", "kl_weight"):  # training itself is unchanged
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    # the test ELBO's draws are seeded per batch now (see the test above): Monte Carlo error
+    assert got["test_elbo"] == pytest.approx(want["test_elbo"], abs=0.2)
     # the resumed run is written in the new format, its first epochs kept
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["format"] == 1 and [m["epoch"] for m in ckpt["metrics"]] == [1, 2, 3]
