@@ -1,14 +1,22 @@
 r"""Training throughput of 2 processes x 1 thread (torchrun, gloo) against 1 process x 1 thread.
 
 The step is the one :func:`ppl_vae.svi.train` takes: the reference MNIST VAE (MLP 784-200-200,
-z = 50, Bernoulli, dynamic binarization), the captured ELBO step, one Adam; under torchrun each
-rank steps on its half of every global batch of ``--batch-size`` and the gradients (1.1M
-numbers, one flat buffer) are summed by one gloo all-reduce before the update. Each run takes
-``--warmup`` untimed steps, then times ``--steps`` steps over the same shuffled batches;
-throughput is images per second of the global batch. One-process and two-process runs
-alternate, ``--repeats`` times; the ratio is the median of the per-repeat ratios. The
-all-reduce's share is its time alone (the same buffer, ``--steps`` calls, each rank) over the
-two-process step time.
+z = 50, Bernoulli, dynamic binarization; 425,284 parameters), the captured ELBO step, one Adam.
+Contenders, for each global ``--batch-size`` B:
+
+- ``one``: one process on batches of B;
+- ``half``: one process on batches of B/2 -- what each of two ranks computes; one/half is the
+  speed-up two processes would reach if communication were free;
+- ``flat``: two processes under torchrun, each on its half of every batch, the gradients summed
+  by one gloo all-reduce of one flat buffer after backward (what ``train`` does,
+  :func:`ppl_vae.distributed.reduce_gradients`);
+- ``buckets``: the same with 1 MB buckets all-reduced asynchronously as backward produces them
+  (parameter hooks, as ``DistributedDataParallel`` overlaps communication with backward).
+
+Each run takes ``--warmup`` untimed steps, then times ``--steps`` steps; throughput is images
+per second of the global batch. Contenders alternate, ``--repeats`` times; a speed-up is the
+median of the per-repeat ratios. The all-reduce column is one all-reduce of all the gradients
+in one buffer, alone (``--steps`` calls), and its share of the ``flat`` step.
 
 Run: ``python benchmarks/ddp.py --write`` (updates docs/BENCHMARKS.md). Needs the two cores to
 itself: anything else running halves a process.
@@ -23,33 +31,112 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from common import describe, reference_vae, write_section
+from torch import Tensor
 
-from ppl_vae.distributed import init, reduce_gradients, world
+from ppl_vae.distributed import batch_shard, init, world
 from ppl_vae.svi import TrainConfig, _shard_step, _StepLosses, collect_params, svi_step
 
 HERE = Path(__file__).resolve()
 
 
-def worker(batch: int, steps: int, warmup: int, out: str) -> None:
+class GradientReducer:
+    """Sums gradients over the ranks while backward still runs, bucket by bucket.
+
+    ``params`` are split, in reverse order (backward reaches the last layers first), into
+    buckets of about ``bucket_bytes``. A hook on each parameter notes its gradient; when a
+    bucket's gradients are all there (and every earlier bucket has gone, so that all ranks
+    issue the same all-reduces in the same order) the bucket is scaled by the rank's share,
+    flattened and handed to an asynchronous all-reduce, which overlaps the rest of backward.
+    :meth:`finish` waits for them and puts the sums into ``.grad``: what
+    ``DistributedDataParallel`` does, for a step that never calls a module's ``forward``. Here
+    as a contender only: on this machine it was slower than one all-reduce after backward.
+    """
+
+    def __init__(self, params: Sequence[Tensor], bucket_bytes: int = 1 << 20):
+        self.params = list(params)
+        self.buckets: list[list[int]] = [[]]
+        size = 0
+        for i in reversed(range(len(self.params))):
+            if size >= bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(i)
+            size += self.params[i].numel() * self.params[i].element_size()
+        self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
+        self.share, self.stepping = 1.0, False
+        self.missing: list[int] = []
+        self.sent: list[tuple] = []  # (flat buffer, work) for buckets 0, 1, ...
+        self.hooks = [
+            p.register_post_accumulate_grad_hook(lambda _, i=i: self._ready(i))
+            for i, p in enumerate(self.params)
+        ]
+
+    def close(self) -> None:
+        """Removes the hooks."""
+        for hook in self.hooks:
+            hook.remove()
+
+    def start(self, share: float) -> None:
+        """Before a step's backward: this rank's share of the batch."""
+        self.share, self.stepping = share, True
+        self.missing = [len(bucket) for bucket in self.buckets]
+        self.sent = []
+
+    def _ready(self, i: int) -> None:
+        if not self.stepping:  # a backward outside a step (a check of the recorded step)
+            return
+        self.missing[self.bucket_of[i]] -= 1
+        while len(self.sent) < len(self.buckets) and self.missing[len(self.sent)] == 0:
+            self._send(len(self.sent))
+
+    def _send(self, b: int) -> None:
+        grads = []
+        for i in self.buckets[b]:
+            p = self.params[i]
+            grads.append((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1))
+        flat = torch.cat(grads).mul_(self.share)
+        self.sent.append((flat, dist.all_reduce(flat, dist.ReduceOp.SUM, async_op=True)))
+
+    def finish(self) -> None:
+        """After backward: waits for every bucket and replaces the gradients by the sums."""
+        self.stepping = False
+        while len(self.sent) < len(self.buckets):
+            self._send(len(self.sent))
+        for b, (flat, work) in enumerate(self.sent):
+            work.wait()
+            offset = 0
+            for i in self.buckets[b]:
+                p = self.params[i]
+                p.grad = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+
+
+def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
     """One timed run (in each rank under torchrun); rank 0 writes the figures to ``out``."""
     torch.set_num_threads(1)
     init(torch.device("cpu"))
     w = world()
     data, model, guide = reference_vae(torch.device("cpu"))
-    config = TrainConfig(batch_size=batch)
     g = torch.Generator().manual_seed(0)
     params = collect_params(model, guide, data.encode(data.train[:batch], generator=g), 60000)
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
-    loss = _StepLosses(model, guide, params, config)(1.0)
+    loss = _StepLosses(model, guide, params, TrainConfig(batch_size=batch))(1.0)
     plist = list(params.values())
+    buckets = GradientReducer(plist) if w.active and reducer == "buckets" else None
     batches = list(data.batches(batch, "train", generator=g))[: warmup + steps]
     num_data = data.train.shape[0]
 
     def step(x):
+        if buckets is not None:
+            part = batch_shard(x.shape[0], w)
+            buckets.start((part.stop - part.start) / x.shape[0])
+            return svi_step(loss, optimizer, x[part], num_data, before_update=buckets.finish)
         if w.active:
             return _shard_step(loss, optimizer, plist, x, num_data, w)
         return svi_step(loss, optimizer, x, num_data)
@@ -57,7 +144,7 @@ def worker(batch: int, steps: int, warmup: int, out: str) -> None:
     for x in batches[:warmup]:
         step(x)
     if w.active:
-        torch.distributed.barrier()
+        dist.barrier()
     t0 = time.perf_counter()
     for x in batches[warmup:]:
         step(x)
@@ -65,20 +152,24 @@ def worker(batch: int, steps: int, warmup: int, out: str) -> None:
     seconds = (time.perf_counter() - t0) / (steps + 1)
     reduce_seconds = None
     if w.active:
-        for p in plist:
-            p.grad = torch.zeros_like(p)
-        torch.distributed.barrier()
+        flat = torch.zeros(sum(p.numel() for p in plist))  # every gradient, one buffer
+        dist.barrier()
         t0 = time.perf_counter()
         for _ in range(steps):
-            reduce_gradients(plist, 0.5)
+            dist.all_reduce(flat)
         reduce_seconds = (time.perf_counter() - t0) / steps
     if w.main:
         Path(out).write_text(json.dumps({"step": seconds, "reduce": reduce_seconds}))
 
 
-def launch(processes: int, batch: int, steps: int, warmup: int, out: Path) -> dict:
-    args = [str(HERE), "--worker", "--batch-size", str(batch), "--steps", str(steps)]
-    args += ["--warmup", str(warmup), "--out", str(out)]
+CONTENDERS = {"one": (1, 1, "flat"), "half": (1, 2, "flat"), "flat": (2, 1, "flat"),
+              "buckets": (2, 1, "buckets")}  # processes, batch divisor, reducer  # fmt: skip
+
+
+def launch(name: str, batch: int, steps: int, warmup: int, out: Path) -> dict:
+    processes, divisor, reducer = CONTENDERS[name]
+    args = [str(HERE), "--worker", "--batch-size", str(batch // divisor), "--steps", str(steps)]
+    args += ["--warmup", str(warmup), "--reducer", reducer, "--out", str(out)]
     if processes == 1:
         command = [sys.executable, *args]
     else:
@@ -89,52 +180,62 @@ def launch(processes: int, batch: int, steps: int, warmup: int, out: Path) -> di
     return json.loads(out.read_text())
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[100, 200, 500])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[100, 500])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reducer", default="flat", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.batch_size[0], args.steps, args.warmup, args.out)
+        worker(args.batch_size[0], args.steps, args.warmup, args.reducer, args.out)
         return 0
     rows = []
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"ppl_vae_ddp_{os.getpid()}.json"
     for batch in args.batch_size:
-        runs = {1: [], 2: []}
-        for _ in range(args.repeats):
-            for processes in (1, 2):
-                runs[processes].append(launch(processes, batch, args.steps, args.warmup, out))
-        ratios = [a["step"] / b["step"] for a, b in zip(runs[1], runs[2], strict=True)]
-        one = statistics.median(r["step"] for r in runs[1])
-        two = statistics.median(r["step"] for r in runs[2])
-        reduce = statistics.median(r["reduce"] for r in runs[2])
+        runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
+        for r in range(args.repeats):
+            names = list(CONTENDERS)
+            for name in names[r % 4 :] + names[: r % 4]:  # the order rotated
+                runs[name].append(launch(name, batch, args.steps, args.warmup, out))
+
+        def speedup(name, runs=runs):
+            ratios = [a["step"] / b["step"] for a, b in zip(runs["one"], runs[name], strict=True)]
+            return statistics.median(ratios)
+
+        step = {name: statistics.median(m["step"] for m in v) for name, v in runs.items()}
+        reduce = statistics.median(m["reduce"] for m in runs["flat"])
         rows.append(
-            f"| {batch} | {batch / one:,.0f} | {batch / two:,.0f} | "
-            f"**{statistics.median(ratios):.2f}** | {reduce * 1e3:.2f} ms "
-            f"({reduce / two:.0%}) |"
+            f"| {batch} | {batch / step['one']:,.0f} | {speedup('half'):.2f} | "
+            f"{batch / step['flat']:,.0f} | **{speedup('flat'):.2f}** | "
+            f"{batch / step['buckets']:,.0f} | {speedup('buckets'):.2f} | "
+            f"{reduce * 1e3:.2f} ms ({reduce / step['flat']:.0%}) |"
         )
         print(rows[-1], file=sys.stderr)
     out.unlink(missing_ok=True)
     torch.set_num_threads(1)
+    lo = os.environ.get("GLOO_SOCKET_IFNAME")
     body = "\n".join(
         [
-            f"{describe(torch.device('cpu'))} per process; {args.steps} timed steps after "
-            f"{args.warmup}, median of {args.repeats} alternating repeats.",
+            f"{describe(torch.device('cpu'))} per process"
+            + (f", GLOO_SOCKET_IFNAME={lo}" if lo else "")
+            + f"; {args.steps} timed steps after {args.warmup}, median of {args.repeats} "
+            "rotating repeats; speed-ups against one process on the whole batch.",
             "",
-            "| global batch | 1 process, images/s | 2 processes, images/s | speed-up | "
-            "all-reduce per step (share) |",
-            "|---|---|---|---|---|",
+            "| global batch | 1 process, images/s | bound: 1 process on half | "
+            "2 processes, one all-reduce (train), images/s | speed-up | "
+            "2 processes, buckets overlapping backward | speed-up | all-reduce alone (share) |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
     print(body)
     if args.write:
-        write_section("ddp (cpu, gloo)", body)
+        write_section("ddp (cpu, gloo" + (f", {lo})" if lo else ")"), body)
     return 0
 
 
