@@ -129,7 +129,10 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
     loss = _StepLosses(model, guide, params, TrainConfig(batch_size=batch))(1.0)
     plist = list(params.values())
     buckets = GradientReducer(plist) if w.active and reducer == "buckets" else None
-    batches = list(data.batches(batch, "train", generator=g))[: warmup + steps]
+    batches = []  # enough epochs' batches for every step (an epoch has 60,000 / batch)
+    while len(batches) < warmup + steps:
+        batches += list(data.batches(batch, "train", generator=g))
+    batches = batches[: warmup + steps]
     num_data = data.train.shape[0]
 
     def step(x):

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -57,7 +58,7 @@ from pyro.optim import Adam
 from torch.distributions import constraints
 
 from ppl_vae.data import synthetic_2d
-from ppl_vae.mixture import GaussianMixture
+from ppl_vae.mixture import ConvergenceWarning, GaussianMixture
 
 K = 8  # components, one per Gaussian of ring8
 
@@ -81,7 +82,9 @@ def run_em(x: torch.Tensor, gm: GaussianMixture, iterations: int) -> dict:
         q, joint = gm.predict_proba(x), gm.joint_log_prob(x)  # E-step at theta_t
         ll.append(gm.score(x))
         bound_e.append(elbo(q, joint))  # F(q_t, theta_t)
-        gm.fit(x)  # the same E-step, then the M-step: theta_{t+1}
+        with warnings.catch_warnings():  # one iteration per fit is the point, not a failure
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm.fit(x)  # the same E-step, then the M-step: theta_{t+1}
         bound_m.append(elbo(q, gm.joint_log_prob(x)))  # F(q_t, theta_{t+1})
     ll.append(gm.score(x))
     return {"log_likelihood": ll, "bound_after_e": bound_e, "bound_after_m": bound_m}
