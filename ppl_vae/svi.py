@@ -424,7 +424,6 @@ def train(
             )
         history = list(resume_from.metrics)
         start = resume_from.epoch + 1
-    if resume_from is not None:
         untrained = resume_from.untrained_elbo
     else:
         untrained = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)

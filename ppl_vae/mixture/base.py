@@ -598,9 +598,7 @@ class _Mixture:
             x = x.to(self.weights_)
         inits = self._check_inits(inits, x)
         if do_init:
-            self._shift = (
-                self._rows.reduce(x.sum(0)) / self._rows.total if self.sharded else x.mean(0)
-            )
+            self._shift = self._rows.mean(x)
         xc = self._prepare(x)
         source = _Source(self._features, xc, self._work_width(xc))
         g = self._generator()

@@ -62,12 +62,7 @@ def _kmeans(
     """
     rows = rows or Rows(x)
     centers = rows.take(x, _kmeans_plusplus(x, k, g, rows))
-    if rows.sharded:
-        mean = rows.reduce(x.sum(0)) / rows.total
-        var = rows.reduce(((x - mean) ** 2).sum(0)) / (rows.total - 1)
-    else:
-        var = x.var(0)
-    limit = tol * var.mean()
+    limit = tol * rows.var(x).mean()
     labels = _nearest(x, centers)
     for _ in range(max_iter):
         onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)

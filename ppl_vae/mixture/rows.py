@@ -38,15 +38,24 @@ class Rows:
         """This shard's rows of ``t``, a tensor over all ``total`` rows."""
         return t[self.offset : self.offset + self.n] if self.sharded else t
 
+    def mean(self, x: Tensor) -> Tensor:
+        """The mean of the rows of the whole set, per column."""
+        return self.reduce(x.sum(0)) / self.total if self.sharded else x.mean(0)
+
+    def var(self, x: Tensor) -> Tensor:
+        """The unbiased variance of the rows of the whole set, per column."""
+        if not self.sharded:
+            return x.var(0)
+        return self.reduce(((x - self.mean(x)) ** 2).sum(0)) / (self.total - 1)
+
     def take(self, x: Tensor, index: Sequence[int] | Tensor) -> Tensor:
         """Rows ``index`` (global) of the whole set of which ``x`` is the shard, on every rank."""
         index = torch.as_tensor(index, dtype=torch.long)
         if not self.sharded:
             return x[index.to(x.device)]
         out = x.new_zeros((len(index), *x.shape[1:]))
-        local = (index >= self.offset) & (index < self.offset + self.n)
-        where = torch.nonzero(local).flatten()
-        out[where.to(x.device)] = x[(index[where] - self.offset).to(x.device)]
+        which, local = self.local_index(index)
+        out[which.to(x.device)] = x[local.to(x.device)]
         return self.reduce(out)
 
     def gather(self, t: Tensor) -> Tensor:

@@ -171,7 +171,7 @@ def em_run(
     mixture = make_mixture(config, data.is_binary)
     check_output_dir(out_dir)
     train, test = _arrays(data, config.kind(data.is_binary), DTYPES[config.dtype])
-    w = world()
+    w, num_train = world(), train.shape[0]
     if w.active:  # each rank fits on its rows; every sum over points is reduced
         train, mixture.sharded = train[batch_shard(train.shape[0], w)], True
     t0 = time.perf_counter()
@@ -179,7 +179,6 @@ def em_run(
         warnings.simplefilter("ignore", ConvergenceWarning)  # the record says if EM converged
         mixture.fit(train)
     seconds = time.perf_counter() - t0
-    num_train = int(all_reduce_sum(torch.tensor(train.shape[0], device=train.device)))
     train_ll = float(all_reduce_sum(mixture.score_samples(train).sum())) / num_train
     settings = to_dict(config)
     # the keys of results.json before the fields took the estimators' names, for old scripts
