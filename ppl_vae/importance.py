@@ -28,14 +28,13 @@ PARTICLES = "_ll_particles"
 # Default rows (points x draws) per vectorized pass. On a CPU, passes of 1,000 to 10,000 rows run
 # at the same speed and larger ones slower, with more memory (benchmarks/evaluate_sizes.py,
 # docs/BENCHMARKS.md); on a GPU larger passes amortise the kernel launches (not yet measured).
-ROWS_PER_PASS = {"cpu": 10_000}
-ROWS_PER_PASS_ACCELERATOR = 100_000
+ROWS_PER_PASS_CPU, ROWS_PER_PASS_GPU = 10_000, 100_000
 
 
 def default_chunk_size(num_points: int, device: torch.device | str) -> int:
     """Draws per pass when none is given: the device's rows per pass / N, at least 1."""
-    rows = ROWS_PER_PASS.get(torch.device(device).type, ROWS_PER_PASS_ACCELERATOR)
-    return max(1, rows // num_points)
+    cpu = torch.device(device).type == "cpu"
+    return max(1, (ROWS_PER_PASS_CPU if cpu else ROWS_PER_PASS_GPU) // num_points)
 
 
 def _device_of(args, kwargs) -> torch.device:
