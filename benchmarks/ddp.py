@@ -163,6 +163,9 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
         reduce_seconds = (time.perf_counter() - t0) / steps
     if w.main:
         Path(out).write_text(json.dumps({"step": seconds, "reduce": reduce_seconds}))
+    if w.active:  # no rank leaves the group while another still works
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 CONTENDERS = {"one": (1, 1, "flat"), "half": (1, 2, "flat"), "flat": (2, 1, "flat"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from ppl_vae.config import field_types, strip_optional
 from ppl_vae.data import DataConfig
-from ppl_vae.distributed import destroy, world
+from ppl_vae.distributed import barrier, destroy, world
 from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
 from ppl_vae.runs import (
@@ -317,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         join_processes(args.device)  # under torchrun; nothing in one process
         COMMANDS[args.command](args)
+        barrier()  # under torchrun: no rank leaves while rank 0 still writes (pictures, JSON)
     except InputError as e:
         _say(f"ppl-vae: error: {e}", every_rank=True)
         return 2

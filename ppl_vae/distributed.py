@@ -29,6 +29,7 @@ __all__ = [
     "agree",
     "all_gather_objects",
     "all_reduce_sum",
+    "barrier",
     "batch_shard",
     "destroy",
     "init",
@@ -96,6 +97,12 @@ def init(device: torch.device) -> torch.device:
     else:
         raise InputError(f"torchrun runs on cpu or cuda devices, not {device.type}")
     return device
+
+
+def barrier() -> None:
+    """Waits until every rank gets here (nothing in one process)."""
+    if world().active:
+        dist.barrier()
 
 
 def destroy() -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ppl_vae.data import Data
-from ppl_vae.distributed import init, world
+from ppl_vae.distributed import barrier, destroy, init, world
 from ppl_vae.svi import TrainConfig, train
 
 
@@ -51,6 +51,8 @@ def main():
     if world().main:
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
         torch.save({"params": params, "metrics": metrics}, args.out)
+    barrier()  # no rank leaves the group while another still works
+    destroy()
 
 
 if __name__ == "__main__":
