@@ -1,6 +1,8 @@
 r"""Pictures as matplotlib figures: samples, reconstructions, curves, mixtures; no files.
 
-Each function returns a ``Figure``; :func:`ppl_vae.runs.files.save_figure` writes one.
+Each function returns a ``matplotlib.figure.Figure`` built without pyplot, so importing or
+calling them leaves matplotlib's backend and pyplot's figure list as they were;
+:func:`ppl_vae.runs.files.save_figure` writes one, and a notebook shows one as it is.
 """
 
 from __future__ import annotations
@@ -9,19 +11,16 @@ import math
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg", force=False)
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from ppl_vae.data import Data  # noqa: E402
-from ppl_vae.guides import AmortizedGuide  # noqa: E402
-from ppl_vae.importance import log_likelihood  # noqa: E402
-from ppl_vae.mixture import BernoulliMixture, GaussianMixture  # noqa: E402
-from ppl_vae.model import VAEModel  # noqa: E402
+from ppl_vae.data import Data
+from ppl_vae.guides import AmortizedGuide
+from ppl_vae.importance import log_likelihood
+from ppl_vae.mixture import BernoulliMixture, GaussianMixture
+from ppl_vae.model import VAEModel
 
 __all__ = [
     "close_figure",
@@ -38,9 +37,16 @@ __all__ = [
 ]
 
 
-def close_figure(fig) -> None:
-    """Frees a figure made here (pyplot keeps every open figure alive)."""
-    plt.close(fig)
+def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
+    """A figure outside pyplot's state and its axes (``fig.subplots``'s return)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def close_figure(fig: Figure) -> None:
+    """Frees a figure's drawing state; figures made here are not held by pyplot, so this
+    only clears it (kept so that callers written for pyplot figures still work)."""
+    fig.clear()
 
 
 def image_grid(images: Tensor, ncols: int = 8) -> Tensor:
@@ -55,10 +61,10 @@ def image_grid(images: Tensor, ncols: int = 8) -> Tensor:
 
 
 @torch.no_grad()
-def samples_figure(model: VAEModel, data: Data, n: int = 64):
+def samples_figure(model: VAEModel, data: Data, n: int = 64) -> Figure:
     """``n`` decoded prior draws (means of p(x|z)) as an image grid, or a 2-D scatter."""
     x = model.sample(n if data.is_image else 2000, mean=data.is_image)
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = _figure(figsize=(6, 6))
     if data.is_image:
         ax.imshow(image_grid(x.clamp(0, 1)).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"{n} samples from the prior, E[x|z]")
@@ -69,13 +75,15 @@ def samples_figure(model: VAEModel, data: Data, n: int = 64):
 
 
 @torch.no_grad()
-def reconstructions_figure(model: VAEModel, guide: AmortizedGuide, data: Data, n: int = 32):
+def reconstructions_figure(
+    model: VAEModel, guide: AmortizedGuide, data: Data, n: int = 32
+) -> Figure:
     """Test points above E[x|z] for z drawn from q(z|x) (rows of originals over recons)."""
     g = torch.Generator(device=data.device).manual_seed(0)
     x = data.encode(data.test[: n if data.is_image else 2000], generator=g)
     z = guide.distribution(x)()  # a Pyro distribution draws when called (zuko flows only so)
     recon = model.observation(z).mean
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = _figure(figsize=(6, 6))
     if data.is_image:
         pairs = []
         for start in range(0, n, 8):
@@ -108,10 +116,10 @@ def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str)
     ax.legend(loc="upper right", markerscale=4)
 
 
-def curves_figure(metrics: list[dict], title: str = ""):
+def curves_figure(metrics: list[dict], title: str = "") -> Figure:
     """Train and test ELBO per epoch (nats per example), and the KL weight when it changes."""
     epochs = [m["epoch"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure(figsize=(7, 4))
     ax.plot(epochs, [m["train_elbo"] for m in metrics], marker=".", label="train (objective)")
     ax.plot(epochs, [m["test_elbo"] for m in metrics], marker=".", label="test ELBO")
     last, top = metrics[-1], max(max(m["train_elbo"], m["test_elbo"]) for m in metrics)
@@ -161,13 +169,13 @@ def interpolation_figure(
     t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype)[:, None]
     lines = [(1 - t) * z[2 * r] + t * z[2 * r + 1] for r in range(rows)]
     images = model.observation(torch.cat(lines)).mean
-    fig, ax = plt.subplots(figsize=(steps * 0.7, rows * 0.75))
+    fig, ax = _figure(figsize=(steps * 0.7, rows * 0.75))
     _grid(images, ax, "decodings from one test image's posterior mean to another's", steps)
     return fig
 
 
 @torch.no_grad()
-def latent_figure(guide: AmortizedGuide, data: Data, n: int = 5000):
+def latent_figure(guide: AmortizedGuide, data: Data, n: int = 5000) -> Figure:
     """The test points' posterior means, coloured by their label (digit, arm, component).
 
     A 2-D latent is drawn as it is; a larger one by its first two principal components.
@@ -186,13 +194,13 @@ def latent_figure(guide: AmortizedGuide, data: Data, n: int = 5000):
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         xy, what = centred @ v[:2].T, f"first two principal components of the {z.shape[1]}-D z"
         axes = ("PC 1", "PC 2")
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig, ax = _figure(figsize=(6.5, 6))
     labels = data.test_labels[:n].cpu() if data.test_labels is not None else None
     if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.5)
     else:
         classes = labels.unique().tolist()
-        cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+        cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
         for c in classes:
             pick = labels == c
             ax.scatter(xy[pick, 0], xy[pick, 1], s=2, alpha=0.6, color=cmap(classes.index(c)),
@@ -206,14 +214,14 @@ def latent_figure(guide: AmortizedGuide, data: Data, n: int = 5000):
 
 
 @torch.no_grad()
-def manifold_figure(model: VAEModel, n: int = 20):
+def manifold_figure(model: VAEModel, n: int = 20) -> Figure:
     """For a 2-D latent, the decoder's means on a grid of prior quantiles (Kingma & Welling,
     2014, Fig. 4)."""
     p = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
     q = torch.distributions.Normal(0.0, 1.0).icdf(p).to(model._zero)
     z1, z2 = torch.meshgrid(q, q.flip(0), indexing="xy")  # z2 grows upwards
     images = model.observation(torch.stack([z1.flatten(), z2.flatten()], -1)).mean
-    fig, ax = plt.subplots(figsize=(8, 8))
+    fig, ax = _figure(figsize=(8, 8))
     _grid(images, ax, f"E[x|z] on a {n}x{n} grid of prior quantiles of z (z1 across, z2 up)", n)
     return fig
 
@@ -243,7 +251,7 @@ def density_figure(model, guide, data: Data, size: int = 60, num_samples: int = 
         log_hist = np.log(counts.T / counts.sum() / area)
     top = math.ceil(max(float(log_p.max()), float(np.nanmax(log_hist))))
     levels = np.linspace(top - 8.0, top, 17)  # half-nat steps over the top 8 nats
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharex=True, sharey=True)
+    fig, axes = _figure(1, 2, figsize=(11, 5), sharex=True, sharey=True)
     axes[0].contourf((xe[:-1] + xe[1:]) / 2, (ye[:-1] + ye[1:]) / 2,
                      np.clip(log_hist, levels[0], None), levels=levels, cmap="viridis")  # fmt: skip
     axes[0].set_title(f"test data ({len(pts)} points)\nlog of the histogram density", fontsize=10)
@@ -263,7 +271,7 @@ def density_figure(model, guide, data: Data, size: int = 60, num_samples: int = 
 
 
 @torch.no_grad()
-def mixture_figure(mixture, data: Data):
+def mixture_figure(mixture, data: Data) -> Figure | None:
     """The density over the test points (2-D data) or the component means as images.
 
     Returns ``None`` for data that are neither 2-D nor images.
@@ -271,12 +279,12 @@ def mixture_figure(mixture, data: Data):
     if isinstance(mixture, BernoulliMixture) and len(data.event_shape) == 3:
         order = mixture.weights_.argsort(descending=True)[:100]
         means = mixture.means_[order].reshape(-1, *data.event_shape).float()
-        fig, ax = plt.subplots(figsize=(7, 7))
+        fig, ax = _figure(figsize=(7, 7))
         ax.imshow(image_grid(means, ncols=10).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"{mixture.n_components} component means, by weight (first 100)")
         ax.axis("off")
     elif isinstance(mixture, GaussianMixture) and data.event_shape == (2,):
-        fig, ax = plt.subplots(figsize=(6, 6))
+        fig, ax = _figure(figsize=(6, 6))
         _density_panel(ax, mixture, data.test)
         ax.set_title(
             f"{mixture.n_components}-component {mixture.covariance_type} Gaussian mixture: "

@@ -1,5 +1,8 @@
 """Pictures: the image grid puts each image in its cell; files are written whole."""
 
+import subprocess
+import sys
+
 import torch
 
 from ppl_vae.data import DataConfig, load_data
@@ -95,3 +98,19 @@ def test_the_curves_show_the_recorded_numbers_and_the_kl_weight_when_annealed():
     assert lines["test ELBO"] == [-10.0, -9.0, -8.0]
     assert lines["KL weight"] == [0.5, 1.0, 1.0]
     close_figure(fig)
+
+
+def test_importing_and_drawing_leave_matplotlib_as_the_user_set_it():
+    """A notebook's backend survives ``import ppl_vae``, and our figures stay out of pyplot's
+    list (so inline display and ``plt.show()`` are the user's alone)."""
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt\n"
+        "import ppl_vae, ppl_vae.plots, ppl_vae.runs\n"
+        "fig = ppl_vae.plots.curves_figure([{'epoch': 1, 'train_elbo': -3.0, 'test_elbo': -3.1},"
+        " {'epoch': 2, 'train_elbo': -2.0, 'test_elbo': -2.2}])\n"
+        "print(matplotlib.get_backend(), plt.get_fignums(), type(fig).__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["svg", "[]", "Figure"]
