@@ -24,7 +24,7 @@ from ppl_vae.runs import (
     join_processes,
     load_run,
     plot_run,
-    resumed_config,
+    resume_run,
     train_run,
 )
 from ppl_vae.svi import TrainConfig
@@ -155,14 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(t.add_argument_group("optimisation"), TrainConfig, "train")
     r = t.add_argument_group("run")
     r.add_argument("--out", default="runs/vae", help="run directory (default: runs/vae)")
-    r.add_argument(
+    either = r.add_mutually_exclusive_group()  # continue a run, or replace it
+    either.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its checkpoint: its data, model and objective; "
         "only --epochs (the new total), --capture, --device, --quiet and --plot-every may "
         "change",
     )
-    r.add_argument(
+    either.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the run in --out (it stays intact until the new run's first checkpoint)",
@@ -235,22 +236,21 @@ def _given(args: argparse.Namespace, prefix: str, **shared) -> dict:
 
 def _train(args: argparse.Namespace) -> None:
     shared = {"seed": args.seed, "data_dir": args.data_dir}
-    if args.resume:  # the run's own settings, with what was given over them (checked)
+    options = dict(quiet=args.quiet, plot_every=args.plot_every)
+    if args.resume:  # the run's own settings, with what was given over them (checked there)
         given = {
             "data": _given(args, "data", **shared),
             "vae": _given(args, "vae"),
             "train": _given(args, "train", seed=args.seed),
         }
-        config = resumed_config(args.out, given)
-        data, vae, train = config.data, config.vae, config.train
+        run = resume_run(args.out, given, args.device, **options)
     else:
         data = _build(DataConfig, args, "data", **shared)
         vae = _build(VAEConfig, args, "vae")
         train = _build(TrainConfig, args, "train", **shared)
-    run = train_run(
-        data, vae, train, args.out, device=args.device, resume=args.resume, quiet=args.quiet,
-        plot_every=args.plot_every, overwrite=args.overwrite,
-    )  # fmt: skip
+        run = train_run(
+            data, vae, train, args.out, args.device, overwrite=args.overwrite, **options
+        )
     last = run.metrics[-1] if run.metrics else None
     if last is not None and world().main:  # the result, also with --quiet
         print(

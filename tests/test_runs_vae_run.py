@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ppl_vae.data import DataConfig
+from ppl_vae.errors import InputError
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.runs import RunDir, load_run, train_run
 from ppl_vae.svi import TrainConfig, mean_elbo
@@ -59,7 +60,7 @@ def test_metrics_and_checkpoint_are_written_each_epoch(tmp_path):
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import ppl_vae.runs.vae_run as vae_run
+    import ppl_vae.runs.train as vae_run
 
     data, vae = small_run_configs()
     train = vae_run.train
@@ -83,7 +84,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
 
 
 def test_a_nan_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatch):
-    import ppl_vae.runs.vae_run as vae_run
+    import ppl_vae.runs.train as vae_run
 
     data, vae = small_run_configs()
     train = vae_run.train
@@ -149,3 +150,29 @@ def test_drawing_pictures_every_epoch_leaves_the_training_numbers_unchanged(tmp_
     ).exists()
     with pytest.raises(ValueError, match="plot_every must be a positive number"):
         train_run(data, vae, config, tmp_path / "c", "cpu", plot_every=0)
+
+
+def test_resume_reads_the_checkpoint_once_and_refuses_one_replaced_meanwhile(tmp_path, monkeypatch):
+    from ppl_vae.runs import ResumePoint, resume_run
+
+    data, vae = small_run_configs()
+    train_run(data, vae, TrainConfig(epochs=1), tmp_path, "cpu", quiet=True, pictures=False)
+    reads = []
+    load = RunDir.load
+    monkeypatch.setattr(RunDir, "load", lambda self: reads.append(1) or load(self))
+    run = resume_run(tmp_path, {"train": {"epochs": 2}}, "cpu", quiet=True, pictures=False)
+    assert len(reads) == 1 and [m["epoch"] for m in run.metrics] == [1, 2]
+    # the settings given are laid over the record and checked there, once
+    point = ResumePoint.read(RunDir(tmp_path), {"train": {"epochs": 5, "capture": False}})
+    assert (point.config.train.epochs, point.config.train.capture) == (5, False)
+    assert point.config.vae == vae and point.state.epoch == 2
+    with pytest.raises(InputError, match="--lr 0.5 contradicts the run's recorded lr=0.001"):
+        ResumePoint.read(RunDir(tmp_path), {"train": {"epochs": 5, "lr": 0.5}})
+    # a checkpoint replaced between the read and the lock is not continued from a stale state
+    run_dir = RunDir(tmp_path)
+    point = ResumePoint.read(run_dir, {"train": {"epochs": 3}})
+    point.check_unchanged(run_dir)
+    state, config = load(run_dir)
+    run_dir.save(state, config)
+    with pytest.raises(InputError, match="changed while this command read it"):
+        point.check_unchanged(run_dir)

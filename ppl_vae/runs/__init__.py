@@ -7,19 +7,12 @@ configurations into files: checkpoints, ``config.json``, ``metrics.jsonl``, ``ev
 
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
 from ppl_vae.runs.em_run import MixtureConfig, em_run, make_mixture
+from ppl_vae.runs.evaluate import EvaluateConfig, evaluate_run
 from ppl_vae.runs.files import join_processes
-from ppl_vae.runs.vae_run import (
-    PICTURES,
-    EvaluateConfig,
-    Interrupted,
-    Run,
-    evaluate_run,
-    load_run,
-    plot_run,
-    resumed_config,
-    train_run,
-    write_pictures,
-)
+from ppl_vae.runs.pictures import PICTURES, default_pictures, plot_run, write_pictures
+from ppl_vae.runs.resume import ResumePoint
+from ppl_vae.runs.run import Run, load_run
+from ppl_vae.runs.train import Interrupted, resume_run, train_run
 
 __all__ = [
     "PICTURES",
@@ -35,7 +28,9 @@ __all__ = [
     "load_run",
     "make_mixture",
     "plot_run",
-    "resumed_config",
+    "ResumePoint",
+    "default_pictures",
+    "resume_run",
     "train_run",
     "write_pictures",
 ]

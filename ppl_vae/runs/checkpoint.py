@@ -10,7 +10,7 @@ A run directory holds
 - ``config.json``: the same configurations, readable without torch;
 - ``metrics.jsonl``: one JSON line per finished epoch;
 - ``evaluate.json``, ``samples.png``, ``reconstructions.png``: written by
-  :mod:`ppl_vae.runs.vae_run`.
+  :mod:`ppl_vae.runs.evaluate` and :mod:`ppl_vae.runs.pictures`.
 
 Checkpoints written before the format had a number (format 0: the training settings under
 ``"config"``, the data and VAE settings under ``"extra"``) are read too.

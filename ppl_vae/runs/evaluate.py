@@ -1,0 +1,180 @@
+r"""Evaluating a run: its importance-sampled log p(x) per point, written to ``evaluate.json``."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ppl_vae.config import check_positive, option
+from ppl_vae.data import Data
+from ppl_vae.distributed import all_gather_objects, world
+from ppl_vae.errors import InputError
+from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood
+from ppl_vae.progress import Progress, time_left
+from ppl_vae.rng import derived_seed, forked_rng, seed_streams
+from ppl_vae.runs.checkpoint import EVALUATE
+from ppl_vae.runs.files import write_json
+from ppl_vae.runs.run import Run, load_run
+
+__all__ = ["DEFAULT_IWAE_KS", "EvaluateConfig", "evaluate_run"]
+
+DEFAULT_IWAE_KS = (1, 10, 100)
+
+
+def _iwae_ks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise InputError(f"expected comma-separated integers like 1,10,100, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How to estimate log p(x) of a trained run by importance sampling."""
+
+    split: str = option("test", "the split to evaluate", choices=("test", "train"))
+    num_samples: int = option(5000, "K, importance samples per point")
+    chunk_size: int | None = option(
+        None, "draws per vectorized pass (default 10,000 / --batch-size on a CPU, 100,000 / "
+        "--batch-size on a GPU); peak memory grows with chunk size x batch size, not with K",
+    )  # fmt: skip
+    batch_size: int = option(100, "data points per pass")
+    iwae_k: tuple[int, ...] | None = option(
+        None, "k of the IWAE bounds reported from the same draws, each <= K "
+        "(default 1,10,100 up to K)", parse=_iwae_ks, metavar="K1,K2,...",
+    )  # fmt: skip
+    limit: int | None = option(None, "evaluate only the first N points")
+    seed: int = option(0, "seeds the draws and the binarization")
+
+    def __post_init__(self):
+        if self.split not in ("train", "test"):
+            raise InputError(f"unknown split {self.split!r}; use train or test")
+        check_positive(self, "num_samples", "chunk_size", "batch_size", "limit")
+        if self.iwae_k is not None:
+            object.__setattr__(self, "iwae_k", tuple(self.iwae_k))
+            bad = [k for k in self.iwae_k if not 1 <= k <= self.num_samples]
+            if bad:
+                raise InputError(
+                    f"every --iwae-k must lie in 1..{self.num_samples} (--num-samples), got {bad}"
+                )
+
+    @property
+    def iwae_ks(self) -> tuple[int, ...]:
+        """The IWAE k to report: as given, or the defaults that do not exceed K."""
+        if self.iwae_k is not None:
+            return self.iwae_k
+        return tuple(k for k in DEFAULT_IWAE_KS if k <= self.num_samples)
+
+    def chunk_size_on(self, device) -> int:
+        """Draws per pass: as given, or the device's default for ``batch_size`` points."""
+        return self.chunk_size or default_chunk_size(self.batch_size, device)
+
+    def num_points(self, data: Data) -> int:
+        """How many points of ``data`` this evaluates."""
+        n = (data.test if self.split == "test" else data.train).shape[0]
+        return min(n, self.limit) if self.limit is not None else n
+
+
+def _on_cpu(r: LogLikelihood) -> LogLikelihood:
+    iwae = {k: v.cpu() for k, v in r.iwae.items()}
+    return LogLikelihood(r.log_px.cpu(), r.elbo.cpu(), r.ess.cpu(), iwae, r.num_samples)
+
+
+def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
+    """Every point's estimate; batch ``b`` (points ``b * batch_size`` onwards) draws from the
+    seed ``derived_seed(seed, b)``, so that the figures do not depend on how batches are
+    shared out: under ``torchrun`` rank r takes every size-th batch from the r-th, and every
+    rank gets all batches' results back, in order."""
+    data, w = run.data, world()
+    x_all = data.train if config.split == "train" else data.test
+    n = config.num_points(data)
+    x_all, ks, k = x_all[:n], config.iwae_ks, config.num_samples
+    chunk = config.chunk_size_on(data.device)
+    mine = list(range(0, n, config.batch_size))[w.rank :: w.size]  # first points of my batches
+    share = sum(min(config.batch_size, n - start) for start in mine)
+    results, done, total_log_px = [], 0, 0.0
+    desc = f"log p(x), {config.split}" + (f", rank 0 of {w.size}" if w.active else "")
+    with (
+        Progress(share * k, desc, "draw", quiet=quiet or not w.main, scale=True) as progress,
+        forked_rng(data.device, config.seed),
+    ):
+        for start in mine:
+            g = seed_streams(data.device, derived_seed(config.seed, start // config.batch_size))
+            x = data.encode(x_all[start : start + config.batch_size], generator=g)
+            result = log_likelihood(
+                run.model, run.guide, x, num_samples=k, chunk_size=chunk,
+                diagnostics=True, iwae_ks=ks,
+                progress=lambda d, base=done * k, m=x.shape[0]: progress.update(base + m * d),
+            )  # fmt: skip
+            results.append(result)
+            done += x.shape[0]
+            total_log_px += result.log_px.sum().item()
+            elapsed, nll = progress.elapsed, -total_log_px / done
+            progress.update(
+                done * k,
+                f"{desc}: {done:,}/{share:,} points, NLL so far {nll:.2f} nats, "
+                f"{done * k / elapsed:,.0f} draws/s, {elapsed:.1f} s"
+                + time_left(done, share, elapsed),
+            )
+    if w.active:  # every rank's batches, back in the order of the points
+        ranks = all_gather_objects([_on_cpu(r) for r in results])
+        results = [ranks[b % w.size][b // w.size] for b in range(math.ceil(n / config.batch_size))]
+    log_px = torch.cat([r.log_px for r in results])
+    return {
+        "split": config.split,
+        "num_points": int(log_px.shape[0]),
+        "num_samples": config.num_samples,
+        "nll": -log_px.mean().item(),
+        "nll_standard_error": (log_px.std() / log_px.shape[0] ** 0.5).item(),
+        "elbo": torch.cat([r.elbo for r in results]).mean().item(),
+        "ess": torch.cat([r.ess for r in results]).mean().item(),
+        "iwae": {str(k): torch.cat([r.iwae[k] for r in results]).mean().item() for k in ks},
+        "log_px": log_px.tolist(),
+    }
+
+
+def evaluate_run(
+    run: Run | str | os.PathLike,
+    config: EvaluateConfig | None = None,
+    *,
+    device: str = "auto",
+    data_dir: str | None = None,
+    quiet: bool = False,
+    write: bool = True,
+) -> dict:
+    """Importance-sampled log p(x) of a trained run on a split, with diagnostics.
+
+    ``run`` is a :class:`Run` or a run directory (loaded with ``device`` and ``data_dir``).
+    Data points are taken ``config.batch_size`` at a time, each with exactly
+    ``config.num_samples`` draws from the guide (see
+    :func:`ppl_vae.importance.log_likelihood`); dynamically binarized data are binarized once,
+    from ``config.seed``. Returns the record of ``evaluate.json`` — the means over points
+    (``nll`` is -log p(x), in nats), the settings, the wall time and the per-point estimates —
+    and, with ``write``, writes it into the run's directory. Progress goes to stderr (see
+    :mod:`ppl_vae.progress`) unless ``quiet``.
+    """
+    config = config or EvaluateConfig()
+    if not isinstance(run, Run):
+        run = load_run(run, device, data_dir=data_dir)
+    t0 = time.perf_counter()
+    result = _estimate(run, config, quiet)
+    log_px = result.pop("log_px")
+    record = {
+        **result,
+        "seconds": time.perf_counter() - t0,
+        "epoch": run.metrics[-1]["epoch"] if run.metrics else 0,
+        "chunk_size": config.chunk_size_on(run.data.device),
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "limit": config.limit,
+        "device": str(run.data.device),
+        "processes": world().size,
+        "log_px": log_px,
+    }
+    if write and run.directory is not None and world().main:
+        write_json(record, run.directory / EVALUATE)
+    return record

@@ -1,0 +1,59 @@
+r"""A trained VAE with its data, configuration and metrics (:class:`Run`), and loading one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyro
+
+from ppl_vae.data import Data, DataConfig, load_data
+from ppl_vae.guides import AmortizedGuide
+from ppl_vae.model import VAEModel
+from ppl_vae.runs.checkpoint import RunConfig, RunDir
+from ppl_vae.runs.files import resolve_device
+from ppl_vae.svi import TrainConfig, collect_params, restore_params
+from ppl_vae.vae import VAEConfig, build_vae
+
+__all__ = ["Run", "load_run"]
+
+
+@dataclass
+class Run:
+    """A trained VAE with its data, configuration and metrics, and the folder it lives in."""
+
+    model: VAEModel
+    guide: AmortizedGuide
+    data: Data
+    config: RunConfig
+    metrics: list[dict]
+    directory: Path | None = None
+
+    @property
+    def data_config(self) -> DataConfig:
+        return self.config.data
+
+    @property
+    def vae_config(self) -> VAEConfig:
+        return self.config.vae
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return self.config.train
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "auto", data_dir: str | None = None) -> Run:
+    """Rebuilds a trained VAE from ``run_dir/checkpoint.pt`` on ``device``.
+
+    ``data_dir`` overrides the MNIST folder recorded at training time.
+    """
+    run_dir = RunDir(run_dir)
+    state, config = run_dir.load()
+    if data_dir is not None:
+        config = replace(config, data=replace(config.data, data_dir=data_dir))
+    data = load_data(config.data, resolve_device(device))
+    model, guide = build_vae(config.vae, data)
+    pyro.clear_param_store()
+    restore_params(collect_params(model, guide, data.encode(data.test[:2])), state.params)
+    return Run(model, guide, data, config, state.metrics, run_dir.path)

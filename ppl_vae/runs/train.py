@@ -1,0 +1,140 @@
+r"""Training into a run directory: a new run, a replaced one, or one continued (``--resume``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pyro
+
+from ppl_vae.data import DataConfig, load_data
+from ppl_vae.distributed import agree, world
+from ppl_vae.errors import InputError
+from ppl_vae.runs.checkpoint import RunConfig, RunDir
+from ppl_vae.runs.files import resolve_device
+from ppl_vae.runs.pictures import write_pictures
+from ppl_vae.runs.resume import ResumePoint
+from ppl_vae.runs.run import Run
+from ppl_vae.svi import TrainConfig, TrainState, train
+from ppl_vae.vae import VAEConfig, build_vae
+
+__all__ = ["Interrupted", "resume_run", "train_run"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C, SIGTERM); the message says what is kept."""
+
+
+def train_run(
+    data_config: DataConfig,
+    vae_config: VAEConfig,
+    train_config: TrainConfig,
+    out_dir: str | os.PathLike,
+    device: str = "auto",
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    pictures: bool = True,
+    plot_every: int | None = None,
+    overwrite: bool = False,
+) -> Run:
+    """Loads data, builds the VAE and trains it, with metrics and checkpoints in ``out_dir``.
+
+    A folder that holds a run is refused unless ``resume`` (continue it: the data, model and
+    objective must be the recorded ones; only the epochs and the capture may change) or
+    ``overwrite`` (replace it: the old run stays intact until the new one's first checkpoint).
+    One process writes a run at a time (a lock in the folder). With ``pictures``, every picture
+    that applies (:func:`ppl_vae.runs.pictures.default_pictures`) is drawn at the end, and every
+    ``plot_every`` epochs. Divergence stops training with ``FloatingPointError`` naming the
+    checkpoint kept. Under ``torchrun`` every rank trains and only rank 0 takes the lock and
+    writes.
+    """
+    if resume and overwrite:
+        raise InputError("--resume continues a run and --overwrite replaces it; choose one")
+    given = RunConfig(data_config, vae_config, train_config)
+    options = dict(quiet=quiet, pictures=pictures, plot_every=plot_every)
+    return _train(RunDir(out_dir), given, device, resume=resume, overwrite=overwrite, **options)
+
+
+def resume_run(
+    out_dir: str | os.PathLike,
+    changes: dict | None = None,
+    device: str = "auto",
+    *,
+    quiet: bool = False,
+    pictures: bool = True,
+    plot_every: int | None = None,
+) -> Run:
+    """Continues the run in ``out_dir`` with its own settings and ``changes`` laid over them
+    (``{"train": {"epochs": 20}}``, as the flags of ``ppl-vae train --resume`` give them).
+
+    A change that contradicts the record (anything but the epochs, the capture and the data
+    folder) is an ``InputError`` naming its flag; otherwise as :func:`train_run` with
+    ``resume=True``.
+    """
+    options = dict(quiet=quiet, pictures=pictures, plot_every=plot_every)
+    return _train(RunDir(out_dir), changes or {}, device, resume=True, overwrite=False, **options)
+
+
+def _train(
+    run_dir: RunDir,
+    given: RunConfig | dict,
+    device: str,
+    *,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    pictures: bool,
+    plot_every: int | None,
+) -> Run:
+    if plot_every is not None and (isinstance(plot_every, bool) or plot_every < 1):
+        raise InputError(f"plot_every must be a positive number of epochs, got {plot_every}")
+    point = ResumePoint.read(run_dir, given) if resume else None  # before anything is written
+    if point is None and run_dir.holds_run() and not overwrite:
+        raise InputError(
+            f"{run_dir.path} holds a run already; pass --resume to continue it, "
+            f"--overwrite to replace it, or choose another --out"
+        )
+    config, state = (point.config, point.state) if point else (given, None)
+    data = load_data(config.data, resolve_device(device))
+    pyro.set_rng_seed(config.train.seed)
+    model, guide = build_vae(config.vae, data)
+    with contextlib.ExitStack() as stack:
+
+        def begin() -> None:  # rank 0 writes; only once every input has been checked
+            stack.enter_context(run_dir.writing())
+            if point is not None:
+                point.check_unchanged(run_dir)  # the state continued is the one on disk
+            run_dir.start(config, state.metrics if state is not None else [])
+
+        agree(begin)  # under torchrun: a refusal on rank 0 (the lock) stops every rank
+        saved_epoch = state.epoch if state is not None else 0
+
+        def checkpoint(s: TrainState) -> None:
+            nonlocal saved_epoch
+            run_dir.save(s, config)
+            saved_epoch = s.epoch
+            if pictures and plot_every and s.epoch % plot_every == 0:
+                write_pictures(Run(model, guide, data, config, s.metrics, run_dir.path))
+
+        try:
+            metrics = train(
+                model, guide, data, config.train,
+                resume_from=state, checkpoint=checkpoint, quiet=quiet,
+            )  # fmt: skip
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; {_kept(run_dir, saved_epoch)}") from None
+        except KeyboardInterrupt:
+            raise Interrupted(_kept(run_dir, saved_epoch)) from None
+        run = Run(model, guide, data, config, metrics, run_dir.path)
+        if pictures and world().main:
+            write_pictures(run)
+        return run
+
+
+def _kept(run_dir: RunDir, epoch: int) -> str:
+    if epoch:
+        return f"the checkpoint of epoch {epoch} in {run_dir.path} is intact"
+    if run_dir.has_checkpoint():
+        return f"no epoch finished; the earlier checkpoint in {run_dir.path} is untouched"
+    return "no epoch finished, so no checkpoint was written"
