@@ -48,7 +48,7 @@ def trained_pair(args):
         return run.model, run.guide, run.data, f"run {args.run}"
     data = load_data(DataConfig("mnist", "dynamic", data_dir=args.data_dir))
     if args.num_train is not None:
-        data = type(data)(data.train[: args.num_train], data.test, data.encoding, data.name)
+        data = data.head(args.num_train)
     pyro.set_rng_seed(args.seed)
     model, guide = build_vae(VAEConfig(), data)
     metrics = train(model, guide, data, TrainConfig(epochs=args.epochs, seed=args.seed), quiet=True)

@@ -146,7 +146,7 @@ def main(argv=None) -> list[dict]:
 
     data = load_data(DataConfig("mnist", "dynamic", data_dir=args.data_dir))
     if args.num_train is not None:
-        data = type(data)(data.train[: args.num_train], data.test, data.encoding, data.name)
+        data = data.head(args.num_train)
     x = data.encode(data.test[: args.points], generator=torch.Generator().manual_seed(args.seed))
     config = TrainConfig(epochs=args.epochs, seed=args.seed)
     rows = []

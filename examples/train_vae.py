@@ -67,7 +67,7 @@ def main(argv=None):
 
     data = load_data(DataConfig("mnist", "dynamic", data_dir=args.data_dir))
     if args.quick:  # a small slice keeps the smoke run short
-        data = type(data)(data.train[:5000], data.test[:1000], data.encoding, data.name)
+        data = data.head(5000, 1000)
     config = TrainConfig(epochs=2 if args.quick else args.epochs, batch_size=100, lr=1e-3)
     run = RunDir(args.out) if args.out else None  # metrics.jsonl and checkpoint.pt, per epoch
     if run is not None:

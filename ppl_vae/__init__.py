@@ -3,6 +3,7 @@ r"""Variational autoencoders written as Pyro probabilistic programs."""
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 
+from ppl_vae.compat import RENAMED
 from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.guides import GUIDES, AmortizedGuide, FlowGuide, GaussianGuide, make_guide
 from ppl_vae.importance import LogLikelihood, log_likelihood
@@ -50,12 +51,10 @@ __all__ = [
     "train_run",
 ]
 
-_RENAMED = {"evaluate_elbo": "mean_elbo"}
-
 
 def __getattr__(name: str):
-    if name in _RENAMED:
-        new = _RENAMED[name]
+    if name in RENAMED:  # ppl_vae.compat: names of 0.1
+        new = RENAMED[name]
         warnings.warn(f"ppl_vae.{name} is now ppl_vae.{new}", DeprecationWarning, stacklevel=2)
         return globals()[new]
     raise AttributeError(f"module 'ppl_vae' has no attribute {name!r}")

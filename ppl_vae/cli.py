@@ -33,7 +33,7 @@ from ppl_vae.vae import VAEConfig
 __all__ = ["main"]
 
 SHARED = ("seed", "data_dir")  # configuration fields set by the shared flags
-EM_DATA = {"name": "pinwheel"}  # the em command's own default data set
+EM_DATA = {"dataset": "pinwheel"}  # the em command's own default data set
 # torchrun reads --run as an abbreviation of its own --run-path, even after the module name
 RUN_FLAGS = ("--run", "--run-dir")
 RUN_HELP = "run directory written by ppl-vae train (under torchrun: --run-dir)"
@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         "convergence, settings, seconds) and mixture.png (density over the data for 2-D "
         "sets, component means for images) to --out.",
     )
-    _add_config(m.add_argument_group("data"), DataConfig, "data", only=("name",), defaults=EM_DATA)
+    _add_config(
+        m.add_argument_group("data"), DataConfig, "data", only=("dataset",), defaults=EM_DATA
+    )
     _add_config(m.add_argument_group("mixture"), MixtureConfig, "mixture")
     m.add_argument("--out", default="runs/em", help="output directory (default: runs/em)")
     return parser

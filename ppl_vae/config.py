@@ -28,7 +28,14 @@ from typing import Any, TypeVar
 
 from ppl_vae.errors import InputError
 
-__all__ = ["check_positive", "field_types", "from_dict", "option", "to_dict"]
+__all__ = [
+    "check_positive",
+    "check_positive_value",
+    "field_types",
+    "from_dict",
+    "option",
+    "to_dict",
+]
 
 C = TypeVar("C")
 
@@ -118,10 +125,13 @@ def from_dict(cls: type[C], data: dict) -> C:
 
 
 def check_positive(config: Any, *names: str) -> None:
-    """An error naming the first of ``names`` that is not a positive integer."""
+    """An error naming the first of ``names`` (fields of ``config``) that is set and is not a
+    positive integer."""
     for name in names:
-        value = getattr(config, name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_value(name, getattr(config, name))
+
+
+def check_positive_value(name: str, value: Any) -> None:
+    """An error naming ``name`` unless ``value`` is ``None`` or a positive integer."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"{name} must be a positive integer, got {value!r}")

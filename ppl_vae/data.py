@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ppl_vae.config import check_positive, option
+from ppl_vae.config import check_positive, check_positive_value, option
 from ppl_vae.errors import InputError, MissingInputError
 from ppl_vae.registry import Registry
 
@@ -41,7 +41,7 @@ SYNTHETIC: Registry = Registry("synthetic data set")  # (n, generator) -> (point
 class DataConfig:
     """Which data set to load and how to encode it."""
 
-    name: str = option(
+    dataset: str = option(
         "mnist", "mnist, pinwheel, moons, ring8, or a .pt/.npy file holding an (N, ...) tensor",
         flags=("--dataset",), metavar="NAME|FILE",
     )  # fmt: skip
@@ -62,9 +62,9 @@ class DataConfig:
                 f"unknown binarization {self.binarize!r}; choose one of {', '.join(BINARIZATIONS)}"
             )
         check_positive(self, "num_train", "num_test")
-        if not (self.name in DATASETS or Path(self.name).suffix in (".pt", ".npy")):
+        if not (self.dataset in DATASETS or Path(self.dataset).suffix in (".pt", ".npy")):
             raise InputError(
-                f"unknown data set {self.name!r}; choose one of {', '.join(DATASETS)} "
+                f"unknown data set {self.dataset!r}; choose one of {', '.join(DATASETS)} "
                 f"or give a .pt/.npy file"
             )
 
@@ -140,6 +140,23 @@ class Data:
     def to(self, device: torch.device | str) -> Data:
         labels = self.test_labels
         return Data(self.train.to(device), self.test.to(device), self.encoding, self.name, labels)
+
+    def head(self, num_train: int | None = None, num_test: int | None = None) -> Data:
+        """The first ``num_train`` training and ``num_test`` test points (all where ``None``),
+        with their test labels, encoding and name: a smaller data set for quick runs.
+
+        Example:
+            >>> data = Data(torch.rand(10, 2), torch.rand(6, 2), "continuous",
+            ...             test_labels=torch.arange(6))
+            >>> small = data.head(4, 3)
+            >>> small.train.shape[0], small.test_labels.tolist()
+            (4, [0, 1, 2])
+        """
+        check_positive_value("num_train", num_train)
+        check_positive_value("num_test", num_test)
+        labels = self.test_labels[:num_test] if self.test_labels is not None else None
+        train, test = self.train[:num_train], self.test[:num_test]
+        return Data(train, test, self.encoding, self.name, labels)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Returns a batch as the model sees it (a fresh binarization for ``dynamic``)."""
@@ -316,16 +333,16 @@ def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
 def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
     """Loads the data set ``config`` names onto ``device``."""
     g = torch.Generator().manual_seed(config.seed)
-    if config.name == "mnist":
+    if config.dataset == "mnist":
         train, test, digits = _mnist(config.data_dir)
         if config.binarize == "static":
             train, test = torch.bernoulli(train, generator=g), torch.bernoulli(test, generator=g)
         return Data(train.to(device), test.to(device), config.binarize, "mnist", digits)
-    if config.name in SYNTHETIC:
-        train, _ = SYNTHETIC.build(config.name, config.num_train, g)
-        test, labels = SYNTHETIC.build(config.name, config.num_test, g)
-        return Data(train.to(device), test.to(device), "continuous", config.name, labels)
-    path = Path(config.name)
+    if config.dataset in SYNTHETIC:
+        train, _ = SYNTHETIC.build(config.dataset, config.num_train, g)
+        test, labels = SYNTHETIC.build(config.dataset, config.num_test, g)
+        return Data(train.to(device), test.to(device), "continuous", config.dataset, labels)
+    path = Path(config.dataset)
     if not path.is_file():
         raise MissingInputError(f"data file {path} does not exist")
     train, test = _load_file(path, g)

@@ -19,6 +19,7 @@ from ppl_vae.registry import Registry
 from ppl_vae.sites import LATENT, OBSERVED, data_plate
 
 __all__ = [
+    "check_sigma",
     "LIKELIHOODS",
     "BernoulliLikelihood",
     "FixedGaussianLikelihood",
@@ -40,6 +41,13 @@ class BernoulliLikelihood(nn.Module):
         return dist.Bernoulli(logits=out)
 
 
+def check_sigma(sigma: float) -> float:
+    """``sigma`` as a float; an error unless it is a positive number."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise InputError(f"sigma must be positive, got {sigma}")
+    return float(sigma)
+
+
 class FixedGaussianLikelihood(nn.Module):
     r"""p(x|z) = N(decoder(z), sigma^2 I) with a fixed ``sigma``."""
 
@@ -47,9 +55,7 @@ class FixedGaussianLikelihood(nn.Module):
 
     def __init__(self, event_shape: torch.Size, sigma: float = 0.1):
         super().__init__()
-        if not sigma > 0:
-            raise InputError(f"sigma must be positive, got {sigma}")
-        self.sigma = float(sigma)
+        self.sigma = check_sigma(sigma)
 
     def forward(self, out: Tensor) -> Distribution:
         return dist.Normal(out, self.sigma)

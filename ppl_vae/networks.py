@@ -18,6 +18,7 @@ from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
 
 __all__ = [
+    "check_hidden",
     "ACTIVATIONS",
     "NETWORKS",
     "ConvDecoder",
@@ -133,6 +134,14 @@ class ConvDecoder(nn.Module):
         return self.net(h).reshape(*batch, 1, 28, 28)
 
 
+def check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
+    """``hidden`` as a tuple of widths; an error unless they are one or more positive ints."""
+    widths = tuple(hidden)
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise InputError(f"hidden sizes must be positive integers, got {widths}")
+    return widths
+
+
 NETWORKS: Registry[tuple[nn.Module, nn.Module]] = Registry("network")
 
 
@@ -144,8 +153,7 @@ def mlp_pair(
     activation: str = "tanh",
 ) -> tuple[MLPEncoder, MLPDecoder]:
     """An MLP encoder through ``hidden`` and a decoder through the same widths reversed."""
-    if not hidden or min(hidden) < 1:
-        raise InputError(f"hidden sizes must be positive integers, got {tuple(hidden)}")
+    check_hidden(hidden)
     encoder = MLPEncoder(event_shape, hidden, activation)
     return encoder, MLPDecoder(latent_dim, event_shape, tuple(hidden)[::-1], activation)
 
@@ -174,7 +182,9 @@ def _hidden_sizes(text: str) -> tuple[int, ...]:
 class NetworkConfig:
     """The encoder/decoder architecture."""
 
-    kind: str = option("mlp", "encoder/decoder pair", flags=("--network",), choices=NETWORKS)
+    architecture: str = option(
+        "mlp", "encoder/decoder pair", flags=("--architecture", "--network"), choices=NETWORKS
+    )
     hidden: tuple[int, ...] | None = option(
         None, "MLP hidden widths, comma-separated; the decoder mirrors them (default 200,200)",
         parse=_hidden_sizes, metavar="W1,W2,...",
@@ -182,22 +192,18 @@ class NetworkConfig:
     activation: str = option("tanh", "nonlinearity between layers", choices=ACTIVATIONS)
 
     def __post_init__(self):
-        NETWORKS.check(self.kind)
+        NETWORKS.check(self.architecture)
         ACTIVATIONS.check(self.activation)
         if self.hidden is not None:
-            object.__setattr__(self, "hidden", tuple(self.hidden))
-            if not self.hidden or min(self.hidden) < 1:
-                raise InputError(f"hidden sizes must be positive integers, got {self.hidden}")
-        NETWORKS.check_options(self.kind, self._options(), prefix="--")
+            object.__setattr__(self, "hidden", check_hidden(self.hidden))
+        NETWORKS.check_options(self.architecture, self._options(), prefix="--")
 
     def _options(self) -> dict:
         return {"hidden": self.hidden} if self.hidden is not None else {}
 
     def build(self, event_shape: Sequence[int], latent_dim: int) -> tuple[nn.Module, nn.Module]:
         """Builds ``(encoder, decoder)``; the encoder exposes ``feature_dim``."""
-        if latent_dim < 1:
-            raise InputError(f"latent dimension must be positive, got {latent_dim}")
         return NETWORKS.build(
-            self.kind, torch.Size(event_shape), latent_dim, activation=self.activation,
+            self.architecture, torch.Size(event_shape), latent_dim, activation=self.activation,
             **self._options(),
         )  # fmt: skip

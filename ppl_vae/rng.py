@@ -72,7 +72,7 @@ def saved_device(state: dict) -> str:
 
 
 def set_rng_state(state: dict, generator: torch.Generator, reseed: int = 0) -> bool:
-    """Restores what :func:`rng_state` took (also the tuples of checkpoints of format 0).
+    """Restores what :func:`rng_state` took.
 
     A data generator saved on another device type (a CUDA run resumed on a CPU, or the
     reverse) cannot continue its stream there: ``generator`` is seeded with ``reseed`` instead
@@ -81,14 +81,12 @@ def set_rng_state(state: dict, generator: torch.Generator, reseed: int = 0) -> b
     """
     torch.set_rng_state(state["torch"])
     python = state["python"]
-    if isinstance(python, dict):
-        python = (python["version"], tuple(python["state"].tolist()), python["gauss"])
-    random.setstate(python)
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
     numpy = state["numpy"]
-    if isinstance(numpy, dict):
-        keys = numpy["keys"].numpy().astype(np.uint32)
-        numpy = (numpy["name"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
-    np.random.set_state(numpy)
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (numpy["name"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
+    )
     exact = saved_device(state) == generator.device.type
     if exact:
         generator.set_state(state["data"])

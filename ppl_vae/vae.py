@@ -8,7 +8,7 @@ from ppl_vae.config import check_positive, option
 from ppl_vae.data import Data
 from ppl_vae.errors import InputError
 from ppl_vae.guides import GUIDES, AmortizedGuide
-from ppl_vae.model import LIKELIHOODS, VAEModel
+from ppl_vae.model import LIKELIHOODS, VAEModel, check_sigma
 from ppl_vae.networks import NetworkConfig
 
 __all__ = ["VAEConfig", "build_vae", "default_likelihood"]
@@ -51,8 +51,8 @@ class VAEConfig:
         GUIDES.check_options(self.guide, self.guide_options(), prefix="--")
         if self.likelihood is not None:
             LIKELIHOODS.check_options(self.likelihood, self.likelihood_options(), prefix="--")
-        if self.sigma is not None and not self.sigma > 0:
-            raise InputError(f"sigma must be positive, got {self.sigma}")
+        if self.sigma is not None:
+            check_sigma(self.sigma)
 
     def guide_options(self) -> dict:
         """The guide options that are set."""

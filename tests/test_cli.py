@@ -19,9 +19,9 @@ from ppl_vae.svi import TrainConfig
 from ppl_vae.vae import VAEConfig
 
 TRAIN_FLAGS = [
-    "--dataset", "--binarize", "--data-dir", "--latent-dim", "--network", "--hidden",
-    "--activation", "--likelihood", "--sigma", "--guide", "--flow-length", "--flow-hidden",
-    "--rank", "--epochs", "--batch-size", "--lr",
+    "--dataset", "--binarize", "--data-dir", "--latent-dim", "--architecture", "--network",
+    "--hidden", "--activation", "--likelihood", "--sigma", "--guide", "--flow-length",
+    "--flow-hidden", "--rank", "--epochs", "--batch-size", "--lr",
     "--loss", "--num-particles", "--beta", "--kl-warmup", "--seed", "--device", "--out",
     "--resume", "--quiet",
 ]  # fmt: skip
@@ -94,7 +94,7 @@ def test_flags_and_defaults_come_from_the_configuration_dataclasses(command, con
         for f in dataclasses.fields(cls):
             if f.name in ("seed", "data_dir") or f.name == "network":
                 continue
-            if command == "em" and cls is DataConfig and f.name != "name":
+            if command == "em" and cls is DataConfig and f.name != "dataset":
                 continue
             flag = (f.metadata.get("flags") or [f"--{f.name.replace('_', '-')}"])[0]
             action = actions[flag]
@@ -118,7 +118,7 @@ BAD = [
     (["--dataset", "pinwheel", "--likelihood", "bernoulli"], "needs binary data"),
     (["--dataset", "{tmp}/nan.npy"], "NaN or infinite"),
     (["--dataset", "{tmp}/inf.npy"], "NaN or infinite"),
-    (["--dataset", "pinwheel", "--network", "conv"], "conv network needs 1x28x28"),
+    (["--dataset", "pinwheel", "--architecture", "conv"], "conv network needs 1x28x28"),
     (["--dataset", "pinwheel", "--out", "{tmp}/a_file/run"], "cannot create output directory"),
     (["--dataset", "pinwheel", "--epochs", "0"], "epochs must be a positive"),
     (["--dataset", "pinwheel", "--batch-size", "-5"], "batch_size must be a positive"),

@@ -29,7 +29,9 @@ def test_configurations_survive_json(config):
 
 
 def test_nested_and_tuple_fields_are_rebuilt():
-    vae = from_dict(VAEConfig, {"network": {"kind": "mlp", "hidden": [4, 4]}, "latent_dim": 2})
+    vae = from_dict(
+        VAEConfig, {"network": {"architecture": "mlp", "hidden": [4, 4]}, "latent_dim": 2}
+    )
     assert vae.network == NetworkConfig(hidden=(4, 4)) and isinstance(vae.network.hidden, tuple)
 
 

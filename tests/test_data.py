@@ -10,6 +10,7 @@ import torch
 from helpers import needs_mnist
 
 from ppl_vae.data import Data, DataConfig, load_data, resolve_data_root, synthetic_2d
+from ppl_vae.errors import InputError
 
 
 def test_data_root_precedence(monkeypatch, tmp_path):
@@ -148,3 +149,14 @@ def test_a_mistyped_data_dir_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="MNIST not found"):
         load_data(DataConfig("mnist", data_dir=str(tmp_path / "typo")))
     assert not (tmp_path / "typo").exists()
+
+
+def test_head_keeps_the_first_points_their_labels_and_the_encoding():
+    data = load_data(DataConfig("ring8", num_train=50, num_test=40))
+    small = data.head(10, 7)
+    assert torch.equal(small.train, data.train[:10]) and torch.equal(small.test, data.test[:7])
+    assert torch.equal(small.test_labels, data.test_labels[:7])
+    assert (small.encoding, small.name) == (data.encoding, data.name)
+    assert data.head(num_test=5).train.shape[0] == 50  # None keeps the split whole
+    with pytest.raises(InputError, match="num_train must be a positive integer, got 0"):
+        data.head(0)

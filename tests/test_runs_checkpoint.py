@@ -49,6 +49,18 @@ def test_unknown_formats_and_foreign_files_are_refused(tmp_path):
         RunDir(tmp_path).load()
 
 
+def test_configurations_stored_with_the_old_field_names_load(tmp_path):
+    """ppl_vae.compat: DataConfig.name and NetworkConfig.kind were renamed after their flags."""
+    run = small_run(tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    old = json.loads(json.dumps(ckpt["config"]))
+    old["data"]["name"] = old["data"].pop("dataset")
+    old["vae"]["network"]["kind"] = old["vae"]["network"].pop("architecture")
+    torch.save({**ckpt, "config": old}, tmp_path / "checkpoint.pt")
+    state, config = RunDir(tmp_path).load()
+    assert config == run.config and config.data.dataset == "pinwheel" and state.epoch == 2
+
+
 # -- a run written by ppl_vae before the redesign (tests/fixtures/run-v0) ------------------------
 
 

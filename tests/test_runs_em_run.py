@@ -28,6 +28,7 @@ def test_em_command_writes_results_and_a_density_picture(tmp_path, capsys):
     assert r["train_log_likelihood"] == pytest.approx(gm.score(data.train.double()), rel=1e-12)
     assert r["n_iter"] == gm.n_iter_ and r["converged"] is True and r["seconds"] > 0
     assert r["settings"]["mixture"]["components"] == 8 and r["num_test"] == 2000
+    assert r["settings"]["data"]["name"] == r["settings"]["data"]["dataset"] == "pinwheel"
     assert f"test {r['test_log_likelihood']:.4f}" in stdout
     assert (out / "mixture.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

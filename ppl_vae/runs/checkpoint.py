@@ -12,8 +12,8 @@ A run directory holds
 - ``evaluate.json``, ``samples.png``, ``reconstructions.png``: written by
   :mod:`ppl_vae.runs.evaluate` and :mod:`ppl_vae.runs.pictures`.
 
-Checkpoints written before the format had a number (format 0: the training settings under
-``"config"``, the data and VAE settings under ``"extra"``) are read too.
+Checkpoints written before the format had a number (format 0), and configurations stored with
+old field names, are read through :mod:`ppl_vae.compat`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ppl_vae.compat import NUMPY_GLOBALS, upgrade_config, upgrade_format0
 from ppl_vae.config import from_dict, to_dict
 from ppl_vae.data import DataConfig
 from ppl_vae.errors import InputError, MissingInputError
-from ppl_vae.guides import GUIDES
-from ppl_vae.networks import NETWORKS
 from ppl_vae.runs.files import (
     folder_lock,
     make_output_dir,
@@ -74,30 +72,10 @@ class RunConfig:
         )
 
 
-def _upgrade_vae(vae: dict) -> dict:
-    """Format 0 stored every guide and network option; the unused ones were ignored."""
-    vae = dict(vae)
-    used = GUIDES.options(vae.get("guide", "gaussian"))
-    for name in ("flow_length", "flow_hidden", "rank"):
-        if name in vae and name not in used:
-            vae[name] = None
-    network = dict(vae.get("network", {}))
-    if "hidden" in network and "hidden" not in NETWORKS.options(network.get("kind", "mlp")):
-        network["hidden"] = None
-    vae["network"] = network
-    if vae.get("likelihood") == "bernoulli":
-        vae["sigma"] = None
-    return vae
-
-
-# NumPy arrays (the RNG state in checkpoints of format 0) rebuild from data alone
-_NUMPY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
 def _load_plain(path: Path) -> object:
     """``torch.load(weights_only=True)``: tensors and plain data only; nothing is executed."""
     try:
-        with torch.serialization.safe_globals(_NUMPY):
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
@@ -208,27 +186,23 @@ class RunDir:
         ckpt = _load_plain(path)
         if not isinstance(ckpt, dict) or not {"params", "epoch", "optimizer"} <= ckpt.keys():
             raise InputError(f"{path} is not a ppl_vae checkpoint; delete it and train again")
-        version = ckpt.get("format", 0)
+        version, rng = ckpt.get("format", 0), ckpt["rng"]
         if version == 0:
-            extra = ckpt.get("extra")
-            if not isinstance(extra, dict) or "vae" not in extra:
+            upgraded = upgrade_format0(ckpt)
+            if upgraded is None:
                 raise InputError(
                     f"{self.path} was not written by ppl-vae train; no VAE configuration in it"
                 )
-            plain = {
-                "data": extra["data"],
-                "vae": _upgrade_vae(extra["vae"]),
-                "train": ckpt["config"],
-            }
+            plain, rng = upgraded
         elif version == FORMAT:
-            plain = ckpt["config"]
+            plain = ckpt["config"] and upgrade_config(ckpt["config"])
         else:
             raise InputError(
                 f"{path} has checkpoint format {version}, newer than this ppl_vae reads "
                 f"({FORMAT}); upgrade ppl_vae"
             )
         state = TrainState(
-            ckpt["epoch"], ckpt["params"], ckpt["optimizer"], ckpt["rng"], list(ckpt["metrics"]),
+            ckpt["epoch"], ckpt["params"], ckpt["optimizer"], rng, list(ckpt["metrics"]),
             ckpt.get("untrained_elbo"),
         )  # fmt: skip
         return state, plain

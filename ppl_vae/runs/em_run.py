@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ppl_vae.compat import old_em_settings
 from ppl_vae.config import check_positive, option, to_dict
 from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.distributed import all_reduce_sum, batch_shard, world
@@ -180,9 +181,7 @@ def em_run(
         mixture.fit(train)
     seconds = time.perf_counter() - t0
     train_ll = float(all_reduce_sum(mixture.score_samples(train).sum())) / num_train
-    settings = to_dict(config)
-    # the keys of results.json before the fields took the estimators' names, for old scripts
-    settings.update(components=config.n_components, covariance=config.covariance_type)
+    settings, data_settings = old_em_settings(to_dict(config), to_dict(data_config))
     record = {
         "dataset": data.name,
         "mixture": type(mixture).__name__,
@@ -195,7 +194,7 @@ def em_run(
         "num_test": test.shape[0],
         "device": str(dev),
         "processes": w.size,
-        "settings": {"data": to_dict(data_config), "mixture": settings},
+        "settings": {"data": data_settings, "mixture": settings},
         "history": mixture.history_,
     }
     if not w.main:
