@@ -116,29 +116,55 @@ def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str)
     ax.legend(loc="upper right", markerscale=4)
 
 
+def _elbo_range(metrics: list[dict]) -> tuple[float, float, bool]:
+    """The y-limits that show every epoch, and whether the first epoch is left below them
+    because it lies far beneath the rest (more than twice their spread; it would flatten
+    them into a line)."""
+    values = [[m["train_elbo"], m["test_elbo"]] for m in metrics]
+    top = max(max(v) for v in values)
+    rest = min(min(v) for v in values[1:]) if len(values) > 2 else None
+    clipped = rest is not None and min(values[0]) < rest - 2 * max(top - rest, 1e-3)
+    bottom = rest if clipped else min(min(v) for v in values)
+    pad = 0.06 * max(top - bottom, 1e-3)
+    return bottom - pad, top + pad, clipped
+
+
 def curves_figure(metrics: list[dict], title: str = "") -> Figure:
-    """Train and test ELBO per epoch (nats per example), and the KL weight when it changes."""
+    """Train and test ELBO per epoch (nats per example), and the KL weight when it changes.
+
+    Every epoch is in view, except a first epoch far below the rest, which is named in a note
+    instead; the legend sits below the axes, off the lines.
+    """
     epochs = [m["epoch"] for m in metrics]
-    fig, ax = _figure(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4.4), layout="constrained")
+    ax = fig.subplots()
     ax.plot(epochs, [m["train_elbo"] for m in metrics], marker=".", label="train (objective)")
     ax.plot(epochs, [m["test_elbo"] for m in metrics], marker=".", label="test ELBO")
-    last, top = metrics[-1], max(max(m["train_elbo"], m["test_elbo"]) for m in metrics)
-    bottom = min(last["train_elbo"], last["test_elbo"])
-    span = max(top - bottom, 1e-3)
-    ax.set_ylim(bottom - 0.3 * span, top + 0.1 * span)  # the first epochs may fall below
+    bottom, top, clipped = _elbo_range(metrics)
+    ax.set_ylim(bottom, top)
+    if clipped:
+        first = metrics[0]
+        ax.annotate(
+            f"epoch {first['epoch']} below: train {first['train_elbo']:.2f}, "
+            f"test {first['test_elbo']:.2f}",
+            xy=(0.01, 0.02), xycoords="axes fraction", fontsize=8, color="dimgray",
+        )  # fmt: skip
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per example")
+    last = metrics[-1]
     ax.set_title(title or f"ELBO per epoch; last test ELBO {last['test_elbo']:.2f}")
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
     weights = [m.get("kl_weight", 1.0) for m in metrics]
     if len(set(weights)) > 1:  # an annealed KL term
         twin = ax.twinx()
         twin.plot(epochs, weights, color="gray", linestyle="--", label="KL weight")
         twin.set_ylabel("KL weight")
         twin.set_ylim(0, 1.05 * max(weights))
-        twin.legend(loc="lower right")
-    ax.legend(loc="lower center")
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     return fig
 
 

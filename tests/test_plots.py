@@ -114,3 +114,20 @@ def test_importing_and_drawing_leave_matplotlib_as_the_user_set_it():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["svg", "[]", "Figure"]
+
+
+def test_the_curves_keep_every_epoch_in_view_and_name_a_first_epoch_far_below():
+    # ten epochs rising towards -100 (the README's MNIST run): all of them in view
+    rising = [
+        {"epoch": e, "train_elbo": -100 - 20 / e, "test_elbo": -101 - 20 / e} for e in range(1, 11)
+    ]
+    fig = curves_figure(rising)
+    low, high = fig.axes[0].get_ylim()
+    assert low <= -121 and high >= -102
+    assert not fig.axes[0].texts and fig.legends and not fig.axes[0].get_legend()
+    # a first epoch 500 nats down would flatten the rest: it is named instead of drawn in view
+    falling = [{"epoch": 1, "train_elbo": -600.0, "test_elbo": -610.0}] + rising[1:]
+    fig = curves_figure(falling)
+    low, high = fig.axes[0].get_ylim()
+    assert -112 < low < -111 and high > -102
+    assert fig.axes[0].texts[0].get_text() == "epoch 1 below: train -600.00, test -610.00"
