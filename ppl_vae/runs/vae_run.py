@@ -18,7 +18,7 @@ from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.distributed import agree, all_gather_objects, world
 from ppl_vae.errors import InputError
 from ppl_vae.guides import AmortizedGuide
-from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood
+from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood_diagnostics
 from ppl_vae.model import VAEModel
 from ppl_vae.plots import (
     curves_figure,
@@ -424,9 +424,8 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
         for start in mine:
             g = seed_streams(data.device, derived_seed(config.seed, start // config.batch_size))
             x = data.encode(x_all[start : start + config.batch_size], generator=g)
-            result = log_likelihood(
-                run.model, run.guide, x, num_samples=k, chunk_size=chunk,
-                diagnostics=True, iwae_ks=ks,
+            result = log_likelihood_diagnostics(
+                run.model, run.guide, x, num_samples=k, chunk_size=chunk, iwae_ks=ks,
                 progress=lambda d, base=done * k, m=x.shape[0]: progress.update(base + m * d),
             )  # fmt: skip
             results.append(result)
