@@ -15,6 +15,16 @@ own estimator, score-function terms included. :class:`IWAELoss` is the importanc
 bound of Burda et al. (2015), and :data:`LOSSES` names the three for configurations.
 """
 
+# Pyro internals relied on here, verified with pyro-ppl 1.9.0, 1.9.1 and 1.9.2 (pyproject.toml
+# bounds pyro-ppl to >=1.9,<1.10; check them again before widening it): the private methods
+# Trace_ELBO._differentiable_loss_particle and TraceMeanField_ELBO._differentiable_loss_particle
+# (the score-function path), ELBO._get_traces calling self._get_trace(model, guide, args, kwargs)
+# (overridden here), pyro.infer.trace_mean_field_elbo._check_mean_field_requirement,
+# ScaleMessenger._process_message, Distribution.score_parts left alone as the mark of a draw
+# without a score-function term (ExpandedDistribution and MaskedDistribution delegating it to
+# .base_dist), and the trace site fields "scale", "mask", "cond_indep_stack" and
+# "unscaled_log_prob" (read in ppl_vae.sites).
+
 from __future__ import annotations
 
 import math
