@@ -2,8 +2,9 @@ r"""``ppl-vae evaluate``'s batch and chunk sizes: throughput and peak memory ove
 
 For the reference architecture (MLP 784-200-200-z50, tanh, Bernoulli decoder), ``--points``
 binarized MNIST test points are estimated at K = ``--samples`` draws each as ``evaluate`` does:
-``--batch-size`` points at a time, each call of :func:`ppl_vae.importance.log_likelihood` with
-diagnostics and the IWAE bounds, ``chunk`` draws per vectorized pass, so that a pass decodes
+``--batch-size`` points at a time, each call of
+:func:`ppl_vae.importance.log_likelihood_diagnostics` with the IWAE bounds, ``chunk`` draws per
+vectorized pass, so that a pass decodes
 ``batch x chunk`` rows. Every setting runs in its own process (a fresh heap, so that its peak
 RSS is its own), one untimed call first; settings are visited in turn, the order rotated from
 repeat to repeat, and the median is reported. Throughput is (points x samples) per second.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from common import describe, parse_args, reference_vae, write_section
 
-from ppl_vae.importance import log_likelihood
+from ppl_vae.importance import log_likelihood_diagnostics
 
 BATCHES = (1, 10, 25, 100)
 ROWS = (1_000, 10_000, 25_000, 100_000)  # decoder rows per pass, batch x chunk
@@ -46,9 +47,9 @@ def one_setting(points: int, samples: int, batch: int, chunk: int, device) -> di
 
     def estimate(xs):
         for start in range(0, xs.shape[0], batch):
-            log_likelihood(
+            log_likelihood_diagnostics(
                 model, guide, xs[start : start + batch], num_samples=samples, chunk_size=chunk,
-                diagnostics=True, iwae_ks=(1, 10, 100),
+                iwae_ks=(1, 10, 100),
             )  # fmt: skip
 
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS

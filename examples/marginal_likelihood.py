@@ -5,14 +5,15 @@ z_1, ..., z_k drawn from q,
 
     ELBO = E[log w_1]  <=  IWAE_k = E[log (1/k) sum_j w_j]  <=  IWAE_2k  <=  ...  <=  log p(x)
 
-(Burda et al. 2015). ``log_likelihood(model, guide, x, num_samples=K, diagnostics=True,
+(Burda et al. 2015). ``log_likelihood_diagnostics(model, guide, x, num_samples=K,
 iwae_ks=(1, 2, 4, ..., K))`` returns all of them from the same K draws per point: the ELBO, the
-IWAE_k bound for each k (averaged over the K/k disjoint groups of k draws), and the
-importance-sampled log p(x) itself, which is IWAE_K. With k a power of 2 dividing K, each bound
-is at most the next one for every single point, not only in expectation (log of a mean of group
-means >= mean of their logs). The effective sample size (sum w)^2 / sum w^2 of k draws, from
-separate calls with ``num_samples=k``, says how far the guide is from the posterior: it would be
-k if q(z|x) were p(z|x).
+IWAE_k bound for each k (averaged over the K/k disjoint groups of k draws when k divides K,
+over cyclic windows of k draws otherwise), and the importance-sampled log p(x) itself, which is
+IWAE_K. With k a power of 2 dividing K, each bound is at most the next one for every single
+point, not only in expectation (log of a mean of group means >= mean of their logs). The
+effective sample size (sum w)^2 / sum w^2 of k draws, from separate calls with
+``num_samples=k``, says how far the guide is from the posterior: it would be k if q(z|x) were
+p(z|x).
 
 The model is the default VAE (``build_vae(VAEConfig())``: z = 50, MLP 200-200 tanh, Gaussian
 guide, Bernoulli p(x|z)) trained by ``train`` on dynamically binarized MNIST; ``--run DIR``
@@ -36,7 +37,15 @@ import pyro
 import torch
 from matplotlib.ticker import FuncFormatter
 
-from ppl_vae import DataConfig, TrainConfig, VAEConfig, build_vae, load_data, log_likelihood, train
+from ppl_vae import (
+    DataConfig,
+    TrainConfig,
+    VAEConfig,
+    build_vae,
+    load_data,
+    log_likelihood_diagnostics,
+    train,
+)
 from ppl_vae.runs import load_run
 from ppl_vae.runs.files import save_figure
 
@@ -60,12 +69,12 @@ def trained_pair(args):
 def sweep(model, guide, x, max_k: int, seed: int) -> dict:
     ks = [2**i for i in range(max_k.bit_length()) if 2**i <= max_k]
     torch.manual_seed(seed)
-    r = log_likelihood(model, guide, x, num_samples=max_k, diagnostics=True, iwae_ks=ks)
+    r = log_likelihood_diagnostics(model, guide, x, num_samples=max_k, iwae_ks=ks)
     n = x.shape[0]
     ess = {}
     for k in ks:  # fresh draws: the ESS of k draws, averaged over the points
         torch.manual_seed(seed + k)
-        ess[k] = log_likelihood(model, guide, x, num_samples=k, diagnostics=True).ess.mean().item()
+        ess[k] = log_likelihood_diagnostics(model, guide, x, num_samples=k).ess.mean().item()
     return {
         "ks": ks,
         "elbo": r.elbo.mean().item(),

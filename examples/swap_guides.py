@@ -12,7 +12,7 @@ initial decoder, on the same data, for the same epochs and seed, each time with 
   ``"data"`` plate); ``train`` and ``log_likelihood`` take it like any other guide.
 
 Each trained pair is then scored on the same test images (one fixed binarization) with
-``log_likelihood(model, guide, x, num_samples=K, diagnostics=True)``: the ELBO and the
+``log_likelihood_diagnostics(model, guide, x, num_samples=K)``: the ELBO and the
 importance-sampled log p(x) from the same K draws, with standard errors over the test points.
 The gap log p(x) - ELBO is the average KL(q(z|x) || p(z|x)) the guide leaves; a richer guide
 should shrink it, and its standard error is small because it is paired point by point.
@@ -36,7 +36,15 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ppl_vae import DataConfig, TrainConfig, VAEConfig, build_vae, load_data, log_likelihood, train
+from ppl_vae import (
+    DataConfig,
+    TrainConfig,
+    VAEConfig,
+    build_vae,
+    load_data,
+    log_likelihood_diagnostics,
+    train,
+)
 from ppl_vae.runs.files import save_figure
 
 
@@ -79,7 +87,7 @@ def make_pair(name: str, data, latent_dim: int, seed: int):
 
 def score(model, guide, x, num_samples: int, seed: int) -> dict:
     torch.manual_seed(seed)
-    r = log_likelihood(model, guide, x, num_samples=num_samples, diagnostics=True)
+    r = log_likelihood_diagnostics(model, guide, x, num_samples=num_samples)
     n = x.shape[0]
     gap = r.log_px - r.elbo
     return {

@@ -6,7 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ppl_vae.compat import RENAMED
 from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.guides import GUIDES, AmortizedGuide, FlowGuide, GaussianGuide, make_guide
-from ppl_vae.importance import LogLikelihood, log_likelihood
+from ppl_vae.importance import LogLikelihood, log_likelihood, log_likelihood_diagnostics
 from ppl_vae.losses import IWAELoss, TraceELBO, TraceMeanFieldELBO
 from ppl_vae.mixture import BernoulliMixture, GaussianMixture
 from ppl_vae.model import LIKELIHOODS, VAEModel
@@ -45,6 +45,7 @@ __all__ = [
     "load_data",
     "load_run",
     "log_likelihood",
+    "log_likelihood_diagnostics",
     "make_guide",
     "mean_elbo",
     "train",

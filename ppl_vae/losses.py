@@ -15,11 +15,20 @@ own estimator, score-function terms included. :class:`IWAELoss` is the importanc
 bound of Burda et al. (2015), and :data:`LOSSES` names the three for configurations.
 """
 
+# Pyro internals relied on here, verified with pyro-ppl 1.9.0, 1.9.1 and 1.9.2 (pyproject.toml
+# bounds pyro-ppl to >=1.9,<1.10; check them again before widening it): the private methods
+# Trace_ELBO._differentiable_loss_particle and TraceMeanField_ELBO._differentiable_loss_particle
+# (the score-function path), ELBO._get_traces calling self._get_trace(model, guide, args, kwargs)
+# (overridden here), pyro.infer.trace_mean_field_elbo._check_mean_field_requirement,
+# ScaleMessenger._process_message, Distribution.score_parts left alone as the mark of a draw
+# without a score-function term (ExpandedDistribution and MaskedDistribution delegating it to
+# .base_dist), and the trace site fields "scale", "mask", "cond_indep_stack" and
+# "unscaled_log_prob" (read in ppl_vae.sites).
+
 from __future__ import annotations
 
 import math
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import Distribution
@@ -35,16 +44,19 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 from torch import Tensor
 
 from ppl_vae.errors import InputError
-from ppl_vae.importance import WeightTerms, log_weights
 from ppl_vae.registry import Registry
 from ppl_vae.sites import (
     LATENT,
     PLATE,
+    WeightTerms,
     log_density,
+    log_weights_of_traces,
+    pad_to_rank,
     plate_dims,
     plate_frames,
     sample_sites,
     trace_guide_and_model,
+    under_particle_plate,
 )
 
 __all__ = [
@@ -133,7 +145,7 @@ class TraceELBO(_HostFree, Trace_ELBO):
     _pyro_particle = Trace_ELBO._differentiable_loss_particle
 
     def _elbo_particle(self, model_trace, guide_trace) -> Tensor:
-        return log_weights(model_trace, guide_trace, (), scaled=True)
+        return log_weights_of_traces(model_trace, guide_trace, scaled=True)
 
 
 class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
@@ -200,7 +212,7 @@ class IWAELoss:
         \qquad z_j \sim q(z|x_i)
 
     The k draws are vectorized under an outer particle plate, and the log-weights come from
-    :func:`ppl_vae.importance.log_weights`, so masks count as in Pyro. Which bound:
+    :func:`ppl_vae.sites.log_weights_of_traces`, so masks count as in Pyro. Which bound:
 
     - **Per point** when every model site lies in some plate (the data plate, at any dim): the
       log-sum-exp is taken per element of the plates common to all model sites, as in Pyro's
@@ -248,16 +260,11 @@ class IWAELoss:
         """The negative bound as a tensor whose gradient is the bound's gradient."""
         k = self.num_particles
         particle_dim = -self._nesting(model, guide, args, kwargs) - 1
-
-        def vectorized(fn):
-            def run(*a, **kw):
-                with pyro.plate("_iwae_particles", k, dim=particle_dim):
-                    return fn(*a, **kw)
-
-            return run
-
         model_trace, guide_trace = trace_guide_and_model(
-            vectorized(model), vectorized(guide), args, kwargs
+            under_particle_plate(model, k, particle_dim),
+            under_particle_plate(guide, k, particle_dim),
+            args,
+            kwargs,
         )
         if is_validation_enabled():
             _validate(model_trace, guide_trace, -particle_dim)
@@ -273,9 +280,8 @@ class IWAELoss:
         scales = [site["scale"] for site in model_sites + guide_sites]
         shared = scales[0] if _all_same(scales) and len(common) > 1 else None
         keep = {f.dim for f in common}
-        lw = log_weights(model_trace, guide_trace, keep, scaled=shared is None)
-        lw = torch.as_tensor(lw)
-        lw = lw.reshape((1,) * (-particle_dim - lw.dim()) + lw.shape)
+        lw = log_weights_of_traces(model_trace, guide_trace, keep_dims=keep, scaled=shared is None)
+        lw = pad_to_rank(lw, -particle_dim)
         bound = torch.logsumexp(lw, lw.dim() + particle_dim) - math.log(k)
         if lw.shape[lw.dim() + particle_dim] == 1:  # no site depends on the draws
             bound = bound + math.log(k)

@@ -1,4 +1,6 @@
-r"""The model–guide contract: site and plate names, the data plate, one trace/replay helper."""
+r"""The model–guide contract: site and plate names, the data plate, one trace/replay helper,
+the one path from a pair of traces to log importance weights, the particle plate, and the
+checks a pair must pass for a per-point log p(x)."""
 
 from __future__ import annotations
 
@@ -6,26 +8,37 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pyro
+import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from ppl_vae.errors import InputError
+
 __all__ = [
     "LATENT",
     "OBSERVED",
+    "PARTICLES",
     "PLATE",
+    "DataPlateLayout",
+    "WeightTerms",
     "data_plate",
     "log_density",
+    "log_weights_of_traces",
+    "pad_to_rank",
     "plate_dims",
     "plate_frames",
     "sample_sites",
     "trace_guide_and_model",
+    "under_particle_plate",
 ]
 
 LATENT = "z"  # the latent site shared by the model and every guide
 OBSERVED = "x"  # the observation site
 PLATE = "data"  # the plate over the leading dimension of x
+PARTICLES = "_particles"  # the outer plate of vectorized draws (IWAE, importance sampling)
 
 
 @contextmanager
@@ -81,3 +94,135 @@ def trace_guide_and_model(
     replayed = poutine.replay(model, trace=guide_trace)
     model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
     return model_trace, guide_trace
+
+
+def under_particle_plate(fn: Callable, num_particles: int, dim: int) -> Callable:
+    """``fn`` run inside an outer plate of ``num_particles`` draws at ``dim`` (left of every
+    plate of ``fn``), so that each of its sample sites is drawn that many times at once."""
+
+    def run(*args, **kwargs):
+        with pyro.plate(PARTICLES, num_particles, dim=dim):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def pad_to_rank(value: Tensor | float, rank: int) -> Tensor:
+    """``value`` as a tensor of at least ``rank`` dims, size-1 dims put in front (a weight
+    that depends on no draw or plate is a number, or has fewer dims than the plates)."""
+    value = torch.as_tensor(value)
+    return value.reshape((1,) * (rank - value.dim()) + value.shape)
+
+
+class WeightTerms:
+    r"""A sum of per-site terms :math:`\pm\,\mathrm{scale} \cdot \mathrm{mask} \cdot \log p`,
+    reduced over every batch dimension but ``keep_dims``.
+
+    Terms of one shape and one scale (a Python number or one tensor) are added before the scale
+    is applied, so a loss costs one multiplication per scale rather than one per site; masked
+    terms and per-element scales are scaled and masked one by one, with Pyro's
+    ``scale_and_mask``. With no ``keep_dims`` the result is a scalar: the ELBO of one particle.
+    """
+
+    def __init__(self, keep_dims=()):
+        self.keep = set(keep_dims)
+        self.groups: dict[tuple, list] = {}
+        self.rest: list[Tensor] = []
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        if not self.keep:
+            return t.sum()
+        dims = [d for d in range(-t.dim(), 0) if d not in self.keep]
+        return t.sum(dims, keepdim=True) if dims else t
+
+    def add(self, term: Tensor, scale=1.0, mask=None, sign: float = 1.0) -> None:
+        """Adds ``sign * scale * term``, masked where ``mask`` is False."""
+        if mask is not None or (torch.is_tensor(scale) and scale.dim() > 0):
+            self.rest.append(sign * self._reduce(scale_and_mask(term, scale, mask)))
+            return
+        key = (scale if not torch.is_tensor(scale) else id(scale), term.shape)
+        if key in self.groups:
+            group = self.groups[key]
+            group[1] = group[1] + term if sign > 0 else group[1] - term
+        else:
+            self.groups[key] = [scale, term if sign > 0 else -term]
+
+    def total(self) -> Tensor:
+        sums = [scale_and_mask(self._reduce(term), scale) for scale, term in self.groups.values()]
+        return sum(sums[1:] + self.rest, start=sums[0]) if sums else sum(self.rest)
+
+
+def log_weights_of_traces(
+    model_trace: Trace, guide_trace: Trace, *, keep_dims=(), scaled: bool
+) -> Tensor:
+    r"""The log importance weight :math:`\sum \log p - \sum \log q` of a pair of traces
+    (:func:`trace_guide_and_model`), over every sample site.
+
+    The one path from traces to weights, shared by the ELBOs, the IWAE loss and importance
+    sampling (:func:`ppl_vae.importance.log_weights_of_programs` runs the programs and calls
+    this): each site's log-density (:func:`log_density`) is masked as Pyro masks it
+    (``poutine.mask``, ``obs_mask``: a masked element contributes 0) and, with ``scaled``,
+    multiplied by its scale (``poutine.scale``, subsampling) as in Pyro's ELBOs. Batch
+    dimensions not in ``keep_dims`` (negative) are summed; the kept ones stay, aligned from the
+    right. With no ``keep_dims`` and ``scaled``, this is the ELBO of one particle.
+    """
+    terms = WeightTerms(keep_dims)
+    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+        for site in sample_sites(trace):
+            scale = site["scale"] if scaled else 1.0
+            terms.add(log_density(site), scale, site["mask"], sign)
+    return terms.total()
+
+
+def _latent_sites(trace) -> set[str]:
+    return {site["name"] for site in sample_sites(trace) if not site["is_observed"]}
+
+
+class DataPlateLayout:
+    """Where the data plate of a model/guide pair lies (``size`` points at ``dim``) and how
+    deep its plates nest (``max_plate_nesting``), checked for a per-point log p(x): every
+    sample site in the one data plate, not subsampled, and the same latent sites in both."""
+
+    def __init__(self, model, guide, args, kwargs, data_plate: str):
+        model_tr, guide_tr = trace_guide_and_model(model, guide, args, kwargs)
+        self.size, self.dim, nesting = None, None, 1
+        for role, tr in (("model", model_tr), ("guide", guide_tr)):
+            for site in sample_sites(tr):
+                name = site["name"]
+                frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+                plate = [f for f in frames if f.name == data_plate]
+                if not plate:
+                    raise InputError(
+                        f"{role} sample site {name!r} lies outside the plate {data_plate!r}; "
+                        f"put every sample site of the model and guide inside "
+                        f"pyro.plate({data_plate!r}, N), or pass data_plate=<its name>"
+                    )
+                _refuse_subsampling(plate[0])
+                if self.size is None:
+                    self.size, self.dim = plate[0].size, plate[0].dim
+                elif (plate[0].size, plate[0].dim) != (self.size, self.dim):
+                    raise InputError(
+                        f"site {name!r} has plate {data_plate!r} of size {plate[0].size} at dim "
+                        f"{plate[0].dim}, others {self.size} at dim {self.dim}"
+                    )
+                nesting = max(nesting, *(-f.dim for f in frames))
+        latent_model, latent_guide = _latent_sites(model_tr), _latent_sites(guide_tr)
+        if latent_model != latent_guide:
+            raise InputError(
+                f"the guide's latent sites {sorted(latent_guide)} do not match the model's "
+                f"{sorted(latent_model)}; the guide must sample every latent site of the model"
+            )
+        if self.size is None:
+            raise InputError("the model has no sample sites")
+        self.max_plate_nesting = nesting
+
+
+def _refuse_subsampling(frame) -> None:
+    """A subsampled data plate scores other points on every pass of draws: refused."""
+    if frame.full_size is not None and frame.size != frame.full_size:
+        raise InputError(
+            f"the plate {frame.name!r} is subsampled ({frame.size} of its {frame.full_size} "
+            f"points), so every pass of draws would score other points; log p(x) is per point: "
+            f"pass the points to score as the data, in pyro.plate({frame.name!r}, len(x)) with "
+            f"no subsample_size or subsample"
+        )

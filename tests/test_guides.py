@@ -12,7 +12,7 @@ from helpers import SIGMA_X, decode, nonlinear_model, quadrature
 from ppl_vae.data import DataConfig
 from ppl_vae.flows import FLOWS
 from ppl_vae.guides import GUIDES, make_guide
-from ppl_vae.importance import log_likelihood
+from ppl_vae.importance import log_likelihood_diagnostics
 from ppl_vae.losses import TraceELBO
 from ppl_vae.model import LIKELIHOODS, VAEModel
 from ppl_vae.networks import MLPDecoder, MLPEncoder, NetworkConfig
@@ -176,7 +176,7 @@ def _gaps(steps=500, points=8):
                 elbo.differentiable_loss(nonlinear_model, guide, x).backward()
                 optim.step()
             torch.manual_seed(1)
-            r = log_likelihood(nonlinear_model, guide, x, num_samples=20000, diagnostics=True)
+            r = log_likelihood_diagnostics(nonlinear_model, guide, x, num_samples=20000)
         gaps[name] = (exact - r.elbo).mean().item()
     return gaps
 

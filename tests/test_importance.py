@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import SIGMA_X, decode, linear_gaussian_programs, nonlinear_model, quadrature
 
-from ppl_vae.importance import log_likelihood
+from ppl_vae.importance import _IWAEWindows, log_likelihood, log_likelihood_diagnostics
 
 
 @pytest.mark.parametrize("k", [1, 7, 100])
@@ -21,8 +21,8 @@ def test_exact_posterior_guide_gives_the_closed_form_for_any_k(k):
 
 def test_prior_guide_converges_as_k_grows_within_its_standard_error():
     model, _, guide, x, exact = linear_gaussian_programs(sigma=1.5, seed=1)
-    small = log_likelihood(model, guide, x, num_samples=10, diagnostics=True)
-    big = log_likelihood(model, guide, x, num_samples=20000, diagnostics=True)
+    small = log_likelihood_diagnostics(model, guide, x, num_samples=10)
+    big = log_likelihood_diagnostics(model, guide, x, num_samples=20000)
     # delta method: sd(log mean w) = sqrt(CV^2 / K) with CV^2 = K / ESS - 1, from the same draws
     se = ((20000 / big.ess - 1) / 20000).sqrt()
     assert ((big.log_px - exact).abs() < 4 * se + 1e-9).all(), (big.log_px - exact, se)
@@ -52,7 +52,7 @@ def test_chunked_and_unchunked_results_are_equal_for_the_same_draws():
     chunked = log_likelihood(model, guide, x, num_samples=64, chunk_size=16)
     assert torch.allclose(whole, chunked, atol=1e-12, rtol=0)
     torch.manual_seed(3)
-    uneven = log_likelihood(model, guide, x, num_samples=64, chunk_size=24, diagnostics=True)
+    uneven = log_likelihood_diagnostics(model, guide, x, num_samples=64, chunk_size=24)
     assert uneven.num_samples == 64 and torch.isfinite(uneven.log_px).all()
 
 
@@ -77,13 +77,13 @@ def test_several_latent_sites():
 
 def test_diagnostics_order_elbo_below_iwae_k_below_log_px():
     model, _, guide, x, _ = linear_gaussian_programs(sigma=1.0)
-    r = log_likelihood(model, guide, x, num_samples=3000, diagnostics=True, iwae_ks=(1, 10, 100))
+    r = log_likelihood_diagnostics(model, guide, x, num_samples=3000, iwae_ks=(1, 10, 100))
     assert torch.allclose(r.iwae[1], r.elbo)  # IWAE_1 is the ELBO
     means = [r.elbo.mean(), r.iwae[10].mean(), r.iwae[100].mean(), r.log_px.mean()]
     assert all(a < b for a, b in zip(means[:-1], means[1:], strict=True)), means
     assert ((r.ess >= 1) & (r.ess <= 3000)).all()
     model, exact_guide, _, x, _ = linear_gaussian_programs()
-    r = log_likelihood(model, exact_guide, x, num_samples=200, diagnostics=True)
+    r = log_likelihood_diagnostics(model, exact_guide, x, num_samples=200)
     assert torch.allclose(r.ess, torch.full_like(r.ess, 200.0))
     assert torch.allclose(r.elbo, r.log_px, atol=1e-9)
 
@@ -111,7 +111,112 @@ def test_sites_outside_the_data_plate_and_mismatched_guides_are_rejected():
     with pytest.raises(ValueError, match="num_samples must be a positive"):
         log_likelihood(model, guide, x, num_samples=0)
     with pytest.raises(ValueError, match="IWAE k must lie"):
-        log_likelihood(model, guide, x, num_samples=5, diagnostics=True, iwae_ks=(10,))
+        log_likelihood_diagnostics(model, guide, x, num_samples=5, iwae_ks=(10,))
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.5])
+def test_iwae_k_that_does_not_divide_k_uses_every_draw_and_keeps_the_order_pointwise(sigma):
+    """K = 50 with k = 7 and 30 (and 10, which divides it): elbo <= iwae[k] <= log_px for every
+    point, not only on average; 0.1 dropped the K mod k last draws and broke it by 0.5 nats."""
+    model, _, guide, x, _ = linear_gaussian_programs(sigma=sigma, n=50)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        r = log_likelihood_diagnostics(model, guide, x, num_samples=50, iwae_ks=(1, 7, 10, 30, 50))
+        assert torch.allclose(r.iwae[1], r.elbo) and torch.allclose(r.iwae[50], r.log_px)
+        for k in (7, 10, 30):
+            assert (r.elbo <= r.iwae[k] + 1e-12).all() and (r.iwae[k] <= r.log_px + 1e-12).all()
+        assert (r.iwae[7] < r.iwae[30]).float().mean() > 0.9  # the bound tightens with k
+
+
+def test_iwae_windows_are_the_cyclic_windows_at_multiples_of_gcd_whatever_the_passes():
+    lw = 3 * torch.randn(50, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for k in (1, 7, 10, 30, 49, 50):
+        starts = range(0, 50, math.gcd(50, k))  # k = 10: the 5 disjoint groups
+        windows = [lw[[(s + j) % 50 for j in range(k)]] for s in starts]
+        exact = torch.stack([torch.logsumexp(w, 0) - math.log(k) for w in windows]).mean(0)
+        for passes in ([50], [3] * 16 + [2], [1] * 50, [6, 44]):
+            got, done = _IWAEWindows(k, 50), 0
+            for c in passes:
+                got.add(lw[done : done + c])
+                done += c
+            assert torch.allclose(got.mean(), exact, rtol=0, atol=1e-12), (k, passes)
+
+
+def test_chunks_give_the_same_iwae_bounds_for_the_same_draws():
+    model, _, guide, x, _ = linear_gaussian_programs(sigma=1.0)
+    runs = []
+    for chunk in (64, 16):
+        torch.manual_seed(2)
+        runs.append(
+            log_likelihood_diagnostics(
+                model, guide, x, num_samples=64, chunk_size=chunk, iwae_ks=(7, 30)
+            )
+        )
+    assert torch.allclose(runs[0].log_px, runs[1].log_px, rtol=0, atol=1e-12)
+    for k in (7, 30):
+        assert torch.allclose(runs[0].iwae[k], runs[1].iwae[k], rtol=0, atol=1e-12)
+
+
+def _subsampled_programs(subsample_size):
+    """z ~ N(0, 1), x | z ~ N(z, 1) in a data plate of 6 points with ``subsample_size``; the
+    guide is the exact posterior of each point of the subsample."""
+    x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0, 4.0], dtype=F64)
+
+    def model(x):
+        with pyro.plate("data", len(x), subsample_size=subsample_size) as idx:
+            z = pyro.sample("z", dist.Normal(torch.zeros(len(idx), dtype=F64), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+    def guide(x):
+        with pyro.plate("data", len(x), subsample_size=subsample_size) as idx:
+            pyro.sample("z", dist.Normal(x[idx] / 2, 0.5**0.5))
+
+    return model, guide, x
+
+
+def test_a_subsampled_data_plate_is_refused_against_its_full_size():
+    """Each pass of draws would take a new subsample, so one estimate would mix points (0.1:
+    0.32 nats from every point's log p(x) with the exact posterior as guide)."""
+    model, guide, x = _subsampled_programs(3)
+    with pytest.raises(ValueError, match=r"plate 'data' is subsampled \(3 of its 6 points\)"):
+        log_likelihood(model, guide, x, num_samples=10, chunk_size=2)
+    with pytest.raises(ValueError, match=r"pyro.plate\('data', len\(x\)\) with no subsample"):
+        log_likelihood_diagnostics(model, guide, x, num_samples=10)
+    model, guide, x = _subsampled_programs(6)  # a "subsample" of every point is the plate
+    exact = dist.Normal(0.0, 2**0.5).log_prob(x)
+    assert torch.allclose(log_likelihood(model, guide, x, num_samples=4), exact, atol=1e-10)
+
+
+def test_the_0_1_diagnostics_keyword_still_works_with_a_deprecation_warning():
+    model, _, guide, x, _ = linear_gaussian_programs()
+    torch.manual_seed(0)
+    new = log_likelihood_diagnostics(model, guide, x, num_samples=20, iwae_ks=(1, 3))
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="use log_likelihood_diagnostics"):
+        old = log_likelihood(model, guide, x, num_samples=20, diagnostics=True, iwae_ks=(1, 3))
+    assert torch.equal(old.log_px, new.log_px) and torch.equal(old.iwae[3], new.iwae[3])
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning):
+        plain = log_likelihood(model, guide, x, num_samples=20, diagnostics=False)
+    assert torch.equal(plain, new.log_px)
+
+
+def test_the_0_1_names_of_the_weights_functions_still_work_with_a_deprecation_warning():
+    import ppl_vae.importance as importance
+    from ppl_vae import sites
+
+    model, guide, _, x, exact = linear_gaussian_programs()
+    with pytest.warns(DeprecationWarning, match="now log_weights_of_programs"):
+        old = importance.importance_log_weights
+    assert torch.allclose(old(model, guide, 3, (x,), {}).double(), exact.expand(3, -1))
+    with pytest.warns(DeprecationWarning, match="now ppl_vae.sites.log_weights_of_traces"):
+        old = importance.log_weights
+    traces = sites.trace_guide_and_model(model, guide, (x,), {})
+    assert torch.allclose(old(*traces, {-1}, False).double(), exact)
+    with pytest.warns(DeprecationWarning, match="now ppl_vae.sites.WeightTerms"):
+        assert importance.WeightTerms is sites.WeightTerms
+    with pytest.raises(AttributeError):
+        importance.no_such_name  # noqa: B018
 
 
 def test_vae_model_and_guide():
@@ -121,7 +226,7 @@ def test_vae_model_and_guide():
 
     data = load_data(DataConfig("moons", num_train=100, num_test=50))
     model, guide = build_vae(VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(8,))), data)
-    r = log_likelihood(model, guide, data.test, num_samples=500, diagnostics=True)
+    r = log_likelihood_diagnostics(model, guide, data.test, num_samples=500)
     assert r.log_px.shape == (50,) and (r.log_px >= r.elbo).all()
 
 

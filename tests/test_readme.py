@@ -35,10 +35,10 @@ def test_custom_guide_snippet_trains_and_scores(capsys):
     exec(compile(code, "README.md", "exec"), scope)
     value = float(capsys.readouterr().out.strip().splitlines()[-1])
     # the importance-sampled log p(x) is above the guide's own ELBO on the same points
-    from ppl_vae.importance import log_likelihood
+    from ppl_vae.importance import log_likelihood_diagnostics
 
-    r = log_likelihood(
-        scope["model"], scope["guide"], scope["data"].test, num_samples=1000, diagnostics=True
+    r = log_likelihood_diagnostics(
+        scope["model"], scope["guide"], scope["data"].test, num_samples=1000
     )
     assert abs(r.log_px.mean().item() - value) < 0.05
     assert r.elbo.mean() < r.log_px.mean() < 0.0

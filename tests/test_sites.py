@@ -4,7 +4,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from ppl_vae.sites import PLATE, data_plate, sample_sites, trace_guide_and_model
+from ppl_vae.sites import (
+    PARTICLES,
+    PLATE,
+    data_plate,
+    pad_to_rank,
+    sample_sites,
+    trace_guide_and_model,
+    under_particle_plate,
+)
 
 
 def model(x, num_data=None):
@@ -35,3 +43,18 @@ def test_the_model_is_replayed_against_the_guides_draws():
     assert [s["name"] for s in sample_sites(model_trace)] == ["z", "x"]
     assert [s["name"] for s in sample_sites(guide_trace)] == ["z"]  # the plate's site is not one
     assert PLATE in guide_trace.nodes  # ... though the trace holds it
+
+
+def test_the_particle_plate_draws_every_site_left_of_the_programs_plates():
+    x = torch.randn(5)
+    programs = under_particle_plate(model, 3, dim=-2), under_particle_plate(guide, 3, dim=-2)
+    model_trace, guide_trace = trace_guide_and_model(*programs, (x,), {})
+    assert guide_trace.nodes["z"]["value"].shape == (3, 5)
+    frames = {f.name: f.dim for f in model_trace.nodes["x"]["cond_indep_stack"]}
+    assert frames == {PARTICLES: -2, PLATE: -1}
+
+
+def test_pad_to_rank_puts_size_one_dims_in_front_of_numbers_and_tensors():
+    assert pad_to_rank(2.0, 2).shape == (1, 1)
+    assert pad_to_rank(torch.zeros(4), 3).shape == (1, 1, 4)
+    assert pad_to_rank(torch.zeros(2, 4), 1).shape == (2, 4)  # never fewer dims

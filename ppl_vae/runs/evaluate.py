@@ -13,7 +13,7 @@ from ppl_vae.config import check_positive, option
 from ppl_vae.data import Data
 from ppl_vae.distributed import all_gather_objects, world
 from ppl_vae.errors import InputError
-from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood
+from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood_diagnostics
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.rng import derived_seed, forked_rng, seed_streams
 from ppl_vae.runs.checkpoint import EVALUATE
@@ -105,9 +105,8 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
         for start in mine:
             g = seed_streams(data.device, derived_seed(config.seed, start // config.batch_size))
             x = data.encode(x_all[start : start + config.batch_size], generator=g)
-            result = log_likelihood(
-                run.model, run.guide, x, num_samples=k, chunk_size=chunk,
-                diagnostics=True, iwae_ks=ks,
+            result = log_likelihood_diagnostics(
+                run.model, run.guide, x, num_samples=k, chunk_size=chunk, iwae_ks=ks,
                 progress=lambda d, base=done * k, m=x.shape[0]: progress.update(base + m * d),
             )  # fmt: skip
             results.append(result)
@@ -151,7 +150,7 @@ def evaluate_run(
     ``run`` is a :class:`Run` or a run directory (loaded with ``device`` and ``data_dir``).
     Data points are taken ``config.batch_size`` at a time, each with exactly
     ``config.num_samples`` draws from the guide (see
-    :func:`ppl_vae.importance.log_likelihood`); dynamically binarized data are binarized once,
+    :func:`ppl_vae.importance.log_likelihood_diagnostics`); dynamically binarized data are binarized once,
     from ``config.seed``. Returns the record of ``evaluate.json`` — the means over points
     (``nll`` is -log p(x), in nats), the settings, the wall time and the per-point estimates —
     and, with ``write``, writes it into the run's directory. Progress goes to stderr (see
