@@ -12,8 +12,12 @@ What it keeps working, and where it is used:
   were already these): :func:`upgrade_config`;
 - **the keys of** ``results.json`` **before the mixture's fields took scikit-learn's names**
   (``components``, ``covariance``; the data set under ``name``): :func:`old_em_settings`;
-- **renamed Python names**: ``ppl_vae.evaluate_elbo`` (now ``mean_elbo``), through
-  :data:`RENAMED` and the package's ``__getattr__``, with a ``DeprecationWarning``.
+- **renamed Python names and keywords**, each with a ``DeprecationWarning``:
+  ``ppl_vae.evaluate_elbo`` (now ``mean_elbo``), through :data:`RENAMED` and the package's
+  ``__getattr__``; ``log_likelihood(..., diagnostics=True, iwae_ks=...)`` (now
+  ``log_likelihood_diagnostics``), through :func:`legacy_diagnostics`;
+  ``IWAELoss(data_plate=...)``, never read (the kept plates come from the trace), through
+  :func:`ignored_keyword`.
 
 Old flags stay as aliases where the configuration fields declare them (``--network`` for
 ``--architecture``, ``--components``, ``--covariance``).
@@ -21,13 +25,23 @@ Old flags stay as aliases where the configuration fields declare them (``--netwo
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from ppl_vae.guides import GUIDES
 from ppl_vae.networks import NETWORKS
 
-__all__ = ["NUMPY_GLOBALS", "RENAMED", "old_em_settings", "upgrade_config", "upgrade_format0"]
+__all__ = [
+    "NUMPY_GLOBALS",
+    "RENAMED",
+    "ignored_keyword",
+    "legacy_diagnostics",
+    "old_em_settings",
+    "upgrade_config",
+    "upgrade_format0",
+]
 
 RENAMED = {"evaluate_elbo": "mean_elbo"}  # ppl_vae.<old> -> ppl_vae.<new>
 
@@ -107,3 +121,22 @@ def old_em_settings(settings: dict, data: dict) -> tuple[dict, dict]:
     settings = {**settings, "components": settings["n_components"]}
     settings["covariance"] = settings["covariance_type"]
     return settings, {**data, "name": data["dataset"]}
+
+
+def legacy_diagnostics(kwargs: dict) -> tuple[bool, tuple[int, ...]] | None:
+    """Takes 0.1's ``diagnostics`` and ``iwae_ks`` out of a ``log_likelihood`` call's keywords:
+    ``None`` when neither was given, else ``(diagnostics, iwae_ks)``, with a warning."""
+    if not {"diagnostics", "iwae_ks"} & kwargs.keys():
+        return None
+    warnings.warn(
+        "log_likelihood(..., diagnostics=..., iwae_ks=...) is deprecated: log_likelihood returns "
+        "the tensor of log p(x); use log_likelihood_diagnostics(..., iwae_ks=...) for the rest",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return bool(kwargs.pop("diagnostics", False)), tuple(kwargs.pop("iwae_ks", ()) or ())
+
+
+def ignored_keyword(owner: str, name: str, why: str) -> None:
+    """Warns that ``owner``'s keyword ``name``, kept from 0.1, does nothing."""
+    warnings.warn(f"{owner}({name}=...) does nothing: {why}", DeprecationWarning, stacklevel=3)

@@ -9,7 +9,6 @@ traces are :func:`ppl_vae.sites.log_weights_of_traces`).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
+from ppl_vae.compat import legacy_diagnostics
 from ppl_vae.errors import InputError
 from ppl_vae.sites import (
     PLATE,
@@ -25,9 +25,6 @@ from ppl_vae.sites import (
     pad_to_rank,
     trace_guide_and_model,
     under_particle_plate,
-)
-from ppl_vae.sites import (
-    WeightTerms as _WeightTerms,
 )
 
 __all__ = [
@@ -203,10 +200,11 @@ def log_likelihood(
         >>> log_likelihood(model, guide, torch.tensor([0.0, 2.0]), num_samples=10)
         tensor([-1.2655, -2.2655], dtype=torch.float64)
     """
-    if _OLD_KEYWORDS & kwargs.keys():
-        return _log_likelihood_0_1(
+    legacy = legacy_diagnostics(kwargs)  # ppl_vae.compat: 0.1's diagnostics=True, iwae_ks=
+    if legacy is not None and legacy[0]:
+        return log_likelihood_diagnostics(
             model, guide, *args, num_samples=num_samples, chunk_size=chunk_size,
-            data_plate=data_plate, progress=progress, **kwargs,
+            data_plate=data_plate, iwae_ks=legacy[1], progress=progress, **kwargs,
         )  # fmt: skip
     lse = _LogSumExp()
     _draw(
@@ -295,54 +293,3 @@ class _IWAEWindows:
             self._windows(torch.cat([self.pending, self.head]))
             self.start = self.num_samples
         return self.sum / self.count
-
-
-# -- compatibility with ppl_vae 0.1 ---------------------------------------------------------------
-# Kept so that 0.1 code runs, with a DeprecationWarning, until 0.3 (then removed):
-# log_likelihood(..., diagnostics=True, iwae_ks=...) returning a LogLikelihood, and the old names
-# ppl_vae.importance.log_weights(model_trace, guide_trace, keep_dims, scaled),
-# importance_log_weights(model, guide, num_particles, args, kwargs, data_plate,
-# max_plate_nesting, data_dim) and WeightTerms (now in ppl_vae.sites). Nothing above uses them.
-
-_OLD_KEYWORDS = {"diagnostics", "iwae_ks"}
-
-
-def _log_likelihood_0_1(model, guide, *args, diagnostics=False, iwae_ks=(), **kwargs):
-    """``log_likelihood(..., diagnostics=True)``, 0.1's spelling of the diagnostics."""
-    warnings.warn(
-        "log_likelihood(..., diagnostics=..., iwae_ks=...) is deprecated: log_likelihood returns "
-        "the tensor of log p(x); use log_likelihood_diagnostics(..., iwae_ks=...) for the rest",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    if diagnostics:
-        return log_likelihood_diagnostics(model, guide, *args, iwae_ks=iwae_ks, **kwargs)
-    return log_likelihood(model, guide, *args, **kwargs)
-
-
-def _log_weights_0_1(model_trace, guide_trace, keep_dims, scaled):
-    return log_weights_of_traces(model_trace, guide_trace, keep_dims=keep_dims, scaled=scaled)
-
-
-def _importance_log_weights_0_1(
-    model, guide, num_particles, args, kwargs, data_plate=PLATE, max_plate_nesting=1, data_dim=-1
-):
-    return log_weights_of_programs(
-        model, guide, *args, num_particles=num_particles,
-        max_plate_nesting=max_plate_nesting, data_dim=data_dim, **kwargs,
-    )  # fmt: skip
-
-
-_RENAMED = {
-    "log_weights": ("ppl_vae.sites.log_weights_of_traces", _log_weights_0_1),
-    "importance_log_weights": ("log_weights_of_programs", _importance_log_weights_0_1),
-    "WeightTerms": ("ppl_vae.sites.WeightTerms", _WeightTerms),
-}
-
-
-def __getattr__(name: str):
-    if name in _RENAMED:
-        new, value = _RENAMED[name]
-        warnings.warn(f"ppl_vae.importance.{name} is now {new}", DeprecationWarning, stacklevel=2)
-        return value
-    raise AttributeError(f"module 'ppl_vae.importance' has no attribute {name!r}")

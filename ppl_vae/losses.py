@@ -43,11 +43,11 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 from torch import Tensor
 
+from ppl_vae.compat import ignored_keyword
 from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
 from ppl_vae.sites import (
     LATENT,
-    PLATE,
     WeightTerms,
     log_density,
     log_weights_of_traces,
@@ -233,12 +233,14 @@ class IWAELoss:
         num_particles: k.
         max_plate_nesting: Plates nested in the model, as in Pyro's ELBOs; ``None`` finds it
             from a first run of the model and guide.
-        data_plate: Kept for compatibility; the kept plates are found from the trace.
     """
 
-    def __init__(
-        self, num_particles: int = 5, max_plate_nesting: int | None = None, data_plate: str = PLATE
-    ):
+    def __init__(self, num_particles: int = 5, max_plate_nesting: int | None = None, **legacy):
+        if "data_plate" in legacy:  # ppl_vae.compat: 0.1 took the data plate's name
+            legacy.pop("data_plate")
+            ignored_keyword("IWAELoss", "data_plate", "the kept plates come from the trace")
+        if legacy:
+            raise TypeError(f"IWAELoss got unexpected keywords {sorted(legacy)}")
         if (
             isinstance(num_particles, bool)
             or not isinstance(num_particles, int)
@@ -246,7 +248,6 @@ class IWAELoss:
         ):
             raise InputError(f"num_particles must be a positive integer, got {num_particles}")
         self.num_particles, self.max_plate_nesting = num_particles, max_plate_nesting
-        self.data_plate = data_plate
 
     def _nesting(self, model, guide, args, kwargs) -> int:
         if self.max_plate_nesting is None:

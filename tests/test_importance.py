@@ -201,22 +201,14 @@ def test_the_0_1_diagnostics_keyword_still_works_with_a_deprecation_warning():
     assert torch.equal(plain, new.log_px)
 
 
-def test_the_0_1_names_of_the_weights_functions_still_work_with_a_deprecation_warning():
-    import ppl_vae.importance as importance
-    from ppl_vae import sites
+def test_iwae_loss_still_takes_the_0_1_data_plate_keyword_with_a_deprecation_warning():
+    from ppl_vae.losses import IWAELoss
 
-    model, guide, _, x, exact = linear_gaussian_programs()
-    with pytest.warns(DeprecationWarning, match="now log_weights_of_programs"):
-        old = importance.importance_log_weights
-    assert torch.allclose(old(model, guide, 3, (x,), {}).double(), exact.expand(3, -1))
-    with pytest.warns(DeprecationWarning, match="now ppl_vae.sites.log_weights_of_traces"):
-        old = importance.log_weights
-    traces = sites.trace_guide_and_model(model, guide, (x,), {})
-    assert torch.allclose(old(*traces, {-1}, False).double(), exact)
-    with pytest.warns(DeprecationWarning, match="now ppl_vae.sites.WeightTerms"):
-        assert importance.WeightTerms is sites.WeightTerms
-    with pytest.raises(AttributeError):
-        importance.no_such_name  # noqa: B018
+    with pytest.warns(DeprecationWarning, match=r"IWAELoss\(data_plate=...\) does nothing"):
+        loss = IWAELoss(3, data_plate="data")
+    assert loss.num_particles == 3
+    with pytest.raises(TypeError, match="unexpected keywords"):
+        IWAELoss(3, data_plates="data")
 
 
 def test_vae_model_and_guide():

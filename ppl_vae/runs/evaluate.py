@@ -150,10 +150,10 @@ def evaluate_run(
     ``run`` is a :class:`Run` or a run directory (loaded with ``device`` and ``data_dir``).
     Data points are taken ``config.batch_size`` at a time, each with exactly
     ``config.num_samples`` draws from the guide (see
-    :func:`ppl_vae.importance.log_likelihood_diagnostics`); dynamically binarized data are binarized once,
-    from ``config.seed``. Returns the record of ``evaluate.json`` — the means over points
-    (``nll`` is -log p(x), in nats), the settings, the wall time and the per-point estimates —
-    and, with ``write``, writes it into the run's directory. Progress goes to stderr (see
+    :func:`ppl_vae.importance.log_likelihood_diagnostics`); dynamically binarized data are
+    binarized once, from ``config.seed``. Returns the record of ``evaluate.json`` — the means
+    over points (``nll`` is -log p(x), in nats), the settings, the wall time and the per-point
+    estimates — and, with ``write``, writes it into the run's directory. Progress goes to stderr (see
     :mod:`ppl_vae.progress`) unless ``quiet``.
     """
     config = config or EvaluateConfig()
