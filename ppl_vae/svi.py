@@ -337,7 +337,6 @@ def train(
     guide: Callable,
     data: Data,
     config: TrainConfig,
-    out_dir: None = None,
     *,
     resume_from: TrainState | None = None,
     checkpoint: Callable[[TrainState], None] | None = None,
@@ -374,7 +373,6 @@ def train(
         guide: The amortized guide, a Pyro program.
         data: Training and test tensors (see :class:`~ppl_vae.data.Data`).
         config: Optimisation settings.
-        out_dir: Must be ``None``; run directories belong to :mod:`ppl_vae.runs`.
         resume_from: A state from an earlier run of the same configuration.
         checkpoint: Called with the state after every epoch (on rank 0 only under torchrun;
             the state holds every rank's random streams).
@@ -385,11 +383,6 @@ def train(
         One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo``, ``kl_weight``
         and ``seconds``.
     """
-    if out_dir is not None:
-        raise InputError(
-            "train() writes no files; for a run directory use "
-            "ppl_vae.runs.train_run(data_config, vae_config, train_config, out_dir)"
-        )
     device, w = data.device, world()
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
