@@ -41,12 +41,14 @@ from ppl_vae.rng import (
 )
 
 __all__ = [
+    "StepLosses",
     "TrainConfig",
     "TrainState",
     "collect_params",
     "kl_weight",
     "make_loss",
     "mean_elbo",
+    "shard_step",
     "step_loss",
     "svi_step",
     "train",
@@ -209,8 +211,12 @@ def step_loss(
     return CapturedLoss(loss, params.values()) if capture else loss
 
 
-class _StepLosses:
-    """The step loss for each KL weight, made on first use and rechecked every epoch."""
+class StepLosses:
+    """The step loss for each KL weight, made on first use and rechecked every epoch.
+
+    ``StepLosses(model, guide, params, config)(weight)`` is the loss that :func:`svi_step`
+    takes, with the KL term weighted by ``weight``.
+    """
 
     def __init__(self, model, guide, params, config: TrainConfig):
         self.model, self.guide, self.params, self.config = model, guide, params, config
@@ -266,10 +272,18 @@ def _check_divergence(test: float, epoch: int, history: list[dict], untrained: f
         )
 
 
-def _shard_step(loss, optimizer, params: list[Tensor], x: Tensor, num_data: int, w: World):
-    """One step of the global batch ``x``: this rank's rows, the gradients summed over the
-    ranks with each weighted by its share (the gradient of the whole batch's loss). Returns
-    this rank's share of the batch's loss."""
+def shard_step(
+    loss: Callable[..., Tensor],
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    *,
+    params: list[Tensor],
+    num_data: int,
+    w: World,
+) -> Tensor:
+    """:func:`svi_step` under ``torchrun`` on the global batch ``x``: this rank's rows, the
+    gradients of ``params`` summed over the ranks with each weighted by its share (the gradient
+    of the whole batch's loss). Returns this rank's share of the batch's loss."""
     part = batch_shard(x.shape[0], w)
     share = (part.stop - part.start) / x.shape[0]
     reduce = partial(reduce_gradients, params, share)
@@ -299,7 +313,7 @@ def _run_epoch(
         batches = data.batches(config.batch_size, "train", generator=generator)
         for i, x in enumerate(batches):
             if w.active:
-                total += _shard_step(loss, optimizer, params, x, num_data, w)
+                total += shard_step(loss, optimizer, x, params=params, num_data=num_data, w=w)
             else:
                 total += svi_step(loss, optimizer, x, num_data)
             if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
@@ -420,7 +434,7 @@ def train(
         untrained = resume_from.untrained_elbo
     else:
         untrained = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
-    losses = _StepLosses(model, guide, params, config)
+    losses = StepLosses(model, guide, params, config)
     began = time.perf_counter()
     for epoch in range(start, config.epochs + 1):
         t0 = time.perf_counter()
