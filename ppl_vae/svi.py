@@ -6,6 +6,7 @@ import copy
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +42,8 @@ from ppl_vae.rng import (
 )
 
 __all__ = [
+    "LoopState",
+    "ReseededStreamWarning",
     "StepLosses",
     "TrainConfig",
     "TrainState",
@@ -48,7 +51,6 @@ __all__ = [
     "init_state",
     "kl_weight",
     "make_loss",
-    "LoopState",
     "mean_elbo",
     "run_epoch",
     "shard_step",
@@ -301,6 +303,11 @@ def shard_step(
     return svi_step(loss, optimizer, x[part], num_data, before_update=reduce) * share
 
 
+class ReseededStreamWarning(UserWarning):
+    """A resumed run's data stream was saved on another device type and cannot continue here:
+    it goes on from a new seed, reproducibly but not bit-identically to an unmoved run."""
+
+
 @dataclass
 class LoopState:
     """The training loop between two epochs: live objects that :func:`run_epoch` changes in
@@ -322,7 +329,6 @@ def init_state(
     config: TrainConfig,
     *,
     resume_from: TrainState | None = None,
-    quiet: bool = False,
 ) -> LoopState:
     """The loop's state before its first epoch, or after ``resume_from``'s last.
 
@@ -330,7 +336,8 @@ def init_state(
     by running ``model`` and ``guide`` once on a batch, and makes the Adam optimizer; then
     restores what ``resume_from`` holds, or else computes the untrained test ELBO. Under
     ``torchrun`` every rank starts from the same parameters and data stream and draws its
-    latents from a stream of its own.
+    latents from a stream of its own. A data stream that cannot continue on this device is
+    reseeded, with a :class:`ReseededStreamWarning` (from rank 0).
     """
     device, w = data.device, world()
     pyro.clear_param_store()
@@ -357,7 +364,6 @@ def init_state(
             optimizer=optimizer,
             generator=generator,
             seed=config.seed,
-            quiet=quiet,
         )
         epoch, metrics = resume_from.epoch, list(resume_from.metrics)
         untrained = resume_from.untrained_elbo
@@ -372,7 +378,6 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     seed: int,
-    quiet: bool,
 ) -> None:
     """Puts ``saved``'s parameters, optimizer state and this rank's data stream in place."""
     restore_params(params, saved.params)
@@ -382,13 +387,14 @@ def _restore(
     w = world()
     rng = _rank_rng(saved.rng, w)
     reseed = derived_seed(seed, "moved", saved.epoch, w.rank)
-    if not set_rng_state(rng, generator, reseed) and not quiet and w.main:
-        print(
-            f"note: this run's data stream was saved on {saved_device(rng)} and cannot "
-            f"continue on {generator.device.type}; batch order and binarization go on from a "
-            f"new stream (seed {reseed}, from --seed and the epoch), so the run is reproducible "
-            f"but not bit-identical to one that stayed on {saved_device(rng)}",
-            file=sys.stderr,
+    if not set_rng_state(rng, generator, reseed) and w.main:
+        warnings.warn(
+            f"this run's data stream was saved on {saved_device(rng)} and cannot continue on "
+            f"{generator.device.type}; batch order and binarization go on from a new stream "
+            f"(seed {reseed}, from --seed and the epoch), so the run is reproducible but not "
+            f"bit-identical to one that stayed on {saved_device(rng)}",
+            ReseededStreamWarning,
+            stacklevel=4,  # train's caller (_restore, init_state, train)
         )
 
 
@@ -551,7 +557,7 @@ def train(
         One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo``, ``kl_weight``
         and ``seconds``.
     """
-    state = init_state(model, guide, data, config, resume_from=resume_from, quiet=quiet)
+    state = init_state(model, guide, data, config, resume_from=resume_from)
     w, first, began = world(), state.epoch, time.perf_counter()
     for _ in range(state.epoch, config.epochs):
         metrics = run_epoch(state, data, config, quiet=quiet)

@@ -10,7 +10,7 @@ from helpers import Flatten, linear_gaussian_vae
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.guides import GaussianGuide
 from ppl_vae.networks import NetworkConfig
-from ppl_vae.svi import TrainConfig, kl_weight, mean_elbo, train
+from ppl_vae.svi import ReseededStreamWarning, TrainConfig, kl_weight, mean_elbo, train
 from ppl_vae.vae import VAEConfig, build_vae
 
 
@@ -81,7 +81,7 @@ def test_resuming_from_a_state_gives_the_numbers_of_an_uninterrupted_run():
     assert numbers(resumed) == numbers(straight)
 
 
-def test_a_data_stream_saved_on_another_device_is_reseeded_and_said(capsys):
+def test_a_data_stream_saved_on_another_device_is_reseeded_with_a_warning():
     """What a CUDA checkpoint resumed on a CPU meets (its Philox state is 16 bytes): the global
     streams and parameters continue, the data stream starts afresh from --seed and the epoch."""
     config = TrainConfig(epochs=3)
@@ -89,11 +89,12 @@ def test_a_data_stream_saved_on_another_device_is_reseeded_and_said(capsys):
     train(*small_problem(), TrainConfig(epochs=2), checkpoint=states.append, quiet=True)
     state = dataclasses.replace(states[-1])
     state.rng = {**state.rng, "data": torch.zeros(16, dtype=torch.uint8), "data_device": "cuda"}
-    capsys.readouterr()
-    first = train(*small_problem(), config, resume_from=state)
-    err = capsys.readouterr().err
-    assert "data stream was saved on cuda and cannot continue on cpu" in err
-    again = train(*small_problem(), config, resume_from=state, quiet=True)
+    said = "data stream was saved on cuda and cannot continue on cpu"
+    with pytest.warns(ReseededStreamWarning, match=said) as caught:
+        first = train(*small_problem(), config, resume_from=state)
+    assert [w.filename for w in caught] == [__file__]  # where train was called
+    with pytest.warns(ReseededStreamWarning):  # quiet hides progress, not warnings
+        again = train(*small_problem(), config, resume_from=state, quiet=True)
     assert [m["test_elbo"] for m in first] == [m["test_elbo"] for m in again]  # reproducible
     exact = train(*small_problem(), config, resume_from=states[-1], quiet=True)
     assert [m["test_elbo"] for m in first[:2]] == [m["test_elbo"] for m in exact[:2]]
