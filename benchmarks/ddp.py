@@ -126,7 +126,7 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
     g = torch.Generator().manual_seed(0)
     params = collect_params(model, guide, data.encode(data.train[:batch], generator=g), 60000)
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
-    loss = StepLosses(model, guide, params, TrainConfig(batch_size=batch))(1.0)
+    loss = StepLosses(model, guide, params, config=TrainConfig(batch_size=batch))(1.0)
     plist = list(params.values())
     buckets = GradientReducer(plist) if w.active and reducer == "buckets" else None
     batches = []  # enough epochs' batches for every step (an epoch has 60,000 / batch)

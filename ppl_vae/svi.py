@@ -157,6 +157,7 @@ def mean_elbo(
     data: Data,
     split: str = "test",
     batch_size: int = 1000,
+    *,
     seed: int = 0,
     num_particles: int = 1,
 ) -> float:
@@ -210,6 +211,7 @@ def step_loss(
     model: Callable,
     guide: Callable,
     params: dict[str, Tensor],
+    *,
     capture: bool = True,
 ) -> Callable[..., Tensor]:
     """``elbo``'s differentiable loss of ``model`` and ``guide``, captured if ``capture``."""
@@ -220,11 +222,11 @@ def step_loss(
 class StepLosses:
     """The step loss for each KL weight, made on first use and rechecked every epoch.
 
-    ``StepLosses(model, guide, params, config)(weight)`` is the loss that :func:`svi_step`
-    takes, with the KL term weighted by ``weight``.
+    ``StepLosses(model, guide, params, config=config)(weight)`` is the loss that
+    :func:`svi_step` takes, with the KL term weighted by ``weight``.
     """
 
-    def __init__(self, model, guide, params, config: TrainConfig):
+    def __init__(self, model, guide, params, *, config: TrainConfig):
         self.model, self.guide, self.params, self.config = model, guide, params, config
         self.elbo = make_loss(config)
         self.losses: dict[float, Callable[..., Tensor]] = {}
@@ -235,7 +237,7 @@ class StepLosses:
             if weight != 1.0:
                 model, guide = scale_latent(weight)(model), scale_latent(weight)(guide)
             self.losses[weight] = step_loss(
-                self.elbo, model, guide, self.params, self.config.capture
+                self.elbo, model, guide, self.params, capture=self.config.capture
             )
         loss = self.losses[weight]
         if isinstance(loss, CapturedLoss):
@@ -356,7 +358,9 @@ def init_state(
     optimizer = torch.optim.Adam(params.values(), lr=config.lr)
     if resume_from is None:
         epoch, metrics = 0, []
-        untrained = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
+        untrained = mean_elbo(
+            model, guide, data, "test", batch_size=config.eval_batch_size, seed=config.seed
+        )
     else:
         _restore(
             resume_from,
@@ -367,7 +371,7 @@ def init_state(
         )
         epoch, metrics = resume_from.epoch, list(resume_from.metrics)
         untrained = resume_from.untrained_elbo
-    losses = StepLosses(model, guide, params, config)
+    losses = StepLosses(model, guide, params, config=config)
     return LoopState(epoch, params, optimizer, generator, losses, metrics, untrained)
 
 
@@ -428,7 +432,9 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
     loss = state.losses(weight)
     train_elbo = _train_pass(state, data, config, loss=loss, epoch=epoch, quiet=quiet)
     model, guide = state.losses.model, state.losses.guide
-    test_elbo = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
+    test_elbo = mean_elbo(
+        model, guide, data, "test", batch_size=config.eval_batch_size, seed=config.seed
+    )
     _check_divergence(test_elbo, epoch, history=state.metrics, untrained=state.untrained_elbo)
     metrics = {
         "epoch": epoch,
