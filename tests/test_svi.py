@@ -10,7 +10,16 @@ from helpers import Flatten, linear_gaussian_vae
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.guides import GaussianGuide
 from ppl_vae.networks import NetworkConfig
-from ppl_vae.svi import ReseededStreamWarning, TrainConfig, kl_weight, mean_elbo, train
+from ppl_vae.svi import (
+    ReseededStreamWarning,
+    TrainConfig,
+    init_state,
+    kl_weight,
+    mean_elbo,
+    run_epoch,
+    snapshot,
+    train,
+)
 from ppl_vae.vae import VAEConfig, build_vae
 
 
@@ -74,11 +83,24 @@ def test_resuming_from_a_state_gives_the_numbers_of_an_uninterrupted_run():
     states = []
     train(*small_problem(), TrainConfig(epochs=2, kl_warmup=2), checkpoint=states.append)
     resumed = train(*small_problem(), config, resume_from=states[-1])
-
-    def numbers(history):
-        return [{k: v for k, v in m.items() if k != "seconds"} for m in history]
-
     assert numbers(resumed) == numbers(straight)
+
+
+def numbers(history):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in history]
+
+
+def test_the_loop_by_hand_is_train():
+    config = TrainConfig(epochs=3, kl_warmup=2)
+    straight = train(*small_problem(), config, quiet=True)
+    model, guide, data = small_problem()
+    state = init_state(model, guide, data, config)
+    first = [run_epoch(state, data, config, quiet=True) for _ in range(2)]
+    saved = snapshot(state)
+    assert saved.epoch == 2 and saved.metrics == first == state.metrics
+    state = init_state(model, guide, data, config, resume_from=saved)
+    last = run_epoch(state, data, config, quiet=True)
+    assert numbers([*first, last]) == numbers(straight)
 
 
 def test_a_data_stream_saved_on_another_device_is_reseeded_with_a_warning():
