@@ -40,7 +40,7 @@ from common import describe, reference_vae, write_section
 from torch import Tensor
 
 from ppl_vae.distributed import batch_shard, init, world
-from ppl_vae.svi import TrainConfig, _shard_step, _StepLosses, collect_params, svi_step
+from ppl_vae.svi import StepLosses, TrainConfig, collect_params, shard_step, svi_step
 
 HERE = Path(__file__).resolve()
 
@@ -126,7 +126,7 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
     g = torch.Generator().manual_seed(0)
     params = collect_params(model, guide, data.encode(data.train[:batch], generator=g), 60000)
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
-    loss = _StepLosses(model, guide, params, TrainConfig(batch_size=batch))(1.0)
+    loss = StepLosses(model, guide, params, config=TrainConfig(batch_size=batch))(1.0)
     plist = list(params.values())
     buckets = GradientReducer(plist) if w.active and reducer == "buckets" else None
     batches = []  # enough epochs' batches for every step (an epoch has 60,000 / batch)
@@ -141,7 +141,7 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
             buckets.start((part.stop - part.start) / x.shape[0])
             return svi_step(loss, optimizer, x[part], num_data, before_update=buckets.finish)
         if w.active:
-            return _shard_step(loss, optimizer, plist, x, num_data, w)
+            return shard_step(loss, optimizer, x, params=plist, num_data=num_data, w=w)
         return svi_step(loss, optimizer, x, num_data)
 
     for x in batches[:warmup]:

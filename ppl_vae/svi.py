@@ -6,6 +6,7 @@ import copy
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -41,12 +42,19 @@ from ppl_vae.rng import (
 )
 
 __all__ = [
+    "LoopState",
+    "ReseededStreamWarning",
+    "StepLosses",
     "TrainConfig",
     "TrainState",
     "collect_params",
+    "init_state",
     "kl_weight",
     "make_loss",
     "mean_elbo",
+    "run_epoch",
+    "shard_step",
+    "snapshot",
     "step_loss",
     "svi_step",
     "train",
@@ -149,6 +157,7 @@ def mean_elbo(
     data: Data,
     split: str = "test",
     batch_size: int = 1000,
+    *,
     seed: int = 0,
     num_particles: int = 1,
 ) -> float:
@@ -202,6 +211,7 @@ def step_loss(
     model: Callable,
     guide: Callable,
     params: dict[str, Tensor],
+    *,
     capture: bool = True,
 ) -> Callable[..., Tensor]:
     """``elbo``'s differentiable loss of ``model`` and ``guide``, captured if ``capture``."""
@@ -209,10 +219,14 @@ def step_loss(
     return CapturedLoss(loss, params.values()) if capture else loss
 
 
-class _StepLosses:
-    """The step loss for each KL weight, made on first use and rechecked every epoch."""
+class StepLosses:
+    """The step loss for each KL weight, made on first use and rechecked every epoch.
 
-    def __init__(self, model, guide, params, config: TrainConfig):
+    ``StepLosses(model, guide, params, config=config)(weight)`` is the loss that
+    :func:`svi_step` takes, with the KL term weighted by ``weight``.
+    """
+
+    def __init__(self, model, guide, params, *, config: TrainConfig):
         self.model, self.guide, self.params, self.config = model, guide, params, config
         self.elbo = make_loss(config)
         self.losses: dict[float, Callable[..., Tensor]] = {}
@@ -223,7 +237,7 @@ class _StepLosses:
             if weight != 1.0:
                 model, guide = scale_latent(weight)(model), scale_latent(weight)(guide)
             self.losses[weight] = step_loss(
-                self.elbo, model, guide, self.params, self.config.capture
+                self.elbo, model, guide, self.params, capture=self.config.capture
             )
         loss = self.losses[weight]
         if isinstance(loss, CapturedLoss):
@@ -231,7 +245,7 @@ class _StepLosses:
         return loss
 
 
-def _report(metrics: dict, epochs: int, done: int, elapsed: float) -> None:
+def _report(metrics: dict, epochs: int, *, done: int, elapsed: float) -> None:
     """One line per epoch on stderr; on a terminal it stays above the next epoch's bar."""
     tqdm.write(
         f"epoch {metrics['epoch']}/{epochs}: train {metrics['train_elbo']:.3f}, test ELBO "
@@ -247,7 +261,9 @@ def _diverged(epoch: int) -> FloatingPointError:
     )
 
 
-def _check_divergence(test: float, epoch: int, history: list[dict], untrained: float | None):
+def _check_divergence(
+    test: float, epoch: int, *, history: list[dict], untrained: float | None
+) -> None:
     """Training has diverged when the test ELBO is not finite, falls below the untrained
     model's by more than max(1, 10%) nats, or falls more than half its size (plus one nat)
     below the best so far: e.g. below -151 after a best of -100."""
@@ -266,10 +282,18 @@ def _check_divergence(test: float, epoch: int, history: list[dict], untrained: f
         )
 
 
-def _shard_step(loss, optimizer, params: list[Tensor], x: Tensor, num_data: int, w: World):
-    """One step of the global batch ``x``: this rank's rows, the gradients summed over the
-    ranks with each weighted by its share (the gradient of the whole batch's loss). Returns
-    this rank's share of the batch's loss."""
+def shard_step(
+    loss: Callable[..., Tensor],
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    *,
+    params: list[Tensor],
+    num_data: int,
+    w: World,
+) -> Tensor:
+    """:func:`svi_step` under ``torchrun`` on the global batch ``x``: this rank's rows, the
+    gradients of ``params`` summed over the ranks with each weighted by its share (the gradient
+    of the whole batch's loss). Returns this rank's share of the batch's loss."""
     part = batch_shard(x.shape[0], w)
     share = (part.stop - part.start) / x.shape[0]
     reduce = partial(reduce_gradients, params, share)
@@ -281,38 +305,101 @@ def _shard_step(loss, optimizer, params: list[Tensor], x: Tensor, num_data: int,
     return svi_step(loss, optimizer, x[part], num_data, before_update=reduce) * share
 
 
-def _run_epoch(
-    loss, optimizer, params, data: Data, config: TrainConfig, generator, epoch: int, quiet: bool
-) -> float:
-    """One pass over the training set; returns the mean objective per data point.
+class ReseededStreamWarning(UserWarning):
+    """A resumed run's data stream was saved on another device type and cannot continue here:
+    it goes on from a new seed, reproducibly but not bit-identically to an unmoved run."""
 
-    Under ``torchrun`` every rank draws the same permutation and binarization (``generator``
-    is seeded alike on all ranks) and steps on its share of each global batch.
+
+@dataclass
+class LoopState:
+    """The training loop between two epochs: live objects that :func:`run_epoch` changes in
+    place; :func:`snapshot` turns them into a :class:`TrainState` for a checkpoint."""
+
+    epoch: int  # the last finished epoch (0 before the first)
+    params: dict[str, Tensor]  # the unconstrained parameters by Pyro name, as trained
+    optimizer: torch.optim.Optimizer  # Adam over ``params``
+    generator: torch.Generator  # batch order and binarization, alike on every rank
+    losses: StepLosses  # the model, the guide and their step loss for each KL weight
+    metrics: list[dict]  # one dictionary per finished epoch
+    untrained_elbo: float | None  # the test ELBO before training, for divergence checks
+
+
+def init_state(
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    config: TrainConfig,
+    *,
+    resume_from: TrainState | None = None,
+) -> LoopState:
+    """The loop's state before its first epoch, or after ``resume_from``'s last.
+
+    Clears Pyro's param store, seeds the streams from ``config.seed``, registers the parameters
+    by running ``model`` and ``guide`` once on a batch, and makes the Adam optimizer; then
+    restores what ``resume_from`` holds, or else computes the untrained test ELBO. Under
+    ``torchrun`` every rank starts from the same parameters and data stream and draws its
+    latents from a stream of its own. A data stream that cannot continue on this device is
+    reseeded, with a :class:`ReseededStreamWarning` (from rank 0).
     """
+    device, w = data.device, world()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # alike on every rank
+    x0 = data.encode(
+        data.train[: config.batch_size], generator=torch.Generator(device).manual_seed(0)
+    )
+    params = collect_params(model, guide, x0, data.train.shape[0])
+    if not params:
+        raise InputError(
+            "the model and guide register no parameters; use pyro.module or pyro.param"
+        )
+    if w.rank > 0:  # the same initial parameters (seed), then each rank its own latent draws
+        pyro.set_rng_seed(derived_seed(config.seed, "rank", w.rank))
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
+    if resume_from is None:
+        epoch, metrics = 0, []
+        untrained = mean_elbo(
+            model, guide, data, "test", batch_size=config.eval_batch_size, seed=config.seed
+        )
+    else:
+        _restore(
+            resume_from,
+            params=params,
+            optimizer=optimizer,
+            generator=generator,
+            seed=config.seed,
+        )
+        epoch, metrics = resume_from.epoch, list(resume_from.metrics)
+        untrained = resume_from.untrained_elbo
+    losses = StepLosses(model, guide, params, config=config)
+    return LoopState(epoch, params, optimizer, generator, losses, metrics, untrained)
+
+
+def _restore(
+    saved: TrainState,
+    *,
+    params: dict[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    seed: int,
+) -> None:
+    """Puts ``saved``'s parameters, optimizer state and this rank's data stream in place."""
+    restore_params(params, saved.params)
+    # a copy: Adam would otherwise update the state's tensors in place (load_state_dict
+    # keeps tensors already of the right dtype and device), spoiling a second resume
+    optimizer.load_state_dict(copy.deepcopy(saved.optimizer))
     w = world()
-    num_data = data.train.shape[0]
-    steps = math.ceil(num_data / config.batch_size)
-    total = torch.zeros((), device=data.device)
-    bar = Progress(steps, f"epoch {epoch}/{config.epochs}", "step", quiet=quiet).bar
-    # The first trace (collect_params) validated every site; the hot loop skips validation.
-    with pyro.validation_enabled(False):
-        batches = data.batches(config.batch_size, "train", generator=generator)
-        for i, x in enumerate(batches):
-            if w.active:
-                total += _shard_step(loss, optimizer, params, x, num_data, w)
-            else:
-                total += svi_step(loss, optimizer, x, num_data)
-            if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
-                running = -all_reduce_sum(total.clone()).item() / (i + 1) / num_data
-                if not math.isfinite(running):
-                    raise _diverged(epoch)
-                bar.set_postfix(elbo=f"{running:.2f}", refresh=False)
-            bar.update()
-    bar.close()
-    train_elbo = -float(all_reduce_sum(total)) / steps / num_data
-    if not math.isfinite(train_elbo):
-        raise _diverged(epoch)
-    return train_elbo
+    rng = _rank_rng(saved.rng, w)
+    reseed = derived_seed(seed, "moved", saved.epoch, w.rank)
+    if not set_rng_state(rng, generator, reseed) and w.main:
+        warnings.warn(
+            f"this run's data stream was saved on {saved_device(rng)} and cannot continue on "
+            f"{generator.device.type}; batch order and binarization go on from a new stream "
+            f"(seed {reseed}, from --seed and the epoch), so the run is reproducible but not "
+            f"bit-identical to one that stayed on {saved_device(rng)}",
+            ReseededStreamWarning,
+            stacklevel=4,  # train's caller (_restore, init_state, train)
+        )
 
 
 def _rank_rng(rng: dict, w: World) -> dict:
@@ -332,12 +419,104 @@ def _rank_rng(rng: dict, w: World) -> dict:
     return ranks[w.rank]
 
 
+def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool = False) -> dict:
+    """Trains epoch ``state.epoch + 1`` and returns its metrics (also appended to the state's).
+
+    A pass over the training set at the epoch's KL weight, then the test ELBO; an ELBO that is
+    not finite or falls far below the untrained or the best one so far raises
+    ``FloatingPointError``. ``quiet`` hides the progress bar (always hidden on ranks but 0).
+    """
+    epoch = state.epoch + 1
+    t0 = time.perf_counter()
+    weight = kl_weight(epoch, config)
+    loss = state.losses(weight)
+    train_elbo = _train_pass(state, data, config, loss=loss, epoch=epoch, quiet=quiet)
+    model, guide = state.losses.model, state.losses.guide
+    test_elbo = mean_elbo(
+        model, guide, data, "test", batch_size=config.eval_batch_size, seed=config.seed
+    )
+    _check_divergence(test_elbo, epoch, history=state.metrics, untrained=state.untrained_elbo)
+    metrics = {
+        "epoch": epoch,
+        "train_elbo": train_elbo,
+        "test_elbo": test_elbo,
+        "kl_weight": weight,
+        "seconds": time.perf_counter() - t0,
+    }
+    state.metrics.append(metrics)
+    state.epoch = epoch
+    return metrics
+
+
+def _train_pass(
+    state: LoopState,
+    data: Data,
+    config: TrainConfig,
+    *,
+    loss: Callable[..., Tensor],
+    epoch: int,
+    quiet: bool,
+) -> float:
+    """One pass over the training set; returns the mean objective per data point.
+
+    Under ``torchrun`` every rank draws the same permutation and binarization (the state's
+    generator is seeded alike on all ranks) and steps on its share of each global batch.
+    """
+    w = world()
+    optimizer, params = state.optimizer, list(state.params.values())
+    num_data = data.train.shape[0]
+    steps = math.ceil(num_data / config.batch_size)
+    total = torch.zeros((), device=data.device)
+    bar = Progress(steps, f"epoch {epoch}/{config.epochs}", "step", quiet=quiet or not w.main).bar
+    # The first trace (collect_params) validated every site; the hot loop skips validation.
+    with pyro.validation_enabled(False):
+        batches = data.batches(config.batch_size, "train", generator=state.generator)
+        for i, x in enumerate(batches):
+            if w.active:
+                total += shard_step(loss, optimizer, x, params=params, num_data=num_data, w=w)
+            else:
+                total += svi_step(loss, optimizer, x, num_data)
+            if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
+                running = -all_reduce_sum(total.clone()).item() / (i + 1) / num_data
+                if not math.isfinite(running):
+                    raise _diverged(epoch)
+                bar.set_postfix(elbo=f"{running:.2f}", refresh=False)
+            bar.update()
+    bar.close()
+    train_elbo = -float(all_reduce_sum(total)) / steps / num_data
+    if not math.isfinite(train_elbo):
+        raise _diverged(epoch)
+    return train_elbo
+
+
+def snapshot(state: LoopState) -> TrainState | None:
+    """``state`` as a :class:`TrainState`, the parameters on the CPU.
+
+    Under ``torchrun`` every rank must call it (each rank's random streams are gathered into
+    the state); rank 0 gets the state, the others ``None``.
+    """
+    w = world()
+    rng = rng_state(state.generator)
+    if w.active:
+        rng = {"ranks": all_gather_objects(rng)}
+    if not w.main:
+        return None
+    params = {k: v.detach().cpu() for k, v in state.params.items()}
+    return TrainState(
+        state.epoch,
+        params,
+        state.optimizer.state_dict(),
+        rng,
+        list(state.metrics),
+        state.untrained_elbo,
+    )
+
+
 def train(
     model: Callable,
     guide: Callable,
     data: Data,
     config: TrainConfig,
-    out_dir: None = None,
     *,
     resume_from: TrainState | None = None,
     checkpoint: Callable[[TrainState], None] | None = None,
@@ -349,10 +528,9 @@ def train(
     Each step evaluates the Pyro ELBO (``Trace_ELBO`` or ``TraceMeanField_ELBO``, or the IWAE
     bound) of a mini-batch, scaled to the whole training set, and takes one Adam step on every
     parameter the two programs register. The mini-batch ELBO is differentiated through the
-    reparameterized latent draws.
-
-    ``model`` and ``guide`` are Pyro callables taking ``(x, num_data=None)``; the guide's
-    latent sites must match the model's. Training clears Pyro's param store first.
+    reparameterized latent draws. ``model`` and ``guide`` are Pyro callables taking
+    ``(x, num_data=None)``; the guide's latent sites must match the model's. Training clears
+    Pyro's param store first.
 
     With ``config.capture`` (the default), the step's tensor operations are recorded once per
     batch shape and KL weight, checked against the program, and replayed
@@ -363,6 +541,7 @@ def train(
     Nothing is written to disk: ``checkpoint`` receives a :class:`TrainState` after every
     epoch (``ppl_vae.runs`` writes it), and ``resume_from`` continues from one with the same
     numbers as an uninterrupted run. A NaN or infinite loss raises ``FloatingPointError``.
+    The loop is :func:`init_state`, then :func:`run_epoch` and :func:`snapshot` per epoch.
 
     Under ``torchrun`` (see :mod:`ppl_vae.distributed`) every rank steps on its share of each
     global batch of ``config.batch_size`` and the gradients are summed over the ranks, each
@@ -374,7 +553,6 @@ def train(
         guide: The amortized guide, a Pyro program.
         data: Training and test tensors (see :class:`~ppl_vae.data.Data`).
         config: Optimisation settings.
-        out_dir: Must be ``None``; run directories belong to :mod:`ppl_vae.runs`.
         resume_from: A state from an earlier run of the same configuration.
         checkpoint: Called with the state after every epoch (on rank 0 only under torchrun;
             the state holds every rank's random streams).
@@ -385,83 +563,15 @@ def train(
         One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo``, ``kl_weight``
         and ``seconds``.
     """
-    if out_dir is not None:
-        raise InputError(
-            "train() writes no files; for a run directory use "
-            "ppl_vae.runs.train_run(data_config, vae_config, train_config, out_dir)"
-        )
-    device, w = data.device, world()
-    pyro.clear_param_store()
-    pyro.set_rng_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)  # alike on every rank
-    x0 = data.encode(
-        data.train[: config.batch_size], generator=torch.Generator(device).manual_seed(0)
-    )
-    params = collect_params(model, guide, x0, data.train.shape[0])
-    if not params:
-        raise InputError(
-            "the model and guide register no parameters; use pyro.module or pyro.param"
-        )
-    if w.rank > 0:  # the same initial parameters (seed), then each rank its own latent draws
-        pyro.set_rng_seed(derived_seed(config.seed, "rank", w.rank))
-    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
-    history: list[dict] = []
-    start = 1
-    if resume_from is not None:
-        restore_params(params, resume_from.params)
-        # a copy: Adam would otherwise update the state's tensors in place (load_state_dict
-        # keeps tensors already of the right dtype and device), spoiling a second resume
-        optimizer.load_state_dict(copy.deepcopy(resume_from.optimizer))
-        saved = _rank_rng(resume_from.rng, w)
-        reseed = derived_seed(config.seed, "moved", resume_from.epoch, w.rank)
-        if not set_rng_state(saved, generator, reseed) and not quiet and w.main:
-            print(
-                f"note: this run's data stream was saved on {saved_device(saved)} and cannot "
-                f"continue on {device.type}; batch order and binarization go on from a new "
-                f"stream (seed {reseed}, from --seed and the epoch), so the run is reproducible "
-                f"but not bit-identical to one that stayed on {saved_device(saved)}",
-                file=sys.stderr,
-            )
-        history = list(resume_from.metrics)
-        start = resume_from.epoch + 1
-        untrained = resume_from.untrained_elbo
-    else:
-        untrained = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
-    losses = _StepLosses(model, guide, params, config)
-    began = time.perf_counter()
-    for epoch in range(start, config.epochs + 1):
-        t0 = time.perf_counter()
-        weight = kl_weight(epoch, config)
-        train_elbo = _run_epoch(
-            losses(weight),
-            optimizer,
-            list(params.values()),
-            data,
-            config,
-            generator,
-            epoch,
-            quiet or not w.main,
-        )
-        test_elbo = mean_elbo(model, guide, data, "test", config.eval_batch_size, config.seed)
-        _check_divergence(test_elbo, epoch, history, untrained)
-        metrics = {
-            "epoch": epoch,
-            "train_elbo": train_elbo,
-            "test_elbo": test_elbo,
-            "kl_weight": weight,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(metrics)
+    state = init_state(model, guide, data, config, resume_from=resume_from)
+    w, first, began = world(), state.epoch, time.perf_counter()
+    for _ in range(state.epoch, config.epochs):
+        metrics = run_epoch(state, data, config, quiet=quiet)
         if not quiet and w.main:
-            _report(metrics, config.epochs, epoch - start + 1, time.perf_counter() - began)
-        if checkpoint is not None:
-            rng = rng_state(generator)
-            if w.active:  # every rank's streams, for rank 0 to save
-                rng = {"ranks": all_gather_objects(rng)}
-            if w.main:
-                params_cpu = {k: v.detach().cpu() for k, v in params.items()}
-                state = optimizer.state_dict()
-                checkpoint(TrainState(epoch, params_cpu, state, rng, list(history), untrained))
+            done, elapsed = state.epoch - first, time.perf_counter() - began
+            _report(metrics, config.epochs, done=done, elapsed=elapsed)
+        if checkpoint is not None and (saved := snapshot(state)) is not None:
+            checkpoint(saved)
         if on_epoch is not None:
             on_epoch(metrics)
-    return history
+    return state.metrics
