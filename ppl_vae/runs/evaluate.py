@@ -153,8 +153,8 @@ def evaluate_run(
     :func:`ppl_vae.importance.log_likelihood_diagnostics`); dynamically binarized data are
     binarized once, from ``config.seed``. Returns the record of ``evaluate.json`` — the means
     over points (``nll`` is -log p(x), in nats), the settings, the wall time and the per-point
-    estimates — and, with ``write``, writes it into the run's directory. Progress goes to stderr (see
-    :mod:`ppl_vae.progress`) unless ``quiet``.
+    estimates — and, with ``write``, writes it into the run's directory. Progress goes to
+    stderr (see :mod:`ppl_vae.progress`) unless ``quiet``.
     """
     config = config or EvaluateConfig()
     if not isinstance(run, Run):
