@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -316,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2), already printed
         return int(e.code or 0)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         join_processes(args.device)  # under torchrun; nothing in one process
         COMMANDS[args.command](args)
@@ -334,8 +336,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = shown
         destroy()
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning for the user (a reseeded stream, a program run without its record) as one
+    line on stderr, from rank 0 only; a library that imports ppl_vae keeps Python's display."""
+    _say(f"ppl-vae: warning: {message}")
 
 
 def _say(message: str, every_rank: bool = False) -> None:

@@ -382,3 +382,16 @@ def test_em_reports_its_iterations_off_a_terminal(tmp_path, capsys):
     assert last.endswith("converged")
     code, out, err = run_cli("em", "--out", tmp_path / "em", "--quiet", capsys=capsys)
     assert code == 0 and err == "" and "nats per point" in out
+
+
+def test_a_warning_is_one_line_naming_ppl_vae(tmp_path, capsys):
+    out = tmp_path / "pw"
+    args = ["train", "--dataset", "pinwheel", "--latent-dim", "2", "--out", str(out), "--quiet"]
+    assert run_cli(*args, "--epochs", "1", "--no-capture", capsys=capsys)[0] == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt["rng"]["data_device"] = "cuda"  # as if saved on a GPU: the stream cannot continue here
+    torch.save(ckpt, out / "checkpoint.pt")
+    code, _, err = run_cli(*args, "--epochs", "2", "--resume", capsys=capsys)
+    assert code == 0
+    (line,) = [s for s in err.splitlines() if "warning" in s.lower()]
+    assert line.startswith("ppl-vae: warning: this run's data stream was saved on cuda and cannot")
