@@ -490,7 +490,8 @@ def _train_pass(
 
 
 def snapshot(state: LoopState) -> TrainState | None:
-    """``state`` as a :class:`TrainState`, the parameters on the CPU.
+    """``state`` as a :class:`TrainState` of its own (copies, on the CPU): later epochs leave
+    it as it is.
 
     Under ``torchrun`` every rank must call it (each rank's random streams are gathered into
     the state); rank 0 gets the state, the others ``None``.
@@ -501,11 +502,12 @@ def snapshot(state: LoopState) -> TrainState | None:
         rng = {"ranks": all_gather_objects(rng)}
     if not w.main:
         return None
-    params = {k: v.detach().cpu() for k, v in state.params.items()}
+    # copies: on a CPU .cpu() and state_dict() are the live tensors, which later steps change
+    params = {k: v.detach().cpu().clone() for k, v in state.params.items()}
     return TrainState(
         state.epoch,
         params,
-        state.optimizer.state_dict(),
+        copy.deepcopy(state.optimizer.state_dict()),
         rng,
         list(state.metrics),
         state.untrained_elbo,

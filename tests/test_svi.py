@@ -75,6 +75,12 @@ def test_train_writes_no_files_and_hands_each_epochs_state_to_the_callback(tmp_p
     assert [s.epoch for s in states] == [1, 2, 3] and states[-1].metrics == metrics
     assert all(v.device.type == "cpu" for v in states[-1].params.values())
     assert not any(tmp_path.iterdir())
+    # each state is its own copy: later epochs did not change the first one's numbers
+    first, last = states[0], states[-1]
+    name = next(iter(first.params))
+    assert not torch.equal(first.params[name], last.params[name])
+    adam = [s["exp_avg"] for s in (first.optimizer["state"][0], last.optimizer["state"][0])]
+    assert not torch.equal(*adam)
 
 
 def test_resuming_from_a_state_gives_the_numbers_of_an_uninterrupted_run():
