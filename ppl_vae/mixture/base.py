@@ -2,7 +2,6 @@ r"""EM shared by the mixtures: the fused E/M pass, initialisation, checks and pr
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import os
@@ -13,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
 from ppl_vae.errors import InputError, NotFittedError
@@ -43,14 +44,6 @@ def _chunk_rows(width: int, x: Tensor) -> int:
     """Rows per pass: a few MiB on CPU (the chunk stays in cache for both products), more on GPU."""
     target = 2**22 if x.device.type == "cpu" else 2**28
     return max(64, target // (max(width, 1) * x.element_size()))
-
-
-class ConvergenceWarning(UserWarning):
-    """EM stopped at ``max_iter`` before the change per iteration fell below ``tol``.
-
-    A ``UserWarning``, as scikit-learn's ``sklearn.exceptions.ConvergenceWarning``; silence it
-    with ``warnings.filterwarnings("ignore", category=ConvergenceWarning)``.
-    """
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -252,7 +245,7 @@ class _Source:
                 yield start, self.features(self.x[start:stop])
 
 
-class _Mixture:
+class _Mixture(DensityMixin, BaseEstimator):
     r"""EM for a mixture of exponential-family components, shared by the concrete mixtures.
 
     A component's log-density is linear in sufficient statistics :math:`T(x)`, so the joint
@@ -309,33 +302,13 @@ class _Mixture:
         _check_verbose(self.verbose)
         _check_integer("verbose_interval", self.verbose_interval, 1)
 
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        """The constructor's argument names, sorted (scikit-learn's ``_get_param_names``)."""
-        names = []
-        for name, p in inspect.signature(cls.__init__).parameters.items():
-            if p.kind == p.VAR_POSITIONAL:
-                raise TypeError(f"{cls.__name__}.__init__ must not take *{name}")
-            if name != "self" and p.kind != p.VAR_KEYWORD:
-                names.append(name)
-        return sorted(names)
-
-    def get_params(self, deep: bool = True) -> dict:
-        """The constructor arguments by name, as scikit-learn's ``get_params``.
-
-        ``type(m)(**m.get_params())`` is an unfitted copy of ``m`` with the same settings, which
-        is what ``sklearn.base.clone(m)`` builds. No argument is itself an estimator, so ``deep``
-        changes nothing.
-        """
-        return {name: getattr(self, name) for name in self._param_names()}
-
     def set_params(self, **params) -> _Mixture:
         """Sets constructor arguments by name (as scikit-learn's ``set_params``); returns ``self``.
 
         An unknown name or an invalid value is an InputError and changes nothing. New settings
         apply to the next :meth:`fit`.
         """
-        names = self._param_names()
+        names = self._get_param_names()
         for name in params:
             if name not in names:
                 raise InputError(
@@ -343,8 +316,7 @@ class _Mixture:
                     f"{', '.join(names)}"
                 )
         before = {name: getattr(self, name) for name in params}
-        for name, value in params.items():
-            setattr(self, name, value)
+        super().set_params(**params)
         try:
             self._check_settings()
         except InputError:
@@ -352,16 +324,6 @@ class _Mixture:
                 setattr(self, name, value)
             raise
         return self
-
-    def __repr__(self) -> str:
-        """The class and the arguments that differ from their defaults, as scikit-learn's."""
-        parameters = inspect.signature(type(self).__init__).parameters
-        given = [
-            f"{name}={getattr(self, name)!r}"
-            for name, p in parameters.items()
-            if name in self._param_names() and repr(getattr(self, name)) != repr(p.default)
-        ]
-        return f"{type(self).__name__}({', '.join(given)})"
 
     # -- hooks of the concrete mixtures ----------------------------------------------------------
 
@@ -468,6 +430,10 @@ class _Mixture:
     @property
     def _fitted(self) -> bool:
         return hasattr(self, "weights_")
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """What ``sklearn.utils.validation.check_is_fitted`` asks."""
+        return self._fitted
 
     def _require_fitted(self, method: str) -> None:
         if not self._fitted:
@@ -632,14 +598,14 @@ class _Mixture:
 
     # -- prediction ------------------------------------------------------------------------------
 
-    def fit_predict(self, x, *args, **kwargs) -> Tensor:
+    def fit_predict(self, x, y=None, **kwargs) -> Tensor:
         """Fits the mixture to ``x`` (arguments as :meth:`fit`); returns the labels of ``x``.
 
         As scikit-learn's ``fit_predict``: the labels come from an E-step with the fitted
         parameters (after the last M-step), so they equal ``fit(x, ...).predict(x)`` for any
         ``max_iter`` and ``tol``.
         """
-        return self.fit(x, *args, **kwargs).predict(x)
+        return self.fit(x, y, **kwargs).predict(x)
 
     def joint_log_prob(self, x) -> Tensor:
         r""":math:`\log w_k + \log p(x_n \mid \theta_k)` for all points and components, (N, K)."""

@@ -90,12 +90,20 @@ class BernoulliMixture(_Mixture):
         _check_number("alpha", self.alpha, positive=True, why=why)
         super()._check_settings()
 
-    def fit(self, x, weights_init: Tensor | None = None, means_init: Tensor | None = None):
+    def fit(
+        self,
+        x,
+        y=None,
+        *,
+        weights_init: Tensor | None = None,
+        means_init: Tensor | None = None,
+    ) -> BernoulliMixture:
         """Fits the mixture to binary points ``x`` of shape (N, ...) by MAP-EM; returns ``self``.
 
         Arguments:
             x: Binary (0/1) points, N >= 2 and N >= ``n_components``; integer and boolean
                 input becomes float64.
+            y: Ignored; there for scikit-learn's ``Pipeline.fit(X, y)`` and cross-validation.
             weights_init: Initial weights (K,), non-negative, summing to 1.
             means_init: Initial pixel probabilities (K, D), strictly inside (0, 1).
         """

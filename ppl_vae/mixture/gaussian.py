@@ -105,13 +105,15 @@ class GaussianMixture(_Mixture):
             ``verbose_interval`` iterations; 2 adds times and the change of the lower bound.
         verbose_interval: Iterations between progress lines.
 
-    As in scikit-learn, the arguments are kept as given and checked on construction, by
-    :meth:`set_params` and by :meth:`fit`; :meth:`get_params` returns them, so
-    ``type(m)(**m.get_params())`` is ``sklearn.base.clone(m)``. A fit that ends at
-    ``max_iter`` (> 0) without converging warns with :class:`ConvergenceWarning`. Methods that
-    need a fit raise :class:`~ppl_vae.errors.NotFittedError` before one. Points may be tensors,
-    arrays or lists: float32 and float64 keep their dtype, integers, bools and lists become
-    float64 (scikit-learn's rule); complex input is refused.
+    A scikit-learn estimator (``sklearn.base.BaseEstimator`` and ``DensityMixin``): its tags,
+    ``get_params``/``set_params``, ``clone``, the HTML repr, ``check_is_fitted``, ``Pipeline``,
+    ``GridSearchCV`` and ``cross_val_score`` work as for scikit-learn's mixture. The arguments
+    are kept as given and checked on construction, by :meth:`set_params` and by :meth:`fit`. A
+    fit that ends at ``max_iter`` (> 0) without converging warns with scikit-learn's
+    ``ConvergenceWarning`` (re-exported as :class:`~ppl_vae.mixture.ConvergenceWarning`).
+    Methods that need a fit raise :class:`~ppl_vae.errors.NotFittedError` before one. Points
+    may be tensors, arrays or lists: float32 and float64 keep their dtype, integers, bools and
+    lists become float64 (scikit-learn's rule); complex input is refused.
 
     Attributes:
         weights_: Mixing weights, shape (K,).
@@ -172,6 +174,8 @@ class GaussianMixture(_Mixture):
     def fit(
         self,
         x,
+        y=None,
+        *,
         weights_init: Tensor | None = None,
         means_init: Tensor | None = None,
         precisions_init: Tensor | None = None,
@@ -181,11 +185,13 @@ class GaussianMixture(_Mixture):
         Arguments:
             x: Points, shape (N, D) with N >= 2 and N >= ``n_components``, finite; a tensor,
                 array or list (float32 and float64 keep their dtype, others become float64).
+            y: Ignored; there for scikit-learn's ``Pipeline.fit(X, y)`` and cross-validation.
             weights_init: Initial weights (K,), non-negative, summing to 1.
             means_init: Initial means (K, D).
             precisions_init: Initial precisions (inverse covariances): (K, D, D) ``full``,
                 (D, D) ``tied``, (K, D) ``diag``, (K,) ``spherical``. Parameters not given are
-                taken from ``init``, as in scikit-learn.
+                taken from ``init``, as in scikit-learn. The starting parameters are keywords
+                only: the second positional argument is ``y``, as scikit-learn's.
         """
         inits = {"weights": weights_init, "means": means_init, "precisions": precisions_init}
         return self._fit(x, inits)
