@@ -19,7 +19,7 @@ from ppl_vae.mixture import (
     BernoulliMixture,
     ConvergenceWarning,
     GaussianMixture,
-    base,
+    chunks,
 )
 from ppl_vae.registry import Entry
 
@@ -65,10 +65,10 @@ def test_results_do_not_depend_on_chunks_or_on_caching(monkeypatch):
     x, w, m, p = blobs()
     t = torch.from_numpy
     runs = []
-    for rows, cache in ((None, base.CACHE_BYTES), (7, base.CACHE_BYTES), (7, 0)):
+    for rows, cache in ((None, chunks.CACHE_BYTES), (7, chunks.CACHE_BYTES), (7, 0)):
         if rows is not None:
-            monkeypatch.setattr(base, "_chunk_rows", lambda width, x, rows=rows: rows)
-        monkeypatch.setattr(base, "CACHE_BYTES", cache)
+            monkeypatch.setattr(chunks, "chunk_rows", lambda width, x, rows=rows: rows)
+        monkeypatch.setattr(chunks, "CACHE_BYTES", cache)
         gm = GaussianMixture(4, tol=0, max_iter=10).fit(
             t(x), weights_init=t(w), means_init=t(m), precisions_init=t(p["full"])
         )

@@ -9,12 +9,13 @@ from torch import Tensor
 from torch.distributions import Bernoulli, Categorical, Independent, MixtureSameFamily
 
 from ppl_vae.errors import InputError
-from ppl_vae.mixture.base import _as_float, _check_number, _Mixture
+from ppl_vae.mixture.base import Mixture
+from ppl_vae.mixture.checks import as_float, check_number
 
 __all__ = ["BernoulliMixture"]
 
 
-class BernoulliMixture(_Mixture):
+class BernoulliMixture(Mixture):
     r"""A mixture of products of Bernoullis for binary data (e.g. images), fitted by MAP-EM.
 
     .. math::
@@ -87,7 +88,7 @@ class BernoulliMixture(_Mixture):
 
     def _check_settings(self) -> None:
         why = " (a pseudo-count that keeps probabilities off 0 and 1)"
-        _check_number("alpha", self.alpha, positive=True, why=why)
+        check_number("alpha", self.alpha, positive=True, why=why)
         super()._check_settings()
 
     def fit(
@@ -107,7 +108,7 @@ class BernoulliMixture(_Mixture):
             weights_init: Initial weights (K,), non-negative, summing to 1.
             means_init: Initial pixel probabilities (K, D), strictly inside (0, 1).
         """
-        x = _as_float(x)
+        x = as_float(x)
         self._fit(x, {"weights": weights_init, "means": means_init})
         self.event_shape_ = tuple(x.shape[1:])
         return self

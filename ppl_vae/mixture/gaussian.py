@@ -15,7 +15,8 @@ from torch.distributions import (
 )
 
 from ppl_vae.errors import InputError
-from ppl_vae.mixture.base import _check_number, _Mixture
+from ppl_vae.mixture.base import Mixture
+from ppl_vae.mixture.checks import check_number
 from ppl_vae.registry import Registry
 
 __all__ = ["COVARIANCE_TYPES", "LOG_2PI", "GaussianMixture"]
@@ -48,7 +49,7 @@ def _outer(v: Tensor) -> Tensor:
     return v.unsqueeze(-1) * v.unsqueeze(-2)
 
 
-class GaussianMixture(_Mixture):
+class GaussianMixture(Mixture):
     r"""A mixture of Gaussians fitted by EM, with the interface of scikit-learn's.
 
     .. math:: p(x) = \sum_{k=1}^K w_k \, \mathcal{N}(x \mid \mu_k, \Sigma_k)
@@ -71,8 +72,8 @@ class GaussianMixture(_Mixture):
     :math:`T(x) = (x, x_i x_j)_{i \le j}`, so the log-densities of all points under all
     components are one matrix product :math:`T(x) A` and the M-step sums are one product
     :math:`r^\top T(x)`; :math:`T` of the training set is computed once (if it fits in
-    ``CACHE_BYTES``) and each iteration is a single pass over it in cache-sized chunks. The data
-    are centred on their mean first. The expansion
+    ``chunks.CACHE_BYTES``) and each iteration is a single pass over it in cache-sized chunks.
+    The data are centred on their mean first. The expansion
     :math:`(x-\mu)^\top P (x-\mu) = x^\top P x - 2 x^\top P \mu + \mu^\top P \mu` rounds to
     about machine epsilon times the squared Mahalanobis distance of a point from the data mean:
     negligible in float64, but not in float32 for thin components far from the mean. So in
@@ -95,7 +96,7 @@ class GaussianMixture(_Mixture):
         reg_covar: Added to the diagonal of every covariance, keeping it positive definite.
         max_iter: EM iterations per initialisation (0: the initial parameters are the fit).
         n_init: Initialisations to run; the one with the highest final log-likelihood is kept.
-        init: Initial responsibilities, one of :data:`~ppl_vae.mixture.base.INITS`:
+        init: Initial responsibilities, one of :data:`~ppl_vae.mixture.INITS`:
             ``"kmeans"`` (labels of k-means), ``"k-means++"``
             (its seeds), ``"random"`` or ``"random_from_data"`` (one random point per component).
         seed: Seeds the initialisation and :meth:`sample` (None: fresh randomness).
@@ -169,7 +170,7 @@ class GaussianMixture(_Mixture):
     def _check_settings(self) -> None:
         super()._check_settings()
         COVARIANCE_TYPES.check(self.covariance_type)
-        _check_number("reg_covar", self.reg_covar)
+        check_number("reg_covar", self.reg_covar)
 
     def fit(
         self,
