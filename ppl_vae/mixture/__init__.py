@@ -6,7 +6,8 @@ import inspect
 
 from ppl_vae.mixture.base import ConvergenceWarning, Mixture
 from ppl_vae.mixture.bernoulli import BernoulliMixture
-from ppl_vae.mixture.gaussian import COVARIANCE_TYPES, GaussianMixture
+from ppl_vae.mixture.covariances import COVARIANCE_TYPES
+from ppl_vae.mixture.gaussian import GaussianMixture
 from ppl_vae.mixture.inits import INITS
 from ppl_vae.registry import Registry
 

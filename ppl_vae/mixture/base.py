@@ -183,7 +183,10 @@ class Mixture(DensityMixin, BaseEstimator):
         if inits["means"] is not None:
             self.means_ = inits["means"].clone()
 
-    def _features(self, x: Tensor) -> Tensor:
+    def _start(self, x: Tensor) -> None:
+        """Called with the points (checked) when a fit starts afresh, not on a warm start."""
+
+    def _statistics(self, x: Tensor) -> Tensor:
         """Sufficient statistics T(x), shape (n, F), of prepared (e.g. centred) points."""
         raise NotImplementedError
 
@@ -362,9 +365,9 @@ class Mixture(DensityMixin, BaseEstimator):
             x = x.to(self.weights_)
         inits = self._check_inits(inits, x)
         if do_init:
-            self._shift = self._rows.mean(x)
+            self._start(x)
         xc = self._prepare(x)
-        source = ChunkedStatistics(self._features, xc, self._work_width(xc))
+        source = ChunkedStatistics(self._statistics, xc, self._work_width(xc))
         g = self._generator()
         best = None
         runs = int(self.n_init) if do_init else 1
@@ -413,7 +416,7 @@ class Mixture(DensityMixin, BaseEstimator):
         self._require_fitted(method)
         x = self._check_input(as_float(x).to(self.weights_), fitting=False)
         source = ChunkedStatistics(
-            self._features, self._prepare(x), self._work_width(x), cache=False
+            self._statistics, self._prepare(x), self._work_width(x), cache=False
         )
         natural = self._natural()
         return torch.cat([self._joint(feats, natural).T for _, feats in source.chunks()])

@@ -2,8 +2,6 @@ r"""A Gaussian mixture fitted by EM, in PyTorch, with the interface of scikit-le
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.distributions import (
@@ -17,36 +15,13 @@ from torch.distributions import (
 from ppl_vae.errors import InputError
 from ppl_vae.mixture.base import Mixture
 from ppl_vae.mixture.checks import check_number
-from ppl_vae.registry import Registry
+from ppl_vae.mixture.covariances import COVARIANCE_TYPES, computation
 
-__all__ = ["COVARIANCE_TYPES", "LOG_2PI", "GaussianMixture"]
-
-LOG_2PI = math.log(2 * math.pi)
-
-COVARIANCE_TYPES: Registry[tuple[int, ...]] = Registry("covariance type")
-"""The covariance types; each factory maps (K, D) to the shape of the precisions."""
-COVARIANCE_TYPES.register("full", lambda k, d: (k, d, d), help="one (D, D) covariance each")
-COVARIANCE_TYPES.register("tied", lambda k, d: (d, d), help="one (D, D) covariance shared by all")
-COVARIANCE_TYPES.register("diag", lambda k, d: (k, d), help="one diagonal covariance each")
-COVARIANCE_TYPES.register("spherical", lambda k, d: (k,), help="one variance each")
-
-
-def _quadratic_features(x: Tensor, out: Tensor) -> Tensor:
-    """Writes the products x_i x_j (i <= j, row-major upper triangle) of every row into ``out``."""
-    d, start = x.shape[1], 0
-    for i in range(d):
-        torch.mul(x[:, i : i + 1], x[:, i:], out=out[:, start : start + d - i])
-        start += d - i
-    return out
+__all__ = ["GaussianMixture"]
 
 
 def _flip(a: Tensor) -> Tensor:
     return a.flip(-1, -2)
-
-
-def _outer(v: Tensor) -> Tensor:
-    """v v^T for every row of ``v``, (K, D) -> (K, D, D)."""
-    return v.unsqueeze(-1) * v.unsqueeze(-2)
 
 
 class GaussianMixture(Mixture):
@@ -80,9 +55,11 @@ class GaussianMixture(Mixture):
     float32, ``full`` and ``tied`` mixtures are computed per component as scikit-learn does --
     :math:`\|(x - \mu_k) U_k\|^2` from one product :math:`x [U_1 \dots U_K]`, and the M-step's
     scatter about the current means with one batched product; ``diag`` and ``spherical`` use the
-    expansion in both dtypes. Speed and float32 accuracy against scikit-learn: see
-    docs/BENCHMARKS.md (measured by ``benchmarks/em.py``); agreement with scikit-learn in float64
-    (and which is the more accurate far from the origin): see docs/RESULTS.md.
+    expansion in both dtypes. Each is one :class:`~ppl_vae.mixture.covariances.Computation`,
+    chosen by covariance type and dtype when a fit starts. Speed and float32 accuracy against
+    scikit-learn: see docs/BENCHMARKS.md (measured by ``benchmarks/em.py``); agreement with
+    scikit-learn in float64 (and which is the more accurate far from the origin): see
+    docs/RESULTS.md.
 
     Data, parameters and computations share the device and dtype (float32 or float64) of the
     tensor passed to :meth:`fit`; later inputs are moved there.
@@ -248,75 +225,36 @@ class GaussianMixture(Mixture):
             self.precisions_ = p.clone()
             self.covariances_ = 1 / p
 
-    # -- exponential-family form ------------------------------------------------------------------
+    # -- the E- and M-step: the computation chosen for the covariance type and dtype -------------
+
+    def _start(self, x: Tensor) -> None:
+        self._shift = self._rows.mean(x)
+        self._computation = computation(self.covariance_type, x.dtype)
 
     def _prepare(self, x: Tensor) -> Tensor:
         return x - self._shift
 
-    def _centred(self, dtype: torch.dtype) -> bool:
-        """float32 full/tied: per-component centring, as scikit-learn, not the expansion."""
-        return self.covariance_type in ("full", "tied") and dtype == torch.float32
-
     def _work_width(self, x: Tensor) -> int | None:
-        return self.n_components * x.shape[1] if self._centred(x.dtype) else None
+        return self._computation.work_width(self.n_components, x.shape[1])
 
-    def _features(self, x: Tensor) -> Tensor:
-        n, d = x.shape
-        if self._centred(x.dtype):
-            return x
-        if self.covariance_type in ("full", "tied"):
-            out = x.new_empty(n, d + d * (d + 1) // 2)
-            out[:, :d] = x
-            _quadratic_features(x, out[:, d:])
-            return out
-        if self.covariance_type == "diag":
-            return torch.cat([x, x * x], 1)
-        return torch.cat([x, (x * x).sum(1, keepdim=True)], 1)
+    def _statistics(self, x: Tensor) -> Tensor:
+        return self._computation.statistics(x)
 
     def _natural(self) -> tuple[Tensor, ...]:
         mu = self.means_ - self._shift
-        k, d = mu.shape
-        u = self.precisions_cholesky_
-        if self._centred(mu.dtype):  # y = x U_k - mu_k U_k for all k in one product
-            u = u.expand(k, d, d)
-            log_det = u.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-            b = self.weights_.log() + log_det - 0.5 * d * LOG_2PI
-            return u.transpose(0, 1).reshape(d, k * d), -(mu.unsqueeze(1) @ u).reshape(k * d), b
-        if self.covariance_type in ("full", "tied"):
-            u = u.expand(k, d, d)
-            p = u @ u.mT
-            pmu = (p @ mu.unsqueeze(-1)).squeeze(-1)
-            rows, cols = torch.triu_indices(d, d, device=mu.device)
-            quad = p[:, rows, cols] * torch.where(rows == cols, -0.5, -1.0).to(p.dtype)
-            log_det = u.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        else:
-            prec = u * u
-            if self.covariance_type == "spherical":
-                pmu, quad = mu * prec[:, None], -0.5 * prec[:, None]
-                log_det = d * u.log()
-            else:
-                pmu, quad = mu * prec, -0.5 * prec
-                log_det = u.log().sum(-1)
-        b = self.weights_.log() - 0.5 * (mu * pmu).sum(-1) + log_det - 0.5 * d * LOG_2PI
-        return torch.cat([pmu, quad], 1), b
+        return self._computation.natural(self.weights_, mu, self.precisions_cholesky_)
 
-    def _joint(self, feats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
-        if not self._centred(feats.dtype):
-            return super()._joint(feats, natural)
-        u_all, offset, b = natural  # (D, K D), (K D,), (K,)
-        k = b.shape[0]
-        y = torch.addmm(offset, feats, u_all).square_()  # ((x - mu_k) U_k)^2, (n, K D)
-        return b.unsqueeze(1) - 0.5 * y.view(feats.shape[0], k, -1).sum(-1).T
+    def _joint(self, stats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
+        return self._computation.joint(stats, natural)
 
-    def _sums(self, resp: Tensor, feats: Tensor) -> Tensor:
-        if not self._centred(feats.dtype):
-            return resp @ feats
-        # sum_n r x and the scatter sum_n r (x - c_k)(x - c_k)^T about the current means c_k
-        z = (feats.unsqueeze(0) - (self.means_ - self._shift).unsqueeze(1)) * resp.sqrt()[..., None]
-        return torch.cat([resp @ feats, (z.mT @ z).flatten(1)], 1)
+    def _sums(self, resp: Tensor, stats: Tensor) -> Tensor:
+        return self._computation.sums(resp, stats, self._centre)
+
+    def _centre(self) -> Tensor:
+        return self.means_ - self._shift
 
     def _centre_on(self, resp: Tensor, x: Tensor) -> None:
-        if self._centred(x.dtype):  # the first scatter sums are taken about the weighted means
+        if self._computation.centres_first:  # the first scatter is taken about weighted means
             reduce = self._rows.reduce
             nk_eps = reduce(resp.sum(0)) + 10 * torch.finfo(x.dtype).eps
             self.means_ = reduce(resp.T @ x) / nk_eps[:, None] + self._shift
@@ -325,61 +263,12 @@ class GaussianMixture(Mixture):
         d = self._shift.shape[0]
         nk_eps = nk + 10 * torch.finfo(nk.dtype).eps  # as scikit-learn, no empty component
         mu = stats[:, :d] / nk_eps[:, None]
-        centre = self.means_ - self._shift if self._centred(stats.dtype) else None
+        cov = self._computation.covariance(stats, nk, nk_eps, mu, self._centre)
         self.weights_ = nk_eps / nk_eps.sum()
         self.means_ = mu + self._shift
-        if self.covariance_type in ("full", "tied"):
-            if centre is not None:  # from the scatter S about c: S - e d^T - d e^T + n_k d d^T
-                scatter = stats[:, d:].reshape(-1, d, d)
-                e = stats[:, :d] - nk[:, None] * centre  # sum_n r (x - c)
-                delta = mu - centre
-                cross = e.unsqueeze(-1) * delta.unsqueeze(-2)
-                s = scatter - cross - cross.mT + nk[:, None, None] * _outer(delta)
-                full = self.covariance_type == "full"
-                cov = s / nk_eps[:, None, None] if full else s.sum(0) / nk_eps.sum()
-            else:  # sum_n r (x - mu)(x - mu)^T / N_k = S / N_k - (2 - n_k / N_k) mu mu^T, with
-                # N_k = n_k + 10 eps (scikit-learn's), from the uncentred moments S = sum_n r x x^T
-                correction = 2 - nk / nk_eps
-                rows, cols = torch.triu_indices(d, d, device=mu.device)
-                s = stats.new_zeros(stats.shape[0], d, d)
-                s[:, rows, cols] = stats[:, d:]
-                s[:, cols, rows] = stats[:, d:]
-                outer = _outer(mu)
-                if self.covariance_type == "full":
-                    cov = s / nk_eps[:, None, None] - correction[:, None, None] * outer
-                else:  # pooled, as scikit-learn: (X^T X - sum_k N_k mu_k mu_k^T) / sum_k N_k
-                    cov = (s.sum(0) - (nk_eps[:, None, None] * outer).sum(0)) / nk_eps.sum()
-            cov.diagonal(dim1=-2, dim2=-1).add_(float(self.reg_covar))
-            lower, info = torch.linalg.cholesky_ex(cov)
-            if (info != 0).any():
-                which = (
-                    f"of component(s) {(info != 0).nonzero().flatten().tolist()}"
-                    if info.dim()
-                    else "(tied)"
-                )
-                raise InputError(
-                    f"the covariance {which} is singular even with reg_covar={self.reg_covar:g}; "
-                    f"increase reg_covar (e.g. to 1e-3), use fewer components or scale the data"
-                    + (", or fit in float64" if cov.dtype == torch.float32 else "")
-                )
-            eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-            u = torch.linalg.solve_triangular(lower, eye, upper=False).mT
-            self.covariances_, self.precisions_cholesky_ = cov, u
-            self.precisions_ = u @ u.mT
-            return
-        if self.covariance_type == "diag":  # scikit-learn's estimate: E_r[x^2] - mu^2
-            var = stats[:, d:] / nk_eps[:, None] - mu * mu
-        else:  # its mean over dimensions, from E_r[|x|^2]
-            var = (stats[:, d] / nk_eps - (mu * mu).sum(1)) / d
-        var = var + float(self.reg_covar)
-        if not (var > 0).all():
-            raise InputError(
-                f"a component's variance is not positive even with reg_covar={self.reg_covar:g}; "
-                f"increase reg_covar (e.g. to 1e-3), use fewer components or scale the data"
-            )
-        self.covariances_ = var
-        self.precisions_cholesky_ = var.rsqrt()
-        self.precisions_ = 1 / var
+        self.covariances_, self.precisions_cholesky_, self.precisions_ = (
+            self._computation.precisions(cov, float(self.reg_covar))
+        )
 
     def _parameters(self) -> dict[str, Tensor]:
         names = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
