@@ -19,7 +19,7 @@ from ppl_vae.mixture import (
     BernoulliMixture,
     ConvergenceWarning,
     GaussianMixture,
-    base,
+    chunks,
 )
 from ppl_vae.registry import Entry
 
@@ -34,9 +34,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::ppl_vae.mixture.ConvergenceWarn
 def test_warm_start_continues_where_the_last_fit_stopped():
     x, w, m, p = blobs()
     t = torch.from_numpy
-    straight = GaussianMixture(4, tol=0, max_iter=10).fit(t(x), t(w), t(m), t(p["full"]))
+    straight = GaussianMixture(4, tol=0, max_iter=10).fit(
+        t(x), weights_init=t(w), means_init=t(m), precisions_init=t(p["full"])
+    )
     warm = GaussianMixture(4, tol=0, max_iter=4, warm_start=True)
-    warm.fit(t(x), t(w), t(m), t(p["full"]))
+    warm.fit(t(x), weights_init=t(w), means_init=t(m), precisions_init=t(p["full"]))
     warm.max_iter = 6
     warm.fit(t(x))
     assert torch.allclose(warm.means_, straight.means_, rtol=1e-10)
@@ -63,11 +65,13 @@ def test_results_do_not_depend_on_chunks_or_on_caching(monkeypatch):
     x, w, m, p = blobs()
     t = torch.from_numpy
     runs = []
-    for rows, cache in ((None, base.CACHE_BYTES), (7, base.CACHE_BYTES), (7, 0)):
+    for rows, cache in ((None, chunks.CACHE_BYTES), (7, chunks.CACHE_BYTES), (7, 0)):
         if rows is not None:
-            monkeypatch.setattr(base, "_chunk_rows", lambda width, x, rows=rows: rows)
-        monkeypatch.setattr(base, "CACHE_BYTES", cache)
-        gm = GaussianMixture(4, tol=0, max_iter=10).fit(t(x), t(w), t(m), t(p["full"]))
+            monkeypatch.setattr(chunks, "chunk_rows", lambda width, x, rows=rows: rows)
+        monkeypatch.setattr(chunks, "CACHE_BYTES", cache)
+        gm = GaussianMixture(4, tol=0, max_iter=10).fit(
+            t(x), weights_init=t(w), means_init=t(m), precisions_init=t(p["full"])
+        )
         runs.append((gm.means_, gm.history_, gm.score_samples(t(x))))
     for means, history, log_p in runs[1:]:
         assert torch.allclose(means, runs[0][0], rtol=1e-12)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae.mixture.kmeans import _kmeans, _kmeans_plusplus, _nearest
+from ppl_vae.mixture.kmeans import kmeans, kmeans_plusplus, nearest
 
 
 def separated(n=900, d=5, k=6, seed=0):
@@ -19,7 +19,7 @@ def test_nearest_is_the_brute_force_argmin():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 4, generator=g, dtype=torch.float64)
     centres = torch.randn(7, 4, generator=g, dtype=torch.float64)
-    assert torch.equal(_nearest(x, centres), torch.cdist(x, centres).argmin(1))
+    assert torch.equal(nearest(x, centres), torch.cdist(x, centres).argmin(1))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -28,7 +28,7 @@ def test_kmeans_finds_the_partition_of_well_separated_blobs_as_sklearn(seed):
     metrics = pytest.importorskip("sklearn.metrics")
     x, truth = separated(seed=seed)
     sk = cluster.KMeans(6, n_init=10, random_state=seed).fit_predict(x)
-    ours = _kmeans(torch.from_numpy(x), 6, torch.Generator().manual_seed(seed))
+    ours = kmeans(torch.from_numpy(x), 6, torch.Generator().manual_seed(seed))
     assert ours.shape == (900,) and ours.dtype == torch.int64
     assert metrics.adjusted_rand_score(sk, ours.numpy()) == 1.0
     assert metrics.adjusted_rand_score(truth, ours.numpy()) == 1.0
@@ -37,19 +37,19 @@ def test_kmeans_finds_the_partition_of_well_separated_blobs_as_sklearn(seed):
 @pytest.mark.parametrize("seed", range(5))
 def test_kmeans_plusplus_returns_k_distinct_indices_one_per_separated_blob(seed):
     x, truth = separated(seed=seed)
-    seeds = _kmeans_plusplus(torch.from_numpy(x), 6, torch.Generator().manual_seed(seed))
+    seeds = kmeans_plusplus(torch.from_numpy(x), 6, torch.Generator().manual_seed(seed))
     assert seeds.shape == (6,) and seeds.dtype == torch.int64
     assert len(set(seeds.tolist())) == 6 and seeds.min() >= 0 and seeds.max() < len(x)
     assert sorted(truth[seeds.numpy()].tolist()) == list(range(6))  # far apart: one per blob
-    again = _kmeans_plusplus(torch.from_numpy(x), 6, torch.Generator().manual_seed(seed))
+    again = kmeans_plusplus(torch.from_numpy(x), 6, torch.Generator().manual_seed(seed))
     assert torch.equal(seeds, again)
 
 
 def test_kmeans_plusplus_copes_with_fewer_distinct_points_than_seeds():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
-    seeds = _kmeans_plusplus(x, 3, torch.Generator().manual_seed(0))
+    seeds = kmeans_plusplus(x, 3, torch.Generator().manual_seed(0))
     assert seeds.shape == (3,) and set(x[seeds].sum(1).tolist()) == {0.0, 2.0}
-    labels = _kmeans(x, 3, torch.Generator().manual_seed(0))
+    labels = kmeans(x, 3, torch.Generator().manual_seed(0))
     assert torch.equal(labels[::2], labels[:1].expand(10)) and labels[0] != labels[1]
 
 
@@ -59,10 +59,10 @@ def test_kmeans_runs_lloyd_like_sklearn_from_the_same_seeds(seed):
     metrics = pytest.importorskip("sklearn.metrics")
     # overlapping clusters: the seeds' partition is far from the converged one
     x = torch.randn(2000, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    seeds = _kmeans_plusplus(x, 5, torch.Generator().manual_seed(seed))  # the seeds _kmeans uses
-    ours = _kmeans(x, 5, torch.Generator().manual_seed(seed), max_iter=1000, tol=0)
-    assert metrics.adjusted_rand_score(_nearest(x, x[seeds]).numpy(), ours.numpy()) < 0.99
+    seeds = kmeans_plusplus(x, 5, torch.Generator().manual_seed(seed))  # the seeds kmeans uses
+    ours = kmeans(x, 5, torch.Generator().manual_seed(seed), max_iter=1000, tol=0)
+    assert metrics.adjusted_rand_score(nearest(x, x[seeds]).numpy(), ours.numpy()) < 0.99
     sk = cluster.KMeans(5, init=x[seeds].numpy(), n_init=1, max_iter=1000, tol=0).fit(x.numpy())
     assert metrics.adjusted_rand_score(sk.labels_, ours.numpy()) == 1.0
     centres = torch.stack([x[ours == j].mean(0) for j in range(5)])  # a fixed point of Lloyd
-    assert torch.equal(_nearest(x, centres), ours)
+    assert torch.equal(nearest(x, centres), ours)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import inspect
 
-from ppl_vae.mixture.base import INITS, ConvergenceWarning, _Mixture
+from ppl_vae.mixture.base import ConvergenceWarning, Mixture
 from ppl_vae.mixture.bernoulli import BernoulliMixture
-from ppl_vae.mixture.gaussian import COVARIANCE_TYPES, GaussianMixture
+from ppl_vae.mixture.covariances import COVARIANCE_TYPES
+from ppl_vae.mixture.gaussian import GaussianMixture
+from ppl_vae.mixture.inits import INITS
 from ppl_vae.registry import Registry
 
 __all__ = [
@@ -18,7 +20,7 @@ __all__ = [
     "GaussianMixture",
 ]
 
-MIXTURES: Registry[_Mixture] = Registry("mixture")
+MIXTURES: Registry[Mixture] = Registry("mixture")
 """The mixtures by name; each factory is the class, which takes the declared options."""
 
 

@@ -1,57 +1,36 @@
-r"""EM shared by the mixtures: the fused E/M pass, initialisation, checks and prediction."""
+r"""EM shared by the mixtures: the fused E/M pass, initialisation, fit and prediction."""
 
 from __future__ import annotations
 
-import inspect
 import math
-import numbers
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
 from ppl_vae.errors import InputError, NotFittedError
-from ppl_vae.mixture.kmeans import _kmeans, _kmeans_plusplus
+from ppl_vae.mixture.checks import (
+    as_float,
+    check_bool,
+    check_finite,
+    check_integer,
+    check_means_init,
+    check_number,
+    check_seed,
+    check_verbose,
+    check_weights_init,
+)
+from ppl_vae.mixture.chunks import ChunkedStatistics
+from ppl_vae.mixture.inits import INITS
 from ppl_vae.mixture.rows import Rows
-from ppl_vae.registry import Registry
 
-__all__ = [
-    "CACHE_BYTES",
-    "INITS",
-    "ConvergenceWarning",
-    "_Mixture",
-    "_Source",
-    "_as_float",
-    "_check_finite",
-    "_check_integer",
-    "_check_means_init",
-    "_check_number",
-    "_check_seed",
-    "_check_weights_init",
-    "_chunk_rows",
-]
-
-CACHE_BYTES = 2**30  # keep the sufficient statistics of the training set if they fit in this
-
-
-def _chunk_rows(width: int, x: Tensor) -> int:
-    """Rows per pass: a few MiB on CPU (the chunk stays in cache for both products), more on GPU."""
-    target = 2**22 if x.device.type == "cpu" else 2**28
-    return max(64, target // (max(width, 1) * x.element_size()))
-
-
-class ConvergenceWarning(UserWarning):
-    """EM stopped at ``max_iter`` before the change per iteration fell below ``tol``.
-
-    A ``UserWarning``, as scikit-learn's ``sklearn.exceptions.ConvergenceWarning``; silence it
-    with ``warnings.filterwarnings("ignore", category=ConvergenceWarning)``.
-    """
-
+__all__ = ["ConvergenceWarning", "Mixture"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -64,195 +43,7 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def _as_float(x, name: str = "x") -> Tensor:
-    """A float32 or float64 tensor from ``x``, with scikit-learn's choice of dtype.
-
-    float32 and float64 tensors and arrays keep their dtype (a tensor also its device);
-    integer and boolean input, Python lists and numbers become float64. Complex input is
-    refused rather than losing its imaginary part, and other floating dtypes (float16,
-    bfloat16) are a ``TypeError``. NumPy arrays with negative strides or read-only memory are
-    copied, which torch needs.
-    """
-    if isinstance(x, Tensor):
-        if x.is_complex():
-            raise InputError(f"{name} is complex ({x.dtype}); pass real values, e.g. x.real")
-        if not torch.is_floating_point(x):
-            return x.to(torch.float64)
-        if x.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} has dtype {x.dtype}; pass float32 or float64 (x.float())")
-        return x
-    try:
-        a = np.asarray(x)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{name} is not an array of numbers ({e})") from None
-    kind = a.dtype.kind
-    if kind == "c":
-        raise InputError(f"{name} is complex ({a.dtype}); pass real values, e.g. x.real")
-    if kind in "biuO":
-        try:
-            a = a.astype(np.float64)
-        except (TypeError, ValueError):
-            raise InputError(f"{name} has entries that are not real numbers") from None
-    elif kind != "f":
-        raise InputError(f"{name} has dtype {a.dtype}; pass real numbers")
-    elif a.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} has dtype {a.dtype}; pass float32 or float64")
-    if any(step < 0 for step in a.strides) or not a.flags.writeable:
-        a = a.copy()
-    return torch.from_numpy(a)
-
-
-# -- checks shared by the mixtures ---------------------------------------------------------------
-
-
-def _is_bool(value) -> bool:
-    return isinstance(value, (bool, np.bool_))
-
-
-def _check_integer(name: str, value, minimum: int) -> int:
-    """``value`` as an int if it is an integer of at least ``minimum`` (0 or 1).
-
-    Python and NumPy integers (``np.int64(3)``) pass; bools and floats such as 2.0 do not.
-    """
-    if _is_bool(value) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "a positive" if minimum >= 1 else "a non-negative"
-        raise InputError(f"{name} must be {kind} integer, got {value!r}")
-    return int(value)
-
-
-def _check_seed(value) -> int | None:
-    """``value`` if it is None or a non-negative integer (a seed for ``torch.Generator``)."""
-    if value is not None and (
-        _is_bool(value) or not isinstance(value, numbers.Integral) or value < 0
-    ):
-        raise InputError(f"seed must be None or a non-negative integer, got {value!r}")
-    return None if value is None else int(value)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not _is_bool(value):
-        raise InputError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _check_verbose(value) -> int:
-    """``verbose``: a non-negative integer or a bool (True is 1), as scikit-learn takes it."""
-    if _is_bool(value):
-        return int(value)
-    if not isinstance(value, numbers.Integral) or value < 0:
-        raise InputError(f"verbose must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
-def _check_number(name: str, value, positive: bool = False, why: str = "") -> float:
-    """``value`` as a float if it is a real number (not a bool), > 0 or >= 0; NaN fails.
-
-    Python and NumPy numbers pass. ``why`` is put after the requirement in the message,
-    e.g. " (a pseudo-count ...)".
-    """
-    ok = isinstance(value, numbers.Real) and not _is_bool(value)
-    if not ok or not (value > 0 if positive else value >= 0):
-        kind = "a positive" if positive else "a non-negative"
-        raise InputError(f"{name} must be {kind} number{why}, got {value!r}")
-    return float(value)
-
-
-def _check_finite(x: Tensor, name: str, fix: str = "") -> Tensor:
-    """``x`` if it has no NaN or infinite entries; ``fix`` ends the message ("; ...")."""
-    if not torch.isfinite(x).all():
-        raise InputError(f"{name} contains NaN or infinite values{fix}")
-    return x
-
-
-def _check_weights_init(w: Tensor, k: int) -> Tensor:
-    """Initial mixing weights: shape (k,), non-negative, summing to 1."""
-    if w.shape != (k,):
-        raise InputError(f"weights_init must have shape ({k},), got {tuple(w.shape)}")
-    tol = 1e-6 if w.dtype == torch.float32 else 1e-8  # scikit-learn's tolerances
-    if (w < 0).any() or abs(w.sum().item() - 1) > tol:
-        raise InputError(
-            f"weights_init must be non-negative and sum to 1, got sum {w.sum().item():g}; "
-            f"divide by its sum"
-        )
-    return w
-
-
-def _check_means_init(m: Tensor, k: int, d: int, flatten: bool = False) -> Tensor:
-    """Initial means of shape (k, d); with ``flatten``, any shape of k * d entries is reshaped."""
-    if flatten and m.numel() == k * d:
-        m = m.reshape(k, d)
-    if m.shape != (k, d):
-        raise InputError(f"means_init must have shape ({k}, {d}), got {tuple(m.shape)}")
-    return m
-
-
-# -- initial responsibilities --------------------------------------------------------------------
-
-INITS: Registry[Tensor] = Registry("init")
-
-
-def _one_per_component(index: Tensor, k: int, x: Tensor, rows: Rows) -> Tensor:
-    """Responsibilities (n, k) that put point ``index[j]`` (a global row) in component j and
-    leave the rest 0."""
-    which, local = rows.local_index(index)
-    return torch.zeros(x.shape[0], k, dtype=x.dtype, device=x.device).index_put_(
-        (local.to(x.device), which.to(x.device)), torch.ones((), dtype=x.dtype)
-    )
-
-
-@INITS.register("kmeans", help="labels of k-means (Lloyd's, from k-means++ seeds)")
-def _init_kmeans(x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None) -> Tensor:
-    return torch.nn.functional.one_hot(_kmeans(x, k, g, rows=rows), k).to(x.dtype)
-
-
-@INITS.register("k-means++", help="k-means++ seeds, one per component; other points unassigned")
-def _init_kmeans_plusplus(
-    x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None
-) -> Tensor:
-    # like scikit-learn: only the seeds are assigned
-    rows = rows or Rows(x)
-    return _one_per_component(_kmeans_plusplus(x, k, g, rows), k, x, rows)
-
-
-@INITS.register("random", help="uniform random responsibilities, normalised")
-def _init_random(x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None) -> Tensor:
-    rows = rows or Rows(x)
-    resp = rows.mine(torch.rand(rows.total, k, generator=g, dtype=torch.float64)).to(x)
-    return resp / resp.sum(1, keepdim=True)
-
-
-@INITS.register("random_from_data", help="one random point per component")
-def _init_random_from_data(
-    x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None
-) -> Tensor:
-    rows = rows or Rows(x)
-    return _one_per_component(torch.randperm(rows.total, generator=g)[:k], k, x, rows)
-
-
-# -- EM ------------------------------------------------------------------------------------------
-
-
-class _Source:
-    """The sufficient statistics of a training set, in chunks; cached if within CACHE_BYTES."""
-
-    def __init__(self, features, x: Tensor, work_width: int | None = None, cache: bool = True):
-        width = features(x[:1]).shape[1]
-        self.features, self.x = features, x
-        self.rows = _chunk_rows(work_width or width, x)  # work_width: values per row per pass
-        fits = cache and x.shape[0] * width * x.element_size() <= CACHE_BYTES
-        self.cached = features(x) if fits else None
-
-    def chunks(self):
-        """Yields (first row, features of the rows from there) over the whole set."""
-        for start in range(0, self.x.shape[0], self.rows):
-            stop = start + self.rows
-            if self.cached is not None:
-                yield start, self.cached[start:stop]
-            else:
-                yield start, self.features(self.x[start:stop])
-
-
-class _Mixture:
+class Mixture(DensityMixin, BaseEstimator):
     r"""EM for a mixture of exponential-family components, shared by the concrete mixtures.
 
     A component's log-density is linear in sufficient statistics :math:`T(x)`, so the joint
@@ -299,43 +90,23 @@ class _Mixture:
 
     def _check_settings(self) -> None:
         """An InputError naming the first constructor argument that is not valid now."""
-        _check_integer("n_components", self.n_components, 1)
-        _check_number("tol", self.tol)
-        _check_integer("max_iter", self.max_iter, 0)
-        _check_integer("n_init", self.n_init, 1)
+        check_integer("n_components", self.n_components, 1)
+        check_number("tol", self.tol)
+        check_integer("max_iter", self.max_iter, 0)
+        check_integer("n_init", self.n_init, 1)
         INITS.check(self.init)
-        _check_seed(self.seed)
-        _check_bool("warm_start", self.warm_start)
-        _check_verbose(self.verbose)
-        _check_integer("verbose_interval", self.verbose_interval, 1)
+        check_seed(self.seed)
+        check_bool("warm_start", self.warm_start)
+        check_verbose(self.verbose)
+        check_integer("verbose_interval", self.verbose_interval, 1)
 
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        """The constructor's argument names, sorted (scikit-learn's ``_get_param_names``)."""
-        names = []
-        for name, p in inspect.signature(cls.__init__).parameters.items():
-            if p.kind == p.VAR_POSITIONAL:
-                raise TypeError(f"{cls.__name__}.__init__ must not take *{name}")
-            if name != "self" and p.kind != p.VAR_KEYWORD:
-                names.append(name)
-        return sorted(names)
-
-    def get_params(self, deep: bool = True) -> dict:
-        """The constructor arguments by name, as scikit-learn's ``get_params``.
-
-        ``type(m)(**m.get_params())`` is an unfitted copy of ``m`` with the same settings, which
-        is what ``sklearn.base.clone(m)`` builds. No argument is itself an estimator, so ``deep``
-        changes nothing.
-        """
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params) -> _Mixture:
+    def set_params(self, **params) -> Mixture:
         """Sets constructor arguments by name (as scikit-learn's ``set_params``); returns ``self``.
 
         An unknown name or an invalid value is an InputError and changes nothing. New settings
         apply to the next :meth:`fit`.
         """
-        names = self._param_names()
+        names = self._get_param_names()
         for name in params:
             if name not in names:
                 raise InputError(
@@ -343,8 +114,7 @@ class _Mixture:
                     f"{', '.join(names)}"
                 )
         before = {name: getattr(self, name) for name in params}
-        for name, value in params.items():
-            setattr(self, name, value)
+        super().set_params(**params)
         try:
             self._check_settings()
         except InputError:
@@ -352,16 +122,6 @@ class _Mixture:
                 setattr(self, name, value)
             raise
         return self
-
-    def __repr__(self) -> str:
-        """The class and the arguments that differ from their defaults, as scikit-learn's."""
-        parameters = inspect.signature(type(self).__init__).parameters
-        given = [
-            f"{name}={getattr(self, name)!r}"
-            for name, p in parameters.items()
-            if name in self._param_names() and repr(getattr(self, name)) != repr(p.default)
-        ]
-        return f"{type(self).__name__}({', '.join(given)})"
 
     # -- hooks of the concrete mixtures ----------------------------------------------------------
 
@@ -397,7 +157,7 @@ class _Mixture:
                 f"x has {n} points but n_components={self.n_components}; use at most "
                 f"{n} components or more data"
             )
-        return _check_finite(x, "x", "; clean or drop those rows")
+        return check_finite(x, "x", "; clean or drop those rows")
 
     def _check_inits(self, inits: dict, x: Tensor) -> dict:
         """The initial parameters given to fit, as finite tensors like ``x``, shapes checked.
@@ -408,12 +168,12 @@ class _Mixture:
         out = {}
         for name, value in inits.items():
             if value is not None:
-                value = _check_finite(_as_float(value, f"{name}_init").to(x), f"{name}_init")
+                value = check_finite(as_float(value, f"{name}_init").to(x), f"{name}_init")
             out[name] = value
         if out["weights"] is not None:
-            _check_weights_init(out["weights"], k)
+            check_weights_init(out["weights"], k)
         if out["means"] is not None:
-            out["means"] = _check_means_init(out["means"], k, d, flatten=self._flat_means)
+            out["means"] = check_means_init(out["means"], k, d, flatten=self._flat_means)
         return out
 
     def _override(self, inits: dict, x: Tensor) -> None:
@@ -423,7 +183,10 @@ class _Mixture:
         if inits["means"] is not None:
             self.means_ = inits["means"].clone()
 
-    def _features(self, x: Tensor) -> Tensor:
+    def _start(self, x: Tensor) -> None:
+        """Called with the points (checked) when a fit starts afresh, not on a warm start."""
+
+    def _statistics(self, x: Tensor) -> Tensor:
         """Sufficient statistics T(x), shape (n, F), of prepared (e.g. centred) points."""
         raise NotImplementedError
 
@@ -469,6 +232,10 @@ class _Mixture:
     def _fitted(self) -> bool:
         return hasattr(self, "weights_")
 
+    def __sklearn_is_fitted__(self) -> bool:
+        """What ``sklearn.utils.validation.check_is_fitted`` asks."""
+        return self._fitted
+
     def _require_fitted(self, method: str) -> None:
         if not self._fitted:
             raise NotFittedError(
@@ -487,7 +254,7 @@ class _Mixture:
         if self.verbose >= level:
             print(text, flush=True)
 
-    def _pass(self, source: _Source) -> tuple[Tensor, Tensor, Tensor]:
+    def _pass(self, source: ChunkedStatistics) -> tuple[Tensor, Tensor, Tensor]:
         """One E-step fused with the M-step's sums: (r^T T(x), sum_n r, sum_n log p(x_n)).
 
         Components run along rows, (K, n), so that the product is ``A @ T^T`` (the layout is
@@ -516,7 +283,7 @@ class _Mixture:
         return reduce(stats), reduce(nk), reduce(total)
 
     def _em(
-        self, source: _Source, n: int, lower_bound: float, run: int
+        self, source: ChunkedStatistics, n: int, lower_bound: float, run: int
     ) -> tuple[list[float], bool, int]:
         history, converged, n_iter = [], False, 0
         clock = time.perf_counter()
@@ -556,7 +323,7 @@ class _Mixture:
             return INITS[self.init].factory(x, self.n_components, g, rows=self._rows)
         return INITS[self.init].factory(x, self.n_components, g)
 
-    def _initialize(self, source: _Source, x: Tensor, g: torch.Generator) -> None:
+    def _initialize(self, source: ChunkedStatistics, x: Tensor, g: torch.Generator) -> None:
         """Parameters from one M-step on the initial responsibilities."""
         resp = self._initial_resp(x, g)
         self._centre_on(resp, x)
@@ -570,7 +337,7 @@ class _Mixture:
                 nk += r.sum(1)
         self._m_step(self._rows.reduce(stats), self._rows.reduce(nk))
 
-    def _fit(self, x, inits: dict) -> _Mixture:
+    def _fit(self, x, inits: dict) -> Mixture:
         state = dict(self.__dict__)
         try:
             self._fit_or_raise(x, inits)
@@ -590,7 +357,7 @@ class _Mixture:
 
     def _fit_or_raise(self, x, inits: dict) -> None:
         self._check_settings()  # attributes may have been assigned since construction
-        x = _as_float(x)
+        x = as_float(x)
         self._rows = Rows(x, self.sharded)
         x = self._check_input(x, fitting=True)
         do_init = not (self.warm_start and self._fitted)
@@ -598,9 +365,9 @@ class _Mixture:
             x = x.to(self.weights_)
         inits = self._check_inits(inits, x)
         if do_init:
-            self._shift = self._rows.mean(x)
+            self._start(x)
         xc = self._prepare(x)
-        source = _Source(self._features, xc, self._work_width(xc))
+        source = ChunkedStatistics(self._statistics, xc, self._work_width(xc))
         g = self._generator()
         best = None
         runs = int(self.n_init) if do_init else 1
@@ -632,14 +399,14 @@ class _Mixture:
 
     # -- prediction ------------------------------------------------------------------------------
 
-    def fit_predict(self, x, *args, **kwargs) -> Tensor:
+    def fit_predict(self, x, y=None, **kwargs) -> Tensor:
         """Fits the mixture to ``x`` (arguments as :meth:`fit`); returns the labels of ``x``.
 
         As scikit-learn's ``fit_predict``: the labels come from an E-step with the fitted
         parameters (after the last M-step), so they equal ``fit(x, ...).predict(x)`` for any
         ``max_iter`` and ``tol``.
         """
-        return self.fit(x, *args, **kwargs).predict(x)
+        return self.fit(x, y, **kwargs).predict(x)
 
     def joint_log_prob(self, x) -> Tensor:
         r""":math:`\log w_k + \log p(x_n \mid \theta_k)` for all points and components, (N, K)."""
@@ -647,8 +414,10 @@ class _Mixture:
 
     def _joint_log_prob(self, x, method: str) -> Tensor:
         self._require_fitted(method)
-        x = self._check_input(_as_float(x).to(self.weights_), fitting=False)
-        source = _Source(self._features, self._prepare(x), self._work_width(x), cache=False)
+        x = self._check_input(as_float(x).to(self.weights_), fitting=False)
+        source = ChunkedStatistics(
+            self._statistics, self._prepare(x), self._work_width(x), cache=False
+        )
         natural = self._natural()
         return torch.cat([self._joint(feats, natural).T for _, feats in source.chunks()])
 
@@ -687,7 +456,7 @@ class _Mixture:
     def _labels(
         self, n_samples: int, generator: torch.Generator | None
     ) -> tuple[Tensor, torch.Generator]:
-        n_samples = _check_integer("n_samples", n_samples, 1)
+        n_samples = check_integer("n_samples", n_samples, 1)
         g = generator if generator is not None else self._generator()
         z = torch.multinomial(self.weights_.cpu(), n_samples, replacement=True, generator=g)
         return z.to(self.weights_.device), g

@@ -9,12 +9,13 @@ from torch import Tensor
 from torch.distributions import Bernoulli, Categorical, Independent, MixtureSameFamily
 
 from ppl_vae.errors import InputError
-from ppl_vae.mixture.base import _as_float, _check_number, _Mixture
+from ppl_vae.mixture.base import Mixture
+from ppl_vae.mixture.checks import as_float, check_number
 
 __all__ = ["BernoulliMixture"]
 
 
-class BernoulliMixture(_Mixture):
+class BernoulliMixture(Mixture):
     r"""A mixture of products of Bernoullis for binary data (e.g. images), fitted by MAP-EM.
 
     .. math::
@@ -87,19 +88,27 @@ class BernoulliMixture(_Mixture):
 
     def _check_settings(self) -> None:
         why = " (a pseudo-count that keeps probabilities off 0 and 1)"
-        _check_number("alpha", self.alpha, positive=True, why=why)
+        check_number("alpha", self.alpha, positive=True, why=why)
         super()._check_settings()
 
-    def fit(self, x, weights_init: Tensor | None = None, means_init: Tensor | None = None):
+    def fit(
+        self,
+        x,
+        y=None,
+        *,
+        weights_init: Tensor | None = None,
+        means_init: Tensor | None = None,
+    ) -> BernoulliMixture:
         """Fits the mixture to binary points ``x`` of shape (N, ...) by MAP-EM; returns ``self``.
 
         Arguments:
             x: Binary (0/1) points, N >= 2 and N >= ``n_components``; integer and boolean
                 input becomes float64.
+            y: Ignored; there for scikit-learn's ``Pipeline.fit(X, y)`` and cross-validation.
             weights_init: Initial weights (K,), non-negative, summing to 1.
             means_init: Initial pixel probabilities (K, D), strictly inside (0, 1).
         """
-        x = _as_float(x)
+        x = as_float(x)
         self._fit(x, {"weights": weights_init, "means": means_init})
         self.event_shape_ = tuple(x.shape[1:])
         return self
@@ -125,7 +134,7 @@ class BernoulliMixture(_Mixture):
             raise InputError("means_init must lie strictly between 0 and 1")
         return out
 
-    def _features(self, x: Tensor) -> Tensor:
+    def _statistics(self, x: Tensor) -> Tensor:
         return x
 
     def _natural(self) -> tuple[Tensor, Tensor]:

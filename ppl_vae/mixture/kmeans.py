@@ -7,16 +7,16 @@ from torch import Tensor
 
 from ppl_vae.mixture.rows import Rows
 
-__all__ = ["_kmeans", "_kmeans_plusplus", "_nearest"]
+__all__ = ["kmeans", "kmeans_plusplus", "nearest"]
 
 
-def _nearest(x: Tensor, centers: Tensor) -> Tensor:
+def nearest(x: Tensor, centers: Tensor) -> Tensor:
     """Index of the nearest row of ``centers`` for every row of ``x``."""
     d = (centers * centers).sum(1) - 2 * (x @ centers.T)
     return d.argmin(1)
 
 
-def _kmeans_plusplus(x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None) -> Tensor:
+def kmeans_plusplus(x: Tensor, k: int, g: torch.Generator, rows: Rows | None = None) -> Tensor:
     """Indices of k-means++ seeds (Arthur & Vassilvitskii 2007): each next one drawn with
     probability proportional to its squared distance from the nearest seed so far.
 
@@ -45,7 +45,7 @@ def _kmeans_plusplus(x: Tensor, k: int, g: torch.Generator, rows: Rows | None = 
     return torch.tensor(seeds)
 
 
-def _kmeans(
+def kmeans(
     x: Tensor,
     k: int,
     g: torch.Generator,
@@ -61,9 +61,9 @@ def _kmeans(
     stopping test are over all shards.
     """
     rows = rows or Rows(x)
-    centers = rows.take(x, _kmeans_plusplus(x, k, g, rows))
+    centers = rows.take(x, kmeans_plusplus(x, k, g, rows))
     limit = tol * rows.var(x).mean()
-    labels = _nearest(x, centers)
+    labels = nearest(x, centers)
     for _ in range(max_iter):
         onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)
         counts = rows.reduce(onehot.sum(0))
@@ -71,7 +71,7 @@ def _kmeans(
         moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
         shift = ((moved - centers) ** 2).sum()
         centers = moved
-        new = _nearest(x, centers)
+        new = nearest(x, centers)
         changed = rows.reduce(torch.tensor(float(not torch.equal(new, labels)), device=x.device))
         if not changed > 0 or shift <= limit:
             return new

@@ -34,7 +34,7 @@ class Rows:
         """``t`` summed over the shards (in place); ``t`` in one process."""
         return all_reduce_sum(t) if self.sharded else t
 
-    def mine(self, t: Tensor) -> Tensor:
+    def local_rows(self, t: Tensor) -> Tensor:
         """This shard's rows of ``t``, a tensor over all ``total`` rows."""
         return t[self.offset : self.offset + self.n] if self.sharded else t
 

@@ -1,0 +1,268 @@
+r"""The Gaussian mixture's E- and M-step, one computation per covariance type and dtype.
+
+:func:`computation` picks one when a fit starts; the mixture then calls it without asking which
+it is. Points are centred on the data mean (``mu`` below is a mean minus that shift).
+
+*Moments* (every covariance type in float64; ``diag`` and ``spherical`` in float32): the
+log-density is linear in the sufficient statistics :math:`T(x) = (x, x_i x_j)_{i \le j}` (or
+:math:`x_i^2`, or :math:`|x|^2`), so the E-step is one product :math:`T(x) A` and the M-step's
+sums one product :math:`r^\top T(x)`. *Scatter* (``full`` and ``tied`` in float32): the expansion
+:math:`x^\top P x - 2 x^\top P \mu + \mu^\top P \mu` rounds to about machine epsilon times the
+squared Mahalanobis distance from the data mean, too much in float32 for thin components far
+from it; so, as scikit-learn, :math:`\|(x - \mu_k) U_k\|^2` from one product
+:math:`x [U_1 \dots U_K]`, and the M-step sums the scatter about the current means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ppl_vae.errors import InputError
+from ppl_vae.registry import Registry
+
+__all__ = ["COVARIANCE_TYPES", "LOG_2PI", "Computation", "computation"]
+
+LOG_2PI = math.log(2 * math.pi)
+
+COVARIANCE_TYPES: Registry[tuple[int, ...]] = Registry("covariance type")
+"""The covariance types; each factory maps (K, D) to the shape of the precisions."""
+COVARIANCE_TYPES.register("full", lambda k, d: (k, d, d), help="one (D, D) covariance each")
+COVARIANCE_TYPES.register("tied", lambda k, d: (d, d), help="one (D, D) covariance shared by all")
+COVARIANCE_TYPES.register("diag", lambda k, d: (k, d), help="one diagonal covariance each")
+COVARIANCE_TYPES.register("spherical", lambda k, d: (k,), help="one variance each")
+
+
+def _outer(v: Tensor) -> Tensor:
+    """v v^T for every row of ``v``, (K, D) -> (K, D, D)."""
+    return v.unsqueeze(-1) * v.unsqueeze(-2)
+
+
+def _quadratic_features(x: Tensor, out: Tensor) -> Tensor:
+    """Writes the products x_i x_j (i <= j, row-major upper triangle) of every row into ``out``."""
+    d, start = x.shape[1], 0
+    for i in range(d):
+        torch.mul(x[:, i : i + 1], x[:, i:], out=out[:, start : start + d - i])
+        start += d - i
+    return out
+
+
+Centre = Callable[[], Tensor]
+"""The current (centred) means, (K, D), computed when called: the scatter's centre."""
+
+
+# -- precisions from a covariance estimate -----------------------------------------------------
+
+
+def _matrix_precisions(cov: Tensor, reg_covar: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(covariances, U, precisions) of (K, D, D) or (D, D) covariances plus ``reg_covar`` I."""
+    cov.diagonal(dim1=-2, dim2=-1).add_(reg_covar)
+    lower, info = torch.linalg.cholesky_ex(cov)
+    if (info != 0).any():
+        which = (
+            f"of component(s) {(info != 0).nonzero().flatten().tolist()}"
+            if info.dim()
+            else "(tied)"
+        )
+        raise InputError(
+            f"the covariance {which} is singular even with reg_covar={reg_covar:g}; "
+            f"increase reg_covar (e.g. to 1e-3), use fewer components or scale the data"
+            + (", or fit in float64" if cov.dtype == torch.float32 else "")
+        )
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    u = torch.linalg.solve_triangular(lower, eye, upper=False).mT
+    return cov, u, u @ u.mT
+
+
+def _vector_precisions(var: Tensor, reg_covar: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(variances, their rsqrt, precisions) of (K, D) or (K,) variances plus ``reg_covar``."""
+    var = var + reg_covar
+    if not (var > 0).all():
+        raise InputError(
+            f"a component's variance is not positive even with reg_covar={reg_covar:g}; "
+            f"increase reg_covar (e.g. to 1e-3), use fewer components or scale the data"
+        )
+    return var, var.rsqrt(), 1 / var
+
+
+# -- the computations ----------------------------------------------------------------------------
+
+
+class Computation:
+    """The moments form: ``statistics``, ``natural`` (A, b), the default ``joint`` and ``sums``.
+
+    A subclass gives :meth:`statistics`, :meth:`_linear` (or :meth:`natural`) and
+    :meth:`covariance`, and ``precisions``, which adds ``reg_covar`` and factors the estimate.
+    """
+
+    centres_first = False  # the first sums are taken about the weighted means (scatter)
+    precisions = staticmethod(_matrix_precisions)
+
+    def work_width(self, k: int, d: int) -> int | None:
+        """Values per row a pass works on, if more than the statistics have."""
+        return None
+
+    def statistics(self, x: Tensor) -> Tensor:
+        """T(x) of centred points, shape (n, F)."""
+        raise NotImplementedError
+
+    def _linear(self, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """P mu (K, D), the coefficients of the quadratic statistics, log det U (K,)."""
+        raise NotImplementedError
+
+    def natural(self, weights: Tensor, mu: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+        """A (K, F) and b (K,) with log w_k + log p(x | k) = A T(x) + b."""
+        pmu, quad, log_det = self._linear(mu, u)
+        d = mu.shape[1]
+        b = weights.log() - 0.5 * (mu * pmu).sum(-1) + log_det - 0.5 * d * LOG_2PI
+        return torch.cat([pmu, quad], 1), b
+
+    def joint(self, stats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
+        """log w_k + log p(x_n | k) for a chunk, shape (K, n)."""
+        a, b = natural
+        return torch.addmm(b.unsqueeze(1), a, stats.T)
+
+    def sums(self, resp: Tensor, stats: Tensor, centre: Centre) -> Tensor:
+        """The M-step's sums over a chunk from responsibilities (K, n)."""
+        return resp @ stats
+
+    def covariance(
+        self, stats: Tensor, nk: Tensor, nk_eps: Tensor, mu: Tensor, centre: Centre
+    ) -> Tensor:
+        """The covariance estimate (before ``reg_covar``) from the sums, the counts ``nk``
+        (``nk_eps``: plus 10 eps, scikit-learn's) and the new means ``mu``."""
+        raise NotImplementedError
+
+
+class _FullMoments(Computation):
+    def statistics(self, x: Tensor) -> Tensor:
+        n, d = x.shape
+        out = x.new_empty(n, d + d * (d + 1) // 2)
+        out[:, :d] = x
+        _quadratic_features(x, out[:, d:])
+        return out
+
+    def _linear(self, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        k, d = mu.shape
+        u = u.expand(k, d, d)
+        p = u @ u.mT
+        pmu = (p @ mu.unsqueeze(-1)).squeeze(-1)
+        rows, cols = torch.triu_indices(d, d, device=mu.device)
+        quad = p[:, rows, cols] * torch.where(rows == cols, -0.5, -1.0).to(p.dtype)
+        return pmu, quad, u.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+    @staticmethod
+    def _second_moments(stats: Tensor, d: int) -> Tensor:
+        """S = sum_n r x x^T (K, D, D) from its upper triangle."""
+        rows, cols = torch.triu_indices(d, d, device=stats.device)
+        s = stats.new_zeros(stats.shape[0], d, d)
+        s[:, rows, cols] = stats[:, d:]
+        s[:, cols, rows] = stats[:, d:]
+        return s
+
+    def covariance(self, stats, nk, nk_eps, mu, centre):
+        # sum_n r (x - mu)(x - mu)^T / N_k = S / N_k - (2 - n_k / N_k) mu mu^T
+        s = self._second_moments(stats, mu.shape[1])
+        correction = 2 - nk / nk_eps
+        return s / nk_eps[:, None, None] - correction[:, None, None] * _outer(mu)
+
+
+class _TiedMoments(_FullMoments):
+    def covariance(self, stats, nk, nk_eps, mu, centre):
+        # pooled, as scikit-learn: (X^T X - sum_k N_k mu_k mu_k^T) / sum_k N_k
+        s = self._second_moments(stats, mu.shape[1])
+        return (s.sum(0) - (nk_eps[:, None, None] * _outer(mu)).sum(0)) / nk_eps.sum()
+
+
+class _DiagMoments(Computation):
+    precisions = staticmethod(_vector_precisions)
+
+    def statistics(self, x: Tensor) -> Tensor:
+        return torch.cat([x, x * x], 1)
+
+    def _linear(self, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        prec = u * u
+        return mu * prec, -0.5 * prec, u.log().sum(-1)
+
+    def covariance(self, stats, nk, nk_eps, mu, centre):
+        d = mu.shape[1]  # scikit-learn's estimate: E_r[x^2] - mu^2
+        return stats[:, d:] / nk_eps[:, None] - mu * mu
+
+
+class _SphericalMoments(Computation):
+    precisions = staticmethod(_vector_precisions)
+
+    def statistics(self, x: Tensor) -> Tensor:
+        return torch.cat([x, (x * x).sum(1, keepdim=True)], 1)
+
+    def _linear(self, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        prec = u * u
+        return mu * prec[:, None], -0.5 * prec[:, None], mu.shape[1] * u.log()
+
+    def covariance(self, stats, nk, nk_eps, mu, centre):
+        d = mu.shape[1]  # the mean of diag's estimate over dimensions, from E_r[|x|^2]
+        return (stats[:, d] / nk_eps - (mu * mu).sum(1)) / d
+
+
+class _FullScatter(Computation):
+    centres_first = True
+
+    def work_width(self, k: int, d: int) -> int | None:
+        return k * d
+
+    def statistics(self, x: Tensor) -> Tensor:
+        return x
+
+    def natural(self, weights: Tensor, mu: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+        """[U_1 ... U_K] (D, K D), -[mu_1 U_1 ... mu_K U_K] (K D,) and b (K,)."""
+        k, d = mu.shape
+        u = u.expand(k, d, d)
+        log_det = u.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        b = weights.log() + log_det - 0.5 * d * LOG_2PI
+        return u.transpose(0, 1).reshape(d, k * d), -(mu.unsqueeze(1) @ u).reshape(k * d), b
+
+    def joint(self, stats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
+        u_all, offset, b = natural  # (D, K D), (K D,), (K,)
+        k = b.shape[0]
+        y = torch.addmm(offset, stats, u_all).square_()  # ((x - mu_k) U_k)^2, (n, K D)
+        return b.unsqueeze(1) - 0.5 * y.view(stats.shape[0], k, -1).sum(-1).T
+
+    def sums(self, resp: Tensor, stats: Tensor, centre: Tensor) -> Tensor:
+        # sum_n r x and the scatter sum_n r (x - c_k)(x - c_k)^T about the current means c_k
+        z = (stats.unsqueeze(0) - centre().unsqueeze(1)) * resp.sqrt()[..., None]
+        return torch.cat([resp @ stats, (z.mT @ z).flatten(1)], 1)
+
+    @staticmethod
+    def _scatter(stats: Tensor, nk: Tensor, mu: Tensor, centre: Tensor) -> Tensor:
+        """sum_n r (x - mu)(x - mu)^T from the scatter S about c: S - e d^T - d e^T + n d d^T."""
+        d = mu.shape[1]
+        scatter = stats[:, d:].reshape(-1, d, d)
+        e = stats[:, :d] - nk[:, None] * centre  # sum_n r (x - c)
+        delta = mu - centre
+        cross = e.unsqueeze(-1) * delta.unsqueeze(-2)
+        return scatter - cross - cross.mT + nk[:, None, None] * _outer(delta)
+
+    def covariance(self, stats, nk, nk_eps, mu, centre):
+        return self._scatter(stats, nk, mu, centre()) / nk_eps[:, None, None]
+
+
+class _TiedScatter(_FullScatter):
+    def covariance(self, stats, nk, nk_eps, mu, centre):
+        return self._scatter(stats, nk, mu, centre()).sum(0) / nk_eps.sum()
+
+
+_MOMENTS = {
+    "full": _FullMoments(),
+    "tied": _TiedMoments(),
+    "diag": _DiagMoments(),
+    "spherical": _SphericalMoments(),
+}
+_FLOAT32 = {**_MOMENTS, "full": _FullScatter(), "tied": _TiedScatter()}
+
+
+def computation(covariance_type: str, dtype: torch.dtype) -> Computation:
+    """The computation of a mixture with ``covariance_type`` fitted in ``dtype``."""
+    return (_FLOAT32 if dtype == torch.float32 else _MOMENTS)[covariance_type]
