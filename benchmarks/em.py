@@ -74,7 +74,7 @@ def time_all(covariance: str, n: int, d: int, k: int, iters: int, repeats: int) 
 
         def fit():
             gm = GaussianMixture(k, covariance, tol=0, max_iter=iters)
-            gm.fit(xt, wt, mt, pt)
+            gm.fit(xt, weights_init=wt, means_init=mt, precisions_init=pt)
             return gm.score(xt)
 
         return fit

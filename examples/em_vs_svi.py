@@ -246,7 +246,9 @@ def main(argv=None) -> dict:
     means0 = x[torch.randperm(len(x), generator=g)[:K]]
     precision0 = torch.linalg.inv(torch.cov(x.T)).expand(K, 2, 2)
     weights0 = torch.full((K,), 1 / K, dtype=x.dtype)
-    gm = GaussianMixture(K, "full", tol=0, max_iter=0).fit(x, weights0, means0, precision0)
+    gm = GaussianMixture(K, "full", tol=0, max_iter=0).fit(
+        x, weights_init=weights0, means_init=means0, precisions_init=precision0
+    )
     theta0 = {
         "weights": gm.weights_.clone(),
         "locs": gm.means_.clone(),

@@ -2,6 +2,8 @@ r"""The project's own error for bad input: what the command line reports as a us
 
 from __future__ import annotations
 
+import sklearn.exceptions
+
 __all__ = ["InputError", "MissingInputError", "NotFittedError", "WriteError"]
 
 
@@ -18,12 +20,12 @@ class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the user named (a data set, a run) is not there."""
 
 
-class NotFittedError(InputError, AttributeError):
+class NotFittedError(InputError, sklearn.exceptions.NotFittedError):
     """An estimator was asked for something that needs a fit (a score, a prediction) before one.
 
-    Both a ``ValueError`` and an ``AttributeError``, as scikit-learn's ``NotFittedError``, so
-    code written for either (``except ValueError``, ``hasattr``-style ``except AttributeError``)
-    keeps working.
+    A subclass of scikit-learn's ``NotFittedError`` (so ``except`` clauses and
+    ``check_is_fitted`` written for scikit-learn catch it), and so both a ``ValueError`` and an
+    ``AttributeError``.
     """
 
 

@@ -230,7 +230,7 @@ def sklearn_agreement(offset=0.0, seeds=range(10), iterations=25):
             for covariance_type, p in precisions.items():
                 t = torch.from_numpy
                 ours = GaussianMixture(4, covariance_type, tol=0, max_iter=iterations)
-                ours.fit(t(x), t(w), t(m), t(p))
+                ours.fit(t(x), weights_init=t(w), means_init=t(m), precisions_init=t(p))
                 fits = {
                     "ours": summary(ours, x),
                     "sklearn": summary(sklearn_fit(x, w, m, p, covariance_type), x),

@@ -68,11 +68,6 @@ def test_check_is_fitted_raises_before_fit_and_not_after(mixture):
     check_is_fitted(m.fit(_data(mixture)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs ppl_vae.errors.NotFittedError to subclass sklearn.exceptions.NotFittedError "
-    "(errors.py is outside this change)",
-)
 @pytest.mark.parametrize("mixture", MIXTURES)
 def test_except_sklearn_not_fitted_error_catches_ours(mixture):
     assert issubclass(NotFittedError, SklearnNotFittedError)
