@@ -128,7 +128,7 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
     loss = StepLosses(model, guide, params, config=TrainConfig(batch_size=batch))(1.0)
     plist = list(params.values())
-    buckets = GradientReducer(plist) if w.active and reducer == "buckets" else None
+    buckets = GradientReducer(plist) if w.distributed and reducer == "buckets" else None
     batches = []  # enough epochs' batches for every step (an epoch has 60,000 / batch)
     while len(batches) < warmup + steps:
         batches += list(data.batches(batch, "train", generator=g))
@@ -140,13 +140,13 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
             part = batch_shard(x.shape[0], w)
             buckets.start((part.stop - part.start) / x.shape[0])
             return svi_step(loss, optimizer, x[part], num_data, before_update=buckets.finish)
-        if w.active:
+        if w.distributed:
             return shard_step(loss, optimizer, x, params=plist, num_data=num_data, w=w)
         return svi_step(loss, optimizer, x, num_data)
 
     for x in batches[:warmup]:
         step(x)
-    if w.active:
+    if w.distributed:
         dist.barrier()
     t0 = time.perf_counter()
     for x in batches[warmup:]:
@@ -154,7 +154,7 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
     float(step(batches[0]))  # one more step, read back: everything before it has run
     seconds = (time.perf_counter() - t0) / (steps + 1)
     reduce_seconds = None
-    if w.active:
+    if w.distributed:
         flat = torch.zeros(sum(p.numel() for p in plist))  # every gradient, one buffer
         dist.barrier()
         t0 = time.perf_counter()
@@ -163,7 +163,7 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
         reduce_seconds = (time.perf_counter() - t0) / steps
     if w.main:
         Path(out).write_text(json.dumps({"step": seconds, "reduce": reduce_seconds}))
-    if w.active:  # no rank leaves the group while another still works
+    if w.distributed:  # no rank leaves the group while another still works
         dist.barrier()
         dist.destroy_process_group()
 

@@ -7,7 +7,8 @@ variables, or with one process, every function here is the one-process identity,
 that calls them runs unchanged in a single process.
 
 Collectives must be called by every rank in the same order: an error that only one rank sees
-would leave the others waiting, so :func:`agree` turns rank 0's outcome into every rank's.
+would leave the others waiting, so :func:`on_rank0_for_all` turns rank 0's outcome into every
+rank's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ppl_vae.errors import InputError
 
 __all__ = [
     "World",
-    "agree",
+    "on_rank0_for_all",
     "all_gather_objects",
     "all_reduce_sum",
     "barrier",
@@ -55,8 +56,8 @@ class World:
         return self.rank == 0
 
     @property
-    def active(self) -> bool:
-        """More than one process."""
+    def distributed(self) -> bool:
+        """More than one process (``torchrun`` with several): the collectives do work."""
         return self.size > 1
 
 
@@ -101,7 +102,7 @@ def init(device: torch.device) -> torch.device:
 
 def barrier() -> None:
     """Waits until every rank gets here (nothing in one process)."""
-    if world().active:
+    if world().distributed:
         dist.barrier()
 
 
@@ -121,7 +122,7 @@ def batch_shard(size: int, w: World) -> slice:
 
 def all_reduce_sum(t: Tensor) -> Tensor:
     """``t`` summed over the ranks, in place (and returned); ``t`` itself in one process."""
-    if world().active:
+    if world().distributed:
         dist.all_reduce(t, dist.ReduceOp.SUM)
     return t
 
@@ -135,7 +136,7 @@ def reduce_gradients(params: Sequence[Tensor], weight: float) -> None:
     calls a module's ``forward``, which ``DistributedDataParallel`` needs to arm its hooks.
     A parameter without a gradient on this rank (an empty shard) contributes zeros.
     """
-    if not world().active:
+    if not world().distributed:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -152,18 +153,18 @@ def all_gather_objects(value: T) -> list[T]:
     """Every rank's ``value``, in rank order (``[value]`` in one process); pickled, so only for
     what the ranks of one run send each other."""
     w = world()
-    if not w.active:
+    if not w.distributed:
         return [value]
     out: list = [None] * w.size
     dist.all_gather_object(out, value)
     return out
 
 
-def agree(fn: Callable[[], T]) -> T:
+def on_rank0_for_all(fn: Callable[[], T]) -> T:
     """Runs ``fn`` on rank 0; an InputError there is raised on every rank, so that no rank is
     left waiting for one that stopped. Returns ``fn``'s result on rank 0, None elsewhere."""
     w = world()
-    if not w.active:
+    if not w.distributed:
         return fn()
     result, message = None, None
     if w.main:

@@ -472,7 +472,7 @@ def _train_pass(
     with pyro.validation_enabled(False):
         batches = data.batches(config.batch_size, "train", generator=state.generator)
         for i, x in enumerate(batches):
-            if w.active:
+            if w.distributed:
                 total += shard_step(loss, optimizer, x, params=params, num_data=num_data, w=w)
             else:
                 total += svi_step(loss, optimizer, x, num_data)
@@ -498,7 +498,7 @@ def snapshot(state: LoopState) -> TrainState | None:
     """
     w = world()
     rng = rng_state(state.generator)
-    if w.active:
+    if w.distributed:
         rng = {"ranks": all_gather_objects(rng)}
     if not w.main:
         return None

@@ -23,7 +23,7 @@ class Rows:
 
     def __init__(self, x: Tensor, sharded: bool = False):
         self.n = x.shape[0] if x.dim() > 0 else 0
-        self.sharded = sharded and world().active
+        self.sharded = sharded and world().distributed
         if self.sharded:
             counts = all_gather_objects(self.n)
             self.offset, self.total = sum(counts[: world().rank]), sum(counts)

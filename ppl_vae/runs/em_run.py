@@ -173,7 +173,7 @@ def em_run(
     check_output_dir(out_dir)
     train, test = _arrays(data, config.kind(data.is_binary), DTYPES[config.dtype])
     w, num_train = world(), train.shape[0]
-    if w.active:  # each rank fits on its rows; every sum over points is reduced
+    if w.distributed:  # each rank fits on its rows; every sum over points is reduced
         train, mixture.sharded = train[batch_shard(train.shape[0], w)], True
     t0 = time.perf_counter()
     with _progress(mixture, config, data.name, quiet or not w.main), warnings.catch_warnings():

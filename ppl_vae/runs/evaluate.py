@@ -97,7 +97,7 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     mine = list(range(0, n, config.batch_size))[w.rank :: w.size]  # first points of my batches
     share = sum(min(config.batch_size, n - start) for start in mine)
     results, done, total_log_px = [], 0, 0.0
-    desc = f"log p(x), {config.split}" + (f", rank 0 of {w.size}" if w.active else "")
+    desc = f"log p(x), {config.split}" + (f", rank 0 of {w.size}" if w.distributed else "")
     with (
         Progress(share * k, desc, "draw", quiet=quiet or not w.main, scale=True) as progress,
         forked_rng(data.device, config.seed),
@@ -119,7 +119,7 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
                 f"{done * k / elapsed:,.0f} draws/s, {elapsed:.1f} s"
                 + time_left(done, share, elapsed),
             )
-    if w.active:  # every rank's batches, back in the order of the points
+    if w.distributed:  # every rank's batches, back in the order of the points
         ranks = all_gather_objects([_on_cpu(r) for r in results])
         results = [ranks[b % w.size][b // w.size] for b in range(math.ceil(n / config.batch_size))]
     log_px = torch.cat([r.log_px for r in results])

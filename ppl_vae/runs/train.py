@@ -8,7 +8,7 @@ import os
 import pyro
 
 from ppl_vae.data import DataConfig, load_data
-from ppl_vae.distributed import agree, world
+from ppl_vae.distributed import on_rank0_for_all, world
 from ppl_vae.errors import InputError
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
 from ppl_vae.runs.files import resolve_device
@@ -107,7 +107,7 @@ def _train(
                 point.check_unchanged(run_dir)  # the state continued is the one on disk
             run_dir.start(config, state.metrics if state is not None else [])
 
-        agree(begin)  # under torchrun: a refusal on rank 0 (the lock) stops every rank
+        on_rank0_for_all(begin)  # under torchrun: a refusal on rank 0 (the lock) stops all
         saved_epoch = state.epoch if state is not None else 0
 
         def checkpoint(s: TrainState) -> None:
