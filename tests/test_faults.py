@@ -139,7 +139,7 @@ def finished_run(tmp_path_factory):
     [
         ("--latent-dim", "3", "latent_dim=2"),
         ("--hidden", "8", "network.hidden=(16,)"),
-        ("--dataset", "moons", "name=pinwheel"),
+        ("--dataset", "moons", "dataset=pinwheel"),
         ("--guide", "planar", "guide=gaussian"),
         ("--likelihood", "gaussian-fixed", "likelihood=None"),
         ("--lr", "0.01", "lr=0.001"),
