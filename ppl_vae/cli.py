@@ -23,7 +23,6 @@ from ppl_vae.runs import (
     em_run,
     evaluate_run,
     join_processes,
-    load_run,
     plot_run,
     resume_run,
     train_run,
@@ -185,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
         "write them with the settings and wall time to RUN/evaluate.json.",
     )
     e.add_argument(*RUN_FLAGS, dest="run", required=True, help=RUN_HELP)
+    where = e.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE|DIR",
+        help="write the record here (a file, or a folder for evaluate.json) instead of into "
+        "the run, e.g. for a read-only run (default: RUN/evaluate.json)",
+    )
+    where.add_argument(
+        "--no-write", action="store_true", help="print the result only; write no file"
+    )
     _add_config(e.add_argument_group("importance sampling"), EvaluateConfig, "evaluate")
     p = sub.add_parser(
         "plot",
@@ -264,15 +274,20 @@ def _train(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     config = _build(EvaluateConfig, args, "evaluate", seed=args.seed)
-    run = load_run(args.run, args.device, data_dir=args.data_dir)
-    r = evaluate_run(run, config, quiet=args.quiet)
-    if not world().main:
-        return
+    evaluate_run(
+        args.run, config, device=args.device, data_dir=args.data_dir, quiet=args.quiet,
+        write=not args.no_write, out=args.out, report=_print_evaluation,
+    )  # fmt: skip
+
+
+def _print_evaluation(r: dict) -> None:
+    """The estimate, printed before it is written (a failed write then loses nothing)."""
     iwae = ", ".join(f"IWAE_{k} {v:.2f}" for k, v in r["iwae"].items())
     print(
         f"{r['split']} NLL {r['nll']:.2f} ± {r['nll_standard_error']:.2f} nats "
         f"(K={r['num_samples']}, {r['num_points']} points); ELBO {r['elbo']:.2f}; "
-        f"{iwae}; mean ESS {r['ess']:.1f}; {r['seconds']:.1f} s"
+        f"{iwae}; mean ESS {r['ess']:.1f}; {r['seconds']:.1f} s",
+        flush=True,
     )
 
 
@@ -280,15 +295,17 @@ def _em(args: argparse.Namespace) -> None:
     data = _build(DataConfig, args, "data", seed=args.seed, data_dir=args.data_dir, **EM_DATA)
     config = _build(MixtureConfig, args, "mixture", seed=args.seed)
     data = dataclasses.replace(data, binarize="static")
-    r = em_run(data, config, args.out, args.device, quiet=args.quiet)
-    if not world().main:
-        return
-    status = "converged" if r["converged"] else "not converged: raise --max-iter or --tol"
-    print(
-        f"{r['mixture']} K={config.n_components} on {r['dataset']}: train "
-        f"{r['train_log_likelihood']:.4f}, test {r['test_log_likelihood']:.4f} nats per point; "
-        f"{r['n_iter']} iterations ({status}), {r['seconds']:.1f} s; wrote {args.out}"
-    )
+    def report(r: dict) -> None:  # printed before the files are written
+        status = "converged" if r["converged"] else "not converged: raise --max-iter or --tol"
+        print(
+            f"{r['mixture']} K={config.n_components} on {r['dataset']}: train "
+            f"{r['train_log_likelihood']:.4f}, test {r['test_log_likelihood']:.4f} nats per "
+            f"point; {r['n_iter']} iterations ({status}), {r['seconds']:.1f} s; writing to "
+            f"{args.out}",
+            flush=True,
+        )
+
+    em_run(data, config, args.out, args.device, quiet=args.quiet, report=report)
 
 
 def _names(text: str) -> tuple[str, ...]:

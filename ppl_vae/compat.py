@@ -10,6 +10,9 @@ What it keeps working, and where it is used:
 - **stored configurations with the old field names** (``DataConfig.name``, now ``dataset``;
   ``NetworkConfig.kind``, now ``architecture``; their flags ``--dataset`` and ``--network``
   were already these): :func:`upgrade_config`;
+- **run folders without** ``written.json``: the pictures and estimate 0.1 wrote beside the
+  checkpoint count as the run's (:data:`LEGACY_RUN_OUTPUTS`), so replacing the run removes
+  them, as it did;
 - **the keys of** ``results.json`` **before the mixture's fields took scikit-learn's names**
   (``components``, ``covariance``; the data set under ``name``): :func:`old_em_settings`;
 - **renamed Python names and keywords**, each with a ``DeprecationWarning``:
@@ -34,6 +37,7 @@ from ppl_vae.guides import GUIDES
 from ppl_vae.networks import NETWORKS
 
 __all__ = [
+    "LEGACY_RUN_OUTPUTS",
     "NUMPY_GLOBALS",
     "RENAMED",
     "ignored_keyword",
@@ -44,6 +48,13 @@ __all__ = [
 ]
 
 RENAMED = {"evaluate_elbo": "mean_elbo"}  # ppl_vae.<old> -> ppl_vae.<new>
+
+# what a run folder of 0.1 held beside its checkpoint (before written.json listed them)
+LEGACY_RUN_OUTPUTS = (
+    "evaluate.json",
+    *(f"{name}.png" for name in ("curves", "samples", "reconstructions", "interpolation")),
+    *(f"{name}.png" for name in ("latent", "manifold", "density")),
+)
 
 # NumPy arrays (the random streams in checkpoints of format 0) rebuild from data alone
 NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]

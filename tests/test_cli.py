@@ -36,7 +36,7 @@ def test_one_short_mnist_epoch_writes_metrics_checkpoint_and_pictures(tmp_path, 
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
         ".lock", "checkpoint.pt", "config.json", "curves.png", "interpolation.png", "latent.png",
-        "metrics.jsonl", "reconstructions.png", "samples.png",
+        "metrics.jsonl", "reconstructions.png", "samples.png", "written.json",
     ]  # fmt: skip
     (metrics,) = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     # One epoch of the 784-200-200-50 VAE lands near -180 nats; an untrained one is below -540.
@@ -275,12 +275,14 @@ def test_plot_draws_every_picture_of_a_2d_run_and_changes_nothing(pinwheel_run, 
     )
     assert code == 0, err
     names = sorted(p.name for p in (tmp_path / "pics").iterdir())
-    assert names == ["curves.png", "density.png", "latent.png", "samples.png"]
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (tmp_path / "pics").iterdir())
+    assert names == ["curves.png", "density.png", "latent.png", "samples.png", "written.json"]
+    pictures = (tmp_path / "pics").glob("*.png")
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
     assert _digest(pinwheel_run) == before  # the run is read, never changed
     code, _, err = run_cli("plot", "--run", pinwheel_run, "--out", tmp_path / "one",
                            "--pictures", "curves", capsys=capsys)  # fmt: skip
-    assert code == 0 and [p.name for p in (tmp_path / "one").iterdir()] == ["curves.png"]
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert code == 0 and names == ["curves.png", "written.json"]
 
 
 @needs_mnist

@@ -47,7 +47,8 @@ def test_metrics_and_checkpoint_are_written_each_epoch(tmp_path):
     assert [m["epoch"] for m in lines] == [1, 2]
     assert {"epoch", "train_elbo", "test_elbo", "seconds"} <= lines[0].keys()
     pictures = ["curves.png", "density.png", "latent.png", "samples.png"]  # for 2-D data
-    names = sorted([".lock", "checkpoint.pt", "config.json", "metrics.jsonl", *pictures])
+    names = [".lock", "checkpoint.pt", "config.json", "metrics.jsonl", *pictures, "written.json"]
+    names = sorted(names)
     assert sorted(p.name for p in tmp_path.iterdir()) == names
     umask = os.umask(0)
     os.umask(umask)
@@ -110,8 +111,8 @@ def test_a_nan_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatch):
 
 EVALUATE_KEYS = {
     "split", "num_points", "num_samples", "nll", "nll_standard_error", "elbo", "ess", "iwae",
-    "seconds", "epoch", "chunk_size", "batch_size", "seed", "limit", "device", "processes",
-    "log_px",
+    "seconds", "epoch", "checkpoint", "chunk_size", "batch_size", "seed", "limit", "device",
+    "processes", "log_px",
 }  # fmt: skip
 
 

@@ -9,8 +9,11 @@ A run directory holds
   (a pickle that would run code) is refused, never executed;
 - ``config.json``: the same configurations, readable without torch;
 - ``metrics.jsonl``: one JSON line per finished epoch;
-- ``evaluate.json``, ``samples.png``, ``reconstructions.png``: written by
-  :mod:`ppl_vae.runs.evaluate` and :mod:`ppl_vae.runs.pictures`.
+- ``evaluate.json`` and the pictures (``curves.png``, ...): written by
+  :mod:`ppl_vae.runs.evaluate` and :mod:`ppl_vae.runs.pictures`;
+- ``written.json``: the files above besides the first three, each with the checkpoint (epoch
+  and SHA-256) it describes (:class:`ppl_vae.runs.files.Outputs`). Replacing a run removes
+  only those; nothing else in the folder is ever touched.
 
 Checkpoints written before the format had a number (format 0), and configurations stored with
 old field names, are read through :mod:`ppl_vae.compat`.
@@ -18,6 +21,8 @@ old field names, are read through :mod:`ppl_vae.compat`.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -28,28 +33,40 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae.compat import NUMPY_GLOBALS, upgrade_config, upgrade_format0
+from ppl_vae.compat import LEGACY_RUN_OUTPUTS, NUMPY_GLOBALS, upgrade_config, upgrade_format0
 from ppl_vae.config import from_dict, to_dict
 from ppl_vae.data import DataConfig
 from ppl_vae.errors import InputError, MissingInputError
 from ppl_vae.runs.files import (
+    RECORD,
+    Outputs,
     folder_lock,
     make_output_dir,
-    remove_stale_temporaries,
     save_torch,
     write_json,
     write_text,
 )
+from ppl_vae.runs.validate import check_checkpoint, check_metrics
 from ppl_vae.svi import TrainConfig, TrainState
 from ppl_vae.vae import VAEConfig
 
-__all__ = ["CHECKPOINT", "CONFIG", "EVALUATE", "FORMAT", "METRICS", "RunConfig", "RunDir"]
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "EVALUATE",
+    "FORMAT",
+    "MARKERS",
+    "METRICS",
+    "RunConfig",
+    "RunDir",
+]
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVALUATE = "evaluate.json"
 FORMAT = 1  # the checkpoint layout written here
+MARKERS = (CHECKPOINT, CONFIG, METRICS)  # a folder holding any of these holds a run
 
 
 @dataclass(frozen=True)
@@ -72,11 +89,12 @@ class RunConfig:
         )
 
 
-def _load_plain(path: Path) -> object:
-    """``torch.load(weights_only=True)``: tensors and plain data only; nothing is executed."""
+def _load_plain(data: bytes, path: Path) -> object:
+    """``torch.load(weights_only=True)`` of a checkpoint's bytes: tensors and plain data only;
+    nothing is executed."""
     try:
         with torch.serialization.safe_globals(NUMPY_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise InputError(
@@ -91,11 +109,24 @@ def _load_plain(path: Path) -> object:
         ) from None
 
 
+def _temporary_of_ours(name: str) -> bool:
+    """Whether ``name`` is a temporary file (``.NAME.XXXXXXXX.tmp``) of a file we write."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    base = name[1:].rsplit(".", 2)[0]
+    return base in (*MARKERS, RECORD, EVALUATE) or base.endswith(".png")
+
+
 class RunDir:
-    """The files of one VAE run in the folder ``path``."""
+    """The files of one VAE run in the folder ``path``.
+
+    ``identity`` is ``{"epoch", "sha256"}`` of the checkpoint last read or written here: what
+    the pictures and the estimate record that they describe.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.identity: dict | None = None
 
     @property
     def checkpoint(self) -> Path:
@@ -105,28 +136,88 @@ class RunDir:
     def metrics(self) -> Path:
         return self.path / METRICS
 
+    @property
+    def outputs(self) -> Outputs:
+        """The record of the pictures and estimate written into the run."""
+        return Outputs(self.path, LEGACY_RUN_OUTPUTS if self.holds_run() else ())
+
     def has_checkpoint(self) -> bool:
         return self.checkpoint.is_file()
 
+    def stamp(self) -> tuple[int, int, int]:
+        """The identity of the checkpoint file's current version (it is replaced by renames,
+        so a new version is a new inode): to tell whether it changed since it was read."""
+        try:
+            st = os.stat(self.checkpoint)
+        except FileNotFoundError:
+            return (0, 0, 0)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def check_unchanged(self, stamp: tuple[int, int, int]) -> None:
+        """Refuses to go on when another process replaced the checkpoint since ``stamp``."""
+        if self.stamp() != stamp:
+            raise InputError(
+                f"the checkpoint in {self.path} changed while this command read it (another "
+                f"process wrote to the run); run the command again"
+            )
+
     def read_metrics(self) -> list[dict]:
-        """The lines of ``metrics.jsonl`` (none if it is absent); a clear error if corrupt."""
+        """The records of ``metrics.jsonl`` (none if it is absent); a clear error if damaged."""
         if not self.metrics.is_file():
             return []
         try:
-            return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+            lines = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
         except (ValueError, UnicodeDecodeError):
-            raise InputError(f"{self.metrics} is not one JSON object per line") from None
+            raise InputError(
+                f"{self.metrics} is not one JSON object per line; delete it (the checkpoint "
+                f"holds the same records and rewrites it at the next --resume)"
+            ) from None
+        return check_metrics(lines, self.metrics)
 
     def holds_run(self) -> bool:
         """Whether the folder already holds (part of) a run."""
-        return any((self.path / name).exists() for name in (CHECKPOINT, CONFIG, METRICS))
+        return any((self.path / name).exists() for name in MARKERS)
+
+    def foreign(self) -> list[str]:
+        """The names in the folder that ppl_vae did not write there (the user's files)."""
+        if not self.path.is_dir():
+            return []
+        ours = {*MARKERS, RECORD, ".lock", *self.outputs.read()}
+        names = (p.name for p in self.path.iterdir())
+        return sorted(n for n in names if n not in ours and not _temporary_of_ours(n))
+
+    def check_can_hold_run(self, overwrite: bool) -> None:
+        """Refuses to train into a folder that holds a run (unless ``overwrite``: the run's own
+        files are replaced, others stay) or, holding no run, anything at all: a folder of the
+        user's own files is never made into a run."""
+        if self.holds_run():
+            if overwrite:
+                return
+            raise InputError(
+                f"{self.path} holds a run already; pass --resume to continue it, "
+                f"--overwrite to replace it, or choose another --out"
+            )
+        foreign = self.foreign()
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (
+                f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            )
+            raise InputError(
+                f"{self.path} holds files that are not a ppl_vae run ({shown}); train into an "
+                f"empty or new folder (--out)"
+            )
 
     @contextmanager
-    def writing(self) -> Iterator[RunDir]:
-        """Holds the folder's lock (one writer at a time) and removes stale temporaries."""
+    def writing(self, shared: bool = False) -> Iterator[RunDir]:
+        """Holds the folder's lock, exclusive for a writer of the run or ``shared`` for a reader
+        that writes its own files into it (evaluate, plot); a writer also removes the
+        temporary files that writers killed earlier left behind."""
         make_output_dir(self.path)
-        with folder_lock(self.path):
-            remove_stale_temporaries(self.path, (CHECKPOINT, CONFIG, METRICS))
+        with folder_lock(self.path, shared=shared):
+            if not shared:
+                for name in os.listdir(self.path):
+                    if _temporary_of_ours(name):
+                        (self.path / name).unlink(missing_ok=True)
             yield self
 
     def start(self, config: RunConfig | None, history: list[dict]) -> None:
@@ -145,7 +236,8 @@ class RunDir:
 
     def save(self, state: TrainState, config: RunConfig | None = None) -> None:
         """Replaces the checkpoint, then ``metrics.jsonl`` (and, at a new run's first epoch,
-        ``config.json`` and the old run's pictures and estimate); each write atomic."""
+        ``config.json``, removing the pictures and estimate the replaced run recorded as
+        written); each write atomic."""
         record = {
             "format": FORMAT,
             "epoch": state.epoch,
@@ -156,13 +248,13 @@ class RunDir:
             "config": config.to_dict() if config is not None else None,
             "untrained_elbo": state.untrained_elbo,
         }
-        save_torch(record, self.checkpoint)
+        digest = save_torch(record, self.checkpoint)
+        self.identity = {"epoch": state.epoch, "sha256": digest}
         if getattr(self, "_new", False):
             self._new = False
             if config is not None:
                 write_json(config.to_dict(), self.path / CONFIG, indent=1)
-            for stale in (EVALUATE, *(p.name for p in self.path.glob("*.png"))):
-                (self.path / stale).unlink(missing_ok=True)
+            self.outputs.remove_written()
         write_text("".join(json.dumps(m) + "\n" for m in state.metrics), self.metrics)
 
     def state(self) -> TrainState:
@@ -177,16 +269,25 @@ class RunDir:
                 f"{self.path} holds the state of a model that no configuration builds; "
                 f"load it with RunDir(path).state() and your own model and guide"
             )
+        if not isinstance(plain, dict) or not {"data", "vae", "train"} <= plain.keys():
+            raise InputError(
+                f"{self.checkpoint} is damaged: its configuration lacks the data, model or "
+                f"training settings; delete it and train again, or restore the file from a copy"
+            )
         return state, RunConfig.from_dict(plain)
 
     def _read(self) -> tuple[TrainState, dict | None]:
         path = self.checkpoint
         if not path.is_file():
             raise MissingInputError(f"no checkpoint at {path}; train a run there first")
-        ckpt = _load_plain(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+        ckpt = _load_plain(data, path)
         if not isinstance(ckpt, dict) or not {"params", "epoch", "optimizer"} <= ckpt.keys():
             raise InputError(f"{path} is not a ppl_vae checkpoint; delete it and train again")
-        version, rng = ckpt.get("format", 0), ckpt["rng"]
+        version = ckpt.get("format", 0)
         if version == 0:
             upgraded = upgrade_format0(ckpt)
             if upgraded is None:
@@ -194,15 +295,19 @@ class RunDir:
                     f"{self.path} was not written by ppl-vae train; no VAE configuration in it"
                 )
             plain, rng = upgraded
+            ckpt = {**ckpt, "rng": rng}
         elif version == FORMAT:
-            plain = ckpt["config"] and upgrade_config(ckpt["config"])
+            plain = ckpt.get("config")
+            plain = upgrade_config(plain) if isinstance(plain, dict) else plain
         else:
             raise InputError(
                 f"{path} has checkpoint format {version}, newer than this ppl_vae reads "
                 f"({FORMAT}); upgrade ppl_vae"
             )
+        check_checkpoint(ckpt, path)
+        self.identity = {"epoch": ckpt["epoch"], "sha256": hashlib.sha256(data).hexdigest()}
         state = TrainState(
-            ckpt["epoch"], ckpt["params"], ckpt["optimizer"], rng, list(ckpt["metrics"]),
+            ckpt["epoch"], ckpt["params"], ckpt["optimizer"], ckpt["rng"], list(ckpt["metrics"]),
             ckpt.get("untrained_elbo"),
         )  # fmt: skip
         return state, plain

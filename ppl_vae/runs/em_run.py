@@ -6,8 +6,10 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,16 +17,17 @@ from ppl_vae.compat import old_em_settings
 from ppl_vae.config import check_positive, option, to_dict
 from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.distributed import all_reduce_sum, batch_shard, world
-from ppl_vae.errors import InputError
+from ppl_vae.errors import InputError, WriteError
 from ppl_vae.mixture import COVARIANCE_TYPES, INITS, MIXTURES, ConvergenceWarning
 from ppl_vae.plots import mixture_figure
 from ppl_vae.progress import Progress, time_left
+from ppl_vae.runs.checkpoint import RunDir
 from ppl_vae.runs.files import (
+    Outputs,
     check_output_dir,
     make_output_dir,
     resolve_device,
-    save_figure,
-    write_json,
+    staged,
 )
 
 __all__ = ["DTYPES", "MixtureConfig", "em_run", "make_mixture"]
@@ -156,11 +159,15 @@ def em_run(
     device: str = "cpu",
     *,
     quiet: bool = False,
+    report: Callable[[dict], None] | None = None,
 ) -> dict:
     """Fits a mixture to the training split and writes ``results.json`` and ``mixture.png``.
 
-    The output directory is created only after every input was checked and the fit succeeded,
-    and files are written atomically, so bad input leaves nothing behind. Returns the record
+    The output directory is checked before the fit (it must be writable, hold no VAE run, and
+    hold no file of those names that ppl_vae did not write) and created only after the fit;
+    ``report`` is called with the record before anything is written, and the two files are
+    replaced together or not at all, so a failed write loses neither the result nor the
+    previous files. Bad input leaves nothing behind. Returns the record
     written to ``results.json`` (train/test mean log-likelihood in nats per point, iterations,
     convergence, settings and seconds). Progress goes to stderr (see :mod:`ppl_vae.progress`)
     unless ``quiet``. Under ``torchrun`` each rank fits on its contiguous share of the training
@@ -170,7 +177,7 @@ def em_run(
     dev = resolve_device(device)
     data = load_data(data_config, dev)
     mixture = make_mixture(config, data.is_binary)
-    check_output_dir(out_dir)
+    _check_em_folder(Path(out_dir))
     train, test = _arrays(data, config.kind(data.is_binary), DTYPES[config.dtype])
     w, num_train = world(), train.shape[0]
     if w.distributed:  # each rank fits on its rows; every sum over points is reduced
@@ -199,8 +206,31 @@ def em_run(
     }
     if not w.main:
         return record
-    out = make_output_dir(out_dir)
     fig = mixture_figure(mixture, data)
-    record["picture"] = save_figure(fig, out / PICTURE).name if fig is not None else None
-    write_json(record, out / RESULTS, indent=1)
+    record["picture"] = PICTURE if fig is not None else None
+    if report is not None:
+        report(record)
+    out = make_output_dir(out_dir)
+    try:
+        with staged() as files:
+            if fig is not None:
+                files.save_figure(fig, out / PICTURE)
+            files.write_json(record, out / RESULTS, indent=1)
+            Outputs(out).stage(files, dict.fromkeys(files.names, {}))
+    except WriteError as e:
+        kept = "; the result is printed above" if report is not None else ""
+        raise WriteError(f"{e}{kept}; the previous files in {out} are as they were") from None
     return record
+
+
+def _check_em_folder(out: Path) -> None:
+    """``em --out`` is a folder of its own: writable, not a VAE run's, and without files of
+    its names (results.json, mixture.png) that ppl_vae did not write."""
+    check_output_dir(out)
+    if RunDir(out).holds_run():
+        raise InputError(
+            f"{out} holds a VAE run of ppl-vae train; em writes into a folder of its own: "
+            f"choose another --out"
+        )
+    legacy = (RESULTS, PICTURE) if (out / RESULTS).is_file() else ()
+    Outputs(out, legacy).check_replaceable([RESULTS, PICTURE])

@@ -2,22 +2,26 @@ r"""Evaluating a run: its importance-sampled log p(x) per point, written to ``ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ppl_vae.config import check_positive, option
 from ppl_vae.data import Data
-from ppl_vae.distributed import all_gather_objects, world
-from ppl_vae.errors import InputError
+from ppl_vae.distributed import all_gather_objects, on_rank0_for_all, world
+from ppl_vae.errors import InputError, WriteError
 from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood_diagnostics
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.rng import derived_seed, forked_rng, seed_streams
-from ppl_vae.runs.checkpoint import EVALUATE
-from ppl_vae.runs.files import write_json
+from ppl_vae.runs.checkpoint import EVALUATE, RunDir
+from ppl_vae.runs.files import Outputs, check_output_dir, staged
+from ppl_vae.runs.pictures import warn_stale
 from ppl_vae.runs.run import Run, load_run
 
 __all__ = ["DEFAULT_IWAE_KS", "EvaluateConfig", "evaluate_run"]
@@ -136,6 +140,26 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     }
 
 
+def _target(run: Run, out: str | os.PathLike | None) -> Path:
+    """Where the record goes: ``out`` (a file, or a folder for ``evaluate.json``), else the
+    run's ``evaluate.json``; a folder that holds another run is refused."""
+    if out is None:
+        if run.directory is None:
+            raise InputError("this run has no folder; pass out=FILE, or write=False")
+        return run.directory / EVALUATE
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(os.sep):
+        path = path / EVALUATE
+    folder = RunDir(path.parent)
+    own = run.directory is not None and path.parent.resolve() == run.directory.resolve()
+    if folder.holds_run() and not own:
+        raise InputError(
+            f"{path.parent} holds another ppl_vae run, whose estimate --out would replace; "
+            f"write the estimate into its own run, or elsewhere"
+        )
+    return path
+
+
 def evaluate_run(
     run: Run | str | os.PathLike,
     config: EvaluateConfig | None = None,
@@ -144,6 +168,8 @@ def evaluate_run(
     data_dir: str | None = None,
     quiet: bool = False,
     write: bool = True,
+    out: str | os.PathLike | None = None,
+    report: Callable[[dict], None] | None = None,
 ) -> dict:
     """Importance-sampled log p(x) of a trained run on a split, with diagnostics.
 
@@ -151,29 +177,78 @@ def evaluate_run(
     Data points are taken ``config.batch_size`` at a time, each with exactly
     ``config.num_samples`` draws from the guide (see
     :func:`ppl_vae.importance.log_likelihood_diagnostics`); dynamically binarized data are
-    binarized once, from ``config.seed``. Returns the record of ``evaluate.json`` — the means
-    over points (``nll`` is -log p(x), in nats), the settings, the wall time and the per-point
-    estimates — and, with ``write``, writes it into the run's directory. Progress goes to
-    stderr (see :mod:`ppl_vae.progress`) unless ``quiet``.
+    binarized once, from ``config.seed``. Returns the record of ``evaluate.json``: the means
+    over points (``nll`` is -log p(x), in nats), the settings, the checkpoint estimated (its
+    epoch and SHA-256), the wall time and the per-point estimates. Progress goes to stderr (see
+    :mod:`ppl_vae.progress`) unless ``quiet``.
+
+    With ``write``, the record goes to ``out`` (a file, or a folder for ``evaluate.json``;
+    default: the run's folder), checked before the estimate starts; ``report`` is called with
+    the record before it is written, so that a failed write loses nothing. Writing into the
+    run's folder holds its lock for readers throughout, so the record never lands in a run
+    that another process is training or replacing.
     """
     config = config or EvaluateConfig()
+    directory = None if isinstance(run, Run) else RunDir(run)
+    stamp = directory.stamp() if directory is not None else None
     if not isinstance(run, Run):
         run = load_run(run, device, data_dir=data_dir)
-    t0 = time.perf_counter()
-    result = _estimate(run, config, quiet)
-    log_px = result.pop("log_px")
-    record = {
-        **result,
-        "seconds": time.perf_counter() - t0,
-        "epoch": run.metrics[-1]["epoch"] if run.metrics else 0,
-        "chunk_size": config.chunk_size_on(run.data.device),
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-        "limit": config.limit,
-        "device": str(run.data.device),
-        "processes": world().size,
-        "log_px": log_px,
-    }
-    if write and run.directory is not None and world().main:
-        write_json(record, run.directory / EVALUATE)
+    target = _target(run, out) if write else None
+    into_run = (
+        target is not None
+        and run.directory is not None
+        and target.parent.resolve() == run.directory.resolve()
+    )
+    with contextlib.ExitStack() as stack:
+
+        def check() -> None:  # rank 0 writes; every rank learns of a refusal
+            if target is None:
+                return
+            check_output_dir(target.parent)
+            Outputs(target.parent).check_replaceable([target.name])
+            if into_run:
+                stack.enter_context(RunDir(run.directory).writing(shared=True))
+                if stamp is not None:
+                    RunDir(run.directory).check_unchanged(stamp)
+
+        on_rank0_for_all(check)
+        t0 = time.perf_counter()
+        result = _estimate(run, config, quiet)
+        log_px = result.pop("log_px")
+        record = {
+            **result,
+            "seconds": time.perf_counter() - t0,
+            "epoch": run.metrics[-1]["epoch"] if run.metrics else 0,
+            "checkpoint": run.checkpoint,
+            "chunk_size": config.chunk_size_on(run.data.device),
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "limit": config.limit,
+            "device": str(run.data.device),
+            "processes": world().size,
+            "log_px": log_px,
+        }
+        if not world().main:
+            return record
+        if report is not None:
+            report(record)
+        if target is not None:
+            _write(record, target, run, reported=report is not None)
+    if into_run:
+        warn_stale(RunDir(run.directory), run.checkpoint, "ppl-vae plot redraws them")
     return record
+
+
+def _write(record: dict, target: Path, run: Run, reported: bool) -> None:
+    """``record`` to ``target`` with its line in the folder's ``written.json``, both or none."""
+    try:
+        with staged() as files:
+            files.write_json(record, target)
+            shows = {"run": str(run.directory), **(run.checkpoint or {})}
+            Outputs(target.parent).stage(files, {target.name: shows})
+    except WriteError as e:
+        if not reported:
+            raise
+        raise WriteError(
+            f"{e}; the estimate is printed above: save it with --out FILE elsewhere"
+        ) from None

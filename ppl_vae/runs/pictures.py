@@ -1,8 +1,15 @@
-r"""A run's pictures: the table of figures (:data:`PICTURES`), drawing them into a folder."""
+r"""A run's pictures: the table of figures (:data:`PICTURES`), drawing them into a folder.
+
+A list of pictures is checked whole before the first is drawn, all are drawn to temporary
+files and renamed into place together (an interruption or a full disk leaves the folder as it
+was), and ``written.json`` records which checkpoint each picture shows.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
 
 from ppl_vae.errors import InputError
@@ -17,37 +24,36 @@ from ppl_vae.plots import (
 )
 from ppl_vae.registry import Registry
 from ppl_vae.rng import forked_rng
-from ppl_vae.runs.checkpoint import RunDir
-from ppl_vae.runs.files import make_output_dir, save_figure
+from ppl_vae.runs.checkpoint import MARKERS, RunDir
+from ppl_vae.runs.files import Outputs, make_output_dir, staged
 from ppl_vae.runs.run import Run, load_run
 
-__all__ = ["PICTURES", "default_pictures", "plot_run", "write_pictures"]
+__all__ = [
+    "PICTURES",
+    "StaleWarning",
+    "check_pictures",
+    "default_pictures",
+    "plot_run",
+    "stale_outputs",
+    "write_pictures",
+]
 
 
-def _needs(run: Run, what: str, ok: bool, name: str) -> None:
-    if not ok:
-        raise InputError(f"the {name} picture needs {what}; this run's data are {run.data.name}")
+class StaleWarning(UserWarning):
+    """A picture or estimate in a run's folder shows another checkpoint than the run's own."""
 
 
-def _images(run: Run, name: str) -> None:
-    _needs(run, "images", run.data.is_image, name)
+def _needs_images(run: Run) -> str | None:
+    return None if run.data.is_image else "images"
 
 
-def _interpolation(run: Run):
-    _images(run, "interpolation")
-    return interpolation_figure(run.model, run.guide, run.data)
-
-
-def _manifold(run: Run):
-    _images(run, "manifold")
+def _needs_2d_latent(run: Run) -> str | None:
     dim = run.model.latent_dim
-    _needs(run, f"a 2-D latent (this run's has {dim} dimensions)", dim == 2, "manifold")
-    return manifold_figure(run.model)
+    return _needs_images(run) or (None if dim == 2 else f"a 2-D latent (it has {dim} dimensions)")
 
 
-def _density(run: Run):
-    _needs(run, "2-D data", run.data.event_shape == (2,), "density")
-    return density_figure(run.model, run.guide, run.data)
+def _needs_2d_data(run: Run) -> str | None:
+    return None if run.data.event_shape == (2,) else "2-D data"
 
 
 PICTURES: Registry = Registry("picture")
@@ -61,13 +67,36 @@ PICTURES.register(
     help="test inputs above their reconstructions",
 )
 PICTURES.register(
-    "interpolation", _interpolation, help="decodings between posterior means of test images"
+    "interpolation",
+    lambda run: interpolation_figure(run.model, run.guide, run.data),
+    help="decodings between posterior means of test images",
 )
 PICTURES.register(
     "latent", lambda run: latent_figure(run.guide, run.data), help="posterior means by label"
 )
-PICTURES.register("manifold", _manifold, help="decodings on a grid of prior quantiles (2-D z)")
-PICTURES.register("density", _density, help="data and model log-density (2-D data)")
+PICTURES.register(
+    "manifold",
+    lambda run: manifold_figure(run.model),
+    help="decodings on a grid of prior quantiles (2-D z)",
+)
+PICTURES.register(
+    "density",
+    lambda run: density_figure(run.model, run.guide, run.data),
+    help="data and model log-density (2-D data)",
+)
+NEEDS = {"interpolation": _needs_images, "manifold": _needs_2d_latent, "density": _needs_2d_data}
+
+
+def check_pictures(run: Run, names: tuple[str, ...]) -> None:
+    """An error naming the first of ``names`` that is unknown or does not apply to ``run``."""
+    for name in names:
+        PICTURES.check(name)
+        what = NEEDS[name](run) if name in NEEDS else None
+        if what is not None:
+            raise InputError(
+                f"the {name} picture needs {what}; this run's data are {run.data.name}; "
+                f"leave {name} out of --pictures"
+            )
 
 
 def default_pictures(run: Run) -> tuple[str, ...]:
@@ -84,17 +113,67 @@ def write_pictures(
     run: Run, out_dir: str | os.PathLike | None = None, names: tuple[str, ...] | None = None
 ) -> list[Path]:
     """Draws ``names`` (default: every picture that applies) as ``NAME.png`` into ``out_dir``
-    (default: the run's folder). Draws come from forked random streams, so drawing leaves a
-    training run's streams, and so its numbers, unchanged."""
+    (default: the run's folder), all or none: each is drawn to a temporary file and they are
+    renamed into place together. A file of the same name that ppl_vae did not write is refused.
+    Draws come from forked random streams, so drawing leaves a training run's streams, and so
+    its numbers, unchanged."""
     names = default_pictures(run) if names is None else tuple(names)
-    for name in names:
-        PICTURES.check(name)
+    check_pictures(run, names)
     out = Path(out_dir) if out_dir is not None else run.directory
-    written = []
-    with forked_rng(run.data.device, 0):
-        for name in names:
-            written.append(save_figure(PICTURES[name].factory(run), out / f"{name}.png"))
-    return written
+    outputs = Outputs(out)
+    files = [f"{name}.png" for name in names]
+    outputs.check_replaceable(files)
+    shows = {"run": str(run.directory), **(run.checkpoint or {})}
+    description = f"ppl_vae run {run.directory}, " + ", ".join(
+        f"{k} {v}" for k, v in shows.items() if k != "run"
+    )
+    with staged() as written, forked_rng(run.data.device, 0):
+        paths = [
+            written.save_figure(PICTURES[name].factory(run), out / file, description)
+            for name, file in zip(names, files, strict=True)
+        ]
+        outputs.stage(written, dict.fromkeys(files, shows))
+    return paths
+
+
+def stale_outputs(run_dir: RunDir, identity: dict | None) -> list[str]:
+    """The pictures and estimate recorded in ``run_dir`` as showing another checkpoint than
+    ``identity`` (``{"epoch", "sha256"}``)."""
+    if identity is None:
+        return []
+    recorded = run_dir.outputs.read()
+    return sorted(
+        name
+        for name, shows in recorded.items()
+        if shows and shows.get("sha256") not in (None, identity["sha256"])
+    )
+
+
+def warn_stale(run_dir: RunDir, identity: dict | None, fix: str) -> None:
+    """A :class:`StaleWarning` naming the outputs of ``run_dir`` from another checkpoint."""
+    names = stale_outputs(run_dir, identity)
+    if names:
+        warnings.warn(
+            f"{', '.join(names)} in {run_dir.path} show an earlier checkpoint than the run's "
+            f"(epoch {identity['epoch']}); {fix}",
+            StaleWarning,
+            stacklevel=3,
+        )
+
+
+def _check_picture_folder(out: Path, run_dir: Path) -> None:
+    """``plot --out`` writes into a folder of pictures, never into another command's folder."""
+    if out.resolve() == run_dir.resolve():
+        return
+    if any((out / name).exists() for name in MARKERS):
+        raise InputError(
+            f"{out} holds another ppl_vae run, whose pictures plot --out would replace; "
+            f"choose a folder of its own for the pictures"
+        )
+    if (out / "results.json").exists():
+        raise InputError(
+            f"{out} holds the results of ppl-vae em; choose a folder of its own for the pictures"
+        )
 
 
 def plot_run(
@@ -105,13 +184,31 @@ def plot_run(
     *,
     data_dir: str | None = None,
 ) -> list[Path]:
-    """Draws the pictures of a finished or running run from its checkpoint and
-    ``metrics.jsonl``, into ``out_dir`` (default: the run's folder); changes neither."""
+    """Draws the pictures of a finished run from its checkpoint and ``metrics.jsonl``, into
+    ``out_dir`` (default: the run's folder); changes neither.
+
+    Drawing into the run's own folder takes its lock for readers, so pictures never land in a
+    run that another process is training or replacing; ``out_dir`` elsewhere needs no lock,
+    and so also draws a run still in training. Every name is checked before the first
+    picture is drawn, and either all pictures are written or none.
+    """
     for name in names or ():
         PICTURES.check(name)
-    run = load_run(run_dir, device, data_dir=data_dir)
-    lines = RunDir(run_dir).read_metrics()
+    rd = RunDir(run_dir)
+    into_run = out_dir is None or Path(out_dir).resolve() == Path(run_dir).resolve()
+    if not into_run:
+        _check_picture_folder(Path(out_dir), rd.path)
+    stamp = rd.stamp()
+    run = load_run(run_dir, device, data_dir=data_dir)  # every check before anything is written
+    lines = rd.read_metrics()
     if lines:
         run.metrics = lines
-    out = make_output_dir(out_dir) if out_dir is not None else run.directory
-    return write_pictures(run, out, names)
+    check_pictures(run, names or default_pictures(run))
+    with rd.writing(shared=True) if into_run else contextlib.nullcontext():
+        if into_run:
+            rd.check_unchanged(stamp)  # the pictures show the checkpoint in the folder
+        out = make_output_dir(out_dir) if not into_run else run.directory
+        paths = write_pictures(run, out, names)
+    if into_run:
+        warn_stale(rd, run.checkpoint, "ppl-vae evaluate brings the estimate up to date")
+    return paths

@@ -3,7 +3,6 @@ r"""Continuing a run: its checkpoint read once, the settings given checked once 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -72,12 +71,6 @@ def _overlay(config, values: dict):
     return replace(config, **plain, **nested)
 
 
-def _stamp(path: Path) -> tuple[int, int, int]:
-    """The identity of a file's current version (checkpoints are replaced by renames)."""
-    st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
 @dataclass(frozen=True)
 class ResumePoint:
     """Where a resumed run continues: the checkpoint's state, the configuration it continues
@@ -96,7 +89,7 @@ class ResumePoint:
         or only the settings a user gave, as ``{"data": {...}, "vae": {..., "network": {...}},
         "train": {...}}`` (the flags of ``ppl-vae train --resume``), laid over the record.
         """
-        stamp = _stamp(run_dir.checkpoint) if run_dir.has_checkpoint() else (0, 0, 0)
+        stamp = run_dir.stamp()
         state, saved = run_dir.load()
         if isinstance(given, RunConfig):
             config = given
@@ -110,8 +103,4 @@ class ResumePoint:
     def check_unchanged(self, run_dir: RunDir) -> None:
         """Refuses to continue when another process replaced the checkpoint since it was read
         (called by the lock holder, so that the state continued is the one on disk)."""
-        if _stamp(run_dir.checkpoint) != self.stamp:
-            raise InputError(
-                f"the checkpoint in {run_dir.path} changed while this command read it (another "
-                f"process wrote to the run); run the command again"
-            )
+        run_dir.check_unchanged(self.stamp)

@@ -29,6 +29,7 @@ class Run:
     config: RunConfig
     metrics: list[dict]
     directory: Path | None = None
+    checkpoint: dict | None = None  # {"epoch", "sha256"} of the checkpoint the model comes from
 
     @property
     def data_config(self) -> DataConfig:
@@ -56,4 +57,4 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", data_dir: str | N
     model, guide = build_vae(config.vae, data)
     pyro.clear_param_store()
     restore_params(collect_params(model, guide, data.encode(data.test[:2])), state.params)
-    return Run(model, guide, data, config, state.metrics, run_dir.path)
+    return Run(model, guide, data, config, state.metrics, run_dir.path, run_dir.identity)

@@ -90,11 +90,8 @@ def _train(
     if plot_every is not None and (isinstance(plot_every, bool) or plot_every < 1):
         raise InputError(f"plot_every must be a positive number of epochs, got {plot_every}")
     point = ResumePoint.read(run_dir, given) if resume else None  # before anything is written
-    if point is None and run_dir.holds_run() and not overwrite:
-        raise InputError(
-            f"{run_dir.path} holds a run already; pass --resume to continue it, "
-            f"--overwrite to replace it, or choose another --out"
-        )
+    if point is None:
+        run_dir.check_can_hold_run(overwrite)
     config, state = (point.config, point.state) if point else (given, None)
     data = load_data(config.data, resolve_device(device))
     pyro.set_rng_seed(config.train.seed)
@@ -110,12 +107,15 @@ def _train(
         on_rank0_for_all(begin)  # under torchrun: a refusal on rank 0 (the lock) stops all
         saved_epoch = state.epoch if state is not None else 0
 
+        def _run(metrics: list[dict]) -> Run:
+            return Run(model, guide, data, config, metrics, run_dir.path, run_dir.identity)
+
         def checkpoint(s: TrainState) -> None:
             nonlocal saved_epoch
             run_dir.save(s, config)
             saved_epoch = s.epoch
             if pictures and plot_every and s.epoch % plot_every == 0:
-                write_pictures(Run(model, guide, data, config, s.metrics, run_dir.path))
+                write_pictures(_run(s.metrics))
 
         try:
             metrics = train(
@@ -126,9 +126,15 @@ def _train(
             raise FloatingPointError(f"{e}; {_kept(run_dir, saved_epoch)}") from None
         except KeyboardInterrupt:
             raise Interrupted(_kept(run_dir, saved_epoch)) from None
-        run = Run(model, guide, data, config, metrics, run_dir.path)
+        run = _run(metrics)
         if pictures and world().main:
-            write_pictures(run)
+            try:
+                write_pictures(run)
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    f"{_kept(run_dir, saved_epoch)}; the pictures were not drawn (ppl-vae plot "
+                    f"draws them)"
+                ) from None
         return run
 
 
