@@ -295,6 +295,7 @@ def _em(args: argparse.Namespace) -> None:
     data = _build(DataConfig, args, "data", seed=args.seed, data_dir=args.data_dir, **EM_DATA)
     config = _build(MixtureConfig, args, "mixture", seed=args.seed)
     data = dataclasses.replace(data, binarize="static")
+
     def report(r: dict) -> None:  # printed before the files are written
         status = "converged" if r["converged"] else "not converged: raise --max-iter or --tol"
         print(
