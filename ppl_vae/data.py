@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ppl_vae.config import check_positive, check_positive_value, option
+from ppl_vae.config import check_positive, check_positive_value, check_seed, option
 from ppl_vae.errors import InputError, MissingInputError
 from ppl_vae.registry import Registry
 
@@ -62,6 +62,7 @@ class DataConfig:
                 f"unknown binarization {self.binarize!r}; choose one of {', '.join(BINARIZATIONS)}"
             )
         check_positive(self, "num_train", "num_test")
+        check_seed("seed", self.seed)
         if not (self.dataset in DATASETS or Path(self.dataset).suffix in (".pt", ".npy")):
             raise InputError(
                 f"unknown data set {self.dataset!r}; choose one of {', '.join(DATASETS)} "

@@ -24,6 +24,7 @@ __all__ = [
     "PLATE",
     "DataPlateLayout",
     "WeightTerms",
+    "check_batch",
     "data_plate",
     "log_density",
     "log_weights_of_traces",
@@ -39,6 +40,21 @@ LATENT = "z"  # the latent site shared by the model and every guide
 OBSERVED = "x"  # the observation site
 PLATE = "data"  # the plate over the leading dimension of x
 PARTICLES = "_particles"  # the outer plate of vectorized draws (IWAE, importance sampling)
+
+
+def check_batch(x, event_shape: torch.Size, who: str) -> None:
+    """An error unless ``x`` is a tensor of shape ``(N, *event_shape)`` with N > 0."""
+    if not torch.is_tensor(x):
+        raise InputError(
+            f"{who} takes a torch tensor of shape (N, {', '.join(map(str, event_shape))}), got "
+            f"{type(x).__name__}; convert it with torch.as_tensor(x, dtype=torch.float32)"
+        )
+    if x.shape[1:] != event_shape or x.dim() == 0:
+        shape = ", ".join(map(str, event_shape))
+        one = " (one point? pass x.unsqueeze(0))" if x.shape == event_shape else ""
+        raise InputError(
+            f"{who} takes a batch of shape (N, {shape}), got shape {tuple(x.shape)}{one}"
+        )
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppl_vae.capture import CapturedLoss
-from ppl_vae.config import check_positive, option
+from ppl_vae.config import check_number, check_positive, check_seed, option
 from ppl_vae.data import Data
 from ppl_vae.distributed import (
     World,
@@ -85,10 +85,16 @@ class TrainConfig:
 
     def __post_init__(self):
         check_positive(self, "epochs", "batch_size", "num_particles", "eval_batch_size")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise InputError(f"learning rate must be positive, got {self.lr}")
-        if not self.beta >= 0:
-            raise InputError(f"beta must be non-negative, got {self.beta}")
+        check_seed("seed", self.seed)
+        if not _finite_number(self.lr) or not self.lr > 0:
+            raise InputError(
+                f"learning rate must be positive and finite, got {self.lr!r}; pass --lr between "
+                f"1e-5 and 1e-1 (Adam's usual range; the default is 1e-3)"
+            )
+        hint = "pass --beta 1 (the ELBO) or another KL weight, usually between 0 and 10"
+        check_number("beta", self.beta, allow_low=True, hint=hint)
+        if isinstance(self.kl_warmup, bool) or not isinstance(self.kl_warmup, int):
+            raise InputError(f"kl_warmup must be a whole number of epochs, got {self.kl_warmup!r}")
         if self.kl_warmup < 0:
             raise InputError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
         LOSSES.check(self.loss)
@@ -97,6 +103,10 @@ class TrainConfig:
                 "KL warm-up and beta weight the ELBO's KL term; the iwae loss has none: "
                 "drop --kl-warmup/--beta or use --loss elbo"
             )
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
