@@ -25,6 +25,7 @@ __all__ = [
     "DataPlateLayout",
     "WeightTerms",
     "check_batch",
+    "check_points",
     "data_plate",
     "log_density",
     "log_weights_of_traces",
@@ -55,6 +56,18 @@ def check_batch(x, event_shape: torch.Size, who: str) -> None:
         raise InputError(
             f"{who} takes a batch of shape (N, {shape}), got shape {tuple(x.shape)}{one}"
         )
+
+
+def check_points(x, *programs) -> None:
+    """:func:`check_batch` of ``x`` against every program that states the shape of one point
+    (a model's ``event_shape``, a guide's ``encoder.event_shape``), before any is traced: an
+    error raised inside a Pyro trace gets the trace's shapes appended to its message."""
+    for program, who in zip(programs, ("the model", "the guide", "the program"), strict=False):
+        shape = getattr(program, "event_shape", None)
+        if shape is None:
+            shape = getattr(getattr(program, "encoder", None), "event_shape", None)
+        if shape is not None:
+            check_batch(x, torch.Size(shape), who)
 
 
 @contextmanager
@@ -230,6 +243,11 @@ class DataPlateLayout:
             )
         if self.size is None:
             raise InputError("the model has no sample sites")
+        if not any(site["is_observed"] for site in sample_sites(model_tr)):
+            raise InputError(
+                "the model observes nothing (no pyro.sample(..., obs=x) site), so there is no "
+                "log p(x) to estimate; condition the model on the data passed to it"
+            )
         self.max_plate_nesting = nesting
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppl_vae.capture import CapturedLoss
-from ppl_vae.config import check_number, check_positive, check_seed, option
+from ppl_vae.config import check_memory, check_number, check_positive, check_seed, option
 from ppl_vae.data import Data
 from ppl_vae.distributed import (
     World,
@@ -40,6 +40,7 @@ from ppl_vae.rng import (
     seed_streams,
     set_rng_state,
 )
+from ppl_vae.sites import check_points, sample_sites, trace_guide_and_model
 
 __all__ = [
     "LoopState",
@@ -47,6 +48,7 @@ __all__ = [
     "StepLosses",
     "TrainConfig",
     "TrainState",
+    "check_programs",
     "collect_params",
     "init_state",
     "kl_weight",
@@ -524,6 +526,52 @@ def snapshot(state: LoopState) -> TrainState | None:
     )
 
 
+STEP_MEMORY_FACTOR = 2  # a step's saved tensors, and as much again in temporaries and gradients
+
+
+def check_programs(model: Callable, guide: Callable, data: Data, config: TrainConfig) -> None:
+    """Checks, before the first step, what a step of ``train`` needs: the guide samples every
+    latent site of the model, and a step's tensors (``config.num_particles`` draws of a batch)
+    fit in the device's memory.
+
+    The model and guide run on one batch with one and with two particles, in forked random
+    streams; the tensors autograd saves for the backward pass are counted, and a step's are
+    extrapolated to ``num_particles``.
+    """
+    saved = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved[-1] += t.numel() * t.element_size()
+        return t
+
+    with forked_rng(data.device, config.seed), pyro.validation_enabled(False):
+        x = data.encode(data.train[: config.batch_size])
+        check_points(x, model, guide)
+        model_tr, guide_tr = trace_guide_and_model(model, guide, (x, data.train.shape[0]), {})
+        latent = {s["name"] for s in sample_sites(model_tr) if not s["is_observed"]}
+        missing = sorted(latent - {s["name"] for s in sample_sites(guide_tr)})
+        if missing:
+            raise InputError(
+                f"the guide does not sample the model's latent site{'s' * (len(missing) > 1)} "
+                f"{', '.join(map(repr, missing))}, which would be drawn from the prior and "
+                f"never inferred; give the guide a pyro.sample site of the same name"
+            )
+        for k in (1, 2):
+            saved.append(0)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                LOSSES.build(config.loss, num_particles=k).differentiable_loss(
+                    model, guide, x, data.train.shape[0]
+                )
+    per_particle = max(saved[1] - saved[0], 0)
+    need = STEP_MEMORY_FACTOR * (saved[0] + (config.num_particles - 1) * per_particle)
+    check_memory(
+        need,
+        f"a training step ({config.num_particles} particles of a batch of {x.shape[0]})",
+        device=data.device,
+        fix="lower --num-particles or --batch-size",
+    )
+
+
 def train(
     model: Callable,
     guide: Callable,
@@ -575,6 +623,7 @@ def train(
         One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo``, ``kl_weight``
         and ``seconds``.
     """
+    check_programs(model, guide, data, config)
     state = init_state(model, guide, data, config, resume_from=resume_from)
     w, first, began = world(), state.epoch, time.perf_counter()
     for _ in range(state.epoch, config.epochs):
