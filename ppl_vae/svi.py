@@ -526,7 +526,7 @@ def snapshot(state: LoopState) -> TrainState | None:
     )
 
 
-STEP_MEMORY_FACTOR = 2  # a step's saved tensors, and as much again in temporaries and gradients
+STEP_MEMORY_FACTOR = 3  # layers' outputs, kept for the backward pass; log-densities, gradients
 
 
 def check_programs(model: Callable, guide: Callable, data: Data, config: TrainConfig) -> None:
@@ -534,17 +534,17 @@ def check_programs(model: Callable, guide: Callable, data: Data, config: TrainCo
     latent site of the model, and a step's tensors (``config.num_particles`` draws of a batch)
     fit in the device's memory.
 
-    The model and guide run on one batch with one and with two particles, in forked random
-    streams; the tensors autograd saves for the backward pass are counted, and a step's are
-    extrapolated to ``num_particles``.
+    The model and guide run without gradients, in forked random streams, on one batch with one
+    and with two particles; the outputs of their layers (the tensors a step keeps for its
+    backward pass) are counted, and a step's memory is extrapolated to ``num_particles``.
     """
-    saved = []
+    sizes = []
 
-    def pack(t: Tensor) -> Tensor:
-        saved[-1] += t.numel() * t.element_size()
-        return t
+    def count(module: torch.nn.Module, inputs, output) -> None:
+        if torch.is_tensor(output) and next(module.children(), None) is None:  # a layer
+            sizes[-1] += output.numel() * output.element_size()
 
-    with forked_rng(data.device, config.seed), pyro.validation_enabled(False):
+    with torch.no_grad(), forked_rng(data.device, config.seed), pyro.validation_enabled(False):
         x = data.encode(data.train[: config.batch_size])
         check_points(x, model, guide)
         model_tr, guide_tr = trace_guide_and_model(model, guide, (x, data.train.shape[0]), {})
@@ -557,13 +557,15 @@ def check_programs(model: Callable, guide: Callable, data: Data, config: TrainCo
                 f"never inferred; give the guide a pyro.sample site of the same name"
             )
         for k in (1, 2):
-            saved.append(0)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                LOSSES.build(config.loss, num_particles=k).differentiable_loss(
-                    model, guide, x, data.train.shape[0]
-                )
-    per_particle = max(saved[1] - saved[0], 0)
-    need = STEP_MEMORY_FACTOR * (saved[0] + (config.num_particles - 1) * per_particle)
+            sizes.append(0)
+            hook = torch.nn.modules.module.register_module_forward_hook(count)
+            try:
+                loss = LOSSES.build(config.loss, num_particles=k)
+                loss.differentiable_loss(model, guide, x, data.train.shape[0])
+            finally:
+                hook.remove()
+    per_particle = max(sizes[1] - sizes[0], 0)
+    need = STEP_MEMORY_FACTOR * (sizes[0] + (config.num_particles - 1) * per_particle)
     check_memory(
         need,
         f"a training step ({config.num_particles} particles of a batch of {x.shape[0]})",
