@@ -21,16 +21,26 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import torch
+
 from ppl_vae.errors import InputError
 
 __all__ = [
+    "MAX_SEED",
+    "check_memory",
+    "check_number",
     "check_positive",
     "check_positive_value",
+    "check_seed",
+    "device_memory",
+    "format_bytes",
     "field_types",
     "from_dict",
     "option",
@@ -135,3 +145,78 @@ def check_positive_value(name: str, value: Any) -> None:
     """An error naming ``name`` unless ``value`` is ``None`` or a positive integer."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+MAX_SEED = 2**63  # seeds lie in [0, 2**63): torch.Generator.manual_seed takes no more
+
+
+def check_seed(name: str, value: Any) -> int:
+    """``value`` if it is an integer seed in [0, 2**63); an error naming ``name`` otherwise.
+
+    Example:
+        >>> check_seed("seed", 7)
+        7
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
+        raise InputError(
+            f"{name} must be an integer in [0, 2**63), got {value!r}; pass --seed 0 or another "
+            f"non-negative integer"
+        )
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float = 0.0,
+    high: float = math.inf,
+    allow_low: bool = False,
+    hint: str = "",
+) -> float:
+    """``value`` as a float if it is a finite number in ``(low, high]`` (``[low, high]`` with
+    ``allow_low``); an error naming ``name`` and the range otherwise (``hint``: the fix)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and math.isfinite(value) and value <= high
+    ok = ok and (value >= low if allow_low else value > low)
+    if not ok:
+        bound = f">= {low:g}" if allow_low else f"> {low:g}"
+        within = f"{bound} and <= {high:g}" if math.isfinite(high) else bound
+        raise InputError(
+            f"{name} must be a finite number {within}, got {value!r}"
+            + (f"; {hint}" if hint else "")
+        )
+    return float(value)
+
+
+UNKNOWN_MEMORY = 16 * 2**30  # the bound where a machine's memory cannot be read
+
+
+def device_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes of memory on ``device``: a GPU's total, else the machine's physical memory (16 GiB
+    where neither can be read)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return UNKNOWN_MEMORY
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in GB (MB below one GB), e.g. ``'12.3 GB'``, ``'9,634 GB'``."""
+    if n < 1e9:
+        return f"{n / 1e6:.3g} MB"
+    return f"{n / 1e9:.3g} GB" if n < 1e12 else f"{n / 1e9:,.0f} GB"
+
+
+def check_memory(need: float, what: str, *, device: torch.device | str, fix: str) -> None:
+    """An error saying that ``what`` needs about ``need`` bytes when that is more than
+    ``device`` has (:func:`device_memory`); ``fix`` says what to change."""
+    have = device_memory(device)
+    if need > have:
+        raise InputError(
+            f"{what} needs about {format_bytes(need)} of memory, more than the "
+            f"{format_bytes(have)} of this {torch.device(device).type}; {fix}"
+        )

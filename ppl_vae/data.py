@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import os
 import warnings
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ppl_vae.config import check_positive, check_positive_value, option
+from ppl_vae.config import check_positive, check_positive_value, check_seed, option
 from ppl_vae.errors import InputError, MissingInputError
 from ppl_vae.registry import Registry
 
@@ -26,6 +27,7 @@ __all__ = [
     "Data",
     "DataConfig",
     "SYNTHETIC",
+    "data_fingerprint",
     "load_data",
     "load_mnist",
     "resolve_data_root",
@@ -62,6 +64,7 @@ class DataConfig:
                 f"unknown binarization {self.binarize!r}; choose one of {', '.join(BINARIZATIONS)}"
             )
         check_positive(self, "num_train", "num_test")
+        check_seed("seed", self.seed)
         if not (self.dataset in DATASETS or Path(self.dataset).suffix in (".pt", ".npy")):
             raise InputError(
                 f"unknown data set {self.dataset!r}; choose one of {', '.join(DATASETS)} "
@@ -91,6 +94,7 @@ class Data:
         name: str = "data",
         test_labels: Tensor | None = None,
     ):
+        train, test = train.detach(), test.detach()  # saved with requires_grad, or Parameters
         for split, t in (("train", train), ("test", test)):
             if not torch.is_floating_point(t):
                 raise InputError(
@@ -103,6 +107,11 @@ class Data:
             if t.dim() < 2 or t.shape[0] == 0:
                 raise InputError(
                     f"{name} {split} data must have shape (N, ...) with N > 0, got {tuple(t.shape)}"
+                )
+            if t.shape[1:].numel() == 0:
+                raise InputError(
+                    f"{name} {split} data have no features: shape {tuple(t.shape)}; each point "
+                    f"needs at least one value, e.g. an (N, D) array with D >= 1"
                 )
         if train.shape[1:] != test.shape[1:]:
             raise InputError(
@@ -347,3 +356,23 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
         raise MissingInputError(f"data file {path} does not exist")
     train, test = _load_file(path, g)
     return Data(train.to(device), test.to(device), "continuous", path.stem)
+
+
+def data_fingerprint(data: Data) -> str:
+    """A SHA-256 hex digest of the training and test tensors: their dtypes, shapes and bytes.
+
+    Equal data give equal fingerprints on every device; one changed value gives another. A run
+    can record it and refuse to resume on a data file that changed since.
+
+    Example:
+        >>> a = Data(torch.zeros(4, 2), torch.ones(2, 2), "continuous")
+        >>> b = Data(torch.zeros(4, 2), torch.ones(2, 2), "continuous", name="other")
+        >>> data_fingerprint(a) == data_fingerprint(b)
+        True
+    """
+    h = hashlib.sha256()
+    for t in (data.train, data.test):
+        h.update(f"{t.dtype} {tuple(t.shape)};".encode())
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return h.hexdigest()

@@ -39,14 +39,17 @@ __all__ = [
     "HouseholderBasis",
     "PermutationBasis",
     "SYLVESTER_VARIANTS",
+    "MAX_FLOW_LENGTH",
     "ConditionalSylvester",
     "Hypernet",
     "Sylvester",
+    "check_flow_length",
     "conditional_iaf",
     "conditional_planar",
     "conditional_radial",
     "conditional_spline",
     "flow_steps",
+    "step_size",
 ]
 
 SylvesterVariant = Literal["orthogonal", "householder", "triangular"]
@@ -268,6 +271,10 @@ def _permutation(dim: int, reverse: bool) -> Tensor:
 
 
 FLOWS: Registry[ConditionalTransformModule] = Registry("flow")
+MADE_OUTPUTS = {  # the flows on a conditional MADE: its outputs per dimension (param_dims)
+    "iaf": lambda: [1, 1],  # shift and log-scale
+    "spline": lambda bins=8: [bins, bins, bins - 1, bins],  # widths, heights, slopes, lambdas
+}
 
 
 @FLOWS.register("planar", help="planar steps (Rezende & Mohamed 2015)")
@@ -288,7 +295,11 @@ def conditional_iaf(
 ) -> ConditionalTransformModule:
     """An affine autoregressive step (Kingma et al. 2016) with a conditional MADE."""
     made = ConditionalAutoRegressiveNN(
-        input_dim, context_dim, [hidden_dim], permutation=_permutation(input_dim, reverse)
+        input_dim,
+        context_dim,
+        [hidden_dim],
+        param_dims=MADE_OUTPUTS["iaf"](),
+        permutation=_permutation(input_dim, reverse),
     )
     return ConditionalAffineAutoregressive(made, stable=True)
 
@@ -307,7 +318,7 @@ def conditional_spline(
         input_dim,
         context_dim,
         [hidden_dim],
-        param_dims=[bins, bins, bins - 1, bins],
+        param_dims=MADE_OUTPUTS["spline"](bins),
         permutation=_permutation(input_dim, reverse),
     )
     return ConditionalSplineAutoregressive(input_dim, made, count_bins=bins, bound=bound)
@@ -336,6 +347,40 @@ FLOWS.register(
 )  # fmt: skip
 
 
+MAX_FLOW_LENGTH = 1000  # published flow guides use tens of steps; each step is a module
+
+
+def check_flow_length(length: int) -> int:
+    """``length`` if it is a whole number of flow steps in 1..:data:`MAX_FLOW_LENGTH`."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise InputError(f"the flow length must be a positive integer, got {length!r}")
+    if length > MAX_FLOW_LENGTH:
+        raise InputError(
+            f"flow_length {length} is far more steps than a flow guide needs (published ones "
+            f"use tens; building and running each step takes time and memory); pass "
+            f"--flow-length {MAX_FLOW_LENGTH} or fewer"
+        )
+    return length
+
+
+def step_size(kind: str, input_dim: int, context_dim: int, hidden: int | None = None) -> int:
+    """Parameters and buffers (elements) of one step of the flow ``kind``, counted without
+    allocating them: the steps are built on the ``meta`` device, except those on Pyro's
+    conditional MADE, which cannot be (its masks are read back), and are counted from its
+    layers' shapes.
+    """
+    options = FLOWS.options(kind)
+    if kind in MADE_OUTPUTS:
+        d, c, h = input_dim, context_dim, max(4 * input_dim, 32) if hidden is None else hidden
+        m = sum(MADE_OUTPUTS[kind]())
+        # (d + c) -> h and h -> d * m masked linear layers (weight, bias and mask), permutation
+        return 2 * h * (d + c) + h + 2 * h * d * m + d * m + d
+    step = {"hidden_dim": hidden} if "hidden_dim" in options else {}
+    with torch.device("meta"):
+        module = FLOWS.build(kind, input_dim, context_dim, **step)
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+
+
 def flow_steps(
     kind: str, input_dim: int, context_dim: int, length: int, hidden: int | None = None
 ) -> nn.ModuleList:
@@ -353,8 +398,7 @@ def flow_steps(
             defaults to ``max(4 * input_dim, 32)``.
     """
     options = FLOWS.options(kind)
-    if length < 1:
-        raise InputError(f"the flow length must be a positive integer, got {length}")
+    check_flow_length(length)
     if hidden is not None and "hidden_dim" not in options:
         raise InputError(f"the {kind} flow has no hidden layer; drop --flow-hidden")
     if hidden is not None and hidden < 1:

@@ -13,9 +13,9 @@ from torch.distributions import Distribution
 
 from ppl_vae.distributions import DiagonalNormal
 from ppl_vae.errors import InputError
-from ppl_vae.flows import FLOWS, flow_steps
+from ppl_vae.flows import FLOWS, flow_steps, step_size
 from ppl_vae.registry import Registry
-from ppl_vae.sites import LATENT, data_plate
+from ppl_vae.sites import LATENT, check_batch, data_plate
 
 __all__ = [
     "GUIDES",
@@ -26,6 +26,7 @@ __all__ = [
     "GaussianGuide",
     "LowRankGaussianGuide",
     "ZukoGuide",
+    "guide_size",
     "make_guide",
 ]
 
@@ -51,6 +52,9 @@ class AmortizedGuide(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, num_data: int | None = None) -> Tensor:
+        event_shape = getattr(self.encoder, "event_shape", None)  # where the encoder says
+        if event_shape is not None:
+            check_batch(x, event_shape, "the guide")
         pyro.module("guide", self)
         with data_plate(x, num_data):
             return pyro.sample(LATENT, self.distribution(x))
@@ -132,9 +136,9 @@ class FullRankGaussianGuide(AmortizedGuide):
         self.register_buffer("cols", cols, False)
         self.head = nn.Linear(encoder.feature_dim, latent_dim + self.rows.numel())
         with torch.no_grad():  # start as the diagonal Gaussian: off-diagonal entries 0
-            off = latent_dim + (self.rows != self.cols).nonzero().squeeze(-1)
-            self.head.weight[off] = 0.0
-            self.head.bias[off] = 0.0
+            diagonal = (self.rows == self.cols).to(self.head.weight.dtype)
+            self.head.weight[latent_dim:] *= diagonal.unsqueeze(-1)
+            self.head.bias[latent_dim:] *= diagonal
 
     def distribution(self, x: Tensor) -> Distribution:
         d = self.latent_dim
@@ -250,3 +254,47 @@ def make_guide(name: str, encoder: nn.Module, latent_dim: int, **options) -> Amo
     any other is an error that names it.
     """
     return GUIDES.build(name, encoder, latent_dim, **options)
+
+
+class _Features(nn.Module):
+    """A stand-in encoder with ``feature_dim`` features, for counting a guide's own size."""
+
+    def __init__(self, feature_dim: int):
+        super().__init__()
+        self.feature_dim = feature_dim
+
+
+def guide_size(name: str, feature_dim: int, latent_dim: int, **options) -> int | None:
+    """Parameters and buffers (elements) of the guide ``name`` on an encoder of
+    ``feature_dim`` features, the encoder not counted; ``None`` where it cannot be counted.
+
+    Nothing is allocated: a flow guide is its head and ``flow_length`` times
+    :func:`~ppl_vae.flows.step_size`; another guide is built on the ``meta`` device, with at
+    most two transforms, and its length extrapolated.
+
+    Example:
+        >>> guide_size("gaussian", feature_dim=200, latent_dim=50)  # (200 + 1) * 2 * 50
+        20100
+        >>> guide_size("planar", 200, 50, flow_length=1_000_000_000) > 10**13
+        True
+    """
+    if name in FLOWS:
+        head = (feature_dim + 1) * 2 * latent_dim
+        step = step_size(name, latent_dim, feature_dim, options.get("flow_hidden"))
+        return head + options.get("flow_length", 4) * step
+
+    def count(**changed) -> int:
+        with torch.device("meta"):
+            guide = GUIDES.build(name, _Features(feature_dim), latent_dim, **options, **changed)
+        return sum(t.numel() for t in (*guide.parameters(), *guide.buffers()))
+
+    try:
+        length = options.pop("flow_length", 4) if "flow_length" in GUIDES.options(name) else None
+        if length is None:
+            return count()
+        one, two = count(flow_length=1), count(flow_length=2)
+        return one + (length - 1) * (two - one)
+    except InputError:
+        raise
+    except Exception:  # a guide that cannot be built on the meta device
+        return None

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pyro import poutine
 from torch import Tensor
@@ -21,6 +22,7 @@ from ppl_vae.errors import InputError
 from ppl_vae.sites import (
     PLATE,
     DataPlateLayout,
+    check_points,
     log_weights_of_traces,
     pad_to_rank,
     trace_guide_and_model,
@@ -29,6 +31,7 @@ from ppl_vae.sites import (
 
 __all__ = [
     "LogLikelihood",
+    "checked_inputs",
     "default_chunk_size",
     "log_likelihood",
     "log_likelihood_diagnostics",
@@ -52,6 +55,59 @@ def _device_of(args, kwargs) -> torch.device:
         if torch.is_tensor(value):
             return value.device
     return torch.device("cpu")
+
+
+def _parameter(*programs) -> Tensor | None:
+    """A floating-point parameter of the programs that are modules: their dtype and device."""
+    for program in programs:
+        if isinstance(program, torch.nn.Module):
+            for p in program.parameters():
+                if p.is_floating_point():
+                    return p
+    return None
+
+
+def checked_inputs(model: Callable, guide: Callable, args: tuple, kwargs: dict):
+    """The programs' arguments with NumPy arrays as tensors, checked against the programs'
+    parameters where they are modules: points present, and the parameters' dtype and device.
+
+    A floating-point NumPy array becomes a tensor of the parameters' dtype (else the default
+    dtype) on their device; a tensor of another dtype or device is an error that names both.
+    """
+    ref = _parameter(model, guide)
+    names = [("x" if i == 0 else f"argument {i + 1}", v) for i, v in enumerate(args)]
+
+    def check(name: str, value):
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+            if value.is_floating_point():
+                dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+                value = value.to(dtype)
+            if ref is not None:
+                value = value.to(ref.device)
+        if not torch.is_tensor(value):
+            return value
+        if value.numel() == 0:
+            raise InputError(
+                f"{name} is empty (shape {tuple(value.shape)}); pass at least one data point"
+            )
+        if ref is not None and value.dtype != ref.dtype:
+            raise InputError(
+                f"{name} has dtype {value.dtype}, the model's parameters {ref.dtype}; pass "
+                f"{name}.to({ref.dtype})"
+            )
+        if ref is not None and value.device != ref.device:
+            raise InputError(
+                f"{name} is on {value.device}, the model's parameters on {ref.device}; pass "
+                f"{name}.to({str(ref.device)!r}) or move the model and guide with .to(device)"
+            )
+        return value
+
+    args = tuple(check(name, value) for name, value in names)
+    kwargs = {key: check(key, value) for key, value in kwargs.items()}
+    if args:
+        check_points(args[0], model, guide)
+    return args, kwargs
 
 
 @dataclass
@@ -109,6 +165,7 @@ def _draw(model, guide, args, kwargs, *, num_samples, chunk_size, data_plate, pr
         raise InputError(f"num_samples must be a positive integer, got {num_samples}")
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
+    args, kwargs = checked_inputs(model, guide, args, kwargs)
     with torch.no_grad(), poutine.block(hide_types=["param"]):
         sites = DataPlateLayout(model, guide, args, kwargs, data_plate)
         chunk = chunk_size or default_chunk_size(sites.size, _device_of(args, kwargs))

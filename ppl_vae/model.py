@@ -16,7 +16,7 @@ from torch.distributions import Distribution
 from ppl_vae.distributions import StandardNormal
 from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
-from ppl_vae.sites import LATENT, OBSERVED, data_plate
+from ppl_vae.sites import LATENT, OBSERVED, check_batch, data_plate
 
 __all__ = [
     "check_sigma",
@@ -42,9 +42,14 @@ class BernoulliLikelihood(nn.Module):
 
 
 def check_sigma(sigma: float) -> float:
-    """``sigma`` as a float; an error unless it is a positive number."""
+    """``sigma`` as a float; an error unless it is a positive, finite number."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
         raise InputError(f"sigma must be positive, got {sigma}")
+    if not math.isfinite(sigma):
+        raise InputError(
+            f"sigma must be finite, got {sigma}; pass --sigma on the data's scale, e.g. 0.1 to 1 "
+            f"for standardized data"
+        )
     return float(sigma)
 
 
@@ -73,9 +78,13 @@ class LearnedGaussianLikelihood(nn.Module):
 
     def __init__(self, event_shape: torch.Size, sigma: float = 1.0, min_sigma: float = 1e-3):
         super().__init__()
+        sigma = check_sigma(sigma)
         if not sigma > min_sigma:
             raise InputError(f"initial sigma must exceed {min_sigma}, got {sigma}")
-        rho = math.log(math.expm1(sigma - min_sigma))
+        excess = sigma - min_sigma  # rho = softplus^-1(excess), written stably for large excess
+        rho = (
+            math.log(math.expm1(excess)) if excess < 20 else excess + math.log1p(-math.exp(-excess))
+        )
         self.rho = nn.Parameter(torch.full(tuple(event_shape), rho))
         self.min_sigma = min_sigma
 
@@ -142,6 +151,7 @@ class VAEModel(nn.Module):
         return self.likelihood(self.decoder(z)).to_event(len(self.event_shape))
 
     def forward(self, x: Tensor, num_data: int | None = None) -> Tensor:
+        check_batch(x, self.event_shape, "the model")
         pyro.module("model", self)
         with data_plate(x, num_data):
             z = pyro.sample(LATENT, self.prior(x.shape[:1]))

@@ -72,6 +72,7 @@ class MLPEncoder(nn.Module):
 
     def __init__(self, event_shape: Sequence[int], hidden: Sequence[int], act: str):
         super().__init__()
+        self.event_shape = torch.Size(event_shape)  # the shape of one point
         self.event_dim = len(event_shape)
         self.in_dim = int(torch.Size(event_shape).numel())
         self.net = MLP([self.in_dim, *hidden], act, final_activation=True)
@@ -108,6 +109,7 @@ class ConvEncoder(nn.Module):
             nn.Flatten(),
         )
         self.feature_dim = 64 * 7 * 7
+        self.event_shape = torch.Size([1, 28, 28])  # the shape of one point
 
     def forward(self, x: Tensor) -> Tensor:
         batch = x.shape[:-3]

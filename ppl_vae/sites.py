@@ -24,6 +24,8 @@ __all__ = [
     "PLATE",
     "DataPlateLayout",
     "WeightTerms",
+    "check_batch",
+    "check_points",
     "data_plate",
     "log_density",
     "log_weights_of_traces",
@@ -39,6 +41,33 @@ LATENT = "z"  # the latent site shared by the model and every guide
 OBSERVED = "x"  # the observation site
 PLATE = "data"  # the plate over the leading dimension of x
 PARTICLES = "_particles"  # the outer plate of vectorized draws (IWAE, importance sampling)
+
+
+def check_batch(x, event_shape: torch.Size, who: str) -> None:
+    """An error unless ``x`` is a tensor of shape ``(N, *event_shape)`` with N > 0."""
+    if not torch.is_tensor(x):
+        raise InputError(
+            f"{who} takes a torch tensor of shape (N, {', '.join(map(str, event_shape))}), got "
+            f"{type(x).__name__}; convert it with torch.as_tensor(x, dtype=torch.float32)"
+        )
+    if x.shape[1:] != event_shape or x.dim() == 0:
+        shape = ", ".join(map(str, event_shape))
+        one = " (one point? pass x.unsqueeze(0))" if x.shape == event_shape else ""
+        raise InputError(
+            f"{who} takes a batch of shape (N, {shape}), got shape {tuple(x.shape)}{one}"
+        )
+
+
+def check_points(x, *programs) -> None:
+    """:func:`check_batch` of ``x`` against every program that states the shape of one point
+    (a model's ``event_shape``, a guide's ``encoder.event_shape``), before any is traced: an
+    error raised inside a Pyro trace gets the trace's shapes appended to its message."""
+    for program, who in zip(programs, ("the model", "the guide", "the program"), strict=False):
+        shape = getattr(program, "event_shape", None)
+        if shape is None:
+            shape = getattr(getattr(program, "encoder", None), "event_shape", None)
+        if shape is not None:
+            check_batch(x, torch.Size(shape), who)
 
 
 @contextmanager
@@ -214,6 +243,11 @@ class DataPlateLayout:
             )
         if self.size is None:
             raise InputError("the model has no sample sites")
+        if not any(site["is_observed"] for site in sample_sites(model_tr)):
+            raise InputError(
+                "the model observes nothing (no pyro.sample(..., obs=x) site), so there is no "
+                "log p(x) to estimate; condition the model on the data passed to it"
+            )
         self.max_plate_nesting = nesting
 
 

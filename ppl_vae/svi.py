@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ppl_vae.capture import CapturedLoss
-from ppl_vae.config import check_positive, option
+from ppl_vae.config import check_memory, check_number, check_positive, check_seed, option
 from ppl_vae.data import Data
 from ppl_vae.distributed import (
     World,
@@ -40,6 +40,7 @@ from ppl_vae.rng import (
     seed_streams,
     set_rng_state,
 )
+from ppl_vae.sites import check_points, sample_sites, trace_guide_and_model
 
 __all__ = [
     "LoopState",
@@ -47,6 +48,7 @@ __all__ = [
     "StepLosses",
     "TrainConfig",
     "TrainState",
+    "check_programs",
     "collect_params",
     "init_state",
     "kl_weight",
@@ -85,10 +87,16 @@ class TrainConfig:
 
     def __post_init__(self):
         check_positive(self, "epochs", "batch_size", "num_particles", "eval_batch_size")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise InputError(f"learning rate must be positive, got {self.lr}")
-        if not self.beta >= 0:
-            raise InputError(f"beta must be non-negative, got {self.beta}")
+        check_seed("seed", self.seed)
+        if not _finite_number(self.lr) or not self.lr > 0:
+            raise InputError(
+                f"learning rate must be positive and finite, got {self.lr!r}; pass --lr between "
+                f"1e-5 and 1e-1 (Adam's usual range; the default is 1e-3)"
+            )
+        hint = "pass --beta 1 (the ELBO) or another KL weight, usually between 0 and 10"
+        check_number("beta", self.beta, allow_low=True, hint=hint)
+        if isinstance(self.kl_warmup, bool) or not isinstance(self.kl_warmup, int):
+            raise InputError(f"kl_warmup must be a whole number of epochs, got {self.kl_warmup!r}")
         if self.kl_warmup < 0:
             raise InputError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
         LOSSES.check(self.loss)
@@ -97,6 +105,10 @@ class TrainConfig:
                 "KL warm-up and beta weight the ELBO's KL term; the iwae loss has none: "
                 "drop --kl-warmup/--beta or use --loss elbo"
             )
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -514,6 +526,54 @@ def snapshot(state: LoopState) -> TrainState | None:
     )
 
 
+STEP_MEMORY_FACTOR = 3  # layers' outputs, kept for the backward pass; log-densities, gradients
+
+
+def check_programs(model: Callable, guide: Callable, data: Data, config: TrainConfig) -> None:
+    """Checks, before the first step, what a step of ``train`` needs: the guide samples every
+    latent site of the model, and a step's tensors (``config.num_particles`` draws of a batch)
+    fit in the device's memory.
+
+    The model and guide run without gradients, in forked random streams, on one batch with one
+    and with two particles; the outputs of their layers (the tensors a step keeps for its
+    backward pass) are counted, and a step's memory is extrapolated to ``num_particles``.
+    """
+    sizes = []
+
+    def count(module: torch.nn.Module, inputs, output) -> None:
+        if torch.is_tensor(output) and next(module.children(), None) is None:  # a layer
+            sizes[-1] += output.numel() * output.element_size()
+
+    with torch.no_grad(), forked_rng(data.device, config.seed), pyro.validation_enabled(False):
+        x = data.encode(data.train[: config.batch_size])
+        check_points(x, model, guide)
+        model_tr, guide_tr = trace_guide_and_model(model, guide, (x, data.train.shape[0]), {})
+        latent = {s["name"] for s in sample_sites(model_tr) if not s["is_observed"]}
+        missing = sorted(latent - {s["name"] for s in sample_sites(guide_tr)})
+        if missing:
+            raise InputError(
+                f"the guide does not sample the model's latent site{'s' * (len(missing) > 1)} "
+                f"{', '.join(map(repr, missing))}, which would be drawn from the prior and "
+                f"never inferred; give the guide a pyro.sample site of the same name"
+            )
+        for k in (1, 2):
+            sizes.append(0)
+            hook = torch.nn.modules.module.register_module_forward_hook(count)
+            try:
+                loss = LOSSES.build(config.loss, num_particles=k)
+                loss.differentiable_loss(model, guide, x, data.train.shape[0])
+            finally:
+                hook.remove()
+    per_particle = max(sizes[1] - sizes[0], 0)
+    need = STEP_MEMORY_FACTOR * (sizes[0] + (config.num_particles - 1) * per_particle)
+    check_memory(
+        need,
+        f"a training step ({config.num_particles} particles of a batch of {x.shape[0]})",
+        device=data.device,
+        fix="lower --num-particles or --batch-size",
+    )
+
+
 def train(
     model: Callable,
     guide: Callable,
@@ -565,6 +625,7 @@ def train(
         One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo``, ``kl_weight``
         and ``seconds``.
     """
+    check_programs(model, guide, data, config)
     state = init_state(model, guide, data, config, resume_from=resume_from)
     w, first, began = world(), state.epoch, time.perf_counter()
     for _ in range(state.epoch, config.epochs):

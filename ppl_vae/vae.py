@@ -2,16 +2,20 @@ r"""A VAE assembled from configuration: networks, likelihood and guide."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ppl_vae.config import check_positive, option
+import torch
+
+from ppl_vae.config import check_memory, check_positive, option
 from ppl_vae.data import Data
 from ppl_vae.errors import InputError
-from ppl_vae.guides import GUIDES, AmortizedGuide
+from ppl_vae.flows import check_flow_length
+from ppl_vae.guides import GUIDES, AmortizedGuide, guide_size
 from ppl_vae.model import LIKELIHOODS, VAEModel, check_sigma
 from ppl_vae.networks import NetworkConfig
 
-__all__ = ["VAEConfig", "build_vae", "default_likelihood"]
+__all__ = ["VAEConfig", "build_vae", "check_vae_memory", "default_likelihood", "vae_size"]
 
 GUIDE_OPTIONS = ("flow_length", "flow_hidden", "rank")  # VAEConfig fields read by guides
 
@@ -46,6 +50,8 @@ class VAEConfig:
 
     def __post_init__(self):
         check_positive(self, "latent_dim", "flow_length", "flow_hidden", "rank")
+        if self.flow_length is not None:
+            check_flow_length(self.flow_length)
         if not isinstance(self.network, NetworkConfig):
             raise InputError(f"network must be a NetworkConfig, got {type(self.network).__name__}")
         GUIDES.check_options(self.guide, self.guide_options(), prefix="--")
@@ -68,11 +74,76 @@ def default_likelihood(data: Data) -> str:
     return "bernoulli" if data.is_binary else "gaussian"
 
 
+def vae_size(config: VAEConfig, event_shape: Sequence[int], likelihood: str) -> dict[str, int]:
+    """Parameters and buffers (elements) of the VAE ``config`` describes for points of
+    ``event_shape``, by part (``network``, ``guide``, ``likelihood``), counted without
+    allocating them (on the ``meta`` device); a guide that cannot be counted is left out.
+
+    Example:
+        >>> vae_size(VAEConfig(latent_dim=2, guide="planar"), (4,), "gaussian")
+        {'network': 82804, 'guide': 4824, 'likelihood': 4}
+    """
+    with torch.device("meta"):
+        encoder, decoder = config.network.build(event_shape, config.latent_dim)
+        lik = LIKELIHOODS.build(likelihood, torch.Size(event_shape), **config.likelihood_options())
+
+    def count(*modules) -> int:
+        return sum(t.numel() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+    sizes = {"network": count(encoder, decoder)}
+    guide = guide_size(
+        config.guide, encoder.feature_dim, config.latent_dim, **config.guide_options()
+    )
+    if guide is not None:
+        sizes["guide"] = guide
+    sizes["likelihood"] = count(lik)
+    return sizes
+
+
+TRAINING_COPIES = 4  # a parameter in training: its value, gradient and Adam's two moments
+
+
+def check_vae_memory(
+    config: VAEConfig, event_shape: Sequence[int], likelihood: str, device: torch.device | str
+) -> None:
+    """An error before anything is allocated when training the VAE's parameters (values,
+    gradients, Adam's moments) needs more memory than ``device`` has; it names the settings
+    of the largest part."""
+    sizes = vae_size(config, event_shape, likelihood)
+    itemsize = torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    total = sum(sizes.values())
+    largest = max(sizes, key=sizes.get)
+    network = config.network
+    flags = {
+        "network": f"--architecture {network.architecture}"
+        + (f", --hidden {','.join(map(str, network.hidden or (200, 200)))}"
+           if network.architecture == "mlp" else "")
+        + f", --latent-dim {config.latent_dim}",
+        "guide": ", ".join(
+            [f"--guide {config.guide}", f"--latent-dim {config.latent_dim}"]
+            + [f"--{k.replace('_', '-')} {v}" for k, v in config.guide_options().items()]
+        ),
+        "likelihood": f"one value per data dimension, {tuple(event_shape)}",
+    }  # fmt: skip
+    check_memory(
+        total * itemsize * TRAINING_COPIES,
+        f"training this VAE's {total / 1e6:,.0f} million parameters (values, gradients, "
+        f"Adam's moments)",
+        device=device,
+        fix=f"most are the {largest}'s ({flags[largest]}); choose smaller sizes",
+    )
+
+
 def build_vae(config: VAEConfig, data: Data) -> tuple[VAEModel, AmortizedGuide]:
-    """Builds the model and guide for ``data``, on ``data``'s device."""
+    """Builds the model and guide for ``data``, on ``data``'s device.
+
+    The parameters are counted first (:func:`check_vae_memory`): a VAE that cannot be trained
+    in the device's memory is an error before anything is allocated.
+    """
     likelihood = config.likelihood or default_likelihood(data)
     options = config.likelihood_options()
     LIKELIHOODS.check_options(likelihood, options, prefix="--")
+    check_vae_memory(config, data.event_shape, likelihood, data.device)
     lik = LIKELIHOODS.build(likelihood, data.event_shape, **options)
     if lik.requires_binary and not data.is_binary:
         raise InputError(

@@ -397,3 +397,41 @@ def test_a_warning_is_one_line_naming_ppl_vae(tmp_path, capsys):
     assert code == 0
     (line,) = [s for s in err.splitlines() if "warning" in s.lower()]
     assert line.startswith("ppl-vae: warning: this run's data stream was saved on cuda and cannot")
+
+
+NUMBERS = [  # issue 20: numbers that passed the checks, then failed late or ran for minutes
+    (["--seed", "-1"], "seed must be an integer in [0, 2**63), got -1"),
+    (["--seed", str(2**64 + 1)], "seed must be an integer in [0, 2**63)"),
+    (["--beta", "inf"], "beta must be a finite number >= 0, got inf"),
+    (["--lr", "inf"], "learning rate must be positive and finite, got inf"),
+    (["--sigma", "inf"], "sigma must be finite, got inf"),
+    (["--hidden", "100000,100000"], "(--architecture mlp, --hidden 100000,100000, --latent-dim"),
+    (["--latent-dim", "1000000000"], "GB of memory, more than the"),
+    (["--guide", "planar", "--flow-length", "100000000"], "flow_length 100000000 is far more"),
+    (["--num-particles", "10000000"], "a training step (10000000 particles of a batch of 100)"),
+    (["--dataset", "{tmp}/no_features.npy"], "data have no features: shape (45, 0)"),
+]
+
+
+@pytest.mark.parametrize("args, message", NUMBERS, ids=[f"n{i}" for i in range(len(NUMBERS))])
+def test_absurd_numbers_are_one_line_exit_2(args, message, bad_files, capsys):
+    np.save(bad_files / "no_features.npy", np.zeros((50, 0), dtype=np.float32))
+    args = [a.replace("{tmp}", str(bad_files)) for a in args]
+    dataset = [] if "--dataset" in args else ["--dataset", "pinwheel"]
+    out = ["--out", str(bad_files / "run"), "--epochs", "1"]
+    code, _, err = run_cli("train", *dataset, *args, *out, capsys=capsys)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("ppl-vae") and "Traceback" not in err
+    assert not (bad_files / "run" / "checkpoint.pt").exists()
+
+
+def test_a_data_file_saved_with_requires_grad_trains(tmp_path, capsys):
+    torch.save(torch.nn.Parameter(torch.randn(60, 2)), tmp_path / "param.pt")
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        "train", "--dataset", tmp_path / "param.pt", "--epochs", "1", "--out", out,
+        "--hidden", "8", "--latent-dim", "2", "--quiet", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (out / "checkpoint.pt").exists()

@@ -2,10 +2,19 @@
 
 import dataclasses
 import json
+import math
+import re
 
 import pytest
 
-from ppl_vae.config import from_dict, to_dict
+from ppl_vae.config import (
+    check_memory,
+    check_number,
+    check_seed,
+    device_memory,
+    from_dict,
+    to_dict,
+)
 from ppl_vae.data import DataConfig
 from ppl_vae.errors import InputError
 from ppl_vae.networks import NetworkConfig
@@ -79,3 +88,51 @@ def test_evaluate_defaults_report_the_iwae_bounds_that_fit_k():
     assert EvaluateConfig(num_samples=50).iwae_ks == (1, 10)
     assert EvaluateConfig(num_samples=5000).iwae_ks == (1, 10, 100)
     assert EvaluateConfig(num_samples=50, iwae_k=(2, 50)).iwae_ks == (2, 50)
+
+
+# -- numbers checked where they enter ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64 + 1, 1.5, True, "3"])
+def test_a_seed_out_of_range_or_not_an_integer_is_refused(seed):
+    for build in (lambda: TrainConfig(seed=seed), lambda: DataConfig(seed=seed)):
+        with pytest.raises(InputError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+            build()
+    assert check_seed("seed", 2**63 - 1) == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": math.inf}, "learning rate must be positive and finite, got inf; pass --lr"),
+        ({"lr": True}, "learning rate must be positive and finite"),
+        ({"beta": math.inf}, "beta must be a finite number >= 0, got inf; pass --beta 1"),
+        ({"beta": math.nan}, "beta must be a finite number >= 0, got nan"),
+        ({"beta": -0.5}, "beta must be a finite number >= 0"),
+        ({"kl_warmup": 1.5}, "kl_warmup must be a whole number of epochs"),
+    ],
+)
+def test_infinite_or_absurd_training_numbers_are_refused_with_their_own_message(kwargs, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("sigma", [math.inf, 1e400])
+def test_an_infinite_sigma_is_refused(sigma):
+    with pytest.raises(InputError, match="sigma must be finite, got inf; pass --sigma"):
+        VAEConfig(likelihood="gaussian", sigma=sigma)
+
+
+def test_check_number_names_the_range_and_the_fix():
+    assert check_number("w", 2) == 2.0
+    with pytest.raises(InputError, match=r"w must be a finite number > 0 and <= 1, got 3; lower"):
+        check_number("w", 3, high=1, hint="lower it")
+
+
+def test_memory_bound_names_what_needs_how_much(monkeypatch):
+    assert device_memory("cpu") > 2**20
+    with pytest.raises(InputError, match=r"X needs about 2,000 GB of memory, more than the .* fix"):
+        check_memory(2e12, "X", device="cpu", fix="fix")
+    check_memory(1e6, "X", device="cpu", fix="fix")  # a megabyte fits
+    monkeypatch.delattr("os.sysconf")
+    assert device_memory("cpu") == 16 * 2**30

@@ -9,7 +9,14 @@ import pytest
 import torch
 from helpers import needs_mnist
 
-from ppl_vae.data import Data, DataConfig, load_data, resolve_data_root, synthetic_2d
+from ppl_vae.data import (
+    Data,
+    DataConfig,
+    data_fingerprint,
+    load_data,
+    resolve_data_root,
+    synthetic_2d,
+)
 from ppl_vae.errors import InputError
 
 
@@ -160,3 +167,37 @@ def test_head_keeps_the_first_points_their_labels_and_the_encoding():
     assert data.head(num_test=5).train.shape[0] == 50  # None keeps the split whole
     with pytest.raises(InputError, match="num_train must be a positive integer, got 0"):
         data.head(0)
+
+
+def test_tensors_saved_with_requires_grad_or_as_parameters_are_detached(tmp_path):
+    x = torch.nn.Parameter(torch.randn(20, 3))
+    torch.save(x, tmp_path / "param.pt")
+    torch.save(torch.randn(20, 3).requires_grad_(), tmp_path / "grad.pt")
+    for name in ("param.pt", "grad.pt"):
+        data = load_data(DataConfig(dataset=str(tmp_path / name)))
+        assert not data.train.requires_grad and not data.test.requires_grad
+        assert type(data.train) is torch.Tensor
+    data = Data(x, x.detach()[:4], "continuous")
+    assert not data.train.requires_grad and type(data.train) is torch.Tensor
+
+
+@pytest.mark.parametrize("shape", [(10, 0), (10, 3, 0)])
+def test_points_with_no_features_are_refused(tmp_path, shape):
+    np.save(tmp_path / "empty.npy", np.zeros(shape, dtype=np.float32))
+    with pytest.raises(InputError, match=r"data have no features: shape \(9, .*at least one value"):
+        load_data(DataConfig(dataset=str(tmp_path / "empty.npy")))
+
+
+def test_the_fingerprint_changes_with_one_value_and_only_then():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(50, 4, generator=g), torch.rand(10, 4, generator=g)
+    a = data_fingerprint(Data(train, test, "continuous"))
+    assert a == data_fingerprint(Data(train.clone(), test.clone(), "gray", name="copy"))
+    assert len(a) == 64 and int(a, 16) >= 0
+    changed = test.clone()
+    changed[3, 2] += 1e-6
+    assert data_fingerprint(Data(train, changed, "continuous")) != a
+    assert data_fingerprint(Data(train.double(), test.double(), "continuous")) != a  # dtype
+    assert data_fingerprint(Data(train.reshape(50, 2, 2), test.reshape(10, 2, 2), "gray")) != a
+    swapped = Data(torch.cat([train, test[:1]]), test[1:], "continuous")  # same bytes, split moved
+    assert data_fingerprint(swapped) != a

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from ppl_vae.flows import FLOWS, ConditionalSylvester, flow_steps
+from ppl_vae.errors import InputError
+from ppl_vae.flows import FLOWS, MAX_FLOW_LENGTH, ConditionalSylvester, flow_steps, step_size
 
 DIM, CONTEXT = 4, 3
 
@@ -75,3 +76,18 @@ def test_bad_flow_arguments_name_the_fix():
         ConditionalSylvester(DIM, CONTEXT, "orthogonal", num_vectors=5)
     with pytest.raises(ValueError, match="unknown Sylvester variant 'x'"):
         ConditionalSylvester(DIM, CONTEXT, "x")
+
+
+@pytest.mark.parametrize("kind", list(FLOWS))
+def test_step_size_counts_a_built_step_without_allocating_it(kind):
+    hidden = 16 if "hidden_dim" in FLOWS.options(kind) else None
+    for d, c, h in ((3, 5, None), (4, 7, hidden)):
+        step = flow_steps(kind, d, c, 2, h)[1]  # a reversed step counts the same
+        built = sum(t.numel() for t in (*step.parameters(), *step.buffers()))
+        assert step_size(kind, d, c, h) == built
+
+
+@pytest.mark.parametrize("length", [MAX_FLOW_LENGTH + 1, 100_000_000])
+def test_an_absurd_flow_length_is_refused_at_once(length):
+    with pytest.raises(InputError, match=f"flow_length {length} is far more steps.*--flow-length"):
+        flow_steps("planar", 2, 4, length)

@@ -10,8 +10,9 @@ import torch
 from helpers import SIGMA_X, decode, nonlinear_model, quadrature
 
 from ppl_vae.data import DataConfig
+from ppl_vae.errors import InputError
 from ppl_vae.flows import FLOWS
-from ppl_vae.guides import GUIDES, make_guide
+from ppl_vae.guides import GUIDES, guide_size, make_guide
 from ppl_vae.importance import log_likelihood_diagnostics
 from ppl_vae.losses import TraceELBO
 from ppl_vae.model import LIKELIHOODS, VAEModel
@@ -196,3 +197,28 @@ def test_flow_guides_close_more_of_the_elbo_gap_than_the_diagonal_gaussian():
     for name in FLOWS:
         assert gaps[name] < gaps["gaussian"], (name, gaps)
     assert math.isfinite(sum(gaps.values()))
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.feature_dim = dim
+
+
+@pytest.mark.parametrize("name", [g for g in GUIDES if not g.startswith("zuko")])
+def test_guide_size_counts_a_built_guide_without_its_encoder(name):
+    options = {"flow_length": 3} if "flow_length" in GUIDES.options(name) else {}
+    guide = make_guide(name, _Features(6), 3, **options)
+    built = sum(t.numel() for t in (*guide.parameters(), *guide.buffers()))
+    assert guide_size(name, 6, 3, **options) == built
+
+
+def test_a_guide_given_points_of_the_wrong_shape_names_both_shapes():
+    guide = make_guide("gaussian", MLPEncoder([4], [8], "tanh"), 2)
+    with pytest.raises(InputError, match=r"the guide takes a batch of shape \(N, 4\), got shape"):
+        guide(torch.ones(3, 5))
+    with pytest.raises(InputError, match=r"got shape \(4,\) \(one point\? pass x.unsqueeze\(0\)\)"):
+        guide(torch.ones(4))
+    with pytest.raises(InputError, match="takes a torch tensor of shape .* got ndarray"):
+        guide(torch.ones(3, 4).numpy())
+    assert guide(torch.ones(3, 4)).shape == (3, 2)

@@ -2,13 +2,18 @@
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from helpers import SIGMA_X, decode, linear_gaussian_programs, nonlinear_model, quadrature
 
+from ppl_vae.errors import InputError
+from ppl_vae.guides import GaussianGuide
 from ppl_vae.importance import _IWAEWindows, log_likelihood, log_likelihood_diagnostics
+from ppl_vae.model import FixedGaussianLikelihood, VAEModel
+from ppl_vae.networks import MLPDecoder, MLPEncoder
 
 
 @pytest.mark.parametrize("k", [1, 7, 100])
@@ -361,3 +366,55 @@ def test_obs_mask_scores_the_observed_entries_only():
 
     exact = torch.where(mask, dist.Normal(0.0, (1 + s**2) ** 0.5).log_prob(x), 0.0)
     assert torch.allclose(log_likelihood(model, guide, x, num_samples=3), exact, atol=1e-10)
+
+
+def _tiny_vae():
+    torch.manual_seed(0)
+    model = VAEModel(MLPDecoder(2, [3], [4], "tanh"), FixedGaussianLikelihood([3]), 2, [3])
+    return model, GaussianGuide(MLPEncoder([3], [4], "tanh"), 2)
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.zeros(3), r"takes a batch of shape \(N, 3\), got shape \(3,\) \(one point"),
+        (torch.zeros(4, 5), r"the model takes a batch of shape \(N, 3\), got shape \(4, 5\)"),
+        (torch.zeros(0, 3), r"x is empty \(shape \(0, 3\)\); pass at least one data point"),
+        (torch.zeros(4, 3, dtype=torch.long), "x has dtype torch.int64, the model's parameters "
+         r"torch.float32; pass x.to\(torch.float32\)"),
+        (torch.zeros(4, 3, dtype=torch.float64), "x has dtype torch.float64, the model's"),
+        (torch.zeros(4, 3, device="meta"), "x is on meta, the model's parameters on cpu; pass"),
+    ],
+)  # fmt: skip
+def test_log_likelihood_refuses_points_the_model_cannot_take(x, message):
+    model, guide = _tiny_vae()
+    for estimate in (log_likelihood, log_likelihood_diagnostics):
+        with pytest.raises(InputError, match=message) as e:
+            estimate(model, guide, x, num_samples=4)
+        assert "\n" not in str(e.value)  # raised before any trace adds its shapes
+
+
+def test_log_likelihood_takes_numpy_points_as_the_tensors_they_hold():
+    model, guide = _tiny_vae()
+    x = np.random.default_rng(0).normal(size=(4, 3))  # float64, as NumPy makes them
+    pyro.set_rng_seed(1)
+    from_numpy = log_likelihood(model, guide, x, num_samples=8)
+    pyro.set_rng_seed(1)
+    assert torch.equal(
+        from_numpy, log_likelihood(model, guide, torch.tensor(x).float(), num_samples=8)
+    )
+
+
+def test_log_likelihood_of_a_model_that_observes_nothing_is_refused():
+    def model(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(
+        InputError, match=r"the model observes nothing \(no pyro.sample\(\.\.\., obs"
+    ):
+        log_likelihood(model, guide, torch.zeros(3), num_samples=2)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from ppl_vae.errors import InputError
 from ppl_vae.guides import GaussianGuide, make_guide
 from ppl_vae.model import (
     LIKELIHOODS,
@@ -168,3 +169,15 @@ def test_plain_pyro_guide_can_replace_the_built_in_one():
             pyro.sample("z", pyro.distributions.Normal(loc, F.softplus(raw)).to_event(1))
 
     assert math.isfinite(Trace_ELBO().loss(model, guide, x))
+
+
+def test_the_model_refuses_one_point_given_without_its_batch_dimension():
+    model = VAEModel(MLPDecoder(2, [4], [8], "tanh"), BernoulliLikelihood([4]), 2, [4])
+    said = r"the model takes a batch of shape \(N, 4\), got shape \(4,\) \(one point\? pass x"
+    with pytest.raises(InputError, match=said):
+        model(torch.ones(4))
+
+
+def test_a_large_initial_sigma_is_a_sigma_not_an_overflow():
+    likelihood = LearnedGaussianLikelihood([2], sigma=1e4)
+    assert torch.allclose(likelihood.sigma, torch.full((2,), 1e4))

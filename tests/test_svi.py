@@ -3,11 +3,13 @@
 import dataclasses
 import math
 
+import pyro
 import pytest
 import torch
 from helpers import Flatten, linear_gaussian_vae
 
-from ppl_vae.data import DataConfig, load_data
+from ppl_vae.data import Data, DataConfig, load_data
+from ppl_vae.errors import InputError
 from ppl_vae.guides import GaussianGuide
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.svi import (
@@ -138,3 +140,40 @@ def test_a_nan_loss_raises_floating_point_error_naming_the_epoch():
 
     with pytest.raises(FloatingPointError, match="NaN or infinite in epoch 2; lower --lr"):
         train(model, guide, data, TrainConfig(epochs=3), on_epoch=poison)
+
+
+def _small_vae():
+    data = Data(torch.randn(40, 3), torch.randn(10, 3), "continuous")
+    model, guide = build_vae(VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(8,))), data)
+    return model, guide, data
+
+
+def test_a_guide_without_the_models_latent_site_is_refused_before_any_epoch():
+    model, guide, data = _small_vae()
+
+    def empty_guide(x, num_data=None):
+        pyro.module("guide", guide)
+
+    epochs = []
+    with pytest.raises(InputError, match="the guide does not sample the model's latent site 'z'"):
+        train(model, empty_guide, data, TrainConfig(epochs=1), on_epoch=epochs.append, quiet=True)
+    assert epochs == []
+
+
+def test_a_step_too_large_for_memory_is_refused_before_any_epoch():
+    model, guide, data = _small_vae()
+    config = TrainConfig(epochs=1, num_particles=10**10, batch_size=40)
+    said = r"a training step \(10000000000 particles of a batch of 40\) needs about [\d,.]+ GB"
+    with pytest.raises(InputError, match=said + ".*lower --num-particles"):
+        train(model, guide, data, config, quiet=True)
+
+
+def test_the_checks_before_training_leave_the_numbers_alone():
+    """check_programs draws in forked streams: training gives the numbers it gave before."""
+    config = TrainConfig(epochs=1, batch_size=20, seed=3)
+    torch.manual_seed(0)
+    first = train(*_small_vae(), config, quiet=True)[0]["test_elbo"]
+    torch.manual_seed(0)
+    model, guide, data = _small_vae()
+    state = init_state(model, guide, data, config)  # the loop without the checks
+    assert run_epoch(state, data, config, quiet=True)["test_elbo"] == first

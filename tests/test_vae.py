@@ -4,12 +4,12 @@ import pyro
 import pytest
 import torch
 
-from ppl_vae.data import DataConfig, load_data
+from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.errors import InputError
 from ppl_vae.guides import FlowGuide, GaussianGuide, LowRankGaussianGuide
 from ppl_vae.model import BernoulliLikelihood, FixedGaussianLikelihood, LearnedGaussianLikelihood
 from ppl_vae.networks import NetworkConfig
-from ppl_vae.vae import VAEConfig, build_vae
+from ppl_vae.vae import VAEConfig, build_vae, vae_size
 
 SMALL = NetworkConfig(hidden=(8,))
 
@@ -56,3 +56,31 @@ def test_a_sigma_for_the_bernoulli_likelihood_the_data_chose_is_an_error():
         build_vae(VAEConfig(latent_dim=2, network=SMALL, sigma=0.5), binary())
     with pytest.raises(InputError, match="needs binary data"):
         build_vae(VAEConfig(latent_dim=2, network=SMALL, likelihood="bernoulli"), moons())
+
+
+@pytest.mark.parametrize(
+    "config, names",
+    [
+        (VAEConfig(network=NetworkConfig(hidden=(100000, 100000))), "--hidden 100000,100000"),
+        (VAEConfig(latent_dim=1_000_000_000), "--latent-dim 1000000000"),
+        (VAEConfig(guide="fullrank", latent_dim=100_000), "--guide fullrank, --latent-dim 100000"),
+        (
+            VAEConfig(guide="planar", latent_dim=100_000, flow_length=1000),
+            "--guide planar, --latent-dim 100000, --flow-length 1000",
+        ),
+    ],
+)
+def test_a_vae_too_large_to_train_is_refused_before_allocating(config, names):
+    data = Data(torch.rand(4, 784), torch.rand(2, 784), "continuous")
+    with pytest.raises(InputError, match=r"needs about [\d,.]+ GB of memory, more than") as e:
+        build_vae(config, data)
+    assert names in str(e.value) and "choose smaller sizes" in str(e.value)
+
+
+def test_vae_size_matches_the_built_vae():
+    data = Data(torch.rand(4, 5), torch.rand(2, 5), "continuous")
+    config = VAEConfig(latent_dim=3, guide="iaf", flow_length=2)
+    model, guide = build_vae(config, data)
+    sizes = vae_size(config, (5,), "gaussian")
+    built = sum(t.numel() for m in (model, guide) for t in (*m.parameters(), *m.buffers()))
+    assert sum(sizes.values()) - built == -1  # the model's dtype buffer, a single number
