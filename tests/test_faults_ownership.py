@@ -285,3 +285,29 @@ def test_stale_temporaries_of_every_kind_are_removed_at_the_next_start(run, caps
     assert code == 0, err
     assert not any((run / name).exists() for name in left)
     assert (run / ".my-own.tmp").read_text() == "not ours"
+
+
+# -- 4. the data a run was trained on ------------------------------------------------------------
+
+
+def test_a_changed_data_file_is_refused_at_resume_and_flagged_at_evaluate(tmp_path, capsys):
+    points = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    data = tmp_path / "points.pt"
+    torch.save(points, data)
+    out = tmp_path / "run"
+    args = ["--dataset", data, "--latent-dim", "2", "--hidden", "8", "--quiet", "--out", out]
+    assert run_cli("train", *args, "--epochs", "1", capsys=capsys)[0] == 0
+    torch.save(points * 3, data)  # the file replaced after training
+    code, _, err = run_cli("train", *args, "--epochs", "2", "--resume", capsys=capsys)
+    assert code == 2 and "differ from those the run in" in err and "restore the data" in err
+    code, out_text, err = run_cli(*EVALUATE, "--run", out, "--no-write", capsys=capsys)
+    assert code == 0 and "NLL" in out_text
+    (line,) = [s for s in err.splitlines() if "warning" in s]
+    assert line.startswith("ppl-vae: warning: the data of ") and "describes other data" in line
+
+
+def test_bad_input_found_after_the_data_load_leaves_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "never"
+    code, _, err = run_cli("train", *ARGS, "--num-particles", "100000000", "--out", out,
+                           capsys=capsys)  # fmt: skip
+    assert code == 2 and "needs about" in err and not out.exists()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ppl_vae import config
 from ppl_vae.errors import InputError
 
 __all__ = [
@@ -82,10 +83,8 @@ def check_integer(name: str, value, minimum: int) -> int:
 
 
 def check_seed(value) -> int | None:
-    """``value`` if it is None or a non-negative integer (a seed for ``torch.Generator``)."""
-    if value is not None and not _is_integer(value, 0):
-        raise InputError(f"seed must be None or a non-negative integer, got {value!r}")
-    return None if value is None else int(value)
+    """``value`` if it is None or an integer seed in [0, 2**63) (for ``torch.Generator``)."""
+    return None if value is None else config.check_seed("seed", value)
 
 
 def check_bool(name: str, value) -> bool:

@@ -121,12 +121,15 @@ class RunDir:
     """The files of one VAE run in the folder ``path``.
 
     ``identity`` is ``{"epoch", "sha256"}`` of the checkpoint last read or written here: what
-    the pictures and the estimate record that they describe.
+    the pictures and the estimate record that they describe. ``data_fingerprint`` is that of
+    the data the run was trained on (:func:`ppl_vae.data.data_fingerprint`), recorded in the
+    checkpoint, so that a changed data file is refused at ``--resume`` and flagged later.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.identity: dict | None = None
+        self.data_fingerprint: str | None = None  # of the data the run trains on (data.py)
 
     @property
     def checkpoint(self) -> Path:
@@ -247,6 +250,7 @@ class RunDir:
             "metrics": state.metrics,
             "config": config.to_dict() if config is not None else None,
             "untrained_elbo": state.untrained_elbo,
+            "data_fingerprint": self.data_fingerprint,
         }
         digest = save_torch(record, self.checkpoint)
         self.identity = {"epoch": state.epoch, "sha256": digest}
@@ -306,6 +310,8 @@ class RunDir:
             )
         check_checkpoint(ckpt, path)
         self.identity = {"epoch": ckpt["epoch"], "sha256": hashlib.sha256(data).hexdigest()}
+        fingerprint = ckpt.get("data_fingerprint")
+        self.data_fingerprint = fingerprint if isinstance(fingerprint, str) else None
         state = TrainState(
             ckpt["epoch"], ckpt["params"], ckpt["optimizer"], ckpt["rng"], list(ckpt["metrics"]),
             ckpt.get("untrained_elbo"),

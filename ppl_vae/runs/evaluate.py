@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae.config import check_positive, option
+from ppl_vae.config import check_positive, check_seed, option
 from ppl_vae.data import Data
 from ppl_vae.distributed import all_gather_objects, on_rank0_for_all, world
 from ppl_vae.errors import InputError, WriteError
@@ -58,6 +58,7 @@ class EvaluateConfig:
         if self.split not in ("train", "test"):
             raise InputError(f"unknown split {self.split!r}; use train or test")
         check_positive(self, "num_samples", "chunk_size", "batch_size", "limit")
+        check_seed("seed", self.seed)
         if self.iwae_k is not None:
             object.__setattr__(self, "iwae_k", tuple(self.iwae_k))
             bad = [k for k in self.iwae_k if not 1 <= k <= self.num_samples]

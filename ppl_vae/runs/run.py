@@ -3,12 +3,13 @@ r"""A trained VAE with its data, configuration and metrics (:class:`Run`), and l
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyro
 
-from ppl_vae.data import Data, DataConfig, load_data
+from ppl_vae.data import Data, DataConfig, data_fingerprint, load_data
 from ppl_vae.guides import AmortizedGuide
 from ppl_vae.model import VAEModel
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
@@ -16,7 +17,11 @@ from ppl_vae.runs.files import resolve_device
 from ppl_vae.svi import TrainConfig, collect_params, restore_params
 from ppl_vae.vae import VAEConfig, build_vae
 
-__all__ = ["Run", "load_run"]
+__all__ = ["DataChangedWarning", "Run", "load_run"]
+
+
+class DataChangedWarning(UserWarning):
+    """A run's data file changed since the run was trained on it."""
 
 
 @dataclass
@@ -54,6 +59,14 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", data_dir: str | N
     if data_dir is not None:
         config = replace(config, data=replace(config.data, data_dir=data_dir))
     data = load_data(config.data, resolve_device(device))
+    if run_dir.data_fingerprint not in (None, data_fingerprint(data)):
+        warnings.warn(
+            f"the data of {config.data.dataset} differ from those the run in {run_dir.path} was "
+            f"trained on (their fingerprint changed); what is computed from them describes "
+            f"other data",
+            DataChangedWarning,
+            stacklevel=2,
+        )
     model, guide = build_vae(config.vae, data)
     pyro.clear_param_store()
     restore_params(collect_params(model, guide, data.encode(data.test[:2])), state.params)

@@ -7,7 +7,7 @@ import os
 
 import pyro
 
-from ppl_vae.data import DataConfig, load_data
+from ppl_vae.data import DataConfig, data_fingerprint, load_data
 from ppl_vae.distributed import on_rank0_for_all, world
 from ppl_vae.errors import InputError
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
@@ -94,8 +94,49 @@ def _train(
         run_dir.check_can_hold_run(overwrite)
     config, state = (point.config, point.state) if point else (given, None)
     data = load_data(config.data, resolve_device(device))
+    fingerprint = data_fingerprint(data)
+    if point is not None and run_dir.data_fingerprint not in (None, fingerprint):
+        raise InputError(
+            f"the data of {config.data.dataset} differ from those the run in {run_dir.path} was "
+            f"trained on (their fingerprint changed); --resume continues the same run on the "
+            f"same data: restore the data, or start a new run with --overwrite or another --out"
+        )
+    run_dir.data_fingerprint = fingerprint
     pyro.set_rng_seed(config.train.seed)
     model, guide = build_vae(config.vae, data)
+    created = not run_dir.path.exists()
+    try:
+        return _train_into(
+            run_dir, config, state=state, point=point, built=(model, guide, data),
+            pictures=pictures, plot_every=plot_every, quiet=quiet,
+        )  # fmt: skip
+    except BaseException:
+        if created and not run_dir.has_checkpoint():  # bad input leaves nothing behind
+            _remove_empty_run_folder(run_dir.path)
+        raise
+
+
+def _remove_empty_run_folder(folder) -> None:
+    """Removes a run folder this command created when it holds nothing but the lock."""
+    try:
+        (folder / ".lock").unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        pass  # not empty, or already gone
+
+
+def _train_into(
+    run_dir: RunDir,
+    config: RunConfig,
+    *,
+    state: TrainState | None,
+    point: ResumePoint | None,
+    built: tuple,
+    pictures: bool,
+    plot_every: int | None,
+    quiet: bool,
+) -> Run:
+    model, guide, data = built
     with contextlib.ExitStack() as stack:
 
         def begin() -> None:  # rank 0 writes; only once every input has been checked
