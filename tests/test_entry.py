@@ -1,6 +1,6 @@
 """The ``ppl-vae`` entry (ppl_vae/__main__.py): Ctrl-C or SIGTERM while torch and Pyro load.
 
-Each case starts ``python -m ppl_vae train --help`` (what the console script runs), waits until
+Each case starts ``ppl-vae train --help`` (as the console script or ``python -m``), waits until
 the entry has installed its SIGTERM handler (read from /proc: nothing in the program is made
 slow or observable for the test), and signals it at once: the CLI's imports take a second or
 more after that, so the signal lands while they load.
@@ -29,9 +29,14 @@ def caught_signals(pid: int) -> int:
     raise AssertionError("no SigCgt line")
 
 
-def start_and_signal(sig: signal.Signals) -> subprocess.CompletedProcess:
+# what pip writes for [project.scripts], and python -m (as torchrun runs it)
+SCRIPT = ["-c", "import sys; from ppl_vae.__main__ import main; sys.exit(main())"]
+MODULE = ["-m", "ppl_vae"]
+
+
+def start_and_signal(sig: signal.Signals, how: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "ppl_vae", "train", "--help"]
+    command = [sys.executable, *how, "train", "--help"]
     pipe = subprocess.PIPE
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
     deadline = time.monotonic() + 30
@@ -43,9 +48,13 @@ def start_and_signal(sig: signal.Signals) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_while_the_command_starts_is_one_line_and_status_130(sig):
-    done = start_and_signal(sig)
+@pytest.mark.parametrize(
+    "sig, how",
+    [(signal.SIGINT, SCRIPT), (signal.SIGINT, MODULE), (signal.SIGTERM, SCRIPT)],
+    ids=["SIGINT-script", "SIGINT-python-m", "SIGTERM-script"],
+)
+def test_a_signal_while_the_command_starts_is_one_line_and_status_130(sig, how):
+    done = start_and_signal(sig, how)
     assert (done.returncode, done.stderr, done.stdout) == (130, STARTING + "\n", "")
 
 
