@@ -12,7 +12,7 @@ from typing import Any
 
 from ppl_vae.config import field_types, strip_optional
 from ppl_vae.data import DataConfig
-from ppl_vae.distributed import barrier, destroy, world
+from ppl_vae.distributed import RankStopped, barrier, destroy, world
 from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
 from ppl_vae.runs import (
@@ -345,6 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (FloatingPointError, OSError) as e:
         _say(f"ppl-vae: error: {e}", every_rank=isinstance(e, OSError))
+        return 1
+    except RankStopped as e:  # under torchrun: another rank died; its launcher stops this one
+        previous = signal.SIG_IGN  # with SIGTERM, which must not cut this short (see finally)
+        signal.signal(signal.SIGTERM, previous)
+        _say(f"ppl-vae: error: {e}", every_rank=e.told_by(world()))
         return 1
     except Interrupted as e:  # train: the message says which checkpoint is intact
         _say(f"ppl-vae: interrupted; {e}")

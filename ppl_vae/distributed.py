@@ -9,14 +9,23 @@ that calls them runs unchanged in a single process.
 Collectives must be called by every rank in the same order: an error that only one rank sees
 would leave the others waiting, so :func:`on_rank0_for_all` turns rank 0's outcome into every
 rank's.
+
+A rank that dies (killed, out of memory) breaks the collectives of the others: each function
+here then raises :class:`RankStopped`, naming the ranks on this machine whose process is gone
+(each rank records its host and process id in the group's store when it joins).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable, Sequence
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -26,6 +35,7 @@ from torch import Tensor
 from ppl_vae.errors import InputError
 
 __all__ = [
+    "RankStopped",
     "World",
     "on_rank0_for_all",
     "all_gather_objects",
@@ -36,11 +46,13 @@ __all__ = [
     "init",
     "launched",
     "reduce_gradients",
+    "stopped_ranks",
     "world",
 ]
 
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(minutes=30)
+PROCESSES = "ppl_vae/process/"  # the store's keys "ppl_vae/process/RANK": "MACHINE PID"
 
 
 @dataclass(frozen=True)
@@ -97,13 +109,63 @@ def init(device: torch.device) -> torch.device:
         dist.init_process_group("gloo", timeout=TIMEOUT)
     else:
         raise InputError(f"torchrun runs on cpu or cuda devices, not {device.type}")
+    store = _processes()
+    if store is not None:  # for stopped_ranks
+        store.set(str(dist.get_rank()), f"{_machine()} {os.getpid()}")
     return device
+
+
+class RankStopped(RuntimeError):
+    """A collective failed: another rank stopped (its process died) or lost its connection.
+
+    ``ranks`` are the ones found gone (:func:`stopped_ranks`; empty when none was, as for a
+    rank on another machine); ``reason`` is the backend's own first line.
+    """
+
+    def __init__(self, ranks: Sequence[int], reason: str):
+        self.ranks, self.reason = list(ranks), reason
+        if len(self.ranks) == 1:
+            message = f"rank {self.ranks[0]} stopped (its process ended)"
+        elif self.ranks:
+            message = f"ranks {', '.join(map(str, self.ranks))} stopped (their processes ended)"
+        else:
+            message = f"another rank stopped or lost its connection ({reason})"
+        super().__init__(message)
+
+    def told_by(self, w: World) -> bool:
+        """Whether rank ``w.rank`` is the one to say so: the first rank still running (rank 0,
+        unless it is the one that stopped)."""
+        return w.rank == min(set(range(w.size)) - set(self.ranks))
+
+
+def stopped_ranks(wait: float = 0.2) -> list[int]:
+    """The other ranks on this machine whose process is gone, as recorded when they joined.
+
+    A process dies a moment after its connections close, so an answer of none is given only
+    after ``wait`` seconds. Ranks on other machines are not seen (they are never listed).
+    """
+    w, store, here = world(), _processes(), _machine()
+    pids = {}
+    for rank in range(w.size):
+        key = str(rank)
+        with contextlib.suppress(RuntimeError):  # the store's server may be gone too
+            if rank != w.rank and store is not None and store.check([key]):
+                where, pid = store.get(key).decode().split()
+                if where == here:
+                    pids[rank] = int(pid)
+    deadline = time.monotonic() + wait
+    while True:
+        gone = [rank for rank, pid in pids.items() if not _running(pid)]
+        if gone or not pids or time.monotonic() > deadline:
+            return gone
+        time.sleep(0.01)
 
 
 def barrier() -> None:
     """Waits until every rank gets here (nothing in one process)."""
     if world().distributed:
-        dist.barrier()
+        with _collective():
+            dist.barrier()
 
 
 def destroy() -> None:
@@ -123,7 +185,8 @@ def batch_shard(size: int, w: World) -> slice:
 def all_reduce_sum(t: Tensor) -> Tensor:
     """``t`` summed over the ranks, in place (and returned); ``t`` itself in one process."""
     if world().distributed:
-        dist.all_reduce(t, dist.ReduceOp.SUM)
+        with _collective():
+            dist.all_reduce(t, dist.ReduceOp.SUM)
     return t
 
 
@@ -141,7 +204,8 @@ def reduce_gradients(params: Sequence[Tensor], weight: float) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     flat.mul_(weight)
-    dist.all_reduce(flat, dist.ReduceOp.SUM)
+    with _collective():
+        dist.all_reduce(flat, dist.ReduceOp.SUM)
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
@@ -156,7 +220,8 @@ def all_gather_objects(value: T) -> list[T]:
     if not w.distributed:
         return [value]
     out: list = [None] * w.size
-    dist.all_gather_object(out, value)
+    with _collective():
+        dist.all_gather_object(out, value)
     return out
 
 
@@ -173,7 +238,57 @@ def on_rank0_for_all(fn: Callable[[], T]) -> T:
         except InputError as e:
             message = str(e)
     box = [message]
-    dist.broadcast_object_list(box, src=0)
+    with _collective():
+        dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise InputError(box[0])
     return result
+
+
+@contextlib.contextmanager
+def _collective() -> Iterator[None]:
+    """Turns the backend's error when a rank is gone (a gloo read error, an NCCL abort: a
+    ``RuntimeError``, its traceback dozens of lines) into :class:`RankStopped`. Any other
+    error (a bug: tensors that differ between ranks) stays as it is, unless a rank is gone."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).strip()
+        ranks = stopped_ranks()
+        if not ranks and not (isinstance(e, dist.DistBackendError) or "gloo/transport" in text):
+            raise
+        reason = re.sub(r"^\[[^\]]*\] ", "", text).split(". ")[0].splitlines()[0]
+        raise RankStopped(ranks, reason) from e
+
+
+def _processes() -> dist.Store | None:
+    """The group's store, under the keys of :data:`PROCESSES` (None if torch keeps it elsewhere)."""
+    default = getattr(dist.distributed_c10d, "_get_default_store", None)  # torch private
+    return dist.PrefixStore(PROCESSES, default()) if default is not None else None
+
+
+def _machine() -> str:
+    """Where this process's id means something: the host and, on Linux, the process id
+    namespace (two containers may share a host name, never a namespace)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}/{namespace}".replace(" ", "_")
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs: not a zombie (dead, not yet reaped by its launcher)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except OSError:
+        if Path("/proc/self/stat").exists():  # Linux: no such process
+            return False
+    try:  # no /proc (macOS): a zombie counts as running until it is reaped
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

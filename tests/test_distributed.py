@@ -3,12 +3,14 @@
 Each case starts real ``torchrun`` jobs (``python -m torch.distributed.run --standalone``), one
 thread per process, and compares with one process: the step on a global batch split across the
 ranks is the one-process step on the whole batch (a deterministic program, so to float32
-rounding), evaluation shares batches out without changing a figure, and a 2-rank run killed
-with SIGKILL resumes to the uninterrupted run's parameters exactly.
+rounding), evaluation shares batches out without changing a figure, a 2-rank run killed
+with SIGKILL resumes to the uninterrupted run's parameters exactly, and a rank killed alone is
+one line on rank 0 naming it.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import pytest
 import torch
 from helpers import ROOT, run_cli
 
-from ppl_vae.distributed import World, batch_shard
+from ppl_vae.distributed import RankStopped, World, _running, batch_shard
 from ppl_vae.rng import derived_seed
 from ppl_vae.runs import RunDir
 
@@ -61,6 +63,12 @@ def descendants(pid):
     return out
 
 
+def rank_of(pid):
+    """The RANK torchrun gave process ``pid`` (None for a process that is not a rank)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+
+
 def numbers(run):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(s).items() if k != "seconds"} for s in lines]
@@ -72,6 +80,33 @@ def test_batch_shards_are_contiguous_and_cover_the_batch(size):
         parts = [batch_shard(n, World(r, size)) for r in range(size)]
         assert [i for p in parts for i in range(p.start, p.stop)] == list(range(n))
         assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+
+
+def test_a_stopped_rank_is_named_and_told_by_the_first_rank_still_running():
+    one, two, unknown = RankStopped([1], "x"), RankStopped([0, 2], "x"), RankStopped([], "why")
+    assert str(one) == "rank 1 stopped (its process ended)"
+    assert str(two) == "ranks 0, 2 stopped (their processes ended)"
+    assert str(unknown) == "another rank stopped or lost its connection (why)"
+    assert [r for r in range(3) if one.told_by(World(r, 3))] == [0]
+    assert [r for r in range(4) if two.told_by(World(r, 4))] == [1]  # rank 0 is gone
+    assert isinstance(one, RuntimeError)
+
+
+def test_a_dead_process_is_not_running_before_its_parent_reaps_it():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _running(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _running(child.pid):  # a zombie until wait() below
+            assert time.monotonic() < deadline, "a killed child still runs"
+            time.sleep(0.01)
+        assert Path(f"/proc/{child.pid}").exists()  # a zombie: dead, not reaped
+        assert child.poll() is not None  # reaped only now
+        assert not _running(child.pid)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_derived_seeds_are_fixed_and_distinct():
@@ -140,6 +175,30 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_one(two_rank_run, tm
     (a, _), (b, _) = RunDir(run).load(), RunDir(two_rank_run).load()
     for name in a.params:
         assert torch.equal(a.params[name], b.params[name]), name
+
+
+def test_a_rank_killed_mid_training_is_one_line_on_rank_0_naming_it(tmp_path):
+    """Rank 0's collective fails (gloo: connection reset by peer); it finds which rank's
+    process is gone and says so in one line, and torchrun's SIGTERM does not cut that short."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "--redirects=3", f"--log-dir={logs}", "-m", "ppl_vae",
+               "train", *RUN, "--epochs", "1000", "--out", str(run)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (run / "metrics.jsonl").exists() or not numbers(run):
+        assert proc.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.05)
+    (rank1,) = [pid for pid in descendants(proc.pid) if rank_of(pid) == 1]
+    os.kill(rank1, signal.SIGKILL)
+    _, launcher = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    (err,) = [p.read_text() for p in logs.glob("*/attempt_0/0/stderr.log")]  # rank 0's
+    assert err == "ppl-vae: error: rank 1 stopped (its process ended)\n"
+    # torchrun's summary: rank 0 left with status 1 (not -9: killed after hanging 30 s)
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 1 ", launcher), launcher
 
 
 def test_resume_with_another_number_of_processes_says_how_many(two_rank_run, capsys):

@@ -70,10 +70,15 @@ def test_plots_import_no_layer_above_them():
     assert not {m for m in GRAPH["ppl_vae.plots"] if m in RUNS or m in TOP}
 
 
+# The one exception: the console script's entry imports the CLI (torch, Pyro: a second or more)
+# only once it handles Ctrl-C and SIGTERM, so that a signal while they load is one line.
+ENTRY_IMPORT = ("ppl_vae.__main__", "ppl_vae.cli")
+
+
 def test_no_function_local_import_of_the_package():
     """A function-local import must not hide a cycle (optional packages such as zuko are fine)."""
     hidden = [(m, i) for m, p in MODULES.items() for i, local in imports(p) if local]
-    assert not hidden, hidden
+    assert hidden == [ENTRY_IMPORT], hidden
 
 
 @pytest.mark.parametrize("module", sorted(CORE | {"ppl_vae.plots", "ppl_vae.cli"}))

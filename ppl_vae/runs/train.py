@@ -8,7 +8,7 @@ import os
 import pyro
 
 from ppl_vae.data import DataConfig, data_fingerprint, load_data
-from ppl_vae.distributed import on_rank0_for_all, world
+from ppl_vae.distributed import RankStopped, on_rank0_for_all, world
 from ppl_vae.errors import InputError
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
 from ppl_vae.runs.files import resolve_device
@@ -167,6 +167,9 @@ def _train_into(
             raise FloatingPointError(f"{e}; {_kept(run_dir, saved_epoch)}") from None
         except KeyboardInterrupt:
             raise Interrupted(_kept(run_dir, saved_epoch)) from None
+        except RankStopped as e:  # under torchrun: another rank died
+            e.args = (f"{e}; {_kept(run_dir, saved_epoch)}",)
+            raise
         run = _run(metrics)
         if pictures and world().main:
             try:
