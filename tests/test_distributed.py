@@ -144,7 +144,7 @@ def two_rank_run(tmp_path_factory):
 def test_only_rank_0_writes_and_the_metrics_are_one_runs(two_rank_run):
     names = sorted(p.name for p in two_rank_run.iterdir())
     assert names == [".lock", "checkpoint.pt", "config.json", "curves.png", "density.png",
-                     "latent.png", "metrics.jsonl", "samples.png"]  # fmt: skip
+                     "latent.png", "metrics.jsonl", "samples.png", "written.json"]  # fmt: skip
     assert [m["epoch"] for m in numbers(two_rank_run)] == [1, 2, 3, 4, 5, 6]
     state, _ = RunDir(two_rank_run).load()
     assert len(state.rng["ranks"]) == 2  # both ranks' streams, saved by rank 0
@@ -196,7 +196,10 @@ def test_a_rank_killed_mid_training_is_one_line_on_rank_0_naming_it(tmp_path):
     _, launcher = proc.communicate(timeout=120)
     assert proc.returncode != 0
     (err,) = [p.read_text() for p in logs.glob("*/attempt_0/0/stderr.log")]  # rank 0's
-    assert err == "ppl-vae: error: rank 1 stopped (its process ended)\n"
+    pattern = (
+        r"ppl-vae: error: rank 1 stopped \(its process ended\); the checkpoint of epoch \d+ in "
+    )
+    assert re.fullmatch(pattern + r"\S+ is intact\n", err), err
     # torchrun's summary: rank 0 left with status 1 (not -9: killed after hanging 30 s)
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 1 ", launcher), launcher
 
