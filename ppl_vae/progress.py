@@ -10,7 +10,10 @@ there is no bar: :meth:`Progress.update` prints its line at most every ``every``
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -39,6 +42,7 @@ class Progress:
         )  # fmt: skip
         self.began = self.last = time.perf_counter()
         self.held: str | None = None  # a line not printed yet, for close()
+        self.desc, self.updated = desc, False
 
     @property
     def elapsed(self) -> float:
@@ -48,6 +52,7 @@ class Progress:
     def update(self, done: float, line: str | None = None) -> None:
         """Moves to ``done`` units; off a terminal prints ``line`` when one is due."""
         self.bar.update(done - self.bar.n)
+        self.updated = True
         if self.quiet or self.terminal or line is None:
             return
         now = time.perf_counter()
@@ -56,6 +61,27 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
         else:
             self.held = line
+
+    @contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        """Off a terminal, a line every ``every`` seconds saying that ``what`` is under way,
+        until the first :meth:`update`: a slow start (k-means before EM) is not silent."""
+        if self.quiet or self.terminal:
+            yield
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.every) and not self.updated:
+                print(f"{self.desc}: {what}, {self.elapsed:.0f} s", file=sys.stderr, flush=True)
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def close(self) -> None:
         """Closes the bar; off a terminal prints the last line if it was held back."""

@@ -39,3 +39,18 @@ def test_the_final_unit_prints_at_once_and_quiet_prints_nothing(capsys):
 )
 def test_time_left_is_the_rate_so_far(done, total, elapsed, bound, text):
     assert time_left(done, total, elapsed, bound) == text
+
+
+def test_a_slow_start_is_not_silent_off_a_terminal(capsys):
+    import time
+
+    with Progress(10, "EM", every=0.05) as p, p.waiting("initialising (kmeans)"):
+        time.sleep(0.23)  # k-means: no iteration yet
+        beats = capsys.readouterr().err.splitlines()
+        p.update(1, "EM: iteration 1")
+        time.sleep(0.15)  # iterations report themselves; the beat has stopped
+    assert len(beats) >= 3 and all(b.startswith("EM: initialising (kmeans), ") for b in beats)
+    assert "initialising" not in capsys.readouterr().err
+    with Progress(10, "EM", every=0.05, quiet=True) as p, p.waiting("initialising"):
+        time.sleep(0.12)
+    assert capsys.readouterr().err == ""

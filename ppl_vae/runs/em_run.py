@@ -147,7 +147,8 @@ def _progress(mixture, config: MixtureConfig, dataset: str, quiet: bool):
 
         mixture.on_iteration = on_iteration
         try:
-            yield
+            with progress.waiting(f"initialising ({config.init})"):
+                yield
         finally:
             mixture.on_iteration = None
 
