@@ -535,8 +535,9 @@ def check_programs(model: Callable, guide: Callable, data: Data, config: TrainCo
     fit in the device's memory.
 
     The model and guide run without gradients, in forked random streams, on one batch with one
-    and with two particles; the outputs of their layers (the tensors a step keeps for its
-    backward pass) are counted, and a step's memory is extrapolated to ``num_particles``.
+    particle (and two, when the step draws several); the outputs of their layers (the tensors a
+    step keeps for its backward pass) are counted, and a step's memory is extrapolated to
+    ``num_particles``.
     """
     sizes = []
 
@@ -556,7 +557,7 @@ def check_programs(model: Callable, guide: Callable, data: Data, config: TrainCo
                 f"{', '.join(map(repr, missing))}, which would be drawn from the prior and "
                 f"never inferred; give the guide a pyro.sample site of the same name"
             )
-        for k in (1, 2):
+        for k in (1, 2) if config.num_particles > 1 else (1,):  # a model may not vectorize
             sizes.append(0)
             hook = torch.nn.modules.module.register_module_forward_hook(count)
             try:
@@ -564,7 +565,7 @@ def check_programs(model: Callable, guide: Callable, data: Data, config: TrainCo
                 loss.differentiable_loss(model, guide, x, data.train.shape[0])
             finally:
                 hook.remove()
-    per_particle = max(sizes[1] - sizes[0], 0)
+    per_particle = max(sizes[1] - sizes[0], 0) if len(sizes) == 2 else 0
     need = STEP_MEMORY_FACTOR * (sizes[0] + (config.num_particles - 1) * per_particle)
     check_memory(
         need,
