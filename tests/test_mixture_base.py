@@ -380,8 +380,8 @@ def test_set_params_checks_names_and_values_and_returns_self(mixture):
         ({"verbose": -1}, "verbose must be a non-negative integer, got -1"),
         ({"verbose_interval": 0}, "verbose_interval must be a positive integer, got 0"),
         ({"warm_start": "yes"}, "warm_start must be True or False, got 'yes'"),
-        ({"seed": -1}, "seed must be None or a non-negative integer, got -1"),
-        ({"seed": 1.5}, "seed must be None or a non-negative integer, got 1.5"),
+        ({"seed": -1}, "seed must be None or an integer in [0, 2**63), got -1"),
+        ({"seed": 2**64}, "seed must be None or an integer in [0, 2**63), got 1844"),
         ({"n_components": np.bool_(True)}, "n_components must be a positive integer"),
     ],
 )
