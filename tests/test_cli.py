@@ -435,3 +435,10 @@ def test_a_data_file_saved_with_requires_grad_trains(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     assert (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("flag", ["--over", "--res", "--epo"])
+def test_flags_are_never_abbreviated(flag, tmp_path, capsys):
+    code, _, err = run_cli("train", "--dataset", "pinwheel", flag, "--out", tmp_path / "r",
+                           capsys=capsys)  # fmt: skip
+    assert code == 2 and f"unrecognized arguments: {flag}" in err and not (tmp_path / "r").exists()
