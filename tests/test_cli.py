@@ -275,14 +275,21 @@ def test_plot_draws_every_picture_of_a_2d_run_and_changes_nothing(pinwheel_run, 
     )
     assert code == 0, err
     names = sorted(p.name for p in (tmp_path / "pics").iterdir())
-    assert names == ["curves.png", "density.png", "latent.png", "samples.png", "written.json"]
+    assert names == [
+        ".lock",
+        "curves.png",
+        "density.png",
+        "latent.png",
+        "samples.png",
+        "written.json",
+    ]
     pictures = (tmp_path / "pics").glob("*.png")
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
     assert _digest(pinwheel_run) == before  # the run is read, never changed
     code, _, err = run_cli("plot", "--run", pinwheel_run, "--out", tmp_path / "one",
                            "--pictures", "curves", capsys=capsys)  # fmt: skip
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert code == 0 and names == ["curves.png", "written.json"]
+    assert code == 0 and names == [".lock", "curves.png", "written.json"]
 
 
 @needs_mnist

@@ -311,3 +311,18 @@ def test_bad_input_found_after_the_data_load_leaves_no_run_folder(tmp_path, caps
     code, _, err = run_cli("train", *ARGS, "--num-particles", "100000000", "--out", out,
                            capsys=capsys)  # fmt: skip
     assert code == 2 and "needs about" in err and not out.exists()
+
+
+def test_an_em_or_picture_folder_loses_a_killed_writers_leftovers_too(run, tmp_path, capsys):
+    em, pictures = tmp_path / "em", tmp_path / "pictures"
+    for folder, name in (
+        (em, ".results.json.k1ll3d00.tmp"),
+        (pictures, ".curves.png.k1ll3d00.tmp"),
+    ):
+        folder.mkdir()
+        (folder / name).write_bytes(b"half")
+    assert run_cli("em", "--dataset", "pinwheel", "--max-iter", "5", "--out", em,
+                   capsys=capsys)[0] == 0  # fmt: skip
+    assert run_cli("plot", "--run", run, "--out", pictures, "--pictures", "curves",
+                   capsys=capsys)[0] == 0  # fmt: skip
+    assert not list(em.glob("*.tmp")) and not list(pictures.glob("*.tmp"))

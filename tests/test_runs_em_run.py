@@ -20,7 +20,12 @@ def test_em_command_writes_results_and_a_density_picture(tmp_path, capsys):
         "--device", "cpu", "--out", str(out), capsys=capsys,
     )  # fmt: skip
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["mixture.png", "results.json", "written.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "mixture.png",
+        "results.json",
+        "written.json",
+    ]
     r = json.loads((out / "results.json").read_text())
     data = load_data(DataConfig("pinwheel"))
     gm = GaussianMixture(8, seed=0).fit(data.train.double())

@@ -23,9 +23,12 @@ from ppl_vae.plots import mixture_figure
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.runs.checkpoint import RunDir
 from ppl_vae.runs.files import (
+    RECORD,
     Outputs,
     check_output_dir,
+    folder_lock,
     make_output_dir,
+    remove_stale_temporaries,
     resolve_device,
     staged,
 )
@@ -213,7 +216,8 @@ def em_run(
         report(record)
     out = make_output_dir(out_dir)
     try:
-        with staged() as files:
+        with folder_lock(out), staged() as files:  # one writer; a killed one's leftovers go
+            remove_stale_temporaries(out, (RESULTS, PICTURE, RECORD))
             if fig is not None:
                 files.save_figure(fig, out / PICTURE)
             files.write_json(record, out / RESULTS, indent=1)

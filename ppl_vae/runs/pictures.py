@@ -7,7 +7,6 @@ was), and ``written.json`` records which checkpoint each picture shows.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -25,7 +24,14 @@ from ppl_vae.plots import (
 from ppl_vae.registry import Registry
 from ppl_vae.rng import forked_rng
 from ppl_vae.runs.checkpoint import MARKERS, RunDir
-from ppl_vae.runs.files import Outputs, make_output_dir, staged
+from ppl_vae.runs.files import (
+    RECORD,
+    Outputs,
+    folder_lock,
+    make_output_dir,
+    remove_stale_temporaries,
+    staged,
+)
 from ppl_vae.runs.run import Run, load_run
 
 __all__ = [
@@ -203,12 +209,19 @@ def plot_run(
     lines = rd.read_metrics()
     if lines:
         run.metrics = lines
-    check_pictures(run, names or default_pictures(run))
-    with rd.writing(shared=True) if into_run else contextlib.nullcontext():
-        if into_run:
+    names = tuple(names or default_pictures(run))
+    check_pictures(run, names)
+    if not into_run:
+        Outputs(out_dir).check_replaceable([f"{name}.png" for name in names])
+    if into_run:
+        with rd.writing(shared=True):
             rd.check_unchanged(stamp)  # the pictures show the checkpoint in the folder
-        out = make_output_dir(out_dir) if not into_run else run.directory
-        paths = write_pictures(run, out, names)
+            paths = write_pictures(run, run.directory, names)
+    else:
+        out = make_output_dir(out_dir)
+        with folder_lock(out):  # one writer of the folder; a killed one's leftovers go
+            remove_stale_temporaries(out, [*(f"{n}.png" for n in PICTURES), RECORD])
+            paths = write_pictures(run, out, names)
     if into_run:
         warn_stale(rd, run.checkpoint, "ppl-vae evaluate brings the estimate up to date")
     return paths
