@@ -238,6 +238,14 @@ DAMAGE = {
         lambda c: next(iter(c["params"].values())).fill_(float("nan")),
         "holds non-finite values (NaN or infinity) in parameter",
     ),
+    "rng garbage": (lambda c: c["rng"].update(python="garbage"), "Python random stream lacks"),
+    "rng float": (lambda c: c["rng"].update(torch=torch.zeros(3)), "stream 'torch' is not a byte"),
+    "optimizer": (lambda c: c["optimizer"].update(state=5), "is not an Adam state dict"),
+    "infinite ELBO": (
+        lambda c: c["metrics"][0].update(train_elbo=float("inf")),
+        "metrics record 1 has train_elbo inf",
+    ),
+    "fingerprint": (lambda c: c.update(data_fingerprint=7), "its data_fingerprint is 7"),
     "wrong shape": (
         lambda c: c["params"].update({k: v[:1] for k, v in list(c["params"].items())[:1]}),
         "was it written for another architecture?",
@@ -326,3 +334,71 @@ def test_an_em_or_picture_folder_loses_a_killed_writers_leftovers_too(run, tmp_p
     assert run_cli("plot", "--run", run, "--out", pictures, "--pictures", "curves",
                    capsys=capsys)[0] == 0  # fmt: skip
     assert not list(em.glob("*.tmp")) and not list(pictures.glob("*.tmp"))
+
+
+# -- the reviewer's cases: other commands' records, reserved names, legacy pictures --------------
+
+
+def test_train_refuses_a_folder_holding_another_commands_results(run, tmp_path, capsys):
+    em, pictures = tmp_path / "em", tmp_path / "pictures"
+    assert run_cli("em", "--dataset", "pinwheel", "--max-iter", "5", "--out", em,
+                   capsys=capsys)[0] == 0  # fmt: skip
+    assert run_cli("plot", "--run", run, "--out", pictures, capsys=capsys)[0] == 0
+    for folder in (em, pictures):
+        before = _files(folder)
+        code, _, err = run_cli("train", *ARGS, "--epochs", "1", "--out", folder, capsys=capsys)
+        assert code == 2 and "holds files that are not a ppl_vae run" in err
+        assert _files(folder) == before
+    code, _, err = run_cli(*EVALUATE, "--run", run, "--out", em, capsys=capsys)
+    assert code == 2 and "holds the results of ppl-vae em" in err
+    code, _, err = run_cli("em", "--dataset", "pinwheel", "--out", pictures, capsys=capsys)
+    assert code == 2 and "holds files of another ppl-vae command" in err
+
+
+def test_a_record_never_lists_the_runs_own_files(run, tmp_path, capsys):
+    for name in ("checkpoint.pt", "written.json", "curves.png"):
+        code, _, err = run_cli(*EVALUATE, "--run", run, "--out", tmp_path / "c" / name,
+                               capsys=capsys)  # fmt: skip
+        assert code == 2 and "name a .json file other than" in err
+    for bad in ({"checkpoint.pt": {}}, {"..": {}}, {"curves.png": {}, "x": [1]}):
+        (run / "written.json").write_text(json.dumps(bad))
+        before = _files(run)
+        code, _, err = run_cli("train", *ARGS, "--epochs", "1", "--out", run, "--overwrite",
+                               capsys=capsys)  # fmt: skip
+        assert (
+            code == 2 and "written.json (the list of files ppl_vae wrote there) is damaged" in err
+        )
+        assert _files(run) == before  # refused before the run changed
+
+
+def test_a_picture_in_the_way_is_refused_before_the_first_epoch(run, capsys):
+    record = json.loads((run / "written.json").read_text())
+    del record["samples.png"]  # as if the user had drawn samples.png there
+    (run / "written.json").write_text(json.dumps(record))
+    before = _files(run)
+    code, _, err = run_cli("train", *ARGS, "--epochs", "1", "--out", run, "--overwrite",
+                           capsys=capsys)  # fmt: skip
+    assert code == 2 and "samples.png was not written by ppl_vae" in err
+    assert _files(run) == before
+
+
+def test_a_run_of_0_1_with_its_pictures_is_plotted_evaluated_and_resumed(tmp_path, capsys):
+    from pathlib import Path
+
+    legacy = tmp_path / "v0"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run-v0", legacy)
+    for name in ("curves.png", "samples.png", "evaluate.json"):
+        (legacy / name).write_bytes(b"drawn by 0.1")
+    assert run_cli("plot", "--run", legacy, "--pictures", "curves", capsys=capsys)[0] == 0
+    assert run_cli(*EVALUATE, "--run", legacy, capsys=capsys)[0] == 0
+    code, _, err = run_cli("train", "--out", legacy, "--epochs", "3", "--resume", "--quiet",
+                           capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    assert (legacy / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_out_creates_the_folder_it_names(run, tmp_path, capsys):
+    code, _, err = run_cli(*EVALUATE, "--run", run, "--out", tmp_path / "new" / "sub" / "e.json",
+                           capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "new" / "sub" / "e.json").read_text())["num_points"] == 30

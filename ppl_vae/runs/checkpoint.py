@@ -169,7 +169,8 @@ class RunDir:
         if not self.metrics.is_file():
             return []
         try:
-            lines = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+            text = self.metrics.read_text().splitlines()
+            lines = [json.loads(line) for line in text if line.strip()]
         except (ValueError, UnicodeDecodeError):
             raise InputError(
                 f"{self.metrics} is not one JSON object per line; delete it (the checkpoint "
@@ -185,7 +186,9 @@ class RunDir:
         """The names in the folder that ppl_vae did not write there (the user's files)."""
         if not self.path.is_dir():
             return []
-        ours = {*MARKERS, RECORD, ".lock", *self.outputs.read()}
+        ours = {".lock"}  # a folder without a run owns nothing else (written.json is em's, ...)
+        if self.holds_run():
+            ours |= {*MARKERS, RECORD, *self.outputs.read()}
         names = (p.name for p in self.path.iterdir())
         return sorted(n for n in names if n not in ours and not _temporary_of_ours(n))
 

@@ -238,4 +238,11 @@ def _check_em_folder(out: Path) -> None:
             f"choose another --out"
         )
     legacy = (RESULTS, PICTURE) if (out / RESULTS).is_file() else ()
-    Outputs(out, legacy).check_replaceable([RESULTS, PICTURE])
+    outputs = Outputs(out, legacy)
+    others = sorted(set(outputs.read()) - {RESULTS, PICTURE})
+    if others:
+        raise InputError(
+            f"{out} holds files of another ppl-vae command ({', '.join(others)}); em writes into "
+            f"a folder of its own: choose another --out"
+        )
+    outputs.check_replaceable([RESULTS, PICTURE])

@@ -20,7 +20,7 @@ from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.rng import derived_seed, forked_rng, seed_streams
 from ppl_vae.runs.checkpoint import EVALUATE, RunDir
-from ppl_vae.runs.files import Outputs, check_output_dir, staged
+from ppl_vae.runs.files import RESERVED, check_output_dir, make_output_dir, staged
 from ppl_vae.runs.pictures import warn_stale
 from ppl_vae.runs.run import Run, load_run
 
@@ -151,6 +151,16 @@ def _target(run: Run, out: str | os.PathLike | None) -> Path:
     path = Path(out)
     if path.is_dir() or str(out).endswith(os.sep):
         path = path / EVALUATE
+    if path.suffix != ".json" or path.name in RESERVED:
+        raise InputError(
+            f"--out {out}: the estimate is a JSON file; name a .json file other than "
+            f"{', '.join(RESERVED[1:4])}, or a folder"
+        )
+    if (path.parent / "results.json").is_file():
+        raise InputError(
+            f"{path.parent} holds the results of ppl-vae em; write the estimate into its run, "
+            f"or a folder of its own"
+        )
     folder = RunDir(path.parent)
     own = run.directory is not None and path.parent.resolve() == run.directory.resolve()
     if folder.holds_run() and not own:
@@ -206,7 +216,7 @@ def evaluate_run(
             if target is None:
                 return
             check_output_dir(target.parent)
-            Outputs(target.parent).check_replaceable([target.name])
+            RunDir(target.parent).outputs.check_replaceable([target.name])
             if into_run:
                 stack.enter_context(RunDir(run.directory).writing(shared=True))
                 if stamp is not None:
@@ -236,17 +246,18 @@ def evaluate_run(
         if target is not None:
             _write(record, target, run, reported=report is not None)
     if into_run:
-        warn_stale(RunDir(run.directory), run.checkpoint, "ppl-vae plot redraws them")
+        warn_stale(RunDir(run.directory), run.checkpoint)
     return record
 
 
 def _write(record: dict, target: Path, run: Run, reported: bool) -> None:
     """``record`` to ``target`` with its line in the folder's ``written.json``, both or none."""
     try:
+        make_output_dir(target.parent)
         with staged() as files:
             files.write_json(record, target)
-            shows = {"run": str(run.directory), **(run.checkpoint or {})}
-            Outputs(target.parent).stage(files, {target.name: shows})
+            shows = {"run": str(run.directory.resolve()), **(run.checkpoint or {})}
+            RunDir(target.parent).outputs.stage(files, {target.name: shows})
     except WriteError as e:
         if not reported:
             raise

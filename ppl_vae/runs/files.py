@@ -21,6 +21,7 @@ from ppl_vae.plots import close_figure
 
 __all__ = [
     "RECORD",
+    "RESERVED",
     "Outputs",
     "folder_lock",
     "make_output_dir",
@@ -224,6 +225,19 @@ def _lock_error(fd: int, folder: Path, shared: bool) -> InputError:
 
 
 RECORD = "written.json"  # in an output folder: the files ppl_vae wrote there, and what each shows
+# names an output record never lists: the run's own files, the record itself, the lock
+RESERVED = ("checkpoint.pt", "config.json", "metrics.jsonl", RECORD, ".lock")
+
+
+def _listable(name: object) -> bool:
+    """Whether ``name`` may be listed in a record: a plain file name, not a reserved one."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..", *RESERVED)
+        and "/" not in name
+        and os.sep not in name
+        and "\0" not in name
+    )
 
 
 class Outputs:
@@ -251,7 +265,7 @@ class Outputs:
         except (ValueError, UnicodeDecodeError):
             record = None
         ok = isinstance(record, dict) and all(
-            isinstance(k, str) and "/" not in k and isinstance(v, dict) for k, v in record.items()
+            _listable(k) and isinstance(v, dict) for k, v in record.items()
         )
         if not ok:
             raise InputError(
@@ -276,8 +290,9 @@ class Outputs:
         files.write_json({**self.read(), **entries}, self.path, indent=1)
 
     def remove_written(self) -> list[str]:
-        """Removes every file of the record, then the record; returns their names."""
-        names = list(self.read())
+        """Removes every file of the record (never a reserved name: the record is checked),
+        then the record; returns their names."""
+        names = [name for name in self.read() if _listable(name)]
         for name in names:
             (self.folder / name).unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)

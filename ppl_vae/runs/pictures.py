@@ -26,7 +26,6 @@ from ppl_vae.rng import forked_rng
 from ppl_vae.runs.checkpoint import MARKERS, RunDir
 from ppl_vae.runs.files import (
     RECORD,
-    Outputs,
     folder_lock,
     make_output_dir,
     remove_stale_temporaries,
@@ -126,10 +125,10 @@ def write_pictures(
     names = default_pictures(run) if names is None else tuple(names)
     check_pictures(run, names)
     out = Path(out_dir) if out_dir is not None else run.directory
-    outputs = Outputs(out)
+    outputs = RunDir(out).outputs  # a run's folder: its legacy pictures count as written
     files = [f"{name}.png" for name in names]
     outputs.check_replaceable(files)
-    shows = {"run": str(run.directory), **(run.checkpoint or {})}
+    shows = {"run": str(Path(run.directory).resolve()), **(run.checkpoint or {})}
     description = f"ppl_vae run {run.directory}, " + ", ".join(
         f"{k} {v}" for k, v in shows.items() if k != "run"
     )
@@ -155,9 +154,12 @@ def stale_outputs(run_dir: RunDir, identity: dict | None) -> list[str]:
     )
 
 
-def warn_stale(run_dir: RunDir, identity: dict | None, fix: str) -> None:
+def warn_stale(run_dir: RunDir, identity: dict | None) -> None:
     """A :class:`StaleWarning` naming the outputs of ``run_dir`` from another checkpoint."""
     names = stale_outputs(run_dir, identity)
+    fixes = ["ppl-vae plot redraws the pictures"] * any(n.endswith(".png") for n in names)
+    fixes += ["ppl-vae evaluate renews the estimate"] * any(n.endswith(".json") for n in names)
+    fix = " and ".join(fixes)
     if names:
         warnings.warn(
             f"{', '.join(names)} in {run_dir.path} show an earlier checkpoint than the run's "
@@ -206,13 +208,12 @@ def plot_run(
         _check_picture_folder(Path(out_dir), rd.path)
     stamp = rd.stamp()
     run = load_run(run_dir, device, data_dir=data_dir)  # every check before anything is written
-    lines = rd.read_metrics()
-    if lines:
-        run.metrics = lines
+    rd.read_metrics()  # checked; the checkpoint's own records are drawn (the file never leads)
+
     names = tuple(names or default_pictures(run))
     check_pictures(run, names)
     if not into_run:
-        Outputs(out_dir).check_replaceable([f"{name}.png" for name in names])
+        RunDir(out_dir).outputs.check_replaceable([f"{name}.png" for name in names])
     if into_run:
         with rd.writing(shared=True):
             rd.check_unchanged(stamp)  # the pictures show the checkpoint in the folder
@@ -223,5 +224,5 @@ def plot_run(
             remove_stale_temporaries(out, [*(f"{n}.png" for n in PICTURES), RECORD])
             paths = write_pictures(run, out, names)
     if into_run:
-        warn_stale(rd, run.checkpoint, "ppl-vae evaluate brings the estimate up to date")
+        warn_stale(rd, run.checkpoint)
     return paths

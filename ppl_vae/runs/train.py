@@ -12,7 +12,7 @@ from ppl_vae.distributed import RankStopped, on_rank0_for_all, world
 from ppl_vae.errors import InputError
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
 from ppl_vae.runs.files import resolve_device
-from ppl_vae.runs.pictures import write_pictures
+from ppl_vae.runs.pictures import default_pictures, write_pictures
 from ppl_vae.runs.resume import ResumePoint
 from ppl_vae.runs.run import Run
 from ppl_vae.svi import TrainConfig, TrainState, train
@@ -92,6 +92,7 @@ def _train(
     point = ResumePoint.read(run_dir, given) if resume else None  # before anything is written
     if point is None:
         run_dir.check_can_hold_run(overwrite)
+    run_dir.outputs.read()  # a damaged record is refused before the run changes
     config, state = (point.config, point.state) if point else (given, None)
     data = load_data(config.data, resolve_device(device))
     fingerprint = data_fingerprint(data)
@@ -104,6 +105,9 @@ def _train(
     run_dir.data_fingerprint = fingerprint
     pyro.set_rng_seed(config.train.seed)
     model, guide = build_vae(config.vae, data)
+    if pictures:  # a picture of the user's in the way is refused before the first epoch
+        names = default_pictures(Run(model, guide, data, config, [], run_dir.path))
+        run_dir.outputs.check_replaceable([f"{name}.png" for name in names])
     created = not run_dir.path.exists()
     try:
         return _train_into(
@@ -178,6 +182,11 @@ def _train_into(
                 raise Interrupted(
                     f"{_kept(run_dir, saved_epoch)}; the pictures were not drawn (ppl-vae plot "
                     f"draws them)"
+                ) from None
+            except InputError as e:  # a full disk, say: the training is kept all the same
+                raise type(e)(
+                    f"{e}; {_kept(run_dir, saved_epoch)}, and the pictures were not drawn "
+                    f"(ppl-vae plot draws them)"
                 ) from None
         return run
 

@@ -14,6 +14,7 @@ __all__ = ["check_checkpoint", "check_metrics"]
 
 REQUIRED = ("epoch", "params", "optimizer", "rng", "metrics")
 RNG_KEYS = ("torch", "python", "numpy", "data")
+NUMPY_KEYS = {"name", "keys", "pos", "has_gauss", "cached_gaussian"}
 REPAIR = "delete it and train again, or restore the file from a copy"
 
 
@@ -31,7 +32,8 @@ def _is_number(value: object) -> bool:
 
 def check_metrics(lines: object, path: Path) -> list[dict]:
     """``lines`` (a checkpoint's ``metrics`` or ``metrics.jsonl``'s records) if every one is an
-    epoch's record: ``epoch`` 1, 2, ... and finite-or-NaN numbers ``train_elbo``/``test_elbo``."""
+    epoch's record: ``epoch`` 1, 2, ... and finite numbers ``train_elbo``/``test_elbo`` (training
+    stops at a non-finite ELBO before its epoch is saved)."""
     if not isinstance(lines, list):
         raise _damaged(path, f"its metrics are a {type(lines).__name__}, not a list of epochs")
     for i, m in enumerate(lines, 1):
@@ -40,7 +42,7 @@ def check_metrics(lines: object, path: Path) -> list[dict]:
         if m.get("epoch") != i or not _is_int(m.get("epoch")):
             raise _damaged(path, f"metrics record {i} has epoch {m.get('epoch')!r}, not {i}")
         for key in ("train_elbo", "test_elbo"):
-            if not _is_number(m.get(key)):
+            if not (_is_number(m.get(key)) and math.isfinite(m[key])):
                 raise _damaged(path, f"metrics record {i} has {key} {m.get(key)!r}, not a number")
     return lines
 
@@ -53,8 +55,18 @@ def _check_rng(rng: object, path: Path) -> None:
         missing = [k for k in RNG_KEYS if not isinstance(s, dict) or k not in s]
         if missing:
             raise _damaged(path, f"its random streams lack {', '.join(missing)}")
-        if not isinstance(s["torch"], torch.Tensor) or not isinstance(s["data"], torch.Tensor):
-            raise _damaged(path, "its random streams' states are not tensors")
+        for key in ("torch", "data"):
+            if not (isinstance(s[key], torch.Tensor) and s[key].dtype == torch.uint8):
+                raise _damaged(path, f"its random stream {key!r} is not a byte tensor")
+        python, numpy = s["python"], s["numpy"]
+        if not (isinstance(python, dict) and {"version", "state", "gauss"} <= python.keys()):
+            raise _damaged(path, "its Python random stream lacks version, state or gauss")
+        if not isinstance(python["state"], torch.Tensor) or not _is_int(python["version"]):
+            raise _damaged(path, "its Python random stream's state is not a tensor")
+        if not (isinstance(numpy, dict) and numpy.keys() >= NUMPY_KEYS):
+            raise _damaged(path, f"its NumPy random stream lacks one of {sorted(NUMPY_KEYS)}")
+        if not isinstance(numpy["keys"], torch.Tensor) or not isinstance(numpy["name"], str):
+            raise _damaged(path, "its NumPy random stream's keys are not a tensor")
 
 
 def _check_params(params: object, path: Path) -> None:
@@ -89,10 +101,23 @@ def check_checkpoint(ckpt: object, path: Path) -> dict:
     optimizer = ckpt["optimizer"]
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys():
         raise _damaged(path, "its optimizer state is not an Adam state dict")
+    groups = optimizer["param_groups"]
+    if not isinstance(optimizer["state"], dict) or not isinstance(groups, list):
+        raise _damaged(path, "its optimizer state is not an Adam state dict")
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise _damaged(path, "its optimizer's parameter groups are not lists of parameters")
+    for slot in optimizer["state"].values():
+        if not isinstance(slot, dict) or not all(
+            isinstance(v, torch.Tensor) for v in slot.values()
+        ):
+            raise _damaged(path, "its optimizer state holds values that are not tensors")
     _check_rng(ckpt["rng"], path)
     check_metrics(ckpt["metrics"], path)
     if len(ckpt["metrics"]) != epoch:
         raise _damaged(path, f"it holds {len(ckpt['metrics'])} epochs' metrics for epoch {epoch}")
+    fingerprint = ckpt.get("data_fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise _damaged(path, f"its data_fingerprint is {fingerprint!r}, not a hex digest")
     untrained = ckpt.get("untrained_elbo")
     if untrained is not None and not (_is_number(untrained) and not math.isinf(untrained)):
         raise _damaged(path, f"its untrained_elbo is {untrained!r}, not a number")
