@@ -150,15 +150,12 @@ def _train_into(
             run_dir.start(config, state.metrics if state is not None else [])
 
         on_rank0_for_all(begin)  # under torchrun: a refusal on rank 0 (the lock) stops all
-        saved_epoch = state.epoch if state is not None else 0
 
         def _run(metrics: list[dict]) -> Run:
             return Run(model, guide, data, config, metrics, run_dir.path, run_dir.identity)
 
         def checkpoint(s: TrainState) -> None:
-            nonlocal saved_epoch
             run_dir.save(s, config)
-            saved_epoch = s.epoch
             if pictures and plot_every and s.epoch % plot_every == 0:
                 write_pictures(_run(s.metrics))
 
@@ -167,12 +164,12 @@ def _train_into(
                 model, guide, data, config.train,
                 resume_from=state, checkpoint=checkpoint, quiet=quiet,
             )  # fmt: skip
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{e}; {_kept(run_dir, saved_epoch)}") from None
+        except (FloatingPointError, InputError) as e:  # InputError: a full disk, say
+            raise type(e)(f"{e}; {_kept(run_dir)}") from None
         except KeyboardInterrupt:
-            raise Interrupted(_kept(run_dir, saved_epoch)) from None
+            raise Interrupted(_kept(run_dir)) from None
         except RankStopped as e:  # under torchrun: another rank died
-            e.args = (f"{e}; {_kept(run_dir, saved_epoch)}",)
+            e.args = (f"{e}; {_kept(run_dir)}",)
             raise
         run = _run(metrics)
         if pictures and world().main:
@@ -180,18 +177,20 @@ def _train_into(
                 write_pictures(run)
             except KeyboardInterrupt:
                 raise Interrupted(
-                    f"{_kept(run_dir, saved_epoch)}; the pictures were not drawn (ppl-vae plot "
-                    f"draws them)"
+                    f"{_kept(run_dir)}; the pictures were not drawn (ppl-vae plot draws them)"
                 ) from None
             except InputError as e:  # a full disk, say: the training is kept all the same
                 raise type(e)(
-                    f"{e}; {_kept(run_dir, saved_epoch)}, and the pictures were not drawn "
+                    f"{e}; {_kept(run_dir)}, and the pictures were not drawn "
                     f"(ppl-vae plot draws them)"
                 ) from None
         return run
 
 
-def _kept(run_dir: RunDir, epoch: int) -> str:
+def _kept(run_dir: RunDir) -> str:
+    """What an interrupted or failed run keeps: the checkpoint last written or read (a run
+    continued) is the one on disk, since each is replaced whole."""
+    epoch = run_dir.identity["epoch"] if run_dir.identity else 0
     if epoch:
         return f"the checkpoint of epoch {epoch} in {run_dir.path} is intact"
     if run_dir.has_checkpoint():
