@@ -307,7 +307,8 @@ def mixture_figure(mixture, data: Data) -> Figure | None:
         means = mixture.means_[order].reshape(-1, *data.event_shape).float()
         fig, ax = _figure(figsize=(7, 7))
         ax.imshow(image_grid(means, ncols=10).numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"{mixture.n_components} component means, by weight (first 100)")
+        first = " (the first 100)" if mixture.n_components > 100 else ""
+        ax.set_title(f"{mixture.n_components} component means, by weight{first}")
         ax.axis("off")
     elif isinstance(mixture, GaussianMixture) and data.event_shape == (2,):
         fig, ax = _figure(figsize=(6, 6))
