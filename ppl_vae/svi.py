@@ -40,6 +40,7 @@ from ppl_vae.rng import (
     seed_streams,
     set_rng_state,
 )
+from ppl_vae.schedules import SCHEDULES, Schedule
 from ppl_vae.sites import check_points, sample_sites, trace_guide_and_model
 
 __all__ = [
@@ -71,7 +72,13 @@ class TrainConfig:
     batch_size: int = option(
         100, "data points per SVI step, over all processes (under torchrun each takes its share)"
     )
-    lr: float = option(1e-3, "Adam learning rate")
+    lr: float = option(1e-3, "Adam learning rate (the base rate of --lr-schedule)")
+    lr_schedule: str = option(
+        "constant", f"the learning rate per epoch, recorded as lr in metrics.jsonl: "
+        f"{SCHEDULES.help()}", choices=SCHEDULES,
+    )  # fmt: skip
+    lr_warmup: int | None = option(None, "cosine: epochs of linear warm-up (default 0)")
+    lr_floor: float | None = option(None, "cosine: the rate reached at --epochs (default 0)")
     loss: str = option("elbo", "the training objective", choices=LOSSES)
     num_particles: int = option(
         1, "vectorized particles per step: ELBO draws averaged, or the IWAE k"
@@ -100,11 +107,36 @@ class TrainConfig:
         if self.kl_warmup < 0:
             raise InputError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
         LOSSES.check(self.loss)
+        SCHEDULES.check(self.lr_schedule)
+        if self.lr_warmup is not None and (
+            isinstance(self.lr_warmup, bool) or not isinstance(self.lr_warmup, int)
+            or not 0 <= self.lr_warmup < self.epochs
+        ):  # fmt: skip
+            raise InputError(
+                f"lr_warmup must be a whole number of epochs in [0, --epochs), got "
+                f"{self.lr_warmup!r}"
+            )
+        if self.lr_floor is not None and not (
+            _finite_number(self.lr_floor) and 0 <= self.lr_floor < self.lr
+        ):
+            raise InputError(f"lr_floor must lie in [0, --lr), got {self.lr_floor!r}")
+        self.schedule()  # an option of another schedule is an error naming it
         if self.loss == "iwae" and (self.kl_warmup or self.beta != 1.0):
             raise InputError(
                 "KL warm-up and beta weight the ELBO's KL term; the iwae loss has none: "
                 "drop --kl-warmup/--beta or use --loss elbo"
             )
+
+    def schedule_options(self) -> dict:
+        """The options of the learning-rate schedule that are set."""
+        names = ("lr_warmup", "lr_floor")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def schedule(self) -> Schedule:
+        """The learning-rate schedule (checked: an option of another schedule is an error)."""
+        options = self.schedule_options()
+        SCHEDULES.check_options(self.lr_schedule, options, prefix="--")
+        return SCHEDULES.build(self.lr_schedule, self.epochs, **options)
 
 
 def _finite_number(value) -> bool:
@@ -367,7 +399,8 @@ def init_state(
         )
     if w.rank > 0:  # the same initial parameters (seed), then each rank its own latent draws
         pyro.set_rng_seed(derived_seed(config.seed, "rank", w.rank))
-    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
+    schedule = config.schedule()
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr, eps=schedule.adam_eps)
     if resume_from is None:
         epoch, metrics = 0, []
         untrained = mean_elbo(
@@ -440,6 +473,9 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
     """
     epoch = state.epoch + 1
     t0 = time.perf_counter()
+    lr = config.schedule().rate(epoch, config.lr)  # a function of the epoch: resumes exactly
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
     weight = kl_weight(epoch, config)
     loss = state.losses(weight)
     train_elbo = _train_pass(state, data, config, loss=loss, epoch=epoch, quiet=quiet)
@@ -453,6 +489,7 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
         "train_elbo": train_elbo,
         "test_elbo": test_elbo,
         "kl_weight": weight,
+        "lr": lr,
         "seconds": time.perf_counter() - t0,
     }
     state.metrics.append(metrics)
