@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import types
 import typing
@@ -150,19 +151,24 @@ def check_positive_value(name: str, value: Any) -> None:
 MAX_SEED = 2**63  # seeds lie in [0, 2**63): torch.Generator.manual_seed takes no more
 
 
-def check_seed(name: str, value: Any) -> int:
-    """``value`` if it is an integer seed in [0, 2**63); an error naming ``name`` otherwise.
+def check_seed(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    """``value`` as an int if it is an integer seed in [0, 2**63) (NumPy integers too), or
+    ``None`` where ``allow_none``; an error naming ``name`` otherwise.
 
     Example:
         >>> check_seed("seed", 7)
         7
     """
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
+    if value is None and allow_none:
+        return None
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not integer or not 0 <= value < MAX_SEED:
+        what = "None or an integer" if allow_none else "an integer"
         raise InputError(
-            f"{name} must be an integer in [0, 2**63), got {value!r}; pass --seed 0 or another "
+            f"{name} must be {what} in [0, 2**63), got {value!r}; pass --seed 0 or another "
             f"non-negative integer"
         )
-    return value
+    return int(value)
 
 
 def check_number(

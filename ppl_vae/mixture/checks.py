@@ -84,11 +84,7 @@ def check_integer(name: str, value, minimum: int) -> int:
 
 def check_seed(value) -> int | None:
     """``value`` if it is None or an integer seed in [0, 2**63) (for ``torch.Generator``)."""
-    if value is None:
-        return None
-    if _is_integer(value, 0) and value < 2**63:
-        return config.check_seed("seed", int(value))
-    raise InputError(f"seed must be None or an integer in [0, 2**63), got {value!r}")
+    return config.check_seed("seed", value, allow_none=True)
 
 
 def check_bool(name: str, value) -> bool:

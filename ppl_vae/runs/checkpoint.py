@@ -53,12 +53,14 @@ from ppl_vae.vae import VAEConfig
 __all__ = [
     "CHECKPOINT",
     "CONFIG",
+    "EM_RESULTS",
     "EVALUATE",
     "FORMAT",
     "MARKERS",
     "METRICS",
     "RunConfig",
     "RunDir",
+    "held_by",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -67,6 +69,7 @@ METRICS = "metrics.jsonl"
 EVALUATE = "evaluate.json"
 FORMAT = 1  # the checkpoint layout written here
 MARKERS = (CHECKPOINT, CONFIG, METRICS)  # a folder holding any of these holds a run
+EM_RESULTS = "results.json"  # ppl-vae em's record: a folder holding it holds em's results
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,16 @@ def _temporary_of_ours(name: str) -> bool:
         return False
     base = name[1:].rsplit(".", 2)[0]
     return base in (*MARKERS, RECORD, EVALUATE) or base.endswith(".png")
+
+
+def held_by(folder: str | os.PathLike, own_run: str | os.PathLike | None = None) -> str | None:
+    """Which command's files ``folder`` holds, when they are not ours to write over:
+    ``"run"`` (a VAE run, other than ``own_run``), ``"em"`` (em's results) or ``None``."""
+    folder = Path(folder)
+    own = own_run is not None and folder.resolve() == Path(own_run).resolve()
+    if RunDir(folder).holds_run() and not own:
+        return "run"
+    return "em" if (folder / EM_RESULTS).is_file() else None
 
 
 class RunDir:

@@ -21,7 +21,7 @@ from ppl_vae.errors import InputError, WriteError
 from ppl_vae.mixture import COVARIANCE_TYPES, INITS, MIXTURES, ConvergenceWarning
 from ppl_vae.plots import mixture_figure
 from ppl_vae.progress import Progress, time_left
-from ppl_vae.runs.checkpoint import RunDir
+from ppl_vae.runs.checkpoint import EM_RESULTS, held_by
 from ppl_vae.runs.files import (
     RECORD,
     Outputs,
@@ -36,7 +36,7 @@ from ppl_vae.runs.files import (
 __all__ = ["DTYPES", "MixtureConfig", "em_run", "make_mixture"]
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-RESULTS = "results.json"
+RESULTS = EM_RESULTS
 PICTURE = "mixture.png"
 
 
@@ -232,7 +232,7 @@ def _check_em_folder(out: Path) -> None:
     """``em --out`` is a folder of its own: writable, not a VAE run's, and without files of
     its names (results.json, mixture.png) that ppl_vae did not write."""
     check_output_dir(out)
-    if RunDir(out).holds_run():
+    if held_by(out) == "run":
         raise InputError(
             f"{out} holds a VAE run of ppl-vae train; em writes into a folder of its own: "
             f"choose another --out"

@@ -19,7 +19,7 @@ from ppl_vae.errors import InputError, WriteError
 from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood_diagnostics
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.rng import derived_seed, forked_rng, seed_streams
-from ppl_vae.runs.checkpoint import EVALUATE, RunDir
+from ppl_vae.runs.checkpoint import EVALUATE, RunDir, held_by
 from ppl_vae.runs.files import RESERVED, check_output_dir, make_output_dir, staged
 from ppl_vae.runs.pictures import warn_stale
 from ppl_vae.runs.run import Run, load_run
@@ -156,14 +156,13 @@ def _target(run: Run, out: str | os.PathLike | None) -> Path:
             f"--out {out}: the estimate is a JSON file; name a .json file other than "
             f"{', '.join(RESERVED[1:4])}, or a folder"
         )
-    if (path.parent / "results.json").is_file():
+    owner = held_by(path.parent, own_run=run.directory)
+    if owner == "em":
         raise InputError(
             f"{path.parent} holds the results of ppl-vae em; write the estimate into its run, "
             f"or a folder of its own"
         )
-    folder = RunDir(path.parent)
-    own = run.directory is not None and path.parent.resolve() == run.directory.resolve()
-    if folder.holds_run() and not own:
+    if owner == "run":
         raise InputError(
             f"{path.parent} holds another ppl_vae run, whose estimate --out would replace; "
             f"write the estimate into its own run, or elsewhere"

@@ -23,7 +23,7 @@ from ppl_vae.plots import (
 )
 from ppl_vae.registry import Registry
 from ppl_vae.rng import forked_rng
-from ppl_vae.runs.checkpoint import MARKERS, RunDir
+from ppl_vae.runs.checkpoint import RunDir, held_by
 from ppl_vae.runs.files import (
     RECORD,
     folder_lock,
@@ -171,14 +171,13 @@ def warn_stale(run_dir: RunDir, identity: dict | None) -> None:
 
 def _check_picture_folder(out: Path, run_dir: Path) -> None:
     """``plot --out`` writes into a folder of pictures, never into another command's folder."""
-    if out.resolve() == run_dir.resolve():
-        return
-    if any((out / name).exists() for name in MARKERS):
+    owner = held_by(out, own_run=run_dir)
+    if owner == "run":
         raise InputError(
             f"{out} holds another ppl_vae run, whose pictures plot --out would replace; "
             f"choose a folder of its own for the pictures"
         )
-    if (out / "results.json").exists():
+    if owner == "em":
         raise InputError(
             f"{out} holds the results of ppl-vae em; choose a folder of its own for the pictures"
         )
