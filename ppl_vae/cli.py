@@ -27,6 +27,8 @@ from ppl_vae.runs import (
     resume_run,
     train_run,
 )
+from ppl_vae.runs.checkpoint import CHECKPOINTS
+from ppl_vae.selection import best_epoch, watched
 from ppl_vae.svi import TrainConfig
 from ppl_vae.vae import VAEConfig
 
@@ -200,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--no-write", action="store_true", help="print the result only; write no file"
     )
+    e.add_argument(*CHECKPOINT_FLAG, **CHECKPOINT_OPTIONS)
     _add_config(e.add_argument_group("importance sampling"), EvaluateConfig, "evaluate")
     p = sub.add_parser(
         "plot",
@@ -213,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(*RUN_FLAGS, dest="run", required=True, help=RUN_HELP)
     p.add_argument("--out", default=None, help="folder for the pictures (default: the run's)")
+    p.add_argument(*CHECKPOINT_FLAG, **CHECKPOINT_OPTIONS)
     p.add_argument(
         "--pictures",
         type=_converter(_names),
@@ -237,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(m.add_argument_group("mixture"), MixtureConfig, "mixture")
     m.add_argument("--out", default="runs/em", help="output directory (default: runs/em)")
     return parser
+
+
+CHECKPOINT_FLAG = ("--checkpoint",)
+CHECKPOINT_OPTIONS = dict(
+    choices=CHECKPOINTS,
+    default=None,
+    help="best: best.pt, the epoch with the best validation ELBO (the test ELBO for runs "
+    "without --validation); last: checkpoint.pt, the last epoch (default: best where the run "
+    "keeps one)",
+)
 
 
 def _given(args: argparse.Namespace, prefix: str, **shared) -> dict:
@@ -271,9 +285,16 @@ def _train(args: argparse.Namespace) -> None:
         )
     last = run.metrics[-1] if run.metrics else None
     if last is not None and world().main:  # the result, also with --quiet
+        best, key = best_epoch(run.metrics), watched(run.metrics)
+        kept = (
+            f"; best.pt: epoch {best}, {key.replace('_', ' ').replace('elbo', 'ELBO')} "
+            f"{run.metrics[best - 1][key]:.2f}"
+            if best != last["epoch"]
+            else ""
+        )
         print(
             f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, "
-            f"test ELBO {last['test_elbo']:.2f} nats per example; wrote {args.out}"
+            f"test ELBO {last['test_elbo']:.2f} nats per example{kept}; wrote {args.out}"
         )
 
 
@@ -282,6 +303,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     evaluate_run(
         args.run, config, device=args.device, data_dir=args.data_dir, quiet=args.quiet,
         write=not args.no_write, out=args.out, report=_print_evaluation,
+        checkpoint=args.checkpoint,
     )  # fmt: skip
 
 
@@ -322,7 +344,10 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    paths = plot_run(args.run, args.out, args.pictures, args.device, data_dir=args.data_dir)
+    paths = plot_run(
+        args.run, args.out, args.pictures, args.device, data_dir=args.data_dir,
+        checkpoint=args.checkpoint,
+    )  # fmt: skip
     if not args.quiet:
         print(
             f"wrote {', '.join(p.name for p in paths)} to {paths[0].parent if paths else args.out}"

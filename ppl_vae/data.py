@@ -93,6 +93,7 @@ class Data:
         encoding: str,
         name: str = "data",
         test_labels: Tensor | None = None,
+        validation: Tensor | None = None,
     ):
         train, test = train.detach(), test.detach()  # saved with requires_grad, or Parameters
         for split, t in (("train", train), ("test", test)):
@@ -126,6 +127,7 @@ class Data:
             )
         self.train, self.test, self.encoding, self.name = train, test, encoding, name
         self.test_labels = test_labels  # a class per test point (digits, arms), for pictures
+        self.validation = validation  # training points held out (hold_out), or None
 
     @property
     def event_shape(self) -> torch.Size:
@@ -148,7 +150,38 @@ class Data:
 
     def to(self, device: torch.device | str) -> Data:
         labels = self.test_labels
-        return Data(self.train.to(device), self.test.to(device), self.encoding, self.name, labels)
+        held = self.validation.to(device) if self.validation is not None else None
+        return Data(
+            self.train.to(device), self.test.to(device), self.encoding, self.name, labels, held
+        )
+
+    def hold_out(self, num: int, seed: int) -> Data:
+        """``num`` training points, drawn at random from ``seed``, as the validation set; the
+        rest, in their order, as the training set.
+
+        The draw is made on the CPU, so the split is the same on every device and process.
+
+        Example:
+            >>> data = Data(torch.arange(10.0).view(10, 1), torch.rand(3, 1), "continuous")
+            >>> split = data.hold_out(3, seed=0)
+            >>> split.train.shape[0], split.validation.shape[0]
+            (7, 3)
+            >>> sorted(split.train.view(-1).tolist() + split.validation.view(-1).tolist())[:4]
+            [0.0, 1.0, 2.0, 3.0]
+        """
+        n = self.train.shape[0]
+        if not 0 < num < n:
+            raise InputError(
+                f"--validation {num} must leave training points: the training set of "
+                f"{self.name} has {n}; pass --validation below {n}, or 0 for none"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        held, kept = order[:num].sort().values, order[num:].sort().values
+        device = self.train.device
+        return Data(
+            self.train[kept.to(device)], self.test, self.encoding, self.name, self.test_labels,
+            self.train[held.to(device)],
+        )  # fmt: skip
 
     def head(self, num_train: int | None = None, num_test: int | None = None) -> Data:
         """The first ``num_train`` training and ``num_test`` test points (all where ``None``),

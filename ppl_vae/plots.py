@@ -21,6 +21,7 @@ from ppl_vae.guides import AmortizedGuide
 from ppl_vae.importance import log_likelihood
 from ppl_vae.mixture import BernoulliMixture, GaussianMixture
 from ppl_vae.model import VAEModel
+from ppl_vae.selection import best_epoch
 
 __all__ = [
     "close_figure",
@@ -130,7 +131,8 @@ def _elbo_range(metrics: list[dict]) -> tuple[float, float, bool]:
 
 
 def curves_figure(metrics: list[dict], title: str = "") -> Figure:
-    """Train and test ELBO per epoch (nats per example), and the KL weight when it changes.
+    """Train, test (and validation) ELBO per epoch (nats per example), the best epoch
+    (:func:`ppl_vae.selection.best_epoch`), and the KL weight when it changes.
 
     Every epoch is in view, except a first epoch far below the rest, which is named in a note
     instead; the legend sits below the axes, off the lines.
@@ -140,6 +142,11 @@ def curves_figure(metrics: list[dict], title: str = "") -> Figure:
     ax = fig.subplots()
     ax.plot(epochs, [m["train_elbo"] for m in metrics], marker=".", label="train (objective)")
     ax.plot(epochs, [m["test_elbo"] for m in metrics], marker=".", label="test ELBO")
+    if "validation_elbo" in metrics[-1]:
+        held = [m["validation_elbo"] for m in metrics]
+        ax.plot(epochs, held, marker=".", label="validation ELBO")
+    if len(metrics) > 1:
+        ax.axvline(best_epoch(metrics), color="gray", linestyle=":", label="best epoch (best.pt)")
     bottom, top, clipped = _elbo_range(metrics)
     ax.set_ylim(bottom, top)
     if clipped:

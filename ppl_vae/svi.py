@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import pyro
 import torch
@@ -41,9 +42,11 @@ from ppl_vae.rng import (
     set_rng_state,
 )
 from ppl_vae.schedules import SCHEDULES, Schedule
+from ppl_vae.selection import best_epoch, stops, watched
 from ppl_vae.sites import check_points, sample_sites, trace_guide_and_model
 
 __all__ = [
+    "GradientClip",
     "LoopState",
     "ReseededStreamWarning",
     "StepLosses",
@@ -59,6 +62,7 @@ __all__ = [
     "shard_step",
     "snapshot",
     "step_loss",
+    "stopped_early",
     "svi_step",
     "train",
 ]
@@ -73,12 +77,23 @@ class TrainConfig:
         100, "data points per SVI step, over all processes (under torchrun each takes its share)"
     )
     lr: float = option(1e-3, "Adam learning rate (the base rate of --lr-schedule)")
+    clip_grad: float | None = option(
+        None, "clip each step's gradient (of the loss per training point) to this global norm "
+        "(default: none); the mean norm before clipping is recorded per epoch as grad_norm, "
+        "the share of steps clipped as clipped",
+    )  # fmt: skip
     lr_schedule: str = option(
         "constant", f"the learning rate per epoch, recorded as lr in metrics.jsonl: "
         f"{SCHEDULES.help()}", choices=SCHEDULES,
     )  # fmt: skip
     lr_warmup: int | None = option(None, "cosine: epochs of linear warm-up (default 0)")
-    lr_floor: float | None = option(None, "cosine: the rate reached at --epochs (default 0)")
+    lr_floor: float | None = option(
+        None, "cosine: the rate reached at --epochs; plateau: the lowest rate (default 0)"
+    )
+    lr_factor: float | None = option(None, "plateau: the factor of each cut (default 0.5)")
+    lr_patience: int | None = option(
+        None, "plateau: epochs without a better validation ELBO before a cut (default 10)"
+    )
     loss: str = option("elbo", "the training objective", choices=LOSSES)
     num_particles: int = option(
         1, "vectorized particles per step: ELBO draws averaged, or the IWAE k"
@@ -86,7 +101,19 @@ class TrainConfig:
     beta: float = option(1.0, "final weight of the KL term (log p(z) - log q(z|x))")
     kl_warmup: int = option(0, "epochs over which the KL weight rises linearly from 0 to beta")
     seed: int = option(0, "seeds parameters, batching, binarization and latent draws")
-    eval_batch_size: int = option(1000, "rows per batch when computing the test ELBO")
+    eval_batch_size: int = option(
+        1000, "rows per batch when computing the test and validation ELBO"
+    )
+    validation: int = option(
+        0, "training points held out at random (seeded by --seed) as a validation set: its "
+        "ELBO is recorded per epoch as validation_elbo and chooses best.pt, --patience and "
+        "the plateau schedule; without one they watch the test ELBO (0: none; papers use "
+        "10000 on MNIST)",
+    )  # fmt: skip
+    patience: int | None = option(
+        None, "stop early when the validation ELBO (the test ELBO without --validation) has "
+        "not improved for this many epochs (default: train every epoch)",
+    )  # fmt: skip
     capture: bool = option(
         True, "replay a checked record of each step's tensor operations instead of running "
         "the Pyro program again (same numbers, less Python per step)",
@@ -94,6 +121,27 @@ class TrainConfig:
 
     def __post_init__(self):
         check_positive(self, "epochs", "batch_size", "num_particles", "eval_batch_size")
+        if isinstance(self.validation, bool) or not isinstance(self.validation, int):
+            raise InputError(
+                f"validation must be a whole number of points, got {self.validation!r}"
+            )
+        if self.validation < 0:
+            raise InputError(
+                f"validation must be >= 0 points, got {self.validation}; pass --validation 0 "
+                f"for none or e.g. 10000"
+            )
+        if self.patience is not None and (
+            isinstance(self.patience, bool) or not isinstance(self.patience, int)
+            or self.patience < 1
+        ):  # fmt: skip
+            raise InputError(
+                f"patience must be a whole number of epochs >= 1, got {self.patience!r}; drop "
+                f"--patience to train every epoch"
+            )
+        if self.clip_grad is not None:
+            check_number(
+                "clip_grad", self.clip_grad, hint="pass --clip-grad with a positive norm, e.g. 100"
+            )
         check_seed("seed", self.seed)
         if not _finite_number(self.lr) or not self.lr > 0:
             raise InputError(
@@ -120,7 +168,11 @@ class TrainConfig:
             _finite_number(self.lr_floor) and 0 <= self.lr_floor < self.lr
         ):
             raise InputError(f"lr_floor must lie in [0, --lr), got {self.lr_floor!r}")
-        self.schedule()  # an option of another schedule is an error naming it
+        if self.schedule().monitors and not self.validation:  # (checks the options too)
+            raise InputError(
+                f"the {self.lr_schedule} schedule watches the validation ELBO; pass --validation "
+                f"N to hold out N training points (e.g. 10000 on MNIST)"
+            )
         if self.loss == "iwae" and (self.kl_warmup or self.beta != 1.0):
             raise InputError(
                 "KL warm-up and beta weight the ELBO's KL term; the iwae loss has none: "
@@ -129,7 +181,7 @@ class TrainConfig:
 
     def schedule_options(self) -> dict:
         """The options of the learning-rate schedule that are set."""
-        names = ("lr_warmup", "lr_floor")
+        names = ("lr_warmup", "lr_floor", "lr_factor", "lr_patience")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def schedule(self) -> Schedule:
@@ -199,7 +251,7 @@ def mean_elbo(
     model: Callable,
     guide: Callable,
     data: Data,
-    split: str = "test",
+    split: Literal["test", "train", "validation"] = "test",
     batch_size: int = 1000,
     *,
     seed: int = 0,
@@ -214,7 +266,7 @@ def mean_elbo(
     """
     elbo = LOSSES.build("elbo", num_particles=num_particles)
     w = world()
-    x_all = data.test if split == "test" else data.train
+    x_all = {"test": data.test, "train": data.train, "validation": data.validation}[split]
     total = torch.zeros((), dtype=torch.float64, device=data.device)
     with forked_rng(data.device, seed):
         for b, start in enumerate(range(0, x_all.shape[0], batch_size)):
@@ -291,9 +343,11 @@ class StepLosses:
 
 def _report(metrics: dict, epochs: int, *, done: int, elapsed: float) -> None:
     """One line per epoch on stderr; on a terminal it stays above the next epoch's bar."""
+    held = metrics.get("validation_elbo")
     tqdm.write(
-        f"epoch {metrics['epoch']}/{epochs}: train {metrics['train_elbo']:.3f}, test ELBO "
-        f"{metrics['test_elbo']:.3f} nats, {metrics['seconds']:.1f} s"
+        f"epoch {metrics['epoch']}/{epochs}: train {metrics['train_elbo']:.3f}, "
+        + (f"validation {held:.3f}, " if held is not None else "")
+        + f"test ELBO {metrics['test_elbo']:.3f} nats, {metrics['seconds']:.1f} s"
         + time_left(done, done + epochs - metrics["epoch"], elapsed),
         file=sys.stderr,
     )
@@ -334,13 +388,20 @@ def shard_step(
     params: list[Tensor],
     num_data: int,
     w: World,
+    before_update: Callable[[], None] | None = None,
 ) -> Tensor:
     """:func:`svi_step` under ``torchrun`` on the global batch ``x``: this rank's rows, the
     gradients of ``params`` summed over the ranks with each weighted by its share (the gradient
-    of the whole batch's loss). Returns this rank's share of the batch's loss."""
+    of the whole batch's loss), then ``before_update`` (on the summed gradients, alike on
+    every rank). Returns this rank's share of the batch's loss."""
     part = batch_shard(x.shape[0], w)
     share = (part.stop - part.start) / x.shape[0]
-    reduce = partial(reduce_gradients, params, share)
+
+    def reduce() -> None:
+        reduce_gradients(params, share)
+        if before_update is not None:
+            before_update()
+
     if share == 0:  # fewer rows than ranks: no loss here, zeros to the all-reduce
         reduce()
         optimizer.step()
@@ -467,29 +528,38 @@ def _rank_rng(rng: dict, w: World) -> dict:
 def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool = False) -> dict:
     """Trains epoch ``state.epoch + 1`` and returns its metrics (also appended to the state's).
 
-    A pass over the training set at the epoch's KL weight, then the test ELBO; an ELBO that is
-    not finite or falls far below the untrained or the best one so far raises
+    A pass over the training set at the epoch's KL weight and learning rate, then the test
+    ELBO (and the validation ELBO, when ``data`` holds a validation set); an ELBO that is not
+    finite or falls far below the untrained or the best one so far raises
     ``FloatingPointError``. ``quiet`` hides the progress bar (always hidden on ranks but 0).
     """
     epoch = state.epoch + 1
     t0 = time.perf_counter()
-    lr = config.schedule().rate(epoch, config.lr)  # a function of the epoch: resumes exactly
+    # a function of the epoch and the finished epochs' metrics: a resumed run continues it
+    lr = config.schedule().rate(epoch, config.lr, state.metrics)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     weight = kl_weight(epoch, config)
     loss = state.losses(weight)
-    train_elbo = _train_pass(state, data, config, loss=loss, epoch=epoch, quiet=quiet)
+    train_elbo, gradients = _train_pass(state, data, config, loss=loss, epoch=epoch, quiet=quiet)
     model, guide = state.losses.model, state.losses.guide
-    test_elbo = mean_elbo(
-        model, guide, data, "test", batch_size=config.eval_batch_size, seed=config.seed
+    elbos = {
+        f"{split}_elbo": mean_elbo(
+            model, guide, data, split, batch_size=config.eval_batch_size, seed=config.seed
+        )
+        for split in ("test", "validation")
+        if split == "test" or data.validation is not None
+    }
+    _check_divergence(
+        elbos["test_elbo"], epoch, history=state.metrics, untrained=state.untrained_elbo
     )
-    _check_divergence(test_elbo, epoch, history=state.metrics, untrained=state.untrained_elbo)
     metrics = {
         "epoch": epoch,
         "train_elbo": train_elbo,
-        "test_elbo": test_elbo,
+        **elbos,
         "kl_weight": weight,
         "lr": lr,
+        **gradients,
         "seconds": time.perf_counter() - t0,
     }
     state.metrics.append(metrics)
@@ -505,8 +575,11 @@ def _train_pass(
     loss: Callable[..., Tensor],
     epoch: int,
     quiet: bool,
-) -> float:
-    """One pass over the training set; returns the mean objective per data point.
+) -> tuple[float, dict]:
+    """One pass over the training set; returns the mean objective per data point and the
+    gradients' record: ``grad_norm``, the mean global norm before clipping (of the loss per
+    training point, :class:`GradientClip`), and with
+    ``config.clip_grad`` ``clipped``, the share of steps whose norm was cut to it.
 
     Under ``torchrun`` every rank draws the same permutation and binarization (the state's
     generator is seeded alike on all ranks) and steps on its share of each global batch.
@@ -516,15 +589,19 @@ def _train_pass(
     num_data = data.train.shape[0]
     steps = math.ceil(num_data / config.batch_size)
     total = torch.zeros((), device=data.device)
+    clip = GradientClip(params, config.clip_grad, num_data=num_data, device=data.device)
     bar = Progress(steps, f"epoch {epoch}/{config.epochs}", "step", quiet=quiet or not w.main).bar
     # The first trace (collect_params) validated every site; the hot loop skips validation.
     with pyro.validation_enabled(False):
         batches = data.batches(config.batch_size, "train", generator=state.generator)
         for i, x in enumerate(batches):
             if w.distributed:
-                total += shard_step(loss, optimizer, x, params=params, num_data=num_data, w=w)
+                total += shard_step(
+                    loss, optimizer, x, params=params, num_data=num_data, w=w,
+                    before_update=clip,
+                )  # fmt: skip
             else:
-                total += svi_step(loss, optimizer, x, num_data)
+                total += svi_step(loss, optimizer, x, num_data, before_update=clip)
             if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
                 running = -all_reduce_sum(total.clone()).item() / (i + 1) / num_data
                 if not math.isfinite(running):
@@ -535,7 +612,45 @@ def _train_pass(
     train_elbo = -float(all_reduce_sum(total)) / steps / num_data
     if not math.isfinite(train_elbo):
         raise _diverged(epoch)
-    return train_elbo
+    return train_elbo, clip.record(steps)
+
+
+class GradientClip:
+    """Between a step's gradient and its update: the global norm of the gradients of
+    ``params``, summed over the steps on the device (no host synchronisation), and, with a
+    ``max_norm``, the gradients scaled down to it where it is exceeded (as
+    ``torch.nn.utils.clip_grad_norm_`` does).
+
+    The norm is that of the loss per training point: Pyro scales a mini-batch's loss to the
+    whole training set, so the gradient's norm is divided by ``num_data``. A threshold then
+    means the same for any size of training set.
+    """
+
+    def __init__(
+        self, params: list[Tensor], max_norm: float | None, *, num_data: int, device: torch.device
+    ):
+        self.params, self.max_norm, self.num_data = params, max_norm, num_data
+        self.norms = torch.zeros((), dtype=torch.float64, device=device)
+        self.clipped = torch.zeros((), dtype=torch.float64, device=device)
+
+    def __call__(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+        norm = torch.linalg.vector_norm(norms) / self.num_data
+        self.norms += norm
+        if self.max_norm is not None:
+            self.clipped += norm > self.max_norm
+            scale = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, scale)
+
+    def record(self, steps: int) -> dict:
+        """``grad_norm`` (the mean over ``steps``) and, when clipping, ``clipped``."""
+        out = {"grad_norm": float(self.norms) / steps}
+        if self.max_norm is not None:
+            out["clipped"] = float(self.clipped) / steps
+        return out
 
 
 def snapshot(state: LoopState) -> TrainState | None:
@@ -659,14 +774,24 @@ def train(
         on_epoch: Called with each epoch's metrics (after ``checkpoint``).
         quiet: Hide the progress bar (it is also hidden when stderr is not a terminal).
 
+    With ``config.validation``, that many training points are held out
+    (:meth:`~ppl_vae.data.Data.hold_out`) and their ELBO is recorded per epoch; with
+    ``config.patience``, training stops once the validation ELBO (else the test ELBO) has not
+    improved for that many epochs (:mod:`ppl_vae.selection`).
+
     Returns:
-        One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo``, ``kl_weight``
-        and ``seconds``.
+        One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo`` (and
+        ``validation_elbo``), ``kl_weight``, ``lr``, ``grad_norm`` (and ``clipped``) and
+        ``seconds``.
     """
+    if config.validation:
+        data = data.hold_out(config.validation, derived_seed(config.seed, "validation"))
     check_programs(model, guide, data, config)
     state = init_state(model, guide, data, config, resume_from=resume_from)
     w, first, began = world(), state.epoch, time.perf_counter()
     for _ in range(state.epoch, config.epochs):
+        if stops(state.metrics, config.patience):
+            break
         metrics = run_epoch(state, data, config, quiet=quiet)
         if not quiet and w.main:
             done, elapsed = state.epoch - first, time.perf_counter() - began
@@ -675,4 +800,17 @@ def train(
             checkpoint(saved)
         if on_epoch is not None:
             on_epoch(metrics)
+    if state.epoch < config.epochs and not quiet and w.main:  # stopped early
+        tqdm.write(
+            f"stopped early: {stopped_early(state.metrics, config.patience)}", file=sys.stderr
+        )
     return state.metrics
+
+
+def stopped_early(metrics: list[dict], patience: int) -> str:
+    """Why training stopped before ``--epochs``, in words."""
+    key = watched(metrics)
+    return (
+        f"by epoch {metrics[-1]['epoch']} the {key.split('_')[0]} ELBO had not improved for "
+        f"{patience} epochs (--patience) since epoch {best_epoch(metrics)}"
+    )

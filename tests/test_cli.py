@@ -35,7 +35,8 @@ def test_one_short_mnist_epoch_writes_metrics_checkpoint_and_pictures(tmp_path, 
     )
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
-        ".lock", "checkpoint.pt", "config.json", "curves.png", "interpolation.png", "latent.png",
+        ".lock", "best.pt", "checkpoint.pt", "config.json", "curves.png", "interpolation.png",
+        "latent.png",
         "metrics.jsonl", "reconstructions.png", "samples.png", "written.json",
     ]  # fmt: skip
     (metrics,) = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]

@@ -93,10 +93,20 @@ def test_the_curves_show_the_recorded_numbers_and_the_kl_weight_when_annealed():
         for e in (1, 2, 3)
     ]
     fig = curves_figure(metrics)
-    lines = {line.get_label(): line.get_ydata().tolist() for ax in fig.axes for line in ax.lines}
+    lines = {line.get_label(): list(line.get_ydata()) for ax in fig.axes for line in ax.lines}
     assert lines["train (objective)"] == [-9.0, -8.0, -7.0]
     assert lines["test ELBO"] == [-10.0, -9.0, -8.0]
     assert lines["KL weight"] == [0.5, 1.0, 1.0]
+    (best,) = [line for line in fig.axes[0].lines if line.get_label() == "best epoch (best.pt)"]
+    assert list(best.get_xdata()) == [3, 3]  # a vertical line at the best test ELBO
+    close_figure(fig)
+    metrics[2]["validation_elbo"], metrics[1]["validation_elbo"] = -5.0, -4.0  # best at 2
+    metrics[0]["validation_elbo"] = -6.0
+    fig = curves_figure(metrics)
+    lines = {line.get_label(): list(line.get_ydata()) for ax in fig.axes for line in ax.lines}
+    assert lines["validation ELBO"] == [-6.0, -4.0, -5.0]
+    (best,) = [line for line in fig.axes[0].lines if line.get_label() == "best epoch (best.pt)"]
+    assert list(best.get_xdata()) == [2, 2]  # now chosen by the validation ELBO
     close_figure(fig)
 
 

@@ -47,8 +47,8 @@ def test_metrics_and_checkpoint_are_written_each_epoch(tmp_path):
     assert [m["epoch"] for m in lines] == [1, 2]
     assert {"epoch", "train_elbo", "test_elbo", "seconds"} <= lines[0].keys()
     pictures = ["curves.png", "density.png", "latent.png", "samples.png"]  # for 2-D data
-    names = [".lock", "checkpoint.pt", "config.json", "metrics.jsonl", *pictures, "written.json"]
-    names = sorted(names)
+    names = [".lock", "best.pt", "checkpoint.pt", "config.json", "metrics.jsonl", *pictures]
+    names = sorted([*names, "written.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == names
     umask = os.umask(0)
     os.umask(umask)

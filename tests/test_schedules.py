@@ -88,3 +88,64 @@ def test_burda_trains_with_adams_epsilon_1e_4():
     group = states[-1].optimizer["param_groups"][0]
     assert group["eps"] == 1e-4 and group["lr"] == pytest.approx(1e-3 * 10 ** (-1 / 7))
     assert [m["lr"] for m in states[-1].metrics] == pytest.approx([1e-3, 1e-3 * 10 ** (-1 / 7)])
+
+
+def plateau_by_hand(values, base, factor, patience, floor):
+    """Reference: ReduceLROnPlateau's rule in mode max with threshold 0, written out."""
+    rates, rate, best, bad = [], base, -math.inf, 0
+    for v in values:
+        rates.append(rate)  # the rate the epoch ran at, before its value is seen
+        if v > best:
+            best, bad = v, 0
+        else:
+            bad += 1
+        if bad >= patience:
+            rate, bad = max(rate * factor, floor), 0
+    rates.append(rate)
+    return rates
+
+
+def test_plateau_cuts_the_rate_after_patience_epochs_without_a_better_validation_elbo():
+    values = [-10, -9, -9.5, -9.2, -9.1, -8, -8.5, -8.4, -8.3, -8.2, -8.1, -8.05]
+    schedule = SCHEDULES.build("plateau", 20, lr_factor=0.5, lr_patience=2, lr_floor=1e-4)
+    history = [{"epoch": e, "validation_elbo": v} for e, v in enumerate(values, 1)]
+    rates = [schedule.rate(e, 1e-3, history[: e - 1]) for e in range(1, len(values) + 2)]
+    assert rates == pytest.approx(plateau_by_hand(values, 1e-3, 0.5, 2, 1e-4), rel=1e-15)
+    # by hand: cuts after epochs 4 (-9.5, -9.2 not above -9) and 8, 10, 12 (below -8), floored
+    assert rates == pytest.approx([1e-3] * 4 + [5e-4] * 4 + [2.5e-4] * 2 + [1.25e-4] * 2 + [1e-4])
+    assert schedule.monitors == "validation_elbo"
+    torch_rates = []  # and PyTorch's own ReduceLROnPlateau (mode max, threshold 0) agrees
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max", factor=0.5, patience=1, threshold=0.0, min_lr=1e-4
+    )  # torch cuts once more than `patience` bad epochs passed: its 1 is our 2
+    for v in values:
+        torch_rates.append(opt.param_groups[0]["lr"])
+        sched.step(v)
+    torch_rates.append(opt.param_groups[0]["lr"])
+    assert rates == pytest.approx(torch_rates, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"lr_schedule": "plateau"}, "the plateau schedule watches the validation ELBO; pass "
+      "--validation N"),
+     ({"lr_schedule": "plateau", "validation": 10, "lr_factor": 1.0}, "lr_factor must lie in"),
+     ({"lr_schedule": "plateau", "validation": 10, "lr_patience": 0}, "lr_patience must be"),
+     ({"lr_schedule": "cosine", "lr_factor": 0.5}, "--lr-factor does not apply")],
+)  # fmt: skip
+def test_plateau_needs_a_validation_set_and_its_own_options(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        TrainConfig(epochs=10, **kwargs)
+
+
+def test_plateau_resumed_mid_schedule_gives_the_uninterrupted_run():
+    config = TrainConfig(
+        epochs=6, lr=0.1, lr_schedule="plateau", validation=100, lr_patience=1, lr_factor=0.3
+    )  # the rate is cut after epochs 3, 4 and 5
+    states = []
+    straight = train(*small_problem(), config, checkpoint=states.append)
+    rates = [m["lr"] for m in straight]
+    assert len(set(rates[3:])) == 3, "the test needs cuts after the point it resumes from"
+    again = train(*small_problem(), config, resume_from=states[2])  # stopped after epoch 3
+    assert numbers(again) == numbers(straight)

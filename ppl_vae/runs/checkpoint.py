@@ -7,6 +7,11 @@ A run directory holds
   (:func:`ppl_vae.config.to_dict`) and the random streams are tensors, written atomically
   after every epoch and read with ``torch.load(weights_only=True)``: a file that needs more
   (a pickle that would run code) is refused, never executed;
+- ``best.pt``: the same record for the epoch with the best validation ELBO (the test ELBO
+  without a validation set, :mod:`ppl_vae.selection`), replaced after ``checkpoint.pt`` when
+  an epoch improves on it; it is used only while its metrics are the first epochs of
+  ``checkpoint.pt``'s (a kill between the two writes of a replaced run cannot pair a run with
+  another's best);
 - ``config.json``: the same configurations, readable without torch;
 - ``metrics.jsonl``: one JSON line per finished epoch;
 - ``evaluate.json`` and the pictures (``curves.png``, ...): written by
@@ -51,7 +56,9 @@ from ppl_vae.svi import TrainConfig, TrainState
 from ppl_vae.vae import VAEConfig
 
 __all__ = [
+    "BEST",
     "CHECKPOINT",
+    "CHECKPOINTS",
     "CONFIG",
     "EM_RESULTS",
     "EVALUATE",
@@ -64,11 +71,13 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+CHECKPOINTS = ("best", "last")  # which checkpoint evaluate and plot read (--checkpoint)
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVALUATE = "evaluate.json"
 FORMAT = 1  # the checkpoint layout written here
-MARKERS = (CHECKPOINT, CONFIG, METRICS)  # a folder holding any of these holds a run
+MARKERS = (CHECKPOINT, CONFIG, METRICS, BEST)  # a folder holding any of these holds a run
 EM_RESULTS = "results.json"  # ppl-vae em's record: a folder holding it holds em's results
 
 
@@ -157,20 +166,28 @@ class RunDir:
         """The record of the pictures and estimate written into the run."""
         return Outputs(self.path, LEGACY_RUN_OUTPUTS if self.holds_run() else ())
 
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
     def has_checkpoint(self) -> bool:
         return self.checkpoint.is_file()
 
-    def stamp(self) -> tuple[int, int, int]:
-        """The identity of the checkpoint file's current version (it is replaced by renames,
-        so a new version is a new inode): to tell whether it changed since it was read."""
-        try:
-            st = os.stat(self.checkpoint)
-        except FileNotFoundError:
-            return (0, 0, 0)
-        return st.st_ino, st.st_size, st.st_mtime_ns
+    def stamp(self) -> tuple[int, ...]:
+        """The identity of the checkpoint files' current versions (they are replaced by
+        renames, so a new version is a new inode): to tell whether they changed since read."""
+        out = ()
+        for path in (self.checkpoint, self.best):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                out += (0, 0, 0)
+            else:
+                out += (st.st_ino, st.st_size, st.st_mtime_ns)
+        return out
 
-    def check_unchanged(self, stamp: tuple[int, int, int]) -> None:
-        """Refuses to go on when another process replaced the checkpoint since ``stamp``."""
+    def check_unchanged(self, stamp: tuple[int, ...]) -> None:
+        """Refuses to go on when another process replaced a checkpoint since ``stamp``."""
         if self.stamp() != stamp:
             raise InputError(
                 f"the checkpoint in {self.path} changed while this command read it (another "
@@ -253,10 +270,12 @@ class RunDir:
         if history:
             write_text("".join(json.dumps(m) + "\n" for m in history), self.metrics)
 
-    def save(self, state: TrainState, config: RunConfig | None = None) -> None:
-        """Replaces the checkpoint, then ``metrics.jsonl`` (and, at a new run's first epoch,
-        ``config.json``, removing the pictures and estimate the replaced run recorded as
-        written); each write atomic."""
+    def save(
+        self, state: TrainState, config: RunConfig | None = None, *, best: bool = False
+    ) -> None:
+        """Replaces the checkpoint, then, if ``best``, ``best.pt``, then ``metrics.jsonl``
+        (and, at a new run's first epoch, ``config.json``, removing the pictures and estimate
+        the replaced run recorded as written); each write atomic."""
         record = {
             "format": FORMAT,
             "epoch": state.epoch,
@@ -270,6 +289,8 @@ class RunDir:
         }
         digest = save_torch(record, self.checkpoint)
         self.identity = {"epoch": state.epoch, "sha256": digest}
+        if best:
+            save_torch(record, self.best)
         if getattr(self, "_new", False):
             self._new = False
             if config is not None:
@@ -279,11 +300,45 @@ class RunDir:
 
     def state(self) -> TrainState:
         """The training state alone, for runs of your own model and guide."""
-        return self._read()[0]
+        return self._read(self.checkpoint)[0]
 
-    def load(self) -> tuple[TrainState, RunConfig]:
-        """The training state and configuration in the checkpoint; clear errors if unusable."""
-        state, plain = self._read()
+    def best_usable(self) -> bool:
+        """Whether ``best.pt`` is there and belongs to the run: the model configuration and
+        the parameters' names and shapes of ``checkpoint.pt``, whose first epochs' metrics
+        are its own. (A damaged ``checkpoint.pt`` is an error here.)"""
+        if not (self.best.is_file() and self.has_checkpoint()):
+            return False
+        last, last_config = RunDir(self.path)._read(self.checkpoint)
+        try:
+            best, best_config = RunDir(self.path)._read(self.best)
+        except InputError:
+            return False  # a damaged best.pt is not used; checkpoint.pt still is
+
+        def shapes(state: TrainState) -> dict:
+            return {k: tuple(v.shape) for k, v in state.params.items()}
+
+        def model(config: object) -> object:  # the rest may change on --resume
+            return config.get("vae") if isinstance(config, dict) else None
+
+        return (
+            model(best_config) == model(last_config) is not None
+            and shapes(best) == shapes(last)
+            and best.metrics == last.metrics[: best.epoch]
+        )
+
+    def load(self, which: str = "last") -> tuple[TrainState, RunConfig]:
+        """The training state and configuration in the checkpoint (``which``: ``"last"``,
+        ``checkpoint.pt``, or ``"best"``, ``best.pt``); clear errors if unusable."""
+        if which not in CHECKPOINTS:
+            raise InputError(f"unknown checkpoint {which!r}; choose best or last")
+        if which == "best" and not self.best_usable():
+            why = (
+                "has no best.pt (runs trained before ppl_vae kept one have none)"
+                if not self.best.is_file()
+                else "has a best.pt of another run (its metrics are not checkpoint.pt's)"
+            )
+            raise MissingInputError(f"{self.path} {why}; pass --checkpoint last")
+        state, plain = self._read(self.best if which == "best" else self.checkpoint)
         if plain is None:
             raise InputError(
                 f"{self.path} holds the state of a model that no configuration builds; "
@@ -296,8 +351,7 @@ class RunDir:
             )
         return state, RunConfig.from_dict(plain)
 
-    def _read(self) -> tuple[TrainState, dict | None]:
-        path = self.checkpoint
+    def _read(self, path: Path) -> tuple[TrainState, dict | None]:
         if not path.is_file():
             raise MissingInputError(f"no checkpoint at {path}; train a run there first")
         try:

@@ -180,10 +180,12 @@ def evaluate_run(
     write: bool = True,
     out: str | os.PathLike | None = None,
     report: Callable[[dict], None] | None = None,
+    checkpoint: str | None = None,
 ) -> dict:
     """Importance-sampled log p(x) of a trained run on a split, with diagnostics.
 
-    ``run`` is a :class:`Run` or a run directory (loaded with ``device`` and ``data_dir``).
+    ``run`` is a :class:`Run` or a run directory (loaded with ``device``, ``data_dir`` and
+    ``checkpoint``: ``"best"`` or ``"last"``, by default the best where the run keeps one).
     Data points are taken ``config.batch_size`` at a time, each with exactly
     ``config.num_samples`` draws from the guide (see
     :func:`ppl_vae.importance.log_likelihood_diagnostics`); dynamically binarized data are
@@ -202,7 +204,7 @@ def evaluate_run(
     directory = None if isinstance(run, Run) else RunDir(run)
     stamp = directory.stamp() if directory is not None else None
     if not isinstance(run, Run):
-        run = load_run(run, device, data_dir=data_dir)
+        run = load_run(run, device, data_dir=data_dir, checkpoint=checkpoint)
     target = _target(run, out) if write else None
     into_run = (
         target is not None
@@ -228,7 +230,7 @@ def evaluate_run(
         record = {
             **result,
             "seconds": time.perf_counter() - t0,
-            "epoch": run.metrics[-1]["epoch"] if run.metrics else 0,
+            "epoch": _epoch(run),
             "checkpoint": run.checkpoint,
             "chunk_size": config.chunk_size_on(run.data.device),
             "batch_size": config.batch_size,
@@ -247,6 +249,13 @@ def evaluate_run(
     if into_run:
         warn_stale(RunDir(run.directory), run.checkpoint)
     return record
+
+
+def _epoch(run: Run) -> int:
+    """The epoch of the parameters estimated: the checkpoint's, else the last recorded."""
+    if run.checkpoint is not None:
+        return run.checkpoint["epoch"]
+    return run.metrics[-1]["epoch"] if run.metrics else 0
 
 
 def _write(record: dict, target: Path, run: Run, reported: bool) -> None:

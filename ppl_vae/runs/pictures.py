@@ -190,8 +190,10 @@ def plot_run(
     device: str = "auto",
     *,
     data_dir: str | None = None,
+    checkpoint: str | None = None,
 ) -> list[Path]:
-    """Draws the pictures of a finished run from its checkpoint and ``metrics.jsonl``, into
+    """Draws the pictures of a finished run from a checkpoint (``checkpoint``: ``"best"`` or
+    ``"last"``, by default the best where the run keeps one) and ``metrics.jsonl``, into
     ``out_dir`` (default: the run's folder); changes neither.
 
     Drawing into the run's own folder takes its lock for readers, so pictures never land in a
@@ -206,7 +208,7 @@ def plot_run(
     if not into_run:
         _check_picture_folder(Path(out_dir), rd.path)
     stamp = rd.stamp()
-    run = load_run(run_dir, device, data_dir=data_dir)  # every check before anything is written
+    run = load_run(run_dir, device, data_dir=data_dir, checkpoint=checkpoint)  # checks first
     rd.read_metrics()  # checked; the checkpoint's own records are drawn (the file never leads)
 
     names = tuple(names or default_pictures(run))

@@ -9,12 +9,13 @@ from pathlib import Path
 from ppl_vae.data import DataConfig
 from ppl_vae.errors import InputError
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
-from ppl_vae.svi import TrainConfig, TrainState
+from ppl_vae.selection import stops
+from ppl_vae.svi import TrainConfig, TrainState, stopped_early
 from ppl_vae.vae import VAEConfig
 
 __all__ = ["CHANGEABLE", "ResumePoint", "check_resume"]
 
-CHANGEABLE = ("epochs", "capture")  # training settings a resumed run may change
+CHANGEABLE = ("epochs", "capture", "patience")  # training settings a resumed run may change
 
 
 def _differences(recorded, given, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -39,14 +40,16 @@ def _flag(cls: type, path: str) -> str:
     return flags[0] if flags else f"--{head.replace('_', '-')}"
 
 
-def check_resume(saved: RunConfig, config: RunConfig, finished: int, run_dir: Path) -> None:
-    """An error naming the first setting of ``config`` that contradicts the run's own."""
+def check_resume(saved: RunConfig, config: RunConfig, metrics: list[dict], run_dir: Path) -> None:
+    """An error naming the first setting of ``config`` that contradicts the run's own, or
+    that leaves nothing to do (``metrics``: the finished epochs')."""
+    finished = len(metrics)
     allowed = ", ".join(f"--{n}" for n in CHANGEABLE)
     for cls, a, b in (
         (DataConfig, replace(saved.data, data_dir=None), replace(config.data, data_dir=None)),
         (VAEConfig, saved.vae, config.vae),
-        (TrainConfig, replace(saved.train, epochs=1, capture=True),
-         replace(config.train, epochs=1, capture=True)),
+        (TrainConfig, replace(saved.train, epochs=1, capture=True, patience=None),
+         replace(config.train, epochs=1, capture=True, patience=None)),
     ):  # fmt: skip
         for path, recorded, given in _differences(a, b):
             flag = _flag(cls, path)
@@ -57,6 +60,11 @@ def check_resume(saved: RunConfig, config: RunConfig, finished: int, run_dir: Pa
                 f"--plot-every may change: drop {flag}, or start a new run with --overwrite "
                 f"or another --out"
             )
+    if stops(metrics, config.train.patience):
+        raise InputError(
+            f"the run in {run_dir} stopped early: {stopped_early(metrics, config.train.patience)}; "
+            f"pass a larger --patience to train on"
+        )
     if config.train.epochs <= finished:
         raise InputError(
             f"the run in {run_dir} has finished {finished} epochs, so --epochs "
@@ -96,7 +104,7 @@ class ResumePoint:
         else:
             config = RunConfig(*(_overlay(getattr(saved, part), given.get(part, {}))
                                  for part in ("data", "vae", "train")))  # fmt: skip
-        check_resume(saved, config, state.epoch, run_dir.path)
+        check_resume(saved, config, state.metrics, run_dir.path)
         data = replace(saved.data, data_dir=config.data.data_dir)
         return cls(state, RunConfig(data, saved.vae, config.train), stamp)
 

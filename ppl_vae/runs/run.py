@@ -17,7 +17,7 @@ from ppl_vae.runs.files import resolve_device
 from ppl_vae.svi import TrainConfig, collect_params, restore_params
 from ppl_vae.vae import VAEConfig, build_vae
 
-__all__ = ["DataChangedWarning", "Run", "load_run"]
+__all__ = ["DataChangedWarning", "Run", "default_checkpoint", "load_run"]
 
 
 class DataChangedWarning(UserWarning):
@@ -49,13 +49,30 @@ class Run:
         return self.config.train
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "auto", data_dir: str | None = None) -> Run:
-    """Rebuilds a trained VAE from ``run_dir/checkpoint.pt`` on ``device``.
+def default_checkpoint(run_dir: RunDir) -> str:
+    """``"best"`` where the run keeps a usable ``best.pt``, else ``"last"``."""
+    return "best" if run_dir.best_usable() else "last"
 
-    ``data_dir`` overrides the MNIST folder recorded at training time.
+
+def load_run(
+    run_dir: str | os.PathLike,
+    device: str = "auto",
+    data_dir: str | None = None,
+    checkpoint: str | None = None,
+) -> Run:
+    """Rebuilds a trained VAE on ``device`` from ``run_dir/best.pt`` (``checkpoint="best"``,
+    the epoch with the best validation or test ELBO) or ``run_dir/checkpoint.pt``
+    (``"last"``); by default the best where the run keeps one.
+
+    ``data_dir`` overrides the MNIST folder recorded at training time. The run's ``metrics``
+    are every finished epoch's (those of ``checkpoint.pt``), whichever is loaded; its
+    ``checkpoint`` says which epoch the model is.
     """
     run_dir = RunDir(run_dir)
-    state, config = run_dir.load()
+    which = checkpoint or default_checkpoint(run_dir)
+    state, config = run_dir.load(which)
+    identity = run_dir.identity
+    metrics = state.metrics if which == "last" else RunDir(run_dir.path).state().metrics
     if data_dir is not None:
         config = replace(config, data=replace(config.data, data_dir=data_dir))
     data = load_data(config.data, resolve_device(device))
@@ -70,4 +87,4 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", data_dir: str | N
     model, guide = build_vae(config.vae, data)
     pyro.clear_param_store()
     restore_params(collect_params(model, guide, data.encode(data.test[:2])), state.params)
-    return Run(model, guide, data, config, state.metrics, run_dir.path, run_dir.identity)
+    return Run(model, guide, data, config, metrics, run_dir.path, identity)

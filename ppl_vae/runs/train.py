@@ -3,6 +3,7 @@ r"""Training into a run directory: a new run, a replaced one, or one continued (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import pyro
@@ -15,7 +16,8 @@ from ppl_vae.runs.files import resolve_device
 from ppl_vae.runs.pictures import default_pictures, write_pictures
 from ppl_vae.runs.resume import ResumePoint
 from ppl_vae.runs.run import Run
-from ppl_vae.svi import TrainConfig, TrainState, train
+from ppl_vae.selection import best_epoch
+from ppl_vae.svi import TrainConfig, TrainState, collect_params, restore_params, train
 from ppl_vae.vae import VAEConfig, build_vae
 
 __all__ = ["Interrupted", "resume_run", "train_run"]
@@ -48,6 +50,10 @@ def train_run(
     ``plot_every`` epochs. Divergence stops training with ``FloatingPointError`` naming the
     checkpoint kept. Under ``torchrun`` every rank trains and only rank 0 takes the lock and
     writes.
+
+    Each epoch that improves on the best validation ELBO (the test ELBO without
+    ``--validation``) is also kept as ``best.pt``; the run returned, and its pictures, have the
+    parameters of that epoch (on rank 0 under ``torchrun``; the others', the last epoch's).
     """
     if resume and overwrite:
         raise InputError("--resume continues a run and --overwrite replaces it; choose one")
@@ -155,7 +161,7 @@ def _train_into(
             return Run(model, guide, data, config, metrics, run_dir.path, run_dir.identity)
 
         def checkpoint(s: TrainState) -> None:
-            run_dir.save(s, config)
+            run_dir.save(s, config, best=best_epoch(s.metrics) == s.epoch)
             if pictures and plot_every and s.epoch % plot_every == 0:
                 write_pictures(_run(s.metrics))
 
@@ -172,6 +178,8 @@ def _train_into(
             e.args = (f"{e}; {_kept(run_dir)}",)
             raise
         run = _run(metrics)
+        if world().main and best_epoch(metrics) != metrics[-1]["epoch"]:
+            run = _at_best(run, run_dir)
         if pictures and world().main:
             try:
                 write_pictures(run)
@@ -185,6 +193,15 @@ def _train_into(
                     f"(ppl-vae plot draws them)"
                 ) from None
         return run
+
+
+def _at_best(run: Run, run_dir: RunDir) -> Run:
+    """``run`` with the parameters of ``best.pt``, which evaluate and plot read by default."""
+    best = RunDir(run_dir.path)
+    state, _ = best.load("best")
+    x = run.data.encode(run.data.test[:2])
+    restore_params(collect_params(run.model, run.guide, x), state.params)
+    return dataclasses.replace(run, checkpoint=best.identity)
 
 
 def _kept(run_dir: RunDir) -> str:
