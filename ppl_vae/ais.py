@@ -85,6 +85,8 @@ class BDMC:
     latents: dict[str, Tensor]  # each latent site's simulated value, z ~ p(z)
     lower: Tensor  # (N,) forward AIS from q(z|x): E[lower] <= log p(x)
     upper: Tensor  # (N,) minus reverse AIS from z: E[upper] >= log p(x)
+    forward_log_weights: Tensor  # (C, N) float64: each forward chain's log w
+    reverse_log_weights: Tensor  # (C, N) float64: each reverse chain's log w' (lower is better)
 
     @property
     def gap(self) -> Tensor:
@@ -378,6 +380,8 @@ def bdmc(
         latents=latents,
         lower=_log_mean_exp(forward.log_weights),
         upper=-_log_mean_exp(reverse.log_weights),
+        forward_log_weights=forward.log_weights,
+        reverse_log_weights=reverse.log_weights,
     )
 
 

@@ -116,12 +116,13 @@ class State:
     log_q: Tensor  # log q(z|x)
     log_p: Tensor  # log p(x, z)
     log_jacobian: Tensor  # log |dz/du|
-    grad_q: Tensor  # d log q / du
+    grad_q: Tensor  # d (log q + log |dz/du|) / du
     grad_p: Tensor  # d (log p + log |dz/du|) / du
 
     def log_target(self, beta: float) -> Tensor:
-        """The tempered log-density of ``u``, float64."""
-        return ((1 - beta) * self.log_q + beta * (self.log_p + self.log_jacobian)).double()
+        """The tempered log-density of ``u`` (of z, times the Jacobian), float64."""
+        log_q, log_p = self.log_q.double(), self.log_p.double()
+        return (1 - beta) * log_q + beta * log_p + self.log_jacobian.double()
 
     def grad(self, beta: float) -> Tensor:
         return (1 - beta) * self.grad_q + beta * self.grad_p
@@ -172,9 +173,9 @@ class Target:
                     f"inverse (planar, radial, sylvester); use a guide with a density everywhere"
                 ) from e
             log_p = self._per_point(self._trace(self.model, values, chains), Trace(), chains)
-            log_pj = log_p + log_jacobian
-            grad_q = torch.autograd.grad(log_q.sum(), u, retain_graph=True, allow_unused=True)[0]
-            grad_p = torch.autograd.grad(log_pj.sum(), u, allow_unused=True)[0]
+            log_qj, log_pj = (log_q + log_jacobian).sum(), (log_p + log_jacobian).sum()
+            grad_q = torch.autograd.grad(log_qj, u, retain_graph=True, allow_unused=True)[0]
+            grad_p = torch.autograd.grad(log_pj, u, allow_unused=True)[0]
         zero = torch.zeros_like(u)
         return State(
             u.detach(), log_q.detach(), log_p.detach(), log_jacobian.detach(),
