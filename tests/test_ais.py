@@ -140,7 +140,8 @@ def test_two_latent_sites_from_the_prior():
 
 def test_a_positive_latent_moves_in_unconstrained_space():
     """rate ~ Gamma(a, b), x ~ Poisson(rate): p(x) is the negative binomial. HMC moves log rate
-    (biject_to) with its log-Jacobian; from the prior, no proposal leaves the support."""
+    (biject_to) with its log-Jacobian; from the prior, no proposal leaves the support.
+    Tolerance: 4 standard errors (at most about 0.03) and 0.1 nats."""
     a, b = 2.5, 0.7
     x = torch.tensor([0.0, 1.0, 4.0, 9.0], dtype=F64)
 
@@ -158,9 +159,9 @@ def test_a_positive_latent_moves_in_unconstrained_space():
         + a * math.log(b / (b + 1)) - x * math.log(b + 1)
     )  # fmt: skip
     pyro.set_rng_seed(0)
-    r = annealed_log_likelihood(model, prior, x, num_chains=16, num_steps=200, diagnostics=True)
+    r = annealed_log_likelihood(model, prior, x, num_chains=256, num_steps=200, diagnostics=True)
     err = (r.log_px - exact).abs()
-    assert (err < 4 * _standard_error(r) + 1e-6).all() and err.max() < 0.05, err
+    assert (err < 4 * _standard_error(r) + 1e-6).all() and err.max() < 0.1, err
     assert (r.acceptance > 0.4).all(), r.acceptance
 
 
@@ -245,22 +246,24 @@ def _tiny_vae(sigma=0.5):
 def test_an_untrained_vae_matches_quadrature_and_importance_sampling_at_large_k():
     """A float32 VAE with z of dimension 2 (untrained, so its guide is poor), points drawn from
     it; log p(x) by quadrature on a grid in float64. AIS from the guide must lie within 4 of
-    its standard errors and 0.06 nats of it, and agree with importance sampling from the prior
-    at K = 20,000 (bounded weights, so its delta-method error holds) within 4 combined errors.
+    its standard errors (about 0.02 each) and 0.1 nats of it, and agree with importance
+    sampling from the prior at K = 20,000 (bounded weights, so its delta-method error holds)
+    within 4 combined errors.
     (Importance sampling from this guide scatters by up to 0.2 nats at that K: its weights
     are heavy-tailed.)"""
     model, guide = _tiny_vae()
     x = model.sample(5, mean=False)
     t = torch.linspace(-6.0, 6.0, 801, dtype=F64)
     z = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 1, 2)
-    exact = copy.deepcopy(model).double()
-    log_joint = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + exact.observation(z).log_prob(x)
+    with torch.no_grad():
+        decoder = copy.deepcopy(model).double()
+        log_joint = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + decoder.observation(z).log_prob(x)
     exact = torch.logsumexp(log_joint, 0) + 2 * (t[1] - t[0]).log()
     pyro.set_rng_seed(0)
-    r = annealed_log_likelihood(model, guide, x, num_chains=32, num_steps=200, diagnostics=True)
+    r = annealed_log_likelihood(model, guide, x, num_chains=64, num_steps=200, diagnostics=True)
     assert r.log_px.shape == (5,) and r.log_px.dtype == F64 and torch.isfinite(r.log_px).all()
     err = (r.log_px - exact).abs()
-    assert (err < 4 * _standard_error(r) + 1e-6).all() and err.max() < 0.06, err
+    assert (err < 4 * _standard_error(r) + 1e-6).all() and err.max() < 0.1, err
 
     def prior(x):
         with pyro.plate("data", len(x)):
