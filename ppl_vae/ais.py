@@ -239,10 +239,13 @@ def annealed_log_likelihood(
 
     The programs are those of :func:`ppl_vae.importance.log_likelihood` (every sample site in
     the data plate, not subsampled), with continuous latents only, and a guide whose density
-    can be evaluated at any z (not a flow without an inverse). They are run conditioned on the
+    can be evaluated at any z (a flow needs an inverse: ``iaf`` has one; ``planar``,
+    ``radial`` and ``sylvester`` are refused). They are run conditioned on the
     chains' values (``poutine.condition``) under an outer plate of ``chunk_size`` chains, so
-    memory grows with ``chunk_size`` x N, not with ``num_chains``; the passes move in lockstep,
-    so the result does not depend on ``chunk_size`` (the same draws in the same order).
+    memory grows with ``chunk_size`` x N, not with ``num_chains``. The passes move in lockstep
+    and take the random numbers in the order one pass would, so for one seed ``chunk_size``
+    changes the result only where torch draws differently for tensors of other sizes (its CPU
+    normal sampler works in blocks of 16 numbers).
 
     Arguments:
         model: A Pyro model taking ``*args, **kwargs`` (``x`` first).
@@ -292,7 +295,7 @@ def annealed_log_likelihood(
     return AnnealedLogLikelihood(
         log_px=log_px,
         log_weights=lw,
-        log_weight_variance=lw.var(0, unbiased=False),
+        log_weight_variance=lw.var(0, correction=0),
         ess=torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)),
         acceptance=run.acceptance,
         step_size=run.step_size,
