@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the table below loads, for type checkers (tests/test_package.py)
+    from ppl_vae.ais import BDMC, AnnealedLogLikelihood, annealed_log_likelihood, bdmc
     from ppl_vae.data import Data, DataConfig, load_data
     from ppl_vae.guides import GUIDES, AmortizedGuide, FlowGuide, GaussianGuide, make_guide
     from ppl_vae.importance import LogLikelihood, log_likelihood, log_likelihood_diagnostics
@@ -30,9 +31,11 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "BDMC",
     "GUIDES",
     "LIKELIHOODS",
     "AmortizedGuide",
+    "AnnealedLogLikelihood",
     "BernoulliMixture",
     "Data",
     "DataConfig",
@@ -49,6 +52,8 @@ __all__ = [
     "TrainConfig",
     "VAEConfig",
     "VAEModel",
+    "annealed_log_likelihood",
+    "bdmc",
     "build_vae",
     "evaluate_run",
     "load_data",
@@ -65,6 +70,7 @@ __all__ = [
 _HOME = {
     name: module
     for module, names in {
+        "ais": ("BDMC", "AnnealedLogLikelihood", "annealed_log_likelihood", "bdmc"),
         "data": ("Data", "DataConfig", "load_data"),
         "guides": ("GUIDES", "AmortizedGuide", "FlowGuide", "GaussianGuide", "make_guide"),
         "importance": ("LogLikelihood", "log_likelihood", "log_likelihood_diagnostics"),

@@ -24,7 +24,7 @@ from ppl_vae.sites import (
     DataPlateLayout,
     check_points,
     log_weights_of_traces,
-    pad_to_rank,
+    per_draw_and_point,
     trace_guide_and_model,
     under_particle_plate,
 )
@@ -152,10 +152,7 @@ def log_weights_of_programs(
         kwargs,
     )
     lw = log_weights_of_traces(model_tr, guide_tr, keep_dims={particle_dim, data_dim}, scaled=False)
-    lw = pad_to_rank(lw, -particle_dim)
-    k_axis, n_axis = lw.dim() + particle_dim, lw.dim() + data_dim
-    lw = lw.movedim((k_axis, n_axis), (0, 1)).reshape(lw.shape[k_axis], lw.shape[n_axis])
-    return lw.expand(num_particles, -1)  # a weight that depends on no draw broadcasts
+    return per_draw_and_point(lw, num_particles, particle_dim, data_dim)
 
 
 def _draw(model, guide, args, kwargs, *, num_samples, chunk_size, data_plate, progress, sinks):

@@ -30,6 +30,7 @@ __all__ = [
     "log_density",
     "log_weights_of_traces",
     "pad_to_rank",
+    "per_draw_and_point",
     "plate_dims",
     "plate_frames",
     "sample_sites",
@@ -141,6 +142,18 @@ def pad_to_rank(value: Tensor | float, rank: int) -> Tensor:
     that depends on no draw or plate is a number, or has fewer dims than the plates)."""
     value = torch.as_tensor(value)
     return value.reshape((1,) * (rank - value.dim()) + value.shape)
+
+
+def per_draw_and_point(
+    value: Tensor | float, num_particles: int, particle_dim: int, data_dim: int
+) -> Tensor:
+    """A per-site sum kept over the particle and data plates (:func:`log_weights_of_traces`
+    with ``keep_dims={particle_dim, data_dim}``) as a ``(K, N)`` tensor, one row per draw; a
+    value that depends on no draw is broadcast to every row."""
+    value = pad_to_rank(value, -particle_dim)
+    k_axis, n_axis = value.dim() + particle_dim, value.dim() + data_dim
+    value = value.movedim((k_axis, n_axis), (0, 1))
+    return value.reshape(value.shape[0], value.shape[1]).expand(num_particles, -1)
 
 
 class WeightTerms:

@@ -98,7 +98,7 @@ def trainable_linear_gaussian():
 
 def linear_gaussian_programs(d=4, latent=2, sigma=0.7, n=6, seed=0):
     """The linear-Gaussian model as Pyro functions, its exact-posterior and prior guides, points
-    and their exact log p(x) (float64)."""
+    and their exact log p(x) (float64); ``model.marginal`` is the distribution p(x)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d, latent, generator=g, dtype=torch.float64)
     b = torch.randn(d, generator=g, dtype=torch.float64)
@@ -124,8 +124,8 @@ def linear_gaussian_programs(d=4, latent=2, sigma=0.7, n=6, seed=0):
             )
 
     cov = w @ w.T + sigma**2 * torch.eye(d, dtype=torch.float64)
-    exact = dist.MultivariateNormal(b, covariance_matrix=cov).log_prob(x)
-    return model, exact_guide, prior_guide, x, exact
+    model.marginal = dist.MultivariateNormal(b, covariance_matrix=cov)  # p(x), for simulated x
+    return model, exact_guide, prior_guide, x, model.marginal.log_prob(x)
 
 
 # -- a 2-D latent with a non-linear decoder, log p(x) by quadrature -------------------------------
@@ -144,13 +144,14 @@ def nonlinear_model(x):
         pyro.sample("x", dist.Normal(decode(z), SIGMA_X).to_event(1), obs=x)
 
 
-def quadrature(x, half_width=7.0, n=1401):
-    """log p(x) = log sum over a grid of p(z) p(x|z) dA, and the posterior moments."""
+def quadrature(x, half_width=7.0, n=1401, decoder=decode, sigma=SIGMA_X):
+    """log p(x) = log sum over a grid of p(z) p(x|z) dA, and the posterior moments, for
+    z ~ N(0, I_2), x | z ~ N(decoder(z), sigma^2 I)."""
     t = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
     z = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
     log_joint = (
         dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
-        + dist.Normal(decode(z)[:, None], SIGMA_X).log_prob(x).sum(-1).T
+        + dist.Normal(decoder(z)[:, None], sigma).log_prob(x).sum(-1).T
     )
     log_da = 2 * math.log(t[1] - t[0])
     log_px = torch.logsumexp(log_joint, 1) + log_da
