@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the table below loads, for type checkers (tests/test_package.py)
     from ppl_vae.data import Data, DataConfig, load_data
+    from ppl_vae.gaps import inference_gaps
     from ppl_vae.guides import GUIDES, AmortizedGuide, FlowGuide, GaussianGuide, make_guide
     from ppl_vae.importance import LogLikelihood, log_likelihood, log_likelihood_diagnostics
     from ppl_vae.losses import IWAELoss, TraceELBO, TraceMeanFieldELBO
@@ -51,6 +52,7 @@ __all__ = [
     "VAEModel",
     "build_vae",
     "evaluate_run",
+    "inference_gaps",
     "load_data",
     "load_run",
     "log_likelihood",
@@ -66,6 +68,7 @@ _HOME = {
     name: module
     for module, names in {
         "data": ("Data", "DataConfig", "load_data"),
+        "gaps": ("inference_gaps",),
         "guides": ("GUIDES", "AmortizedGuide", "FlowGuide", "GaussianGuide", "make_guide"),
         "importance": ("LogLikelihood", "log_likelihood", "log_likelihood_diagnostics"),
         "losses": ("IWAELoss", "TraceELBO", "TraceMeanFieldELBO"),
