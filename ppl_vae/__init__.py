@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the table below loads, for type checkers (tests/test_package.py)
+    from ppl_vae.collapse import active_units, kl_per_dimension, mutual_information
     from ppl_vae.data import Data, DataConfig, load_data
     from ppl_vae.gaps import inference_gaps
     from ppl_vae.guides import GUIDES, AmortizedGuide, FlowGuide, GaussianGuide, make_guide
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # what the table below loads, for type checkers (tests/test_p
     from ppl_vae.mixture import BernoulliMixture, GaussianMixture
     from ppl_vae.model import LIKELIHOODS, VAEModel
     from ppl_vae.networks import NetworkConfig
+    from ppl_vae.psis import pareto_k
     from ppl_vae.runs import EvaluateConfig, Run, evaluate_run, load_run, train_run
     from ppl_vae.svi import TrainConfig, mean_elbo, train
     from ppl_vae.vae import VAEConfig, build_vae
@@ -50,15 +52,19 @@ __all__ = [
     "TrainConfig",
     "VAEConfig",
     "VAEModel",
+    "active_units",
     "build_vae",
     "evaluate_run",
     "inference_gaps",
+    "kl_per_dimension",
     "load_data",
     "load_run",
     "log_likelihood",
     "log_likelihood_diagnostics",
     "make_guide",
     "mean_elbo",
+    "mutual_information",
+    "pareto_k",
     "train",
     "train_run",
 ]
@@ -67,6 +73,7 @@ __all__ = [
 _HOME = {
     name: module
     for module, names in {
+        "collapse": ("active_units", "kl_per_dimension", "mutual_information"),
         "data": ("Data", "DataConfig", "load_data"),
         "gaps": ("inference_gaps",),
         "guides": ("GUIDES", "AmortizedGuide", "FlowGuide", "GaussianGuide", "make_guide"),
@@ -75,6 +82,7 @@ _HOME = {
         "mixture": ("BernoulliMixture", "GaussianMixture"),
         "model": ("LIKELIHOODS", "VAEModel"),
         "networks": ("NetworkConfig",),
+        "psis": ("pareto_k",),
         "runs": ("EvaluateConfig", "Run", "evaluate_run", "load_run", "train_run"),
         "svi": ("TrainConfig", "mean_elbo", "train"),
         "vae": ("VAEConfig", "build_vae"),
