@@ -113,7 +113,11 @@ def fit_point_guide(
     ``fit.tolerance`` nats per point counts as no improvement and halves the learning rate
     (which also shrinks the jitter of the stochastic steps around the optimum);
     ``fit.patience`` such windows in a row end the fit. At ``fit.max_steps`` the fit stops
-    and is reported as not converged.
+    and is reported as not converged. The test is on the mean over points (a slow point among
+    many fast ones can still be gaining), and a window's mean is noisy by about
+    sd(log w) / sqrt(num_particles · window · N): a tolerance far below that is never met.
+    (On an MNIST-sized VAE, 20 points, the default stopped after 900 steps within 1e-4 nats
+    of a fit run 20,000 steps.)
 
     Returns:
         The fitted :class:`PointGuide`, the number of steps taken, and whether it converged.
