@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the table below loads, for type checkers (tests/test_package.py)
     from ppl_vae.ais import BDMC, AnnealedLogLikelihood, annealed_log_likelihood, bdmc
+    from ppl_vae.collapse import active_units, kl_per_dimension, mutual_information
     from ppl_vae.data import Data, DataConfig, load_data
+    from ppl_vae.gaps import inference_gaps
     from ppl_vae.guides import GUIDES, AmortizedGuide, FlowGuide, GaussianGuide, make_guide
     from ppl_vae.importance import LogLikelihood, log_likelihood, log_likelihood_diagnostics
     from ppl_vae.losses import IWAELoss, TraceELBO, TraceMeanFieldELBO
     from ppl_vae.mixture import BernoulliMixture, GaussianMixture
     from ppl_vae.model import LIKELIHOODS, VAEModel
     from ppl_vae.networks import NetworkConfig
+    from ppl_vae.psis import pareto_k
     from ppl_vae.runs import EvaluateConfig, Run, evaluate_run, load_run, train_run
     from ppl_vae.svi import TrainConfig, mean_elbo, train
     from ppl_vae.vae import VAEConfig, build_vae
@@ -52,16 +55,21 @@ __all__ = [
     "TrainConfig",
     "VAEConfig",
     "VAEModel",
+    "active_units",
     "annealed_log_likelihood",
     "bdmc",
     "build_vae",
     "evaluate_run",
+    "inference_gaps",
+    "kl_per_dimension",
     "load_data",
     "load_run",
     "log_likelihood",
     "log_likelihood_diagnostics",
     "make_guide",
     "mean_elbo",
+    "mutual_information",
+    "pareto_k",
     "train",
     "train_run",
 ]
@@ -71,13 +79,16 @@ _HOME = {
     name: module
     for module, names in {
         "ais": ("BDMC", "AnnealedLogLikelihood", "annealed_log_likelihood", "bdmc"),
+        "collapse": ("active_units", "kl_per_dimension", "mutual_information"),
         "data": ("Data", "DataConfig", "load_data"),
+        "gaps": ("inference_gaps",),
         "guides": ("GUIDES", "AmortizedGuide", "FlowGuide", "GaussianGuide", "make_guide"),
         "importance": ("LogLikelihood", "log_likelihood", "log_likelihood_diagnostics"),
         "losses": ("IWAELoss", "TraceELBO", "TraceMeanFieldELBO"),
         "mixture": ("BernoulliMixture", "GaussianMixture"),
         "model": ("LIKELIHOODS", "VAEModel"),
         "networks": ("NetworkConfig",),
+        "psis": ("pareto_k",),
         "runs": ("EvaluateConfig", "Run", "evaluate_run", "load_run", "train_run"),
         "svi": ("TrainConfig", "mean_elbo", "train"),
         "vae": ("VAEConfig", "build_vae"),

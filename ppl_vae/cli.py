@@ -316,6 +316,13 @@ def _print_evaluation(r: dict) -> None:
         f"{iwae}; mean ESS {r['ess']:.1f}; {r['seconds']:.1f} s",
         flush=True,
     )
+    mi, k = r.get("mutual_information"), r.get("pareto_k")
+    print(
+        f"active units {r['active_units']}/{len(r['kl_per_dim'])}; KL {sum(r['kl_per_dim']):.2f}"
+        + (f"; I(x;z) {mi:.2f} nats" if mi is not None else "")
+        + (f"; k̂ > 0.7 for {k['above_0.7']:.1%} of points" if k else ""),
+        flush=True,
+    )
 
 
 def _em(args: argparse.Namespace) -> None:

@@ -38,6 +38,11 @@ class AmortizedGuide(nn.Module):
     ``z`` with batch shape ``x.shape[:1]`` and event shape ``(latent_dim,)``. Calling the guide
     runs it as the Pyro guide matching :class:`~ppl_vae.model.VAEModel`.
 
+    A guide whose q(z|x) is a fixed map of per-point parameters (the Gaussian guides) also
+    has ``point_parameters(x)``, shape ``(N, P)``, and ``family(params)``, the distribution of
+    those parameters, with ``distribution(x) == family(point_parameters(x))``; the best q of
+    the family for each point (:func:`ppl_vae.gaps.inference_gaps`) optimizes them freely.
+
     Arguments:
         encoder: Maps ``x`` to features of size ``encoder.feature_dim``.
         latent_dim: Dimension of ``z``.
@@ -71,7 +76,12 @@ class DiagonalNormalHead(nn.Linear, ConditionalDistribution):
         super().__init__(feature_dim, 2 * latent_dim)
 
     def condition(self, features: Tensor) -> Distribution:
-        loc, raw_scale = self(features).chunk(2, dim=-1)
+        return self.family(self(features))
+
+    @staticmethod
+    def family(params: Tensor) -> Distribution:
+        """The diagonal Gaussian of the head's output ``params``: loc, then raw scale."""
+        loc, raw_scale = params.chunk(2, dim=-1)
         return DiagonalNormal(loc, nn.functional.softplus(raw_scale) + 1e-6).to_event(1)
 
 
@@ -90,8 +100,14 @@ class GaussianGuide(AmortizedGuide):
         super().__init__(encoder, latent_dim)
         self.head = DiagonalNormalHead(encoder.feature_dim, latent_dim)
 
+    def family(self, params: Tensor) -> Distribution:
+        return self.head.family(params)
+
+    def point_parameters(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
     def distribution(self, x: Tensor) -> Distribution:
-        return self.head.condition(self.encoder(x))
+        return self.family(self.point_parameters(x))
 
 
 class LowRankGaussianGuide(AmortizedGuide):
@@ -114,9 +130,15 @@ class LowRankGaussianGuide(AmortizedGuide):
             self.head.weight[factor] *= 0.01
             self.head.bias[factor] *= 0.01
 
+    def point_parameters(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
     def distribution(self, x: Tensor) -> Distribution:
+        return self.family(self.point_parameters(x))
+
+    def family(self, params: Tensor) -> Distribution:
         d = self.latent_dim
-        loc, factor, raw_diag = self.head(self.encoder(x)).split([d, d * self.rank, d], dim=-1)
+        loc, factor, raw_diag = params.split([d, d * self.rank, d], dim=-1)
         return dist.LowRankMultivariateNormal(
             loc, factor.unflatten(-1, (d, self.rank)), nn.functional.softplus(raw_diag) + 1e-6
         )
@@ -140,9 +162,15 @@ class FullRankGaussianGuide(AmortizedGuide):
             self.head.weight[latent_dim:] *= diagonal.unsqueeze(-1)
             self.head.bias[latent_dim:] *= diagonal
 
+    def point_parameters(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
     def distribution(self, x: Tensor) -> Distribution:
+        return self.family(self.point_parameters(x))
+
+    def family(self, params: Tensor) -> Distribution:
         d = self.latent_dim
-        loc, entries = self.head(self.encoder(x)).split([d, self.rows.numel()], dim=-1)
+        loc, entries = params.split([d, self.rows.numel()], dim=-1)
         tril = entries.new_zeros(*entries.shape[:-1], d, d)
         tril[..., self.rows, self.cols] = entries
         diag = nn.functional.softplus(tril.diagonal(dim1=-2, dim2=-1)) + 1e-6

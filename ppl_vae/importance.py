@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ppl_vae.compat import legacy_diagnostics
 from ppl_vae.errors import InputError
+from ppl_vae.psis import LargestLogWeights, pareto_k_of_largest, tail_size
 from ppl_vae.sites import (
     PLATE,
     DataPlateLayout,
@@ -124,6 +125,7 @@ class LogLikelihood:
     ess: Tensor  # (sum_k w_k)^2 / sum_k w_k^2, the effective sample size, in [1, K]
     iwae: dict[int, Tensor]  # k -> IWAE_k bound from the same draws
     num_samples: int  # K, the number of draws used for every data point
+    pareto_k: Tensor | None = None  # PSIS k-hat of each point's weights (ppl_vae.psis)
 
 
 def log_weights_of_programs(
@@ -291,6 +293,10 @@ def log_likelihood_diagnostics(
     ``elbo <= iwae[k] <= log_px`` for every point and every set of draws, not only in
     expectation. The windows cost k/g log-sum-exps of k terms per draw (one when k divides K).
 
+    ``pareto_k`` is each point's PSIS k̂ from the same draws
+    (:func:`ppl_vae.psis.pareto_k_of_largest`: above 0.7, distrust that point's ``log_px``;
+    ``inf`` when K < 50 leaves fewer than 10 weights in the tail).
+
     Arguments are those of :func:`log_likelihood`, and ``iwae_ks``: the k of the IWAE bounds
     (each 1 <= k <= K; IWAE_1 is the ELBO).
     """
@@ -299,9 +305,11 @@ def log_likelihood_diagnostics(
         raise InputError(f"every IWAE k must lie in [1, num_samples={num_samples}], got {ks}")
     lse, lse2, total = _LogSumExp(), _LogSumExp(2.0), _Sum()
     windows = {k: _IWAEWindows(k, num_samples) for k in ks}
+    largest = LargestLogWeights(tail_size(num_samples) + 1)
     _draw(
         model, guide, args, kwargs, num_samples=num_samples, chunk_size=chunk_size,
-        data_plate=data_plate, progress=progress, sinks=[lse, lse2, total, *windows.values()],
+        data_plate=data_plate, progress=progress,
+        sinks=[lse, lse2, total, largest, *windows.values()],
     )  # fmt: skip
     return LogLikelihood(
         log_px=lse.value - math.log(num_samples),
@@ -309,6 +317,7 @@ def log_likelihood_diagnostics(
         ess=torch.exp(2 * lse.value - lse2.value),
         iwae={k: w.mean() for k, w in windows.items()},
         num_samples=num_samples,
+        pareto_k=pareto_k_of_largest(largest.value, num_samples),
     )
 
 

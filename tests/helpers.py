@@ -128,6 +128,67 @@ def linear_gaussian_programs(d=4, latent=2, sigma=0.7, n=6, seed=0):
     return model, exact_guide, prior_guide, x, model.marginal.log_prob(x)
 
 
+# -- a linear-Gaussian VAE with a general W: the best mean-field Gaussian in closed form ---------
+
+
+class MeanField:
+    """A float64 :class:`VAEModel` z ~ N(0, I), x | z ~ N(W z + b, sigma^2 I) with a general W
+    (its last ``unused`` columns zero), points drawn from it, and a :class:`GaussianGuide` whose
+    linear encoder outputs the best mean-field Gaussian of each point: the posterior mean and
+    the variances 1 / Lambda_ii of the posterior precision Lambda = I + W^T W / sigma^2."""
+
+    def __init__(self, dim=4, latent=3, sigma=0.6, n=8, seed=0, unused=0):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(dim, latent, generator=g, dtype=torch.float64)
+        w[:, latent - unused :] = 0
+        b = torch.randn(dim, generator=g, dtype=torch.float64)
+        decoder = nn.Linear(latent, dim).double().requires_grad_(False)
+        with torch.no_grad():
+            decoder.weight.copy_(w)
+            decoder.bias.copy_(b)
+        likelihood = FixedGaussianLikelihood(torch.Size([dim]), sigma)
+        self.model = VAEModel(decoder, likelihood, latent, [dim]).double().train(False)
+        self.w, self.b, self.sigma, self.latent = w, b, sigma, latent
+        self.precision = torch.eye(latent, dtype=torch.float64) + w.T @ w / sigma**2
+        self.gain = torch.linalg.solve(self.precision, w.T) / sigma**2  # mean = gain (x - b)
+        self.scale = self.precision.diagonal().rsqrt()  # the mean-field optimum's scales
+        cov = w @ w.T + sigma**2 * torch.eye(dim, dtype=torch.float64)
+        self.marginal = dist.MultivariateNormal(b, covariance_matrix=cov)
+        noise = torch.randn(n, dim, generator=g, dtype=torch.float64)
+        self.x = b + noise @ torch.linalg.cholesky(cov).T
+        self.log_px = self.marginal.log_prob(self.x)
+        self.guide = GaussianGuide(Flatten(dim), latent).double()
+        self.set_guide(self.gain, self.scale)
+
+    def set_guide(self, gain, scale):
+        """The guide's mean gain @ (x - b), its scales ``scale`` for every x."""
+        head, d = self.guide.head, self.latent
+        with torch.no_grad():
+            head.weight.zero_()
+            head.weight[:d] = gain
+            head.bias[:d] = -gain @ self.b
+            head.bias[d:] = torch.log(torch.expm1(scale - 1e-6))  # softplus^-1
+
+    def gap(self) -> float:
+        """log p(x) - ELBO of the best mean-field Gaussian: (sum log Lambda_ii - log det)/2."""
+        lam = self.precision
+        return 0.5 * (lam.diagonal().log().sum() - torch.logdet(lam)).item()
+
+    def elbo(self, mean, scale):
+        """The ELBO of q = N(mean, diag scale^2) per point (mean (N, d), scale (d,))."""
+        dim, s2 = self.w.shape[0], self.sigma**2
+        residual = self.x - mean @ self.w.T - self.b
+        fit = residual.square().sum(-1) + (scale.square() * self.w.square().sum(0)).sum()
+        log_lik = -0.5 * dim * math.log(2 * math.pi * s2) - fit / (2 * s2)
+        log_prior = -0.5 * self.latent * math.log(2 * math.pi)
+        log_prior = log_prior - 0.5 * (mean.square().sum(-1) + scale.square().sum())
+        entropy = scale.log().sum() + 0.5 * self.latent * (1 + math.log(2 * math.pi))
+        return log_lik + log_prior + entropy
+
+    def guide_elbo(self, gain, scale):
+        return self.elbo((self.x - self.b) @ gain.T, scale)
+
+
 # -- a 2-D latent with a non-linear decoder, log p(x) by quadrature -------------------------------
 
 SIGMA_X = 0.4

@@ -66,6 +66,7 @@ def test_a_flow_guide_trains_and_evaluates_from_the_command_line(tmp_path, capsy
     assert code == 0, err
     result = json.loads((out / "evaluate.json").read_text())
     assert result["elbo"] < -result["nll"] < 0  # ELBO <= log p(x), and moons are not degenerate
+    assert result["mutual_information"] is None and len(result["kl_per_dim"]) == 2  # a flow
 
 
 def test_help_documents_every_flag(capsys):
@@ -216,6 +217,11 @@ def test_evaluate_writes_nll_elbo_ess_and_settings(pinwheel_run, capsys):
     assert record["nll"] == pytest.approx(-np.mean(record["log_px"]))
     assert 1 <= record["ess"] <= 200
     assert f"NLL {record['nll']:.2f}" in out
+    k = record["pareto_k"]  # per-point k-hat of the same draws: share above 0.7, worst points
+    assert 0 <= k["above_0.7"] <= 1 and len(k["worst_points"]) == 10
+    assert all(0 <= i < 2000 for i in k["worst_points"])
+    assert k["worst_k"] == sorted(k["worst_k"], key=lambda v: -float("inf") if v is None else -v)
+    assert f"active units {record['active_units']}/" in out
 
 
 @pytest.mark.parametrize(

@@ -226,6 +226,8 @@ def test_two_rank_evaluation_equals_one_process(two_rank_run, capsys):
                                rtol=0, atol=1e-9)  # fmt: skip
     for key in ("nll", "elbo", "ess"):
         assert two[key] == pytest.approx(one[key], abs=1e-9)
+    for key in ("active_units", "latent_activity", "kl_per_dim", "mutual_information"):
+        assert two[key] == pytest.approx(one[key], abs=1e-9)  # rank 0's, on the same points
 
 
 @pytest.fixture(scope="module")

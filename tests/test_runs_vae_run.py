@@ -112,7 +112,8 @@ def test_a_nan_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatch):
 EVALUATE_KEYS = {
     "split", "num_points", "num_samples", "nll", "nll_standard_error", "elbo", "ess", "iwae",
     "seconds", "epoch", "checkpoint", "chunk_size", "batch_size", "seed", "limit", "device",
-    "processes", "log_px",
+    "processes", "log_px", "pareto_k", "active_units", "latent_activity", "kl_per_dim",
+    "mutual_information",
 }  # fmt: skip
 
 
@@ -134,6 +135,11 @@ def test_evaluate_run_writes_evaluate_json_with_the_keys_scripts_read(tmp_path):
     assert again["log_px"] == record["log_px"]
     # the mean log p(x) lies above the mean ELBO from the same draws
     assert -record["nll"] > record["elbo"]
+    # collapse diagnostics on the same 40 points; no k-hat from K = 30 (too few tail weights)
+    latent = len(record["kl_per_dim"])
+    assert record["pareto_k"] is None and len(record["latent_activity"]) == latent
+    assert 0 <= record["active_units"] <= latent and min(record["kl_per_dim"]) >= 0
+    assert 0 <= record["mutual_information"] <= math.log(40) + 1e-9
 
 
 def test_drawing_pictures_every_epoch_leaves_the_training_numbers_unchanged(tmp_path):

@@ -12,12 +12,19 @@ from pathlib import Path
 
 import torch
 
+from ppl_vae.collapse import (
+    gaussian_marginals,
+    kl_per_dimension,
+    latent_activity,
+    mutual_information,
+)
 from ppl_vae.config import check_positive, check_seed, option
 from ppl_vae.data import Data
 from ppl_vae.distributed import all_gather_objects, on_rank0_for_all, world
 from ppl_vae.errors import InputError, WriteError
 from ppl_vae.importance import LogLikelihood, default_chunk_size, log_likelihood_diagnostics
 from ppl_vae.progress import Progress, time_left
+from ppl_vae.psis import tail_size
 from ppl_vae.rng import derived_seed, forked_rng, seed_streams
 from ppl_vae.runs.checkpoint import EVALUATE, RunDir, held_by
 from ppl_vae.runs.files import RESERVED, check_output_dir, make_output_dir, staged
@@ -86,7 +93,45 @@ class EvaluateConfig:
 
 def _on_cpu(r: LogLikelihood) -> LogLikelihood:
     iwae = {k: v.cpu() for k, v in r.iwae.items()}
-    return LogLikelihood(r.log_px.cpu(), r.elbo.cpu(), r.ess.cpu(), iwae, r.num_samples)
+    k = r.pareto_k.cpu()
+    return LogLikelihood(r.log_px.cpu(), r.elbo.cpu(), r.ess.cpu(), iwae, r.num_samples, k)
+
+
+def _batch(data: Data, x_all: torch.Tensor, config: EvaluateConfig, b: int) -> torch.Tensor:
+    """Batch ``b`` of the points as the model sees them, binarized from the batch's own seed
+    (which also seeds the draws that follow)."""
+    g = seed_streams(data.device, derived_seed(config.seed, b))
+    return data.encode(x_all[b * config.batch_size : (b + 1) * config.batch_size], generator=g)
+
+
+def _collapse(run: Run, config: EvaluateConfig, x_all: torch.Tensor) -> dict:
+    """Active units, KL per latent dimension (mean over points) and I(x; z) under q (None for
+    a flow guide) on the points evaluated (:mod:`ppl_vae.collapse`)."""
+    with torch.no_grad(), forked_rng(run.data.device, config.seed):
+        batches = range(math.ceil(x_all.shape[0] / config.batch_size))
+        x = torch.cat([_batch(run.data, x_all, config, b) for b in batches])
+        options = {"batch_size": config.batch_size}
+        activity = latent_activity(run.guide, x, **options)
+        gaussian = gaussian_marginals(run.guide.distribution(x[:1])) is not None
+        return {
+            "active_units": int((activity > 1e-2).sum().item()),
+            "latent_activity": activity.tolist(),
+            "kl_per_dim": kl_per_dimension(run.guide, x, **options).mean(0).tolist(),
+            "mutual_information": mutual_information(run.guide, x, **options) if gaussian else None,
+        }
+
+
+def _pareto(k: torch.Tensor, num_samples: int, worst: int = 10) -> dict | None:
+    """The share of points whose k̂ exceeds 0.7 and the worst points; None where K < 50
+    leaves too few weights in the tail."""
+    if tail_size(num_samples) < 10:
+        return None
+    order = k.argsort(descending=True)[:worst]
+    return {
+        "above_0.7": (k > 0.7).double().mean().item(),
+        "worst_points": order.tolist(),
+        "worst_k": [v if math.isfinite(v) else None for v in k[order].tolist()],
+    }
 
 
 def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
@@ -108,8 +153,7 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
         forked_rng(data.device, config.seed),
     ):
         for start in mine:
-            g = seed_streams(data.device, derived_seed(config.seed, start // config.batch_size))
-            x = data.encode(x_all[start : start + config.batch_size], generator=g)
+            x = _batch(data, x_all, config, start // config.batch_size)
             result = log_likelihood_diagnostics(
                 run.model, run.guide, x, num_samples=k, chunk_size=chunk, iwae_ks=ks,
                 progress=lambda d, base=done * k, m=x.shape[0]: progress.update(base + m * d),
@@ -137,6 +181,8 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
         "elbo": torch.cat([r.elbo for r in results]).mean().item(),
         "ess": torch.cat([r.ess for r in results]).mean().item(),
         "iwae": {str(k): torch.cat([r.iwae[k] for r in results]).mean().item() for k in ks},
+        "pareto_k": _pareto(torch.cat([r.pareto_k for r in results]), k),
+        **(_collapse(run, config, x_all) if w.main else {}),
         "log_px": log_px.tolist(),
     }
 
