@@ -347,9 +347,10 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
 
 
 def _binarized(train: Tensor, test: Tensor, binarize: str, g: torch.Generator):
-    """One fixed Bernoulli draw of both splits for ``static``; else the intensities."""
+    """One fixed Bernoulli draw of both splits for ``static`` (drawn from the CPU generator
+    ``g`` wherever the tensors are); else the intensities."""
     if binarize == "static":
-        return torch.bernoulli(train, generator=g), torch.bernoulli(test, generator=g)
+        return tuple(torch.bernoulli(t.cpu(), generator=g).to(t.device) for t in (train, test))
     return train, test
 
 

@@ -18,8 +18,6 @@ from ppl_vae.errors import InputError
 
 __all__ = ["as_points", "points_from_dataset", "read_points", "split_indices", "split_points"]
 
-_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
 
 def as_points(x: Any, what: str, fix: str = "pass", least: int = 2) -> Tensor:
     """``x`` (a tensor or NumPy array of shape ``(N, ...)``, N >= ``least``) as a tensor of torch's
@@ -47,10 +45,9 @@ def as_points(x: Any, what: str, fix: str = "pass", least: int = 2) -> Tensor:
     x = x.detach()  # saved with requires_grad, or Parameters
     if x.dtype == torch.bool:
         x = x.to(torch.int64)
-    elif not (x.is_floating_point() or x.dtype in _INTEGERS):
-        raise InputError(f"{what} holds {x.dtype} values; give numbers")
-    dtype = torch.get_default_dtype()
-    largest = x.abs().max().item() if x.numel() else 0.0
+    dtype = torch.get_default_dtype()  # integers (up to 2^63) always fit its range
+    wider = x.is_floating_point() and torch.finfo(x.dtype).max > torch.finfo(dtype).max
+    largest = x.abs().max().item() if wider and x.numel() else 0.0
     if math.isfinite(largest) and largest > torch.finfo(dtype).max:
         raise InputError(
             f"{what} holds values up to {largest:.3g}, beyond {dtype}'s range "

@@ -66,6 +66,18 @@ def test_arrays_give_what_tensors_give():
     u8 = np.arange(40 * 4, dtype=np.uint8).reshape(40, 4)
     assert torch.equal(Data.from_array(u8, test=u8[:3]).test, torch.tensor(u8[:3]).float())
     assert Data.from_array(np.ones((10, 2), dtype=np.float64)).train.dtype == torch.float32
+    wide = Data.from_array(np.arange(60_000, 60_020, dtype=np.uint16).reshape(10, 2), seed=0)
+    values = torch.cat([wide.train, wide.test]).flatten().sort().values
+    assert wide.train.dtype == torch.float32 and values.tolist() == list(range(60_000, 60_020))
+
+
+@pytest.mark.cuda
+def test_tensors_on_the_gpu_stay_there_through_the_split_and_a_static_draw():
+    x = torch.rand(50, 4, generator=torch.Generator().manual_seed(0))
+    on_gpu = Data.from_tensor(x.cuda(), torch.arange(50), binarize="static", seed=1)
+    on_cpu = Data.from_tensor(x, torch.arange(50), binarize="static", seed=1)
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.train.cpu(), on_cpu.train)
+    assert torch.equal(on_gpu.test_labels.cpu(), on_cpu.test_labels)
 
 
 def test_a_dataset_of_pairs_gives_what_its_tensors_give():
