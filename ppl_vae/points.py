@@ -27,8 +27,8 @@ def as_points(x: Any, what: str, fix: str = "pass", least: int = 2) -> Tensor:
     ("save" for a file).
     """
     if isinstance(x, np.ndarray):
-        try:
-            x = torch.from_numpy(x)
+        try:  # a copy only where torch cannot share the memory: reversed, big-endian
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
         except TypeError:
             raise InputError(f"{what} holds {x.dtype} values; give numbers") from None
     if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < least:

@@ -67,6 +67,10 @@ def test_arrays_give_what_tensors_give():
     assert torch.equal(Data.from_array(u8, test=u8[:3]).test, torch.tensor(u8[:3]).float())
     assert Data.from_array(np.ones((10, 2), dtype=np.float64)).train.dtype == torch.float32
     wide = Data.from_array(np.arange(60_000, 60_020, dtype=np.uint16).reshape(10, 2), seed=0)
+    flipped = np.arange(40.0, dtype=">f8").reshape(20, 2)[::-1]  # big-endian, negative strides
+    assert torch.equal(
+        Data.from_array(flipped, test=flipped).test, torch.tensor(flipped.astype("<f4"))
+    )
     values = torch.cat([wide.train, wide.test]).flatten().sort().values
     assert wide.train.dtype == torch.float32 and values.tolist() == list(range(60_000, 60_020))
 
