@@ -22,7 +22,7 @@ from torch import Tensor
 from ppl_vae.errors import InputError, MissingInputError
 from ppl_vae.registry import Registry
 
-__all__ = ["IMAGE_SETS", "MNIST_FILES", "check_idx_file", "resolve_data_root"]
+__all__ = ["IMAGE_SETS", "MNIST_FILES", "TorchvisionSet", "check_idx_file", "resolve_data_root"]
 
 IMAGE_SETS: Registry = Registry("image data set")  # root -> (train, test, test labels)
 WHERE = "pass --data-dir DIR or set PPL_VAE_DATA=DIR"
