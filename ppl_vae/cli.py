@@ -129,7 +129,11 @@ def _shared_flags() -> argparse.ArgumentParser:
         "--seed", type=int, default=None, help="seeds everything random in the run (default: 0)"
     )
     s.add_argument(
-        "--data-dir", default=None, help="folder holding MNIST/raw (default: $PPL_VAE_DATA)"
+        "--data-dir",
+        default=None,
+        help="folder holding the image sets' files: MNIST/raw, FashionMNIST/raw, KMNIST/raw, "
+        "EMNIST/raw, OMNIGLOT/chardata.mat (see --dataset; default: $PPL_VAE_DATA, else "
+        "~/.cache/ppl_vae)",
     )
     s.add_argument(
         "--quiet",

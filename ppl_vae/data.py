@@ -2,16 +2,14 @@ r"""Data sets held as one tensor on the training device and batched by index."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
 import os
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -19,11 +17,14 @@ from torch import Tensor
 
 from ppl_vae.config import check_positive, check_positive_value, check_seed, option
 from ppl_vae.errors import InputError, MissingInputError
+from ppl_vae.images import IMAGE_SETS, resolve_data_root
+from ppl_vae.points import points_from_dataset, read_points, split_indices, split_points
 from ppl_vae.registry import Registry
 
 __all__ = [
     "BINARIZATIONS",
     "DATASETS",
+    "IMAGE_SETS",
     "Data",
     "DataConfig",
     "SYNTHETIC",
@@ -44,16 +45,19 @@ class DataConfig:
     """Which data set to load and how to encode it."""
 
     dataset: str = option(
-        "mnist", "mnist, pinwheel, moons, ring8, or a .pt/.npy file holding an (N, ...) tensor",
+        "mnist", f"an image set, its files under DIR (--data-dir, else $PPL_VAE_DATA, else "
+        f"~/.cache/ppl_vae): {IMAGE_SETS.help()}; a 2-D set drawn from --seed: pinwheel, moons, "
+        f"ring8; or a .pt/.npy file holding an (N, ...) tensor, split 90/10 by --seed",
         flags=("--dataset",), metavar="NAME|FILE",
     )  # fmt: skip
     binarize: Binarization = option(
-        "dynamic", "MNIST encoding: a fresh Bernoulli draw per batch, one fixed draw, or gray "
+        "dynamic", "image encoding: a fresh Bernoulli draw per batch, one fixed draw, or gray "
         "intensities; ignored by continuous data", choices=BINARIZATIONS,
     )  # fmt: skip
     data_dir: str | None = option(
-        None, "folder holding MNIST/raw (default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)"
-    )
+        None, "folder holding the image sets' files, MNIST/raw and the others (see --dataset; "
+        "default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)",
+    )  # fmt: skip
     seed: int = option(0, "seeds the static binarization, synthetic draws and file splits")
     num_train: int = option(10_000, "points drawn for a synthetic training set")
     num_test: int = option(2_000, "points drawn for a synthetic test set")
@@ -128,6 +132,79 @@ class Data:
         self.train, self.test, self.encoding, self.name = train, test, encoding, name
         self.test_labels = test_labels  # a class per test point (digits, arms), for pictures
         self.validation = validation  # training points held out (hold_out), or None
+
+    @classmethod
+    def from_tensor(
+        cls,
+        x: Tensor | np.ndarray,
+        labels: Tensor | np.ndarray | None = None,
+        *,
+        test: Tensor | np.ndarray | None = None,
+        test_labels: Tensor | np.ndarray | None = None,
+        test_fraction: float | None = None,
+        binarize: Binarization | None = None,
+        seed: int = 0,
+        name: str = "data",
+    ) -> Data:
+        r"""A user's points, ``(N, ...)`` (images as ``(N, C, H, W)``), as a :class:`Data`.
+
+        Without ``test``, a random ``test_fraction`` of the points (default 0.1, at least one)
+        is the test set, drawn from ``seed`` (as for a ``.pt``/``.npy`` file); ``labels``, a
+        class per point, follow their points and the test ones are kept for pictures.
+        ``binarize`` encodes values in [0, 1] as MNIST's are: ``"dynamic"`` (a fresh Bernoulli
+        draw per batch), ``"static"`` (one draw from ``seed``) or ``"gray"``; ``None`` keeps
+        any real values as they are (``"continuous"``). Values are never rescaled: divide
+        8-bit images by 255 first.
+
+        Example:
+            >>> x = torch.rand(100, 1, 4, 4)
+            >>> data = Data.from_tensor(x, torch.arange(100) % 3, binarize="dynamic")
+            >>> data.train.shape, data.test.shape, data.test_labels.shape
+            (torch.Size([90, 1, 4, 4]), torch.Size([10, 1, 4, 4]), torch.Size([10]))
+        """
+        if binarize is not None and binarize not in BINARIZATIONS:
+            raise InputError(f"unknown binarization {binarize!r}; choose one of "
+                             f"{', '.join(BINARIZATIONS)}, or None for real values")  # fmt: skip
+        check_seed("seed", seed)
+        g = torch.Generator().manual_seed(seed)
+        x, test, test_labels = split_points(
+            x, labels, test=test, test_labels=test_labels, fraction=test_fraction, generator=g,
+            what=name,
+        )  # fmt: skip
+        if binarize is not None:
+            for split, t in (("train", x), ("test", test)):
+                if (t < 0).any() or (t > 1).any():
+                    raise InputError(
+                        f"{name} {split} values lie in [{t.min().item():.3g}, "
+                        f"{t.max().item():.3g}]; binarize={binarize!r} needs intensities in "
+                        f"[0, 1]: rescale them (8-bit images: x / 255), or pass binarize=None"
+                    )
+            x, test = _binarized(x, test, binarize, g)
+        return cls(x, test, binarize or "continuous", name, test_labels)
+
+    @classmethod
+    def from_array(cls, x: np.ndarray, labels: np.ndarray | None = None, **options) -> Data:
+        """As :meth:`from_tensor` (which takes arrays too), from NumPy arrays."""
+        return cls.from_tensor(x, labels, **options)
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: Any, *, test: Any = None, transform: Callable | None = None, **options
+    ) -> Data:
+        """As :meth:`from_tensor`, from a torch ``Dataset`` of images or ``(image, label)``
+        pairs (and ``test``, another, if given): PIL images become intensities in [0, 1]
+        through torchvision's ``to_tensor`` after ``transform``, if given; the items are
+        read once into one tensor.
+
+        Example:
+            >>> pairs = [(torch.rand(1, 4, 4), k % 2) for k in range(20)]
+            >>> Data.from_dataset(pairs, binarize="static").test_labels.shape
+            torch.Size([2])
+        """
+        x, labels = points_from_dataset(dataset, transform)
+        if test is not None:
+            options["test"], options["test_labels"] = points_from_dataset(test, transform, "test")
+        return cls.from_tensor(x, labels, **options)
 
     @property
     def event_shape(self) -> torch.Size:
@@ -229,66 +306,14 @@ class Data:
                 yield self.encode(x[start : start + batch_size], generator)
 
 
-def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """The MNIST root: ``data_dir``, else ``$PPL_VAE_DATA``, else the user cache directory."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    if os.environ.get("PPL_VAE_DATA"):
-        return Path(os.environ["PPL_VAE_DATA"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "ppl_vae"
-
-
 def load_mnist(root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
     """MNIST intensities in [0, 1] as ``(60000, 1, 28, 28)`` and ``(10000, 1, 28, 28)`` tensors.
 
     The files are read with ``torchvision.datasets.MNIST`` from ``root`` (see
     :func:`resolve_data_root`) and downloaded only when they are absent.
     """
-    train, test, _ = _mnist(root)
+    train, test, _ = IMAGE_SETS.build("mnist", resolve_data_root(root))
     return train, test
-
-
-MNIST_FILES = {  # the uncompressed files torchvision reads, and their sizes in bytes
-    "train-images-idx3-ubyte": 47_040_016,
-    "train-labels-idx1-ubyte": 60_008,
-    "t10k-images-idx3-ubyte": 7_840_016,
-    "t10k-labels-idx1-ubyte": 10_008,
-}
-
-
-def _mnist(root: str | os.PathLike | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Training and test images (intensities) and the test digits."""
-    from torchvision.datasets import MNIST  # torchvision only when MNIST is asked for
-
-    root = resolve_data_root(root)
-    raw = root / "MNIST" / "raw"
-    for name, size in MNIST_FILES.items():  # a truncated file is named, not "not found"
-        path = raw / name
-        if path.is_file() and path.stat().st_size != size:
-            raise InputError(
-                f"MNIST file {path} has {path.stat().st_size} bytes, not {size}: it is truncated "
-                f"or corrupt; delete it (and its .gz) and fetch it again"
-            )
-    created = [d for d in (root, root / "MNIST", raw) if not d.exists()]
-    splits = []
-    for train in (True, False):
-        try:
-            ds = MNIST(str(root), train=train, download=False)
-        except RuntimeError:
-            try:
-                ds = MNIST(str(root), train=train, download=True)
-            except Exception as e:  # offline, unwritable, or a truncated download
-                for d in reversed(created):  # a mistyped --data-dir leaves nothing behind
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
-                raise MissingInputError(
-                    f"MNIST not found in {raw} and the download failed "
-                    f"({type(e).__name__}); pass --data-dir DIR or set PPL_VAE_DATA=DIR, where "
-                    f"DIR/MNIST/raw holds the four MNIST files"
-                ) from None
-        splits.append(ds.data.unsqueeze(1).float().div_(255.0))
-    return splits[0], splits[1], ds.targets.clone()
 
 
 @SYNTHETIC.register("pinwheel", help="five curved arms (Johnson et al. 2016)")
@@ -327,7 +352,7 @@ def ring8(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     return centers + 0.1 * torch.randn(n, 2, generator=generator), k
 
 
-DATASETS: tuple[str, ...] = ("mnist", *SYNTHETIC)
+DATASETS: tuple[str, ...] = (*IMAGE_SETS, *SYNTHETIC)
 
 
 def synthetic_2d(name: str, n: int, generator: torch.Generator) -> Tensor:
@@ -335,51 +360,13 @@ def synthetic_2d(name: str, n: int, generator: torch.Generator) -> Tensor:
     return SYNTHETIC.build(name, n, generator)[0]
 
 
-_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _load_file(path: Path, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """A (N, ...) tensor from a .pt or .npy file, split 90/10 into train and test."""
-    try:
-        if path.suffix == ".npy":
-            x = torch.from_numpy(np.load(path, allow_pickle=False))
-        else:
-            with warnings.catch_warnings():  # torch's note on checking sparse tensors
-                warnings.simplefilter("ignore", UserWarning)
-                x = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 2:
-        raise InputError(f"data file {path} must hold one tensor of shape (N, ...) with N >= 2")
-    if x.layout != torch.strided:
-        raise InputError(f"data file {path} holds a sparse tensor; save x.to_dense() instead")
-    if x.is_complex():
-        raise InputError(
-            f"data file {path} holds complex values; save real ones (e.g. torch.view_as_real(x))"
-        )
-    if x.dtype == torch.bool or not (x.is_floating_point() or x.dtype in _INTEGERS):
-        x = x.to(torch.int64) if x.dtype == torch.bool else x
-    dtype = torch.get_default_dtype()  # the networks' dtype, whatever the file holds
-    largest = x.abs().max().item() if x.numel() else 0.0
-    if math.isfinite(largest) and largest > torch.finfo(dtype).max:
-        raise InputError(
-            f"data file {path} holds values up to {largest:.3g}, beyond {dtype}'s range "
-            f"({torch.finfo(dtype).max:.3g}); rescale the data"
-        )
-    x = x.to(dtype)
-    order = torch.randperm(x.shape[0], generator=generator)
-    n_test = max(1, x.shape[0] // 10)
-    return x[order[n_test:]], x[order[:n_test]]
-
-
 def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
     """Loads the data set ``config`` names onto ``device``."""
     g = torch.Generator().manual_seed(config.seed)
-    if config.dataset == "mnist":
-        train, test, digits = _mnist(config.data_dir)
-        if config.binarize == "static":
-            train, test = torch.bernoulli(train, generator=g), torch.bernoulli(test, generator=g)
-        return Data(train.to(device), test.to(device), config.binarize, "mnist", digits)
+    if config.dataset in IMAGE_SETS:
+        train, test, labels = IMAGE_SETS.build(config.dataset, resolve_data_root(config.data_dir))
+        train, test = _binarized(train, test, config.binarize, g)
+        return Data(train.to(device), test.to(device), config.binarize, config.dataset, labels)
     if config.dataset in SYNTHETIC:
         train, _ = SYNTHETIC.build(config.dataset, config.num_train, g)
         test, labels = SYNTHETIC.build(config.dataset, config.num_test, g)
@@ -387,8 +374,17 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
     path = Path(config.dataset)
     if not path.is_file():
         raise MissingInputError(f"data file {path} does not exist")
-    train, test = _load_file(path, g)
-    return Data(train.to(device), test.to(device), "continuous", path.stem)
+    x = read_points(path)
+    train, test = split_indices(len(x), max(1, len(x) // 10), g)
+    return Data(x[train].to(device), x[test].to(device), "continuous", path.stem)
+
+
+def _binarized(train: Tensor, test: Tensor, binarize: str, g: torch.Generator):
+    """One fixed Bernoulli draw of both splits for ``static`` (drawn from the CPU generator
+    ``g`` wherever the tensors are); else the intensities."""
+    if binarize == "static":
+        return tuple(torch.bernoulli(t.cpu(), generator=g).to(t.device) for t in (train, test))
+    return train, test
 
 
 def data_fingerprint(data: Data) -> str:

@@ -1,0 +1,231 @@
+r"""Image data sets: MNIST, Fashion-MNIST, KMNIST and EMNIST letters read by torchvision,
+Burda et al.'s 28x28 Omniglot (``chardata.mat``), and scikit-learn's bundled 8x8 digits.
+
+Each loader in :data:`IMAGE_SETS` takes the data root (:func:`resolve_data_root`: ``--data-dir``,
+else ``$PPL_VAE_DATA``, else the user cache) and returns the training and test images as
+intensities in [0, 1] of shape ``(N, 1, H, W)``, upright, with the test labels. A set whose
+files are missing is a one-line error saying where to put them; nothing is written but what
+torchvision's own download writes when the network allows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ppl_vae.errors import InputError, MissingInputError
+from ppl_vae.registry import Registry
+
+__all__ = ["IMAGE_SETS", "MNIST_FILES", "TorchvisionSet", "check_idx_file", "resolve_data_root"]
+
+IMAGE_SETS: Registry = Registry("image data set")  # root -> (train, test, test labels)
+WHERE = "pass --data-dir DIR or set PPL_VAE_DATA=DIR"
+
+
+def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data root: ``data_dir``, else ``$PPL_VAE_DATA``, else the user cache directory."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    if os.environ.get("PPL_VAE_DATA"):
+        return Path(os.environ["PPL_VAE_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "ppl_vae"
+
+
+MNIST_FILES = {  # the uncompressed files torchvision reads, and their sizes in bytes
+    "train-images-idx3-ubyte": 47_040_016,
+    "train-labels-idx1-ubyte": 60_008,
+    "t10k-images-idx3-ubyte": 7_840_016,
+    "t10k-labels-idx1-ubyte": 10_008,
+}
+
+
+def check_idx_file(path: Path) -> None:
+    """An error naming ``path`` if it is not a whole IDX file of unsigned bytes (the format of
+    MNIST's files: a magic number 0x0000080D for D dimensions, D sizes, then the bytes)."""
+    header = np.fromfile(path, dtype=">u4", count=4)
+    ndim = int(header[0]) - 0x800 if len(header) else -1
+    if not 1 <= ndim <= 3 or len(header) < 1 + ndim:
+        raise InputError(
+            f"{path} is not an IDX file of unsigned bytes (magic number 0x00000801-3); "
+            f"delete it and fetch it again"
+        )
+    expected = 4 * (1 + ndim) + int(np.prod(header[1 : 1 + ndim], dtype=np.int64))
+    if path.stat().st_size != expected:
+        raise InputError(
+            f"{path} has {path.stat().st_size} bytes, not the {expected} its header gives: it "
+            f"is truncated or corrupt; delete it (and its .gz) and fetch it again"
+        )
+
+
+@dataclass(frozen=True)
+class TorchvisionSet:
+    """An image set read by a ``torchvision.datasets`` class from ``ROOT/<class>/raw``."""
+
+    title: str  # the set's name in messages
+    cls: str  # the torchvision.datasets class, also its folder under the root
+    files: tuple[str, ...]  # the uncompressed files torchvision reads
+    fetch: str  # what else may stand in the folder: the archives torchvision downloads
+    split: str | None = None  # EMNIST's split
+    transposed: bool = False  # the files hold each image transposed (EMNIST)
+    sizes: tuple[int, ...] | None = None  # the files' exact sizes, where known
+
+    def __call__(self, root: Path) -> tuple[Tensor, Tensor, Tensor]:
+        raw = root / self.cls / "raw"
+        for i, name in enumerate(self.files):  # a truncated file is named, not "not found"
+            path = raw / name
+            if path.is_file() and self.sizes and path.stat().st_size != self.sizes[i]:
+                raise InputError(
+                    f"{self.title} file {path} has {path.stat().st_size} bytes, not "
+                    f"{self.sizes[i]}: it is truncated or corrupt; delete it (and its .gz) and "
+                    f"fetch it again"
+                )
+            if path.is_file():
+                check_idx_file(path)
+        created = [d for d in (root, root / self.cls, raw) if not d.exists()]
+        images, labels = [], []
+        for train in (True, False):
+            try:
+                ds = self._read(root, train, download=False)
+            except RuntimeError:
+                try:
+                    ds = self._read(root, train, download=True)
+                except Exception as e:  # offline, unwritable, or a truncated download
+                    for d in reversed(created):  # a mistyped --data-dir leaves nothing behind
+                        with contextlib.suppress(OSError):
+                            d.rmdir()
+                    raise MissingInputError(
+                        f"{self.title} not found in {raw} and the download failed "
+                        f"({type(e).__name__}); {WHERE}, where DIR/{self.cls}/raw holds "
+                        f"{', '.join(self.files)} ({self.fetch})"
+                    ) from None
+            x = ds.data.transpose(1, 2) if self.transposed else ds.data
+            images.append(x.unsqueeze(1).float().div_(255.0))
+            labels.append(ds.targets)
+        return images[0], images[1], labels[1].clone()
+
+    def _read(self, root: Path, train: bool, download: bool):
+        import torchvision.datasets  # torchvision only when one of its sets is asked for
+
+        split = {"split": self.split} if self.split else {}
+        cls = getattr(torchvision.datasets, self.cls)
+        return cls(str(root), train=train, download=download, **split)
+
+
+def _idx_names(prefix: str = "", train: str = "train", test: str = "t10k") -> tuple[str, ...]:
+    return tuple(
+        f"{prefix}{split}-{kind}-ubyte"
+        for split in (train, test)
+        for kind in ("images-idx3", "labels-idx1")
+    )
+
+
+MNIST_LIKE = "or the four .gz files torchvision downloads"
+IMAGE_SETS.register(
+    "mnist",
+    TorchvisionSet(
+        "MNIST", "MNIST", tuple(MNIST_FILES), MNIST_LIKE, sizes=(*MNIST_FILES.values(),)
+    ),
+    help="LeCun et al.'s handwritten digits (torchvision MNIST), DIR/MNIST/raw holding "
+    "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+    "t10k-labels-idx1-ubyte (or the .gz files torchvision downloads)",
+)
+IMAGE_SETS.register(
+    "fashion-mnist",
+    TorchvisionSet("Fashion-MNIST", "FashionMNIST", _idx_names(), MNIST_LIKE),
+    help="Zalando's clothes (Xiao et al. 2017; torchvision FashionMNIST), DIR/FashionMNIST/raw "
+    "holding files named as MNIST's",
+)
+IMAGE_SETS.register(
+    "kmnist",
+    TorchvisionSet("KMNIST", "KMNIST", _idx_names(), MNIST_LIKE),
+    help="Kuzushiji-MNIST, cursive Japanese (Clanuwat et al. 2018; torchvision KMNIST), "
+    "DIR/KMNIST/raw holding files named as MNIST's",
+)
+IMAGE_SETS.register(
+    "emnist-letters",
+    TorchvisionSet(
+        "EMNIST letters", "EMNIST", _idx_names("emnist-letters-", "train", "test"),
+        "or NIST's gzip.zip, which torchvision unpacks", split="letters", transposed=True,
+    ),
+    help="handwritten letters, labels 1-26 (Cohen et al. 2017; torchvision EMNIST, split "
+    "letters; the files' transposed images turned upright), DIR/EMNIST/raw holding "
+    "emnist-letters-{train,test}-{images-idx3,labels-idx1}-ubyte (or NIST's gzip.zip)",
+)  # fmt: skip
+
+
+@IMAGE_SETS.register(
+    "omniglot",
+    help="Burda et al.'s 28x28 Omniglot, labels the 50 alphabets (chardata.mat of "
+    "github.com/yburda/iwae, datasets/OMNIGLOT), DIR/OMNIGLOT/chardata.mat",
+)
+def omniglot(root: Path) -> tuple[Tensor, Tensor, Tensor]:
+    """Burda et al.'s (2016) 28x28 Omniglot: 24,345 training and 8,070 test characters.
+
+    ``chardata.mat`` holds ``data`` and ``testdata`` as (784, N) intensities, each column an
+    image in column-major (Fortran) order, and ``target``/``testtarget`` as (50, N) one-hot
+    alphabets; the labels returned are the alphabets, 0-49.
+    """
+    path = root / "OMNIGLOT" / "chardata.mat"
+    if not path.is_file():
+        raise MissingInputError(
+            f"Omniglot not found: no {path}; {WHERE}, where DIR/OMNIGLOT/chardata.mat is "
+            f"Burda et al.'s file (github.com/yburda/iwae, datasets/OMNIGLOT/chardata.mat)"
+        )
+    from scipy.io import loadmat  # scipy comes with scikit-learn
+
+    try:
+        mat = loadmat(str(path))
+    except Exception as e:  # not a .mat file
+        raise InputError(f"cannot read Omniglot from {path}: {type(e).__name__}: {e}") from None
+    missing = [k for k in ("data", "testdata", "testtarget") if k not in mat]
+    if missing:
+        raise InputError(f"{path} has no {', '.join(map(repr, missing))}: it is not chardata.mat")
+    images = [_columns_to_images(mat[k], path, k) for k in ("data", "testdata")]
+    labels = np.asarray(mat["testtarget"])
+    if labels.ndim != 2 or labels.shape[1] != images[1].shape[0]:
+        raise InputError(
+            f"{path}: 'testtarget' has shape {labels.shape}, not (alphabets, "
+            f"{images[1].shape[0]}) one-hot columns for the test images"
+        )
+    return images[0], images[1], torch.from_numpy(labels.argmax(0)).long()
+
+
+def _columns_to_images(a, path: Path, key: str) -> Tensor:
+    """(784, N) columns in Fortran order -> upright (N, 1, 28, 28) float images."""
+    a = np.asarray(a)
+    if a.ndim != 2 or a.shape[0] != 784 or a.shape[1] == 0:
+        raise InputError(f"{path}: {key!r} has shape {a.shape}, not (784, N) image columns")
+    x = torch.from_numpy(np.ascontiguousarray(a.T, dtype=np.float32))  # row i: column i
+    x = x.reshape(-1, 28, 28).transpose(1, 2)  # column-major pixels: rows are x's columns
+    if x.min() < 0 or x.max() > 1:
+        raise InputError(f"{path}: {key!r} holds values outside [0, 1]; it is not chardata.mat")
+    return x.unsqueeze(1).contiguous()
+
+
+DIGITS_TEST = 360  # of 1,797: a fifth, drawn once (scikit-learn's train_test_split, seed 0)
+
+
+@IMAGE_SETS.register(
+    "digits",
+    help="scikit-learn's bundled 8x8 digits (load_digits; no files): 1,437 training and 360 "
+    "test images, a fixed split",
+)
+def digits(root: Path | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """scikit-learn's 1,797 8x8 digits (UCI), 0..16 scaled to [0, 1], split once and for all
+    by ``train_test_split(test_size=360, random_state=0)`` whatever the run's seed, so every
+    run is tested on the same 360 images. ``root`` is unused: the data come with scikit-learn.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images).to(torch.float32).div_(16.0).unsqueeze(1)
+    train, test = train_test_split(np.arange(len(x)), test_size=DIGITS_TEST, random_state=0)
+    return x[train], x[test], torch.from_numpy(bunch.target[test]).long()
