@@ -94,7 +94,11 @@ class TrainConfig:
     lr_patience: int | None = option(
         None, "plateau: epochs without a better validation ELBO before a cut (default 10)"
     )
-    loss: str = option("elbo", "the training objective", choices=LOSSES)
+    loss: str = option(
+        "meanfield", "the training objective; meanfield, the default, takes the KL term in "
+        "closed form where the guide's family has one (0.61 +- 0.04 nats lower test NLL than "
+        "elbo after 50 MNIST epochs, docs/RESULTS.md)", choices=LOSSES,
+    )  # fmt: skip
     num_particles: int = option(
         1, "vectorized particles per step: ELBO draws averaged, or the IWAE k"
     )
