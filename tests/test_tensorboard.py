@@ -40,10 +40,12 @@ def read_metrics(run_dir):
     return [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_scalars_match(board, metrics):
-    """Every number of metrics.jsonl is the scalar of its tag at its epoch (float32)."""
-    keys = {k for m in metrics for k in m if k != "epoch"}
-    assert {"validation_elbo", "kl_weight", "lr", "grad_norm", "clipped", "seconds"} <= keys
+def assert_scalars_match(board, metrics, keys=None):
+    """Every number of metrics.jsonl (of ``keys``, by default all of them, as with
+    ``--validation`` and ``--clip-grad``) is the scalar of its tag at its epoch (float32)."""
+    if keys is None:
+        keys = {k for m in metrics for k in m if k != "epoch"}
+        assert {"validation_elbo", "kl_weight", "lr", "grad_norm", "clipped", "seconds"} <= keys
     for key in keys:
         events = board.Scalars(tag(key))
         assert [e.step for e in events] == [m["epoch"] for m in metrics], key
@@ -115,6 +117,22 @@ def test_resume_logs_the_new_epochs_into_the_same_folder(logged, tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert_scalars_match(board, metrics)
     assert [e.step for e in board.Scalars("hparams/test_elbo")] == [2, 3]
+
+
+@needs_tensorboard
+def test_a_new_run_into_the_folder_hides_what_it_showed(logged, tmp_path):
+    shutil.copytree(logged / "board", tmp_path / "board")
+    config = TrainConfig(epochs=1, batch_size=100, seed=1)
+    train_run(
+        DATA, VAE, config, tmp_path / "run", "cpu",
+        quiet=True, pictures=False, tensorboard=tmp_path / "board",
+    )  # fmt: skip
+    board = read_events(tmp_path / "board")
+    metrics = read_metrics(tmp_path / "run")
+    assert_scalars_match(board, metrics, keys={"train_elbo", "test_elbo", "lr", "grad_norm"})
+    assert [e.step for e in board.Scalars("hparams/test_elbo")] == [1]
+    assert [len(board.Images(name)) for name in board.Tags()["images"]] == [0] * 4
+    assert [e.step for e in board.Scalars("clipped")] == []  # the earlier run clipped
 
 
 def test_nothing_is_logged_without_the_flag(tmp_path):
