@@ -181,19 +181,17 @@ def _train_into(
         def _run(metrics: list[dict]) -> Run:
             return Run(model, guide, data, config, metrics, run_dir.path, run_dir.identity)
 
-        def checkpoint(s: TrainState) -> None:
+        def checkpoint(s: TrainState) -> None:  # on rank 0 only
             run_dir.save(s, config, best=best_epoch(s.metrics) == s.epoch)
+            if board is not None:  # the log never runs ahead of the checkpoint
+                board.epoch(s.metrics[-1])
             if pictures and plot_every and s.epoch % plot_every == 0:
                 draw(_run(s.metrics))
-
-        def on_epoch(metrics: dict) -> None:
-            if board is not None:  # rank 0 only
-                board.epoch(metrics)
 
         try:
             metrics = train(
                 model, guide, data, config.train,
-                resume_from=state, checkpoint=checkpoint, on_epoch=on_epoch, quiet=quiet,
+                resume_from=state, checkpoint=checkpoint, quiet=quiet,
             )  # fmt: skip
         except (FloatingPointError, InputError) as e:  # InputError: a full disk, say
             raise type(e)(f"{e}; {_kept(run_dir)}") from None
