@@ -135,6 +135,35 @@ def test_a_new_run_into_the_folder_hides_what_it_showed(logged, tmp_path):
     assert [e.step for e in board.Scalars("clipped")] == []  # the earlier run clipped
 
 
+@needs_tensorboard
+def test_an_interrupted_run_closes_its_log_with_the_epochs_done(tmp_path, monkeypatch):
+    import ppl_vae.runs.tensorboard as tensorboard
+    import ppl_vae.runs.train as vae_run
+
+    train, closed = vae_run.train, []
+
+    def interrupted(*args, **kwargs):
+        def stop(metrics):
+            if metrics["epoch"] == 2:
+                raise KeyboardInterrupt
+
+        return train(*args, on_epoch=stop, **kwargs)
+
+    close = tensorboard.Board.close
+    monkeypatch.setattr(vae_run, "train", interrupted)
+    monkeypatch.setattr(tensorboard.Board, "close", lambda self: closed.append(close(self)))
+    with pytest.raises(vae_run.Interrupted, match="checkpoint of epoch 2"):
+        train_run(
+            DATA, VAE, TrainConfig(epochs=3), tmp_path / "run", "cpu",
+            quiet=True, tensorboard=tmp_path / "board",
+        )  # fmt: skip
+    assert len(closed) == 1
+    board = read_events(tmp_path / "board")
+    assert_scalars_match(board, read_metrics(tmp_path / "run"), keys={"test_elbo", "lr"})
+    assert [e.step for e in board.Scalars("elbo/test")] == [1, 2]
+    assert not board.Tags()["images"] and "hparams/test_elbo" not in board.Tags()["scalars"]
+
+
 def test_nothing_is_logged_without_the_flag(tmp_path):
     train_run(DATA, VAE, TrainConfig(epochs=1), tmp_path / "run", "cpu", quiet=True, pictures=False)
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
