@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --out from its checkpoint: its data, model and objective; "
-        "only --epochs (the new total), --capture, --device, --quiet and --plot-every may "
-        "change",
+        "only --epochs (the new total), --capture, --device, --quiet, --plot-every and "
+        "--tensorboard may change",
     )
     either.add_argument(
         "--overwrite",
@@ -185,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="also draw the pictures every N epochs (they are always drawn at the end)",
+    )
+    r.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="also log to TensorBoard in DIR, a folder outside --out: per epoch the ELBOs, KL "
+        "weight, lr, grad_norm and seconds, the pictures, the configuration as hparams; "
+        "--resume logs on into it (needs pip install 'ppl_vae[tensorboard]')",
     )
     e = sub.add_parser(
         "evaluate",
@@ -272,7 +280,7 @@ def _given(args: argparse.Namespace, prefix: str, **shared) -> dict:
 
 def _train(args: argparse.Namespace) -> None:
     shared = {"seed": args.seed, "data_dir": args.data_dir}
-    options = dict(quiet=args.quiet, plot_every=args.plot_every)
+    options = dict(quiet=args.quiet, plot_every=args.plot_every, tensorboard=args.tensorboard)
     if args.resume:  # the run's own settings, with what was given over them (checked there)
         given = {
             "data": _given(args, "data", **shared),

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+
+from matplotlib.figure import Figure
 
 from ppl_vae.errors import InputError
 from ppl_vae.plots import (
@@ -115,13 +118,18 @@ def default_pictures(run: Run) -> tuple[str, ...]:
 
 
 def write_pictures(
-    run: Run, out_dir: str | os.PathLike | None = None, names: tuple[str, ...] | None = None
+    run: Run,
+    out_dir: str | os.PathLike | None = None,
+    names: tuple[str, ...] | None = None,
+    *,
+    on_figure: Callable[[str, Figure], None] | None = None,
 ) -> list[Path]:
     """Draws ``names`` (default: every picture that applies) as ``NAME.png`` into ``out_dir``
     (default: the run's folder), all or none: each is drawn to a temporary file and they are
     renamed into place together. A file of the same name that ppl_vae did not write is refused.
     Draws come from forked random streams, so drawing leaves a training run's streams, and so
-    its numbers, unchanged."""
+    its numbers, unchanged. ``on_figure`` is called with each picture's name and figure before
+    it is saved (the TensorBoard log's images)."""
     names = default_pictures(run) if names is None else tuple(names)
     check_pictures(run, names)
     out = Path(out_dir) if out_dir is not None else run.directory
@@ -133,10 +141,12 @@ def write_pictures(
         f"{k} {v}" for k, v in shows.items() if k != "run"
     )
     with staged() as written, forked_rng(run.data.device, 0):
-        paths = [
-            written.save_figure(PICTURES[name].factory(run), out / file, description)
-            for name, file in zip(names, files, strict=True)
-        ]
+        paths = []
+        for name, file in zip(names, files, strict=True):
+            fig = PICTURES[name].factory(run)
+            if on_figure is not None:
+                on_figure(name, fig)
+            paths.append(written.save_figure(fig, out / file, description))
         outputs.stage(written, dict.fromkeys(files, shows))
     return paths
 

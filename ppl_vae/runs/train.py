@@ -16,6 +16,7 @@ from ppl_vae.runs.files import resolve_device
 from ppl_vae.runs.pictures import default_pictures, write_pictures
 from ppl_vae.runs.resume import ResumePoint
 from ppl_vae.runs.run import Run
+from ppl_vae.runs.tensorboard import Board, check_board
 from ppl_vae.selection import best_epoch
 from ppl_vae.svi import TrainConfig, TrainState, collect_params, restore_params, train
 from ppl_vae.vae import VAEConfig, build_vae
@@ -39,6 +40,7 @@ def train_run(
     pictures: bool = True,
     plot_every: int | None = None,
     overwrite: bool = False,
+    tensorboard: str | os.PathLike | None = None,
 ) -> Run:
     """Loads data, builds the VAE and trains it, with metrics and checkpoints in ``out_dir``.
 
@@ -54,11 +56,15 @@ def train_run(
     Each epoch that improves on the best validation ELBO (the test ELBO without
     ``--validation``) is also kept as ``best.pt``; the run returned, and its pictures, have the
     parameters of that epoch (on rank 0 under ``torchrun``; the others', the last epoch's).
+
+    With ``tensorboard`` (a folder outside the run's), rank 0 also logs the epochs' metrics,
+    the pictures and the configuration there (:mod:`ppl_vae.runs.tensorboard`); a resumed run
+    logs on from its checkpoint's epoch.
     """
     if resume and overwrite:
         raise InputError("--resume continues a run and --overwrite replaces it; choose one")
     given = RunConfig(data_config, vae_config, train_config)
-    options = dict(quiet=quiet, pictures=pictures, plot_every=plot_every)
+    options = dict(quiet=quiet, pictures=pictures, plot_every=plot_every, tensorboard=tensorboard)
     return _train(RunDir(out_dir), given, device, resume=resume, overwrite=overwrite, **options)
 
 
@@ -70,6 +76,7 @@ def resume_run(
     quiet: bool = False,
     pictures: bool = True,
     plot_every: int | None = None,
+    tensorboard: str | os.PathLike | None = None,
 ) -> Run:
     """Continues the run in ``out_dir`` with its own settings and ``changes`` laid over them
     (``{"train": {"epochs": 20}}``, as the flags of ``ppl-vae train --resume`` give them).
@@ -78,7 +85,7 @@ def resume_run(
     folder) is an ``InputError`` naming its flag; otherwise as :func:`train_run` with
     ``resume=True``.
     """
-    options = dict(quiet=quiet, pictures=pictures, plot_every=plot_every)
+    options = dict(quiet=quiet, pictures=pictures, plot_every=plot_every, tensorboard=tensorboard)
     return _train(RunDir(out_dir), changes or {}, device, resume=True, overwrite=False, **options)
 
 
@@ -92,9 +99,12 @@ def _train(
     quiet: bool,
     pictures: bool,
     plot_every: int | None,
+    tensorboard: str | os.PathLike | None,
 ) -> Run:
     if plot_every is not None and (isinstance(plot_every, bool) or plot_every < 1):
         raise InputError(f"plot_every must be a positive number of epochs, got {plot_every}")
+    if tensorboard is not None:  # the package and the folder, before anything is loaded
+        check_board(tensorboard, run_dir.path)
     point = ResumePoint.read(run_dir, given) if resume else None  # before anything is written
     if point is None:
         run_dir.check_can_hold_run(overwrite)
@@ -118,7 +128,7 @@ def _train(
     try:
         return _train_into(
             run_dir, config, state=state, point=point, built=(model, guide, data),
-            pictures=pictures, plot_every=plot_every, quiet=quiet,
+            pictures=pictures, plot_every=plot_every, quiet=quiet, tensorboard=tensorboard,
         )  # fmt: skip
     except BaseException:
         if created and not run_dir.has_checkpoint():  # bad input leaves nothing behind
@@ -145,25 +155,38 @@ def _train_into(
     pictures: bool,
     plot_every: int | None,
     quiet: bool,
+    tensorboard: str | os.PathLike | None,
 ) -> Run:
     model, guide, data = built
-    with contextlib.ExitStack() as stack:
+    board: Board | None = None  # rank 0's TensorBoard log, with --tensorboard
+    with contextlib.ExitStack() as stack:  # closes the log and the lock, also on failure
 
         def begin() -> None:  # rank 0 writes; only once every input has been checked
+            nonlocal board
             stack.enter_context(run_dir.writing())
             if point is not None:
                 point.check_unchanged(run_dir)  # the state continued is the one on disk
             run_dir.start(config, state.metrics if state is not None else [])
+            if tensorboard is not None:
+                first = (state.epoch if state is not None else 0) + 1
+                board = stack.enter_context(Board(tensorboard, first_epoch=first))
 
         on_rank0_for_all(begin)  # under torchrun: a refusal on rank 0 (the lock) stops all
+
+        def draw(run: Run) -> None:
+            step = run.metrics[-1]["epoch"] if run.metrics else 0
+            on_figure = None if board is None else lambda n, f: board.picture(n, f, step)
+            write_pictures(run, on_figure=on_figure)
 
         def _run(metrics: list[dict]) -> Run:
             return Run(model, guide, data, config, metrics, run_dir.path, run_dir.identity)
 
-        def checkpoint(s: TrainState) -> None:
+        def checkpoint(s: TrainState) -> None:  # on rank 0 only
             run_dir.save(s, config, best=best_epoch(s.metrics) == s.epoch)
+            if board is not None:  # the log never runs ahead of the checkpoint
+                board.epoch(s.metrics[-1])
             if pictures and plot_every and s.epoch % plot_every == 0:
-                write_pictures(_run(s.metrics))
+                draw(_run(s.metrics))
 
         try:
             metrics = train(
@@ -182,7 +205,7 @@ def _train_into(
             run = _at_best(run, run_dir)
         if pictures and world().main:
             try:
-                write_pictures(run)
+                draw(run)
             except KeyboardInterrupt:
                 raise Interrupted(
                     f"{_kept(run_dir)}; the pictures were not drawn (ppl-vae plot draws them)"
@@ -192,6 +215,8 @@ def _train_into(
                     f"{e}; {_kept(run_dir)}, and the pictures were not drawn "
                     f"(ppl-vae plot draws them)"
                 ) from None
+        if board is not None:
+            board.hparams(config, metrics)
         return run
 
 
