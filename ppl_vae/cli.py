@@ -189,10 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "evaluate",
         parents=shared,
-        help="estimate log p(x) of a trained run by importance sampling",
-        description="Estimate log p(x) of every point of a split by importance sampling with the "
-        "run's guide as proposal; print the mean NLL (nats), ELBO and effective sample size and "
-        "write them with the settings and wall time to RUN/evaluate.json.",
+        help="estimate log p(x) of a trained run by importance sampling or AIS",
+        description="Estimate log p(x) of every point of a split, by importance sampling with "
+        "the run's guide as proposal (--method is: print the mean NLL in nats, ELBO and "
+        "effective sample size) or by annealed importance sampling from the guide to the "
+        "posterior (--method ais: the NLL, HMC acceptance, log-weight variance and chain ESS), "
+        "and write them with the method, settings and wall time to RUN/evaluate.json.",
     )
     e.add_argument(*RUN_FLAGS, dest="run", required=True, help=RUN_HELP)
     where = e.add_mutually_exclusive_group()
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-write", action="store_true", help="print the result only; write no file"
     )
     e.add_argument(*CHECKPOINT_FLAG, **CHECKPOINT_OPTIONS)
-    _add_config(e.add_argument_group("importance sampling"), EvaluateConfig, "evaluate")
+    _add_config(e.add_argument_group("estimate (is, ais)"), EvaluateConfig, "evaluate")
     p = sub.add_parser(
         "plot",
         parents=shared,
@@ -311,13 +313,31 @@ def _evaluate(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def _importance_line(r: dict) -> str:
+    iwae = ", ".join(f"IWAE_{k} {v:.2f}" for k, v in r["iwae"].items())
+    return (
+        f"K={r['num_samples']}, {r['num_points']} points); ELBO {r['elbo']:.2f}; {iwae}; "
+        f"mean ESS {r['ess']:.1f}"
+    )
+
+
+def _annealed_line(r: dict) -> str:
+    a = r["ais"]
+    return (
+        f"AIS, C={r['num_chains']}, T={r['num_steps']}, {r['num_points']} points); mean "
+        f"acceptance {a['acceptance']:.2f}, log-weight variance {a['log_weight_variance']:.3g}, "
+        f"chain ESS {a['ess']:.1f} of {r['num_chains']}"
+    )
+
+
+ESTIMATE_LINES = {"is": _importance_line, "ais": _annealed_line}  # by evaluate --method
+
+
 def _print_evaluation(r: dict) -> None:
     """The estimate, printed before it is written (a failed write then loses nothing)."""
-    iwae = ", ".join(f"IWAE_{k} {v:.2f}" for k, v in r["iwae"].items())
     print(
         f"{r['split']} NLL {r['nll']:.2f} ± {r['nll_standard_error']:.2f} nats "
-        f"(K={r['num_samples']}, {r['num_points']} points); ELBO {r['elbo']:.2f}; "
-        f"{iwae}; mean ESS {r['ess']:.1f}; {r['seconds']:.1f} s",
+        f"({ESTIMATE_LINES[r['method']](r)}; {r['seconds']:.1f} s",
         flush=True,
     )
     mi, k = r.get("mutual_information"), r.get("pareto_k")
