@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ppl_vae.collapse import (
     gaussian_marginals,
@@ -38,7 +39,7 @@ from ppl_vae.runs.run import Run, load_run
 
 _OPTIONS = tuple(dict.fromkeys(o for m in METHODS for o in METHODS.options(m)))  # every method's
 
-__all__ = ["DEFAULT_IWAE_KS", "EvaluateConfig", "evaluate_run", "run_epoch"]
+__all__ = ["DEFAULT_IWAE_KS", "EvaluateConfig", "evaluate_run", "run_epoch", "seeded_batch"]
 
 
 def _iwae_ks(text: str) -> tuple[int, ...]:
@@ -131,11 +132,12 @@ class EvaluateConfig:
         return min(n, self.limit) if self.limit is not None else n
 
 
-def _batch(data: Data, x_all: torch.Tensor, config: EvaluateConfig, b: int) -> torch.Tensor:
-    """Batch ``b`` of the points as the model sees them, binarized from the batch's own seed
-    (which also seeds the draws that follow)."""
-    g = seed_streams(data.device, derived_seed(config.seed, b))
-    return data.encode(x_all[b * config.batch_size : (b + 1) * config.batch_size], generator=g)
+def seeded_batch(data: Data, x_all: torch.Tensor, batch_size: int, seed: int, b: int) -> Tensor:
+    """Batch ``b`` of ``x_all`` (``batch_size`` points each) as the model sees them, binarized
+    from the batch's own seed ``derived_seed(seed, b)``, which also seeds the draws that follow
+    (torch's global streams): a batch's figures do not depend on which process takes it."""
+    g = seed_streams(data.device, derived_seed(seed, b))
+    return data.encode(x_all[b * batch_size : (b + 1) * batch_size], generator=g)
 
 
 def _collapse(run: Run, config: EvaluateConfig, x_all: torch.Tensor) -> dict:
@@ -143,7 +145,8 @@ def _collapse(run: Run, config: EvaluateConfig, x_all: torch.Tensor) -> dict:
     a flow guide) on the points evaluated (:mod:`ppl_vae.collapse`)."""
     with torch.no_grad(), forked_rng(run.data.device, config.seed):
         batches = range(math.ceil(x_all.shape[0] / config.batch_size))
-        x = torch.cat([_batch(run.data, x_all, config, b) for b in batches])
+        size, seed = config.batch_size, config.seed
+        x = torch.cat([seeded_batch(run.data, x_all, size, seed, b) for b in batches])
         options = {"batch_size": config.batch_size}
         activity = latent_activity(run.guide, x, **options)
         gaussian = gaussian_marginals(run.guide.distribution(x[:1])) is not None
@@ -175,7 +178,7 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
         forked_rng(data.device, config.seed),
     ):
         for b in mine:
-            x = _batch(data, x_all, config, b)
+            x = seeded_batch(data, x_all, config.batch_size, config.seed, b)
             result = estimator.batch(
                 run.model, run.guide, x, chunk,
                 lambda d, base=done * k, m=x.shape[0]: bar.update(base + m * d),
