@@ -77,7 +77,7 @@ def _pareto(k: Tensor, num_samples: int, worst: int = 10) -> dict | None:
     }
 
 
-METHODS: Registry[Callable[..., Estimator]] = Registry("evaluation method")
+METHODS: Registry[Estimator] = Registry("evaluation method")
 
 
 @METHODS.register(

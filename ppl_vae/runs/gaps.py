@@ -54,8 +54,9 @@ class GapsConfig:
         "judged on their mean ELBO",
     )  # fmt: skip
     chunk_size: int | None = option(
-        None, "ELBO draws per vectorized pass (default 10,000 / --batch-size on a CPU)"
-    )
+        None, "ELBO draws per vectorized pass (default 10,000 / the batch's points on a CPU, "
+        "100,000 / them on a GPU; recorded as null)",
+    )  # fmt: skip
     seed: int = option(0, "seeds the binarization and every draw")
 
     def __post_init__(self):
