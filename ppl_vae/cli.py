@@ -18,16 +18,19 @@ from ppl_vae.registry import Registry
 from ppl_vae.runs import (
     PICTURES,
     EvaluateConfig,
+    GapsConfig,
     Interrupted,
     MixtureConfig,
     em_run,
     evaluate_run,
+    gaps_run,
     join_processes,
     plot_run,
     resume_run,
     train_run,
 )
 from ppl_vae.runs.checkpoint import CHECKPOINTS
+from ppl_vae.runs.gaps import QUANTITIES
 from ppl_vae.selection import best_epoch, watched
 from ppl_vae.svi import TrainConfig
 from ppl_vae.vae import VAEConfig
@@ -145,7 +148,7 @@ def _shared_flags() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``ppl-vae`` parser with its three commands."""
+    """The ``ppl-vae`` parser with its commands."""
     parser = _Parser(
         prog="ppl-vae",
         description="Variational autoencoders written as Pyro programs, trained by SVI.",
@@ -197,25 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "evaluate",
         parents=shared,
-        help="estimate log p(x) of a trained run by importance sampling",
-        description="Estimate log p(x) of every point of a split by importance sampling with the "
-        "run's guide as proposal; print the mean NLL (nats), ELBO and effective sample size and "
-        "write them with the settings and wall time to RUN/evaluate.json.",
+        help="estimate log p(x) of a trained run by importance sampling or AIS",
+        description="Estimate log p(x) of every point of a split, by importance sampling with "
+        "the run's guide as proposal (--method is: print the mean NLL in nats, ELBO and "
+        "effective sample size) or by annealed importance sampling from the guide to the "
+        "posterior (--method ais: the NLL, HMC acceptance, log-weight variance and chain ESS), "
+        "and write them with the method, settings and wall time to RUN/evaluate.json.",
     )
-    e.add_argument(*RUN_FLAGS, dest="run", required=True, help=RUN_HELP)
-    where = e.add_mutually_exclusive_group()
-    where.add_argument(
-        "--out",
-        default=None,
-        metavar="FILE|DIR",
-        help="write the record here (a file, or a folder for evaluate.json) instead of into "
-        "the run, e.g. for a read-only run (default: RUN/evaluate.json)",
+    _add_record_flags(e, "evaluate.json")
+    _add_config(e.add_argument_group("estimate (is, ais)"), EvaluateConfig, "evaluate")
+    g = sub.add_parser(
+        "gaps",
+        parents=shared,
+        help="split log p(x) - ELBO of a trained run into approximation and amortization gaps",
+        description="On the first --limit test points: log p(x) by annealed importance "
+        "sampling (AIS), the ELBO of q* (the best q of the guide's family per point, fitted "
+        "with the model fixed), the amortized ELBO (the guide's), the approximation gap "
+        "(log p(x) - ELBO of q*) and the amortization gap (ELBO of q* - amortized ELBO) "
+        "(Cremer et al., 2018); print each as mean ± standard error over points and write "
+        "them with the per-point values, settings and wall time to RUN/gaps.json. Gaussian "
+        "guides only (gaussian, lowrank, fullrank).",
     )
-    where.add_argument(
-        "--no-write", action="store_true", help="print the result only; write no file"
-    )
-    e.add_argument(*CHECKPOINT_FLAG, **CHECKPOINT_OPTIONS)
-    _add_config(e.add_argument_group("importance sampling"), EvaluateConfig, "evaluate")
+    _add_record_flags(g, "gaps.json")
+    _add_config(g.add_argument_group("gaps"), GapsConfig, "gaps")
     p = sub.add_parser(
         "plot",
         parents=shared,
@@ -253,6 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(m.add_argument_group("mixture"), MixtureConfig, "mixture")
     m.add_argument("--out", default="runs/em", help="output directory (default: runs/em)")
     return parser
+
+
+def _add_record_flags(parser: argparse.ArgumentParser, name: str) -> None:
+    """--run, --out FILE|DIR or --no-write, and --checkpoint: a command writing ``name``."""
+    parser.add_argument(*RUN_FLAGS, dest="run", required=True, help=RUN_HELP)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE|DIR",
+        help=f"write the record here (a file, or a folder for {name}) instead of into "
+        f"the run, e.g. for a read-only run (default: RUN/{name})",
+    )
+    where.add_argument(
+        "--no-write", action="store_true", help="print the result only; write no file"
+    )
+    parser.add_argument(*CHECKPOINT_FLAG, **CHECKPOINT_OPTIONS)
 
 
 CHECKPOINT_FLAG = ("--checkpoint",)
@@ -319,13 +343,31 @@ def _evaluate(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def _importance_line(r: dict) -> str:
+    iwae = ", ".join(f"IWAE_{k} {v:.2f}" for k, v in r["iwae"].items())
+    return (
+        f"K={r['num_samples']}, {r['num_points']} points); ELBO {r['elbo']:.2f}; {iwae}; "
+        f"mean ESS {r['ess']:.1f}"
+    )
+
+
+def _annealed_line(r: dict) -> str:
+    a = r["ais"]
+    return (
+        f"AIS, C={r['num_chains']}, T={r['num_steps']}, {r['num_points']} points); mean "
+        f"acceptance {a['acceptance']:.2f}, log-weight variance {a['log_weight_variance']:.3g}, "
+        f"chain ESS {a['ess']:.1f} of {r['num_chains']}"
+    )
+
+
+ESTIMATE_LINES = {"is": _importance_line, "ais": _annealed_line}  # by evaluate --method
+
+
 def _print_evaluation(r: dict) -> None:
     """The estimate, printed before it is written (a failed write then loses nothing)."""
-    iwae = ", ".join(f"IWAE_{k} {v:.2f}" for k, v in r["iwae"].items())
     print(
         f"{r['split']} NLL {r['nll']:.2f} ± {r['nll_standard_error']:.2f} nats "
-        f"(K={r['num_samples']}, {r['num_points']} points); ELBO {r['elbo']:.2f}; "
-        f"{iwae}; mean ESS {r['ess']:.1f}; {r['seconds']:.1f} s",
+        f"({ESTIMATE_LINES[r['method']](r)}; {r['seconds']:.1f} s",
         flush=True,
     )
     mi, k = r.get("mutual_information"), r.get("pareto_k")
@@ -335,6 +377,28 @@ def _print_evaluation(r: dict) -> None:
         + (f"; k̂ > 0.7 for {k['above_0.7']:.1%} of points" if k else ""),
         flush=True,
     )
+
+
+def _gaps(args: argparse.Namespace) -> None:
+    config = _build(GapsConfig, args, "gaps", seed=args.seed)
+    gaps_run(
+        args.run, config, device=args.device, data_dir=args.data_dir, quiet=args.quiet,
+        write=not args.no_write, out=args.out, report=_print_gaps, checkpoint=args.checkpoint,
+    )  # fmt: skip
+
+
+def _print_gaps(r: dict) -> None:
+    """One line per quantity, printed before the record is written."""
+    print(
+        f"{r['num_points']} test points, AIS C={r['num_chains']}, T={r['num_steps']}, "
+        f"epoch {r['epoch']}; {r['seconds']:.1f} s; nats, mean ± standard error over points:",
+        flush=True,
+    )
+    width = max(map(len, QUANTITIES.values()))
+    for key, label in QUANTITIES.items():
+        se = r["standard_errors"][key]
+        shown = f" ± {se:.3f}" if se is not None else ""
+        print(f"  {label:<{width}}  {r['means'][key]:9.3f}{shown}", flush=True)
 
 
 def _em(args: argparse.Namespace) -> None:
@@ -373,7 +437,7 @@ def _plot(args: argparse.Namespace) -> None:
         )
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot, "em": _em}
+COMMANDS = {"train": _train, "evaluate": _evaluate, "gaps": _gaps, "plot": _plot, "em": _em}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

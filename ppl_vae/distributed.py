@@ -37,7 +37,9 @@ from ppl_vae.errors import InputError
 __all__ = [
     "RankStopped",
     "World",
+    "gather_round_robin",
     "on_rank0_for_all",
+    "round_robin",
     "all_gather_objects",
     "all_reduce_sum",
     "barrier",
@@ -223,6 +225,22 @@ def all_gather_objects(value: T) -> list[T]:
     with _collective():
         dist.all_gather_object(out, value)
     return out
+
+
+def round_robin(count: int) -> range:
+    """The batches (of ``count``, by index) this rank takes: every size-th from its rank."""
+    w = world()
+    return range(w.rank, count, w.size)
+
+
+def gather_round_robin(results: list[T], count: int) -> list[T]:
+    """Every rank's ``results`` of its :func:`round_robin` batches, on every rank, back in the
+    order of the ``count`` batches (pickled: send CPU tensors)."""
+    w = world()
+    if not w.distributed:
+        return results
+    ranks = all_gather_objects(results)
+    return [ranks[b % w.size][b // w.size] for b in range(count)]
 
 
 def on_rank0_for_all(fn: Callable[[], T]) -> T:

@@ -3,9 +3,9 @@
 Each case starts real ``torchrun`` jobs (``python -m torch.distributed.run --standalone``), one
 thread per process, and compares with one process: the step on a global batch split across the
 ranks is the one-process step on the whole batch (a deterministic program, so to float32
-rounding), evaluation shares batches out without changing a figure, a 2-rank run killed
-with SIGKILL resumes to the uninterrupted run's parameters exactly, and a rank killed alone is
-one line on rank 0 naming it.
+rounding), evaluation (importance sampling, AIS) and the gaps share batches out without
+changing a figure, a 2-rank run killed with SIGKILL resumes to the uninterrupted run's
+parameters exactly, and a rank killed alone is one line on rank 0 naming it.
 """
 
 import json
@@ -228,6 +228,32 @@ def test_two_rank_evaluation_equals_one_process(two_rank_run, capsys):
         assert two[key] == pytest.approx(one[key], abs=1e-9)
     for key in ("active_units", "latent_activity", "kl_per_dim", "mutual_information"):
         assert two[key] == pytest.approx(one[key], abs=1e-9)  # rank 0's, on the same points
+
+
+def test_two_rank_ais_evaluation_and_gaps_equal_one_process(two_rank_run, capsys):
+    """AIS and the gaps share batches out as importance sampling does: 3 batches, 2 and 1."""
+    runs = {
+        "evaluate.json": ["evaluate", "--method", "ais", "--num-chains", "4", "--num-steps",
+                          "20", "--limit", "120", "--batch-size", "40", "--seed", "3"],
+        "gaps.json": ["gaps", "--num-chains", "4", "--num-steps", "20", "--limit", "30",
+                      "--batch-size", "10", "--standard-error", "0.05", "--seed", "3"],
+    }  # fmt: skip
+    for name, (command, *flags) in runs.items():
+        code, _, err = run_cli(command, "--run", two_rank_run, *flags, "--quiet", capsys=capsys)
+        assert code == 0, err
+        one = json.loads((two_rank_run / name).read_text())
+        proc = ppl_vae(command, "--run-dir", two_rank_run, *flags, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        two = json.loads((two_rank_run / name).read_text())
+        assert one["processes"] == 1 and two["processes"] == 2
+        if name == "evaluate.json":
+            assert two["method"] == "ais" and len(two["log_px"]) == 120
+            assert two["log_px"] == pytest.approx(one["log_px"], abs=1e-9, rel=0)
+            assert two["ais"] == pytest.approx(one["ais"], abs=1e-9)
+        else:
+            assert len(two["per_point"]["log_px"]) == 30
+            for key, values in one["per_point"].items():
+                assert two["per_point"][key] == pytest.approx(values, abs=1e-9, rel=0), key
 
 
 @pytest.fixture(scope="module")

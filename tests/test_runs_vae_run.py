@@ -110,8 +110,8 @@ def test_a_nan_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatch):
 
 
 EVALUATE_KEYS = {
-    "split", "num_points", "num_samples", "nll", "nll_standard_error", "elbo", "ess", "iwae",
-    "seconds", "epoch", "checkpoint", "chunk_size", "batch_size", "seed", "limit", "device",
+    "method", "split", "num_points", "num_samples", "nll", "nll_standard_error", "elbo", "ess",
+    "iwae", "seconds", "epoch", "checkpoint", "chunk_size", "batch_size", "seed", "limit", "device",
     "processes", "log_px", "pareto_k", "active_units", "latent_activity", "kl_per_dim",
     "mutual_information",
 }  # fmt: skip

@@ -63,6 +63,7 @@ __all__ = [
     "EM_RESULTS",
     "EVALUATE",
     "FORMAT",
+    "GAPS",
     "MARKERS",
     "METRICS",
     "RunConfig",
@@ -76,6 +77,7 @@ CHECKPOINTS = ("best", "last")  # which checkpoint evaluate and plot read (--che
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVALUATE = "evaluate.json"
+GAPS = "gaps.json"  # ppl-vae gaps's record
 FORMAT = 1  # the checkpoint layout written here
 MARKERS = (CHECKPOINT, CONFIG, METRICS, BEST)  # a folder holding any of these holds a run
 EM_RESULTS = "results.json"  # ppl-vae em's record: a folder holding it holds em's results
@@ -126,7 +128,7 @@ def _temporary_of_ours(name: str) -> bool:
     if not (name.startswith(".") and name.endswith(".tmp")):
         return False
     base = name[1:].rsplit(".", 2)[0]
-    return base in (*MARKERS, RECORD, EVALUATE) or base.endswith(".png")
+    return base in (*MARKERS, RECORD, EVALUATE, GAPS) or base.endswith(".png")
 
 
 def held_by(folder: str | os.PathLike, own_run: str | os.PathLike | None = None) -> str | None:

@@ -26,7 +26,7 @@ from ppl_vae.plots import (
 )
 from ppl_vae.registry import Registry
 from ppl_vae.rng import forked_rng
-from ppl_vae.runs.checkpoint import RunDir, held_by
+from ppl_vae.runs.checkpoint import GAPS, RunDir, held_by
 from ppl_vae.runs.files import (
     RECORD,
     folder_lock,
@@ -168,7 +168,10 @@ def warn_stale(run_dir: RunDir, identity: dict | None) -> None:
     """A :class:`StaleWarning` naming the outputs of ``run_dir`` from another checkpoint."""
     names = stale_outputs(run_dir, identity)
     fixes = ["ppl-vae plot redraws the pictures"] * any(n.endswith(".png") for n in names)
-    fixes += ["ppl-vae evaluate renews the estimate"] * any(n.endswith(".json") for n in names)
+    fixes += ["ppl-vae evaluate renews the estimate"] * any(
+        n.endswith(".json") and n != GAPS for n in names
+    )
+    fixes += ["ppl-vae gaps renews the gaps"] * (GAPS in names)
     fix = " and ".join(fixes)
     if names:
         warnings.warn(
