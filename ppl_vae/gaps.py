@@ -24,16 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from ppl_vae.ais import annealed_log_likelihood
 from ppl_vae.errors import InputError
 from ppl_vae.importance import checked_inputs, default_chunk_size, log_weights_of_programs
 from ppl_vae.sites import LATENT, PLATE, DataPlateLayout, data_plate
-
-try:  # AIS is written beside this module; until it is merged, pass log_px=
-    from ppl_vae.ais import annealed_log_likelihood
-except ModuleNotFoundError as e:
-    if e.name != "ppl_vae.ais":
-        raise
-    annealed_log_likelihood = None
 
 __all__ = [
     "ELBOEstimate",
@@ -256,11 +250,6 @@ def elbo_per_point(
 def _log_px(log_px, model, guide, x, ais: dict) -> Tensor:
     """log p(x) per point: as given (a tensor, or a function of model, guide, x), else AIS."""
     if log_px is None:
-        if annealed_log_likelihood is None:
-            raise InputError(
-                "log p(x) by AIS needs ppl_vae.ais, which this version lacks; pass log_px= "
-                "(a tensor of shape (N,) or a function of model, guide, x)"
-            )
         log_px = annealed_log_likelihood(model, guide, x, **ais)
     elif callable(log_px):
         log_px = log_px(model, guide, x)

@@ -136,15 +136,19 @@ def test_two_ranks_take_the_one_process_step_on_the_combined_batch(tmp_path, cap
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("ddp") / "straight"
-    proc = ppl_vae("train", *RUN, "--epochs", "6", "--out", run)
+    board = run.parent / "tb"  # TensorBoard, where only rank 0 may write
+    proc = ppl_vae("train", *RUN, "--epochs", "6", "--out", run, "--tensorboard", board)
     assert proc.returncode == 0, proc.stderr
     return run
 
 
 def test_only_rank_0_writes_and_the_metrics_are_one_runs(two_rank_run):
     names = sorted(p.name for p in two_rank_run.iterdir())
-    assert names == [".lock", "checkpoint.pt", "config.json", "curves.png", "density.png",
-                     "latent.png", "metrics.jsonl", "samples.png", "written.json"]  # fmt: skip
+    assert names == [".lock", "best.pt", "checkpoint.pt", "config.json", "curves.png",
+                     "density.png", "latent.png", "metrics.jsonl", "samples.png",
+                     "written.json"]  # fmt: skip
+    events = list((two_rank_run.parent / "tb").iterdir())
+    assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")  # rank 0's
     assert [m["epoch"] for m in numbers(two_rank_run)] == [1, 2, 3, 4, 5, 6]
     state, _ = RunDir(two_rank_run).load()
     assert len(state.rng["ranks"]) == 2  # both ranks' streams, saved by rank 0
