@@ -49,6 +49,8 @@ def pareto_k_of_largest(largest: Tensor, num_samples: int) -> Tensor:
     The cutoff is the (M+1)-th largest weight, but at least 1e-15 of the largest; the tail is
     the weights above it, each less the cutoff, scaled by the largest weight.
     """
+    if largest.shape[0] <= 10:  # at most 10 weights above the cutoff: no fit (K < 50)
+        return torch.full(largest.shape[1:], math.inf, dtype=torch.float64, device=largest.device)
     lw = largest.to(torch.float64).sort(0).values.T  # (N, M + 1), ascending
     lw = lw - lw[:, -1:]
     cutoff = lw[:, :1].clamp(min=math.log(1e-15))

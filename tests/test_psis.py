@@ -64,3 +64,10 @@ def test_log_likelihood_diagnostics_reports_k_hat_of_its_own_draws():
     assert torch.allclose(r.pareto_k, pareto_k(lw), atol=1e-9, rtol=0)
     few = log_likelihood_diagnostics(model, prior_guide, x, num_samples=40)
     assert torch.isinf(few.pareto_k).all()  # 8 tail weights: too few, as Pyro says
+
+
+def test_fewer_than_eleven_draws_give_an_infinite_k_hat_not_an_error():
+    # Pyro's psis_diagnostic needs 10 tail weights: below 50 draws k̂ is infinite, down to K = 1
+    for k in (1, 2, 5, 10, 40):
+        lw = torch.randn(k, 3, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        assert torch.isinf(pareto_k(lw)).all(), k

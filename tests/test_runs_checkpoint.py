@@ -74,7 +74,7 @@ def test_a_pre_redesign_run_loads_with_its_configuration():
         latent_dim=2, network=NetworkConfig(hidden=(16,)), guide="planar", flow_length=2
     )
     assert run.data_config == DataConfig("pinwheel", num_train=600, num_test=200, seed=3)
-    assert run.train_config == TrainConfig(epochs=2, batch_size=100, seed=3)
+    assert run.train_config == TrainConfig(epochs=2, batch_size=100, seed=3, loss="elbo")
     assert [m["epoch"] for m in run.metrics] == [1, 2]
 
 
