@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import matplotlib.lines
 import matplotlib.ticker
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "image_grid",
     "interpolation_figure",
     "latent_figure",
+    "latent_subset",
     "manifold_figure",
     "mixture_figure",
     "posterior_means",
@@ -207,42 +209,63 @@ def interpolation_figure(
     return fig
 
 
-@torch.no_grad()
-def latent_figure(guide: AmortizedGuide, data: Data, n: int = 5000) -> Figure:
-    """The test points' posterior means, coloured by their label (digit, arm, component).
+def latent_subset(num_points: int, n: int, seed: int = 2) -> Tensor:
+    """Which test points the latent picture shows, in the order drawn: ``min(n, num_points)``
+    distinct indices in a random order from ``seed`` (a uniform subset when there are more
+    than ``n`` points; all of them otherwise, shuffled so that no label is always drawn over
+    the others)."""
+    return torch.randperm(num_points, generator=torch.Generator().manual_seed(seed))[:n]
 
-    A 2-D latent is drawn as it is; a larger one by its first two principal components.
-    """
-    g = torch.Generator(device=data.device).manual_seed(2)
-    x = data.encode(data.test[:n], generator=g)
-    z = torch.cat([posterior_means(guide, x[i : i + 500]) for i in range(0, len(x), 500)]).cpu()
+
+def _projection(z: Tensor) -> tuple[Tensor, str, tuple[str, str]]:
+    """Two coordinates to draw ``z`` by, what they are, and the axes' labels: z itself (2-D),
+    z against a random jitter (1-D), or the first two principal components (larger)."""
     if z.shape[1] == 1:  # a strip, spread upwards at random so that points do not hide others
         jitter = torch.rand(len(z), generator=torch.Generator().manual_seed(0))
-        xy, what, axes = torch.cat([z, jitter[:, None]], 1), "the 1-D latent z", ("z", "jitter")
-    elif z.shape[1] == 2:
-        xy, what = z, "the latent z itself"
-        axes = ("z1", "z2")
-    else:
-        centred = z - z.mean(0)
-        _, _, v = torch.linalg.svd(centred, full_matrices=False)
-        xy, what = centred @ v[:2].T, f"first two principal components of the {z.shape[1]}-D z"
-        axes = ("PC 1", "PC 2")
+        return torch.cat([z, jitter[:, None]], 1), "the 1-D latent z", ("z", "jitter")
+    if z.shape[1] == 2:
+        return z, "the latent z itself", ("z1", "z2")
+    centred = z - z.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    what = f"first two principal components of the {z.shape[1]}-D z"
+    return centred @ v[:2].T, what, ("PC 1", "PC 2")
+
+
+@torch.no_grad()
+def latent_figure(guide: AmortizedGuide, data: Data, n: int = 3000) -> Figure:
+    """The posterior means of at most ``n`` test points (:func:`latent_subset`: a random
+    subset, seeded, when the test set is larger, as the title says), coloured by their label
+    (digit, arm, component).
+
+    A 2-D latent is drawn as it is; a larger one by the first two principal components of the
+    points drawn. The points are one scatter, in the subset's random order.
+    """
+    total = data.test.shape[0]
+    pick = latent_subset(total, n)
+    g = torch.Generator(device=data.device).manual_seed(2)
+    x = data.encode(data.test[pick.to(data.device)], generator=g)
+    z = torch.cat([posterior_means(guide, x[i : i + 500]) for i in range(0, len(x), 500)]).cpu()
+    xy, what, axes = _projection(z)
     fig, ax = _figure(figsize=(6.5, 6))
-    labels = data.test_labels[:n].cpu() if data.test_labels is not None else None
+    labels = data.test_labels.cpu()[pick] if data.test_labels is not None else None
     if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.5)
     else:
         classes = labels.unique().tolist()
         cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
-        for c in classes:
-            pick = labels == c
-            ax.scatter(xy[pick, 0], xy[pick, 1], s=2, alpha=0.6, color=cmap(classes.index(c)),
-                       label=str(c))  # fmt: skip
+        index = torch.searchsorted(torch.tensor(classes, dtype=labels.dtype), labels)
+        ax.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.6, c=cmap(index.numpy()))
+        handles = [
+            matplotlib.lines.Line2D([], [], linestyle="", marker="o", markersize=6,
+                                    color=cmap(i), label=str(c))
+            for i, c in enumerate(classes)
+        ]  # fmt: skip
         title = "digit" if data.name == "mnist" else "label"
-        ax.legend(title=title, markerscale=5, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        ax.legend(handles=handles, title=title, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_xlabel(axes[0])
     ax.set_ylabel(axes[1])
-    ax.set_title(f"posterior means E[z|x] of {len(xy)} test points:\n{what}")
+    which = f"a random {len(pick)} of the {total}" if len(pick) < total else f"all {total}"
+    ax.set_title(f"posterior means E[z|x] of {which} test points:\n{what}")
     return fig
 
 

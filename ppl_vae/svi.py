@@ -32,6 +32,7 @@ from ppl_vae.distributed import (
 )
 from ppl_vae.errors import InputError
 from ppl_vae.losses import LOSSES, IWAELoss, scale_latent
+from ppl_vae.optim import adam, load_adam_state
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.rng import (
     derived_seed,
@@ -444,11 +445,12 @@ def init_state(
     """The loop's state before its first epoch, or after ``resume_from``'s last.
 
     Clears Pyro's param store, seeds the streams from ``config.seed``, registers the parameters
-    by running ``model`` and ``guide`` once on a batch, and makes the Adam optimizer; then
-    restores what ``resume_from`` holds, or else computes the untrained test ELBO. Under
-    ``torchrun`` every rank starts from the same parameters and data stream and draws its
-    latents from a stream of its own. A data stream that cannot continue on this device is
-    reseeded, with a :class:`ReseededStreamWarning` (from rank 0).
+    by running ``model`` and ``guide`` once on a batch, and makes the Adam optimizer (fused
+    where torch has the kernel, :func:`ppl_vae.optim.adam`); then restores what
+    ``resume_from`` holds, or else computes the untrained test ELBO. Under ``torchrun`` every
+    rank starts from the same parameters and data stream and draws its latents from a stream
+    of its own. A data stream that cannot continue on this device is reseeded, with a
+    :class:`ReseededStreamWarning` (from rank 0).
     """
     device, w = data.device, world()
     pyro.clear_param_store()
@@ -465,7 +467,7 @@ def init_state(
     if w.rank > 0:  # the same initial parameters (seed), then each rank its own latent draws
         pyro.set_rng_seed(derived_seed(config.seed, "rank", w.rank))
     schedule = config.schedule()
-    optimizer = torch.optim.Adam(params.values(), lr=config.lr, eps=schedule.adam_eps)
+    optimizer = adam(params.values(), lr=config.lr, eps=schedule.adam_eps)  # fused if torch can
     if resume_from is None:
         epoch, metrics = 0, []
         untrained = mean_elbo(
@@ -495,9 +497,9 @@ def _restore(
 ) -> None:
     """Puts ``saved``'s parameters, optimizer state and this rank's data stream in place."""
     restore_params(params, saved.params)
-    # a copy: Adam would otherwise update the state's tensors in place (load_state_dict
-    # keeps tensors already of the right dtype and device), spoiling a second resume
-    optimizer.load_state_dict(copy.deepcopy(saved.optimizer))
+    # a copy (Adam updates its state in place; a second resume needs it intact), with this
+    # optimizer's implementation kept: a run saved with unfused Adam resumes fused
+    load_adam_state(optimizer, saved.optimizer)
     w = world()
     rng = _rank_rng(saved.rng, w)
     reseed = derived_seed(seed, "moved", saved.epoch, w.rank)

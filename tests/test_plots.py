@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
+import matplotlib
 import torch
+from sklearn.decomposition import PCA
 
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.model import BernoulliLikelihood, VAEModel
@@ -13,6 +15,7 @@ from ppl_vae.plots import (
     curves_figure,
     image_grid,
     latent_figure,
+    latent_subset,
     manifold_figure,
     posterior_means,
     reconstructions_figure,
@@ -74,6 +77,33 @@ def test_a_larger_latent_is_drawn_by_its_first_two_principal_components():
     key = lambda p: sorted(map(tuple, p.abs().round(decimals=4).tolist()))  # noqa: E731
     assert key(points) == key(pcs)
     assert "principal components" in fig.axes[0].get_title()
+    close_figure(fig)
+
+
+def test_a_larger_test_set_is_drawn_by_a_seeded_random_subset_projected_as_pca_would():
+    """More test points than the picture takes: a uniform random subset (not the first
+    points), the same on every call; its first two principal components as scikit-learn's
+    PCA computes them from the subset's posterior means, up to each component's sign; each
+    point coloured by its own label; the title says how many of how many."""
+    model, guide, data = small_vae(latent_dim=4)
+    pick = latent_subset(120, 50)
+    assert len(set(pick.tolist())) == 50 and pick.min() >= 0 and pick.max() < 120
+    assert pick.max() >= 100 and torch.equal(pick, latent_subset(120, 50))  # spread, seeded
+    assert sorted(latent_subset(120, 500).tolist()) == list(range(120))  # all, when fewer
+    fig = latent_figure(guide, data, n=50)
+    (scatter,) = fig.axes[0].collections
+    shown = torch.as_tensor(scatter.get_offsets().data)
+    z = posterior_means(guide, data.encode(data.test[pick])).double().numpy()
+    want = torch.as_tensor(PCA(n_components=2).fit_transform(z))
+    signs = torch.sign((shown * want).sum(0))
+    assert torch.allclose(shown, want * signs, atol=1e-5)
+    classes = data.test_labels.unique().tolist()
+    cmap = matplotlib.colormaps["tab10"]
+    colours = [cmap(classes.index(c))[:3] for c in data.test_labels[pick].tolist()]
+    assert torch.allclose(torch.as_tensor(scatter.get_facecolors()[:, :3]),
+                          torch.tensor(colours, dtype=torch.float64))  # fmt: skip
+    assert "a random 50 of the 120 test points" in fig.axes[0].get_title()
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["0", "1"]
     close_figure(fig)
 
 
