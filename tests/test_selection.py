@@ -209,3 +209,15 @@ def test_a_large_clip_changes_nothing_and_a_small_one_changes_the_run():
     assert [m["clipped"] for m in tight] == [1.0, 1.0]
     assert tight[-1]["train_elbo"] != free[-1]["train_elbo"]
     assert all(m["grad_norm"] > 0.01 for m in tight)
+
+
+def test_a_run_from_before_best_pt_resumes_to_the_end_without_one(scripted, tmp_path, capsys):
+    config = TrainConfig(epochs=4, validation=100)
+    train_run(DATA, VAE, config, tmp_path, "cpu", pictures=False)  # best: epoch 4 of CURVE
+    (tmp_path / "best.pt").unlink()  # as a run trained before best.pt existed
+    capsys.readouterr()  # epochs 5 and 6 of CURVE fall below epoch 4's: no new best.pt
+    code, _, err = run_cli("train", "--resume", "--out", str(tmp_path), "--epochs", "6",
+                           "--quiet", capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    assert not (tmp_path / "best.pt").exists()
+    assert load_run(tmp_path, "cpu").checkpoint["epoch"] == 6  # the last, as before

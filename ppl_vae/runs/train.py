@@ -201,7 +201,11 @@ def _train_into(
             e.args = (f"{e}; {_kept(run_dir)}",)
             raise
         run = _run(metrics)
-        if world().main and best_epoch(metrics) != metrics[-1]["epoch"]:
+        if (
+            world().main
+            and best_epoch(metrics) != metrics[-1]["epoch"]
+            and run_dir.best_usable()  # a run from before best.pt may have none yet
+        ):
             run = _at_best(run, run_dir)
         if pictures and world().main:
             try:
