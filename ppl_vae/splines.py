@@ -48,30 +48,36 @@ _MIN_LAMBDA = 0.025  # the split point of a linear rational bin stays inside it
 _EPS = 1e-6  # knots are moved right by this in the bin search, as in Pyro
 
 
-def _knots(fractions: Tensor, bound: float) -> tuple[Tensor, Tensor]:
-    """Bin lengths and the K + 1 knots on ``[-bound, bound]`` from fractions summing to 1.
+def _normalized(raw: Tensor, minimum: float) -> Tensor:
+    """Fractions summing to 1 over the bins (dim -2), each at least ``minimum``: a softmax."""
+    return minimum + (1.0 - minimum * raw.shape[-2]) * F.softmax(raw, dim=-2)
+
+
+def _knots(fractions: Tensor, bound: float) -> Tensor:
+    """The K + 1 knots on ``[-bound, bound]`` (dim -2) from K fractions summing to 1.
 
     The end knots are exactly ``-bound`` and ``bound`` (not the rounded cumulative sums).
     """
     lower, upper = -bound, bound
-    inner = (upper - lower) * torch.cumsum(fractions[..., :-1], dim=-1) + lower
-    ends = fractions.new_full((*fractions.shape[:-1], 1), lower)
-    knots = torch.cat([ends, inner, ends.new_full(ends.shape, upper)], dim=-1)
-    return knots[..., 1:] - knots[..., :-1], knots
+    knots = (upper - lower) * F.pad(torch.cumsum(fractions, dim=-2), (0, 0, 1, 0)) + lower
+    last = torch.arange(knots.shape[-2], device=knots.device) == knots.shape[-2] - 1
+    return torch.where(last[:, None], upper, knots)
 
 
 def _bins(values: Tensor, knots: Tensor) -> Tensor:
-    """The bin of each value, ``(..., D, 1)``: the last knot (shifted by eps) not above it."""
-    index = torch.sum(values[..., None] >= knots + _EPS, dim=-1, keepdim=True) - 1
-    return index.clamp(min=0, max=knots.shape[-1] - 2)
+    """The bin of each value, ``(..., 1, D)``: the last knot (shifted by eps) not above it."""
+    index = torch.sum(values[..., None, :] >= knots + _EPS, dim=-2, keepdim=True) - 1
+    return index.clamp(min=0, max=knots.shape[-2] - 2)
 
 
 def _select(table: Tensor, index: Tensor, like: Tensor) -> tuple[Tensor, ...]:
-    """The rows of ``table`` ``(..., D, K, P)`` in the bins ``index``: P tensors like ``like``."""
-    shape = torch.broadcast_shapes(table.shape[:-2], like.shape)
-    table = table.expand(*shape, *table.shape[-2:])
-    index = index.expand(*shape, 1)[..., None].expand(*shape, 1, table.shape[-1])
-    return table.gather(-2, index)[..., 0, :].unbind(-1)
+    """The rows ``index`` and ``index + 1`` of ``table`` ``(..., K + 1, D, P)``: P pairs of
+    tensors like ``like`` (the values at a bin's left and right knots)."""
+    shape = torch.broadcast_shapes(table.shape[:-3], like.shape[:-1])
+    table = table.expand(*shape, *table.shape[-3:])
+    index = torch.cat([index, index + 1], dim=-2).expand(*shape, 2, like.shape[-1])
+    pairs = table.gather(-3, index[..., None].expand(*index.shape, table.shape[-1]))
+    return tuple(zip(pairs[..., 0, :, :].unbind(-1), pairs[..., 1, :, :].unbind(-1), strict=True))
 
 
 def _linear_knot(bottom, height, delta, d0, d1, lam):
@@ -143,10 +149,11 @@ _ORDERS = {  # order -> (forward, inverse) of one bin
 class RationalSpline:
     r"""An elementwise monotonic rational spline on ``[-bound, bound]``, the identity outside.
 
-    Parameters come unconstrained, as a network predicts them, with shapes ``(..., D, K)``
-    (``K - 1`` for the derivatives at the inner knots): widths and heights pass through a
-    softmax, derivatives through a softplus, and the linear order's split points through a
-    sigmoid. Each function returns the output and ``log |dy/dx|`` per element.
+    Parameters come unconstrained, as a network predicts them, with shapes ``(..., K, D)``
+    (``K - 1`` rows for the derivatives at the inner knots; a MADE's layout): widths and
+    heights pass through a softmax, derivatives through a softplus, and the linear order's
+    split points through a sigmoid. Each function returns the output and ``log |dy/dx|`` per
+    element.
 
     Arguments:
         bins: K, the number of bins.
@@ -156,7 +163,7 @@ class RationalSpline:
 
     Example:
         >>> s = RationalSpline(bins=4, bound=3.0, order="quadratic")
-        >>> raw = torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 3)  # D = 2
+        >>> raw = torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(3, 2)  # D = 2
         >>> y, log_slope = s.forward(torch.tensor([0.5, 7.0]), *raw)
         >>> y[1].item(), log_slope[1].item()  # outside [-3, 3]: the identity
         (7.0, 0.0)
@@ -181,25 +188,26 @@ class RationalSpline:
         k = self.bins
         return [k, k, k - 1] + ([k] if self.order == "linear" else [])
 
-    def _table(self, widths, heights, derivatives, lambdas=None) -> tuple[Tensor, Tensor, Tensor]:
-        """The x and y knots and every bin's parameters, stacked ``(..., D, K, P)``."""
-        k = self.bins
-        widths = _MIN_WIDTH + (1.0 - _MIN_WIDTH * k) * F.softmax(widths, dim=-1)
-        heights = _MIN_HEIGHT + (1.0 - _MIN_HEIGHT * k) * F.softmax(heights, dim=-1)
-        slopes = F.pad(_MIN_DERIVATIVE + F.softplus(derivatives), (1, 1), value=1 - _MIN_DERIVATIVE)
-        widths, xs = _knots(widths, self.bound)
-        heights, ys = _knots(heights, self.bound)
-        columns = [xs[..., :-1], widths, ys[..., :-1], heights, heights / widths]
-        columns += [slopes[..., :-1], slopes[..., 1:]]
-        if self.order == "linear":
-            columns.append((1 - 2 * _MIN_LAMBDA) * torch.sigmoid(lambdas) + _MIN_LAMBDA)
-        return xs, ys, torch.stack(columns, dim=-1)
-
     def _apply(self, values: Tensor, params: tuple[Tensor, ...], inverse: bool):
-        xs, ys, table = self._table(*params)
+        widths, heights, derivatives, *lambdas = params
+        xs = _knots(_normalized(widths, _MIN_WIDTH), self.bound)
+        ys = _knots(_normalized(heights, _MIN_HEIGHT), self.bound)
+        slopes = F.pad(
+            _MIN_DERIVATIVE + F.softplus(derivatives), (0, 0, 1, 1), value=1 - _MIN_DERIVATIVE
+        )
+        columns = [xs, ys, slopes]
+        if self.order == "linear":  # a split point per bin, padded to K + 1 rows like the rest
+            split = (1 - 2 * _MIN_LAMBDA) * torch.sigmoid(lambdas[0]) + _MIN_LAMBDA
+            columns.append(F.pad(split, (0, 0, 0, 1), value=0.5))
         inside = (values >= -self.bound) & (values <= self.bound)
         safe = torch.where(inside, values, 0.0)  # outside, the spline at 0: finite, as its grads
-        bin_params = _select(table, _bins(safe, ys if inverse else xs), safe)
+        index = _bins(safe, ys if inverse else xs)
+        (left, right), (bottom, top), (d0, d1), *split = _select(
+            torch.stack(columns, dim=-1), index, safe
+        )
+        width, height = right - left, top - bottom
+        bin_params = [left, width, bottom, height, height / width, d0, d1]
+        bin_params += [lam for lam, _ in split]
         out, log_slope = _ORDERS[self.order][1 if inverse else 0](safe, *bin_params)
         return torch.where(inside, out, values), torch.where(inside, log_slope, 0.0)
 
@@ -232,7 +240,7 @@ class AutoregressiveSpline(Transform):
         self._log_slopes: Tensor | None = None  # of the cached pair
 
     def _params(self, x: Tensor) -> tuple[Tensor, ...]:
-        return tuple(p.transpose(-1, -2) for p in self.made(x))
+        return self.made(x)
 
     def _call(self, x: Tensor) -> Tensor:
         y, self._log_slopes = self.spline.forward(x, *self._params(x))
