@@ -12,6 +12,8 @@ References:
     Rezende & Mohamed (2015), Variational inference with normalizing flows.
     Kingma et al. (2016), Improved variational inference with inverse autoregressive flow.
     Durkan et al. (2019), Neural spline flows.
+    Dolatabadi, Erfani & Leckie (2020), Invertible generative modeling using linear rational
+    splines.
     van den Berg et al. (2018), Sylvester normalizing flows for variational inference.
 """
 
