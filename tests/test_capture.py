@@ -29,7 +29,6 @@ from ppl_vae.vae import VAEConfig, build_vae
         ("planar", "elbo"),
         ("sylvester", "elbo"),
         ("spline", "elbo"),  # identity tails chosen by torch.where: fixed shapes
-        ("spline", "iwae"),
     ],
 )
 def test_captured_training_gives_the_numbers_of_the_program_run_each_step(tmp_path, guide, loss):
