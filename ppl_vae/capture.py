@@ -12,9 +12,10 @@ included (they are operations too, so each replay draws afresh from the global R
 numbers the program would draw).
 
 A record is only valid for a program that performs the same operations each call, given the
-shapes. That holds for the library's models and guides except ``spline`` (below), and for any
-program without Python branches on tensor values (a branch reads the tensor, which stops the
-capture) or Python state that changes between steps. So that nothing is taken on trust:
+shapes. That holds for the library's models and guides (the ``spline`` guide's identity tails
+are chosen by ``torch.where``, :mod:`ppl_vae.splines`), and for any program without Python
+branches on tensor values (a branch reads the tensor, which stops the capture) or Python state
+that changes between steps. So that nothing is taken on trust:
 
 - the first call for a shape runs the program itself, so one-time work (lazy initialisation,
   Pyro's guess of ``max_plate_nesting``) stays out of the record and draws from the RNG as the
@@ -22,8 +23,8 @@ capture) or Python state that changes between steps. So that nothing is taken on
   they were;
 - a record is refused when the program uses a custom ``autograd.Function`` (replaying the
   forward operations would differentiate them with torch's own formulas) or an operation whose
-  output shape depends on values (``x[mask]``, ``nonzero``; Pyro's ``spline`` transform selects
-  the points outside its interval this way);
+  output shape depends on values (``x[mask]``, ``nonzero``; Pyro's own spline transforms
+  select the points outside their interval this way);
 - each record is checked: the program and the record run from the same RNG state must give the
   same loss and gradients, element by element, and :meth:`CapturedLoss.recheck` repeats the
   check (``train`` calls it every epoch).

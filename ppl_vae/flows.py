@@ -3,13 +3,17 @@ r"""Conditional normalizing-flow steps for amortized guides: Pyro's transforms a
 Every step is a :class:`~pyro.distributions.ConditionalTransformModule`: ``step.condition(h)``
 returns a bijection whose parameters are computed from the context ``h`` (the encoder's features
 of one data point), so a flow of such steps on top of an amortized base distribution is an
-amortized guide. Planar, radial, affine autoregressive (IAF) and spline autoregressive steps are
-Pyro's; Pyro has no conditional Sylvester flow, so it is written here.
+amortized guide. Planar, radial and affine autoregressive (IAF) steps are Pyro's; the spline
+autoregressive step is :mod:`ppl_vae.splines` (Pyro's values and parameter names, with shapes that
+do not depend on values, so that a step of it can be recorded); Pyro has no conditional Sylvester
+flow, so it is written here.
 
 References:
     Rezende & Mohamed (2015), Variational inference with normalizing flows.
     Kingma et al. (2016), Improved variational inference with inverse autoregressive flow.
     Durkan et al. (2019), Neural spline flows.
+    Dolatabadi, Erfani & Leckie (2020), Invertible generative modeling using linear rational
+    splines.
     van den Berg et al. (2018), Sylvester normalizing flows for variational inference.
 """
 
@@ -24,7 +28,6 @@ from pyro.distributions.transforms import (
     ConditionalAffineAutoregressive,
     ConditionalPlanar,
     ConditionalRadial,
-    ConditionalSplineAutoregressive,
 )
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
@@ -32,6 +35,7 @@ from torch.distributions import Transform, constraints
 
 from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
+from ppl_vae.splines import ConditionalAutoregressiveSpline, RationalSpline
 
 __all__ = [
     "FLOWS",
@@ -273,7 +277,7 @@ def _permutation(dim: int, reverse: bool) -> Tensor:
 FLOWS: Registry[ConditionalTransformModule] = Registry("flow")
 MADE_OUTPUTS = {  # the flows on a conditional MADE: its outputs per dimension (param_dims)
     "iaf": lambda: [1, 1],  # shift and log-scale
-    "spline": lambda bins=8: [bins, bins, bins - 1, bins],  # widths, heights, slopes, lambdas
+    "spline": lambda bins=8: RationalSpline(bins).param_dims,  # widths, heights, slopes, splits
 }
 
 
@@ -304,7 +308,9 @@ def conditional_iaf(
     return ConditionalAffineAutoregressive(made, stable=True)
 
 
-@FLOWS.register("spline", options=("hidden_dim", "reverse"), help="rational-quadratic splines")
+@FLOWS.register(
+    "spline", options=("hidden_dim", "reverse"), help="linear rational splines (autoregressive)"
+)
 def conditional_spline(
     input_dim: int,
     context_dim: int,
@@ -313,15 +319,20 @@ def conditional_spline(
     bins: int = 8,
     bound: float = 3.0,
 ) -> ConditionalTransformModule:
-    """A spline autoregressive step (Durkan et al. 2019) with a conditional MADE."""
+    """A spline autoregressive step (Durkan et al. 2019) with a conditional MADE.
+
+    The splines are linear rational (Dolatabadi et al. 2020), Pyro's default order and what
+    ``spline`` runs have always used; the identity outside ``[-bound, bound]``.
+    """
+    spline = RationalSpline(bins, bound, "linear")
     made = ConditionalAutoRegressiveNN(
         input_dim,
         context_dim,
         [hidden_dim],
-        param_dims=MADE_OUTPUTS["spline"](bins),
+        param_dims=spline.param_dims,
         permutation=_permutation(input_dim, reverse),
     )
-    return ConditionalSplineAutoregressive(input_dim, made, count_bins=bins, bound=bound)
+    return ConditionalAutoregressiveSpline(input_dim, made, spline)
 
 
 def _sylvester(variant: SylvesterVariant, max_vectors: int | None):
