@@ -35,7 +35,7 @@ def test_the_2d_sets_default_to_the_heteroscedastic_gaussian_with_a_kl_warm_up(
     assert run_cli("train", "--dataset", dataset, capsys=capsys)[0] == 0
     ((_, vae, train),) = configs
     assert vae.likelihood == "gaussian-hetero" and vae.latent_dim == 2
-    assert train.kl_warmup == 10 and train.epochs == 40
+    assert train.kl_warmup == 10 and train.epochs == 400 and train.lr_schedule == "cosine"
 
 
 def test_mnist_keeps_the_dataclass_defaults_bernoulli(configs, capsys):
