@@ -198,7 +198,7 @@ def pinwheel_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "pw"
     code = main(["train", "--dataset", "pinwheel", "--latent-dim", "2", "--hidden", "32",
                  "--epochs", "2", "--loss", "iwae", "--num-particles", "3", "--out", str(out),
-                 "--quiet"])  # fmt: skip
+                 "--lr-schedule", "constant", "--quiet"])  # fmt: skip
     assert code == 0
     return out
 
