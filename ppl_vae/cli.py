@@ -14,6 +14,7 @@ from ppl_vae.config import field_types, strip_optional
 from ppl_vae.data import DataConfig
 from ppl_vae.distributed import RankStopped, barrier, destroy, world
 from ppl_vae.errors import InputError
+from ppl_vae.presets import dataset_defaults, presets_help
 from ppl_vae.registry import Registry
 from ppl_vae.runs import (
     PICTURES,
@@ -162,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a VAE by SVI and write metrics, a checkpoint and pictures",
         description="Train a VAE (Pyro model p(z)p(x|z), amortized guide q(z|x)) by SVI. "
         "Writes config.json, metrics.jsonl (one line per epoch), checkpoint.pt and the "
-        "pictures of ppl-vae plot to --out.",
+        "pictures of ppl-vae plot to --out. Some data sets have defaults of their own, used "
+        "where the flag is not given and recorded in the run (--resume keeps the recorded "
+        f"settings): {presets_help()}",
     )
     _add_config(t.add_argument_group("data"), DataConfig, "data")
     _add_config(t.add_argument_group("model and guide"), VAEConfig, "vae")
@@ -302,6 +305,16 @@ def _given(args: argparse.Namespace, prefix: str, **shared) -> dict:
     return out
 
 
+def _lay_under(args: argparse.Namespace, defaults: dict, prefix: str = "") -> None:
+    """Sets the flags of ``defaults`` (nested by part and field) that were not given."""
+    for name, value in defaults.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, dict):
+            _lay_under(args, value, key)
+        elif not hasattr(args, key):
+            setattr(args, key, value)
+
+
 def _train(args: argparse.Namespace) -> None:
     shared = {"seed": args.seed, "data_dir": args.data_dir}
     options = dict(quiet=args.quiet, plot_every=args.plot_every, tensorboard=args.tensorboard)
@@ -314,6 +327,7 @@ def _train(args: argparse.Namespace) -> None:
         run = resume_run(args.out, given, args.device, **options)
     else:
         data = _build(DataConfig, args, "data", **shared)
+        _lay_under(args, dataset_defaults(data.dataset, loss=getattr(args, "train.loss", None)))
         vae = _build(VAEConfig, args, "vae")
         train = _build(TrainConfig, args, "train", **shared)
         run = train_run(

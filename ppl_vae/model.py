@@ -20,9 +20,11 @@ from ppl_vae.sites import LATENT, OBSERVED, check_batch, data_plate
 
 __all__ = [
     "check_sigma",
+    "check_sigma_floor",
     "LIKELIHOODS",
     "BernoulliLikelihood",
     "FixedGaussianLikelihood",
+    "HeteroscedasticGaussianLikelihood",
     "LearnedGaussianLikelihood",
     "VAEModel",
     "data_plate",
@@ -30,9 +32,15 @@ __all__ = [
 
 
 class BernoulliLikelihood(nn.Module):
-    r"""p(x|z) = Bernoulli(sigmoid(decoder(z))), for binary data."""
+    r"""p(x|z) = Bernoulli(sigmoid(decoder(z))), for binary data.
+
+    A likelihood declares ``requires_binary`` and ``decoder_outputs``: the decoder emits that
+    many values per data coordinate, shaped ``(..., decoder_outputs, *event_shape)`` when more
+    than one, else ``(..., *event_shape)``.
+    """
 
     requires_binary = True
+    decoder_outputs = 1
 
     def __init__(self, event_shape: torch.Size | tuple = ()):
         super().__init__()
@@ -57,6 +65,7 @@ class FixedGaussianLikelihood(nn.Module):
     r"""p(x|z) = N(decoder(z), sigma^2 I) with a fixed ``sigma``."""
 
     requires_binary = False
+    decoder_outputs = 1
 
     def __init__(self, event_shape: torch.Size, sigma: float = 0.1):
         super().__init__()
@@ -75,6 +84,7 @@ class LearnedGaussianLikelihood(nn.Module):
     """
 
     requires_binary = False
+    decoder_outputs = 1
 
     def __init__(self, event_shape: torch.Size, sigma: float = 1.0, min_sigma: float = 1e-3):
         super().__init__()
@@ -96,6 +106,46 @@ class LearnedGaussianLikelihood(nn.Module):
         return dist.Normal(out, self.sigma)
 
 
+def check_sigma_floor(floor: float) -> float:
+    """``floor`` as a float; an error unless it is a positive, finite number."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor > 0:
+        raise InputError(f"sigma_floor must be positive, got {floor!r}; e.g. --sigma-floor 1e-3")
+    if not math.isfinite(floor):
+        raise InputError(f"sigma_floor must be finite, got {floor}; e.g. --sigma-floor 1e-3")
+    return float(floor)
+
+
+class HeteroscedasticGaussianLikelihood(nn.Module):
+    r"""p(x|z) = N(mu(z), diag(sigma(z)^2)): the decoder emits a mean and a scale per coordinate.
+
+    .. math:: \sigma(z) = \sigma_{floor} + \operatorname{softplus}(\rho(z))
+
+    where ``(mu, rho)`` are the decoder's two outputs (``decoder_outputs = 2``). The floor, in
+    the data's units, keeps the density bounded when the decoder would shrink σ onto a point.
+
+    Example:
+        >>> lik = HeteroscedasticGaussianLikelihood([3], sigma_floor=0.5)
+        >>> lik(torch.zeros(2, 3) - 100).scale.min().item() >= 0.5
+        True
+    """
+
+    requires_binary = False
+    decoder_outputs = 2
+
+    def __init__(self, event_shape: torch.Size | tuple = (), sigma_floor: float = 1e-3):
+        super().__init__()
+        self.event_dim = len(event_shape)
+        self.sigma_floor = check_sigma_floor(sigma_floor)
+
+    def parameters_of(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean, sigma)`` from the decoder output ``(..., 2, *event_shape)``."""
+        mean, rho = out.unbind(out.dim() - self.event_dim - 1)
+        return mean, self.sigma_floor + nn.functional.softplus(rho)
+
+    def forward(self, out: Tensor) -> Distribution:
+        return dist.Normal(*self.parameters_of(out))
+
+
 LIKELIHOODS: Registry[nn.Module] = Registry("likelihood")
 LIKELIHOODS.register(
     "bernoulli", BernoulliLikelihood, help="Bernoulli(sigmoid(decoder(z))), binary data"
@@ -111,6 +161,12 @@ LIKELIHOODS.register(
     FixedGaussianLikelihood,
     options=("sigma",),
     help="N(decoder(z), sigma^2 I), sigma fixed (--sigma, default 0.1)",
+)
+LIKELIHOODS.register(
+    "gaussian-hetero",
+    HeteroscedasticGaussianLikelihood,
+    options=("sigma_floor",),
+    help="N(mu(z), diag sigma(z)^2), mean and sigma from the decoder (sigma >= --sigma-floor)",
 )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "NetworkConfig",
     "conv_pair",
     "mlp_pair",
+    "output_shape",
 ]
 
 ACTIVATIONS: Registry[nn.Module] = Registry("activation")
@@ -82,14 +83,26 @@ class MLPEncoder(nn.Module):
         return self.net(x.reshape(*x.shape[: x.dim() - self.event_dim], self.in_dim))
 
 
+def output_shape(event_shape: Sequence[int], outputs: int) -> torch.Size:
+    """A decoder's output for one point: ``event_shape``, or ``(outputs, *event_shape)``."""
+    event_shape = torch.Size(event_shape)
+    return event_shape if outputs == 1 else torch.Size([outputs, *event_shape])
+
+
 class MLPDecoder(nn.Module):
-    """Maps ``z`` through ``hidden`` to a tensor of ``event_shape`` (logits or means)."""
+    """Maps ``z`` through ``hidden`` to a tensor of ``event_shape`` (logits or means), or of
+    ``(outputs, *event_shape)`` for a likelihood with several parameters per coordinate."""
 
     def __init__(
-        self, latent_dim: int, event_shape: Sequence[int], hidden: Sequence[int], act: str
+        self,
+        latent_dim: int,
+        event_shape: Sequence[int],
+        hidden: Sequence[int],
+        act: str,
+        outputs: int = 1,
     ):
         super().__init__()
-        self.event_shape = torch.Size(event_shape)
+        self.event_shape = output_shape(event_shape, outputs)
         self.net = MLP([latent_dim, *hidden, self.event_shape.numel()], act)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -117,23 +130,25 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Dense to 7x7x32, two stride-2 transposed convolutions (64, 32), then a 1-channel conv."""
+    """Dense to 7x7x32, two stride-2 transposed convolutions (64, 32), then a conv to one
+    channel per output (``outputs`` values per pixel)."""
 
-    def __init__(self, latent_dim: int, act: str = "relu"):
+    def __init__(self, latent_dim: int, act: str = "relu", outputs: int = 1):
         super().__init__()
+        self.out_shape = output_shape((1, 28, 28), outputs)
         self.dense = nn.Sequential(nn.Linear(latent_dim, 32 * 7 * 7), activation(act))
         self.net = nn.Sequential(
             nn.ConvTranspose2d(32, 64, 3, stride=2, padding=1, output_padding=1),
             activation(act),
             nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1),
             activation(act),
-            nn.Conv2d(32, 1, 3, padding=1),
+            nn.Conv2d(32, outputs, 3, padding=1),
         )
 
     def forward(self, z: Tensor) -> Tensor:
         batch = z.shape[:-1]
         h = self.dense(z).reshape(-1, 32, 7, 7)
-        return self.net(h).reshape(*batch, 1, 28, 28)
+        return self.net(h).reshape(*batch, *self.out_shape)
 
 
 def check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
@@ -153,16 +168,20 @@ def mlp_pair(
     latent_dim: int,
     hidden: Sequence[int] = (200, 200),
     activation: str = "tanh",
+    *,
+    outputs: int = 1,
 ) -> tuple[MLPEncoder, MLPDecoder]:
-    """An MLP encoder through ``hidden`` and a decoder through the same widths reversed."""
+    """An MLP encoder through ``hidden`` and a decoder through the same widths reversed, with
+    ``outputs`` values per data coordinate."""
     check_hidden(hidden)
     encoder = MLPEncoder(event_shape, hidden, activation)
-    return encoder, MLPDecoder(latent_dim, event_shape, tuple(hidden)[::-1], activation)
+    decoder = MLPDecoder(latent_dim, event_shape, tuple(hidden)[::-1], activation, outputs)
+    return encoder, decoder
 
 
 @NETWORKS.register("conv", options=("activation",), help="the MNIST conv pair (1x28x28 images)")
 def conv_pair(
-    event_shape: Sequence[int], latent_dim: int, activation: str = "relu"
+    event_shape: Sequence[int], latent_dim: int, activation: str = "relu", *, outputs: int = 1
 ) -> tuple[ConvEncoder, ConvDecoder]:
     """The convolutional encoder/decoder pair for 1x28x28 images."""
     if torch.Size(event_shape) != torch.Size([1, 28, 28]):
@@ -170,7 +189,7 @@ def conv_pair(
             f"the conv network needs 1x28x28 images, but the data have shape "
             f"{tuple(event_shape)}; use --network mlp"
         )
-    return ConvEncoder(activation), ConvDecoder(latent_dim, activation)
+    return ConvEncoder(activation), ConvDecoder(latent_dim, activation, outputs)
 
 
 def _hidden_sizes(text: str) -> tuple[int, ...]:
@@ -203,9 +222,13 @@ class NetworkConfig:
     def _options(self) -> dict:
         return {"hidden": self.hidden} if self.hidden is not None else {}
 
-    def build(self, event_shape: Sequence[int], latent_dim: int) -> tuple[nn.Module, nn.Module]:
-        """Builds ``(encoder, decoder)``; the encoder exposes ``feature_dim``."""
-        return NETWORKS.build(
-            self.architecture, torch.Size(event_shape), latent_dim, activation=self.activation,
+    def build(
+        self, event_shape: Sequence[int], latent_dim: int, outputs: int = 1
+    ) -> tuple[nn.Module, nn.Module]:
+        """Builds ``(encoder, decoder)``; the encoder exposes ``feature_dim``, the decoder emits
+        ``outputs`` values per data coordinate (see :func:`output_shape`)."""
+        entry = NETWORKS[self.architecture]  # outputs is the likelihood's, not a user option
+        return entry.factory(
+            torch.Size(event_shape), latent_dim, activation=self.activation, outputs=outputs,
             **self._options(),
         )  # fmt: skip

@@ -12,7 +12,7 @@ from ppl_vae.data import Data
 from ppl_vae.errors import InputError
 from ppl_vae.flows import check_flow_length
 from ppl_vae.guides import GUIDES, AmortizedGuide, guide_size
-from ppl_vae.model import LIKELIHOODS, VAEModel, check_sigma
+from ppl_vae.model import LIKELIHOODS, VAEModel, check_sigma, check_sigma_floor
 from ppl_vae.networks import NetworkConfig
 
 __all__ = ["VAEConfig", "build_vae", "check_vae_memory", "default_likelihood", "vae_size"]
@@ -25,8 +25,8 @@ class VAEConfig:
     """The model p(z) p(x|z) and the guide q(z|x).
 
     Options of one guide or likelihood (``rank``, ``flow_length``, ``flow_hidden``,
-    ``sigma``) are ``None`` unless set; setting one that the chosen guide or likelihood does
-    not take is an error that names it.
+    ``sigma``, ``sigma_floor``) are ``None`` unless set; setting one that the chosen guide or
+    likelihood does not take is an error that names it.
     """
 
     latent_dim: int = option(50, "dimension of z")
@@ -34,12 +34,16 @@ class VAEConfig:
         default_factory=NetworkConfig, help="encoder/decoder architecture"
     )
     likelihood: str | None = option(
-        None, "p(x|z) (default: bernoulli for binary data, gaussian otherwise)",
+        None, "p(x|z) (default: bernoulli for binary data, gaussian-hetero for the 2-D sets, "
+        "gaussian otherwise)",
         choices=LIKELIHOODS,
     )  # fmt: skip
     sigma: float | None = option(
         None,
         "gaussian-fixed: fixed sigma (default 0.1); gaussian: initial sigma (default 1)",
+    )
+    sigma_floor: float | None = option(
+        None, "gaussian-hetero: the least sigma(z), in the data's units (default 1e-3)"
     )
     guide: str = option("gaussian", "q(z|x)", choices=GUIDES)
     flow_length: int | None = option(None, "steps of a flow guide (default 4)")
@@ -59,6 +63,8 @@ class VAEConfig:
             LIKELIHOODS.check_options(self.likelihood, self.likelihood_options(), prefix="--")
         if self.sigma is not None:
             check_sigma(self.sigma)
+        if self.sigma_floor is not None:
+            check_sigma_floor(self.sigma_floor)
 
     def guide_options(self) -> dict:
         """The guide options that are set."""
@@ -66,11 +72,17 @@ class VAEConfig:
 
     def likelihood_options(self) -> dict:
         """The likelihood options that are set."""
-        return {"sigma": self.sigma} if self.sigma is not None else {}
+        options = {"sigma": self.sigma, "sigma_floor": self.sigma_floor}
+        return {k: v for k, v in options.items() if v is not None}
 
 
 def default_likelihood(data: Data) -> str:
-    """Bernoulli for binary data, a learned-sigma Gaussian otherwise."""
+    """Bernoulli for binary data, a learned-sigma Gaussian otherwise.
+
+    This is what ``likelihood=None`` means, also in the configurations of recorded runs; the
+    command line's own defaults for some data sets (:mod:`ppl_vae.presets`) are written into
+    the configuration of a new run instead, so that a recorded run keeps its likelihood.
+    """
     return "bernoulli" if data.is_binary else "gaussian"
 
 
@@ -84,8 +96,8 @@ def vae_size(config: VAEConfig, event_shape: Sequence[int], likelihood: str) -> 
         {'network': 82804, 'guide': 4824, 'likelihood': 4}
     """
     with torch.device("meta"):
-        encoder, decoder = config.network.build(event_shape, config.latent_dim)
         lik = LIKELIHOODS.build(likelihood, torch.Size(event_shape), **config.likelihood_options())
+        encoder, decoder = config.network.build(event_shape, config.latent_dim, lik.decoder_outputs)
 
     def count(*modules) -> int:
         return sum(t.numel() for m in modules for t in (*m.parameters(), *m.buffers()))
@@ -150,7 +162,9 @@ def build_vae(config: VAEConfig, data: Data) -> tuple[VAEModel, AmortizedGuide]:
             f"the {likelihood} likelihood needs binary data, but {data.name} ({data.encoding}) "
             f"is not binary; use --binarize dynamic/static or --likelihood gaussian"
         )
-    encoder, decoder = config.network.build(data.event_shape, config.latent_dim)
+    encoder, decoder = config.network.build(
+        data.event_shape, config.latent_dim, lik.decoder_outputs
+    )
     model = VAEModel(decoder, lik, config.latent_dim, data.event_shape)
     guide = GUIDES.build(config.guide, encoder, config.latent_dim, **config.guide_options())
     return model.to(data.device), guide.to(data.device)

@@ -198,7 +198,7 @@ def pinwheel_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "pw"
     code = main(["train", "--dataset", "pinwheel", "--latent-dim", "2", "--hidden", "32",
                  "--epochs", "2", "--loss", "iwae", "--num-particles", "3", "--out", str(out),
-                 "--quiet"])  # fmt: skip
+                 "--lr-schedule", "constant", "--quiet"])  # fmt: skip
     assert code == 0
     return out
 
@@ -418,7 +418,7 @@ NUMBERS = [  # issue 20: numbers that passed the checks, then failed late or ran
     (["--seed", str(2**64 + 1)], "seed must be an integer in [0, 2**63)"),
     (["--beta", "inf"], "beta must be a finite number >= 0, got inf"),
     (["--lr", "inf"], "learning rate must be positive and finite, got inf"),
-    (["--sigma", "inf"], "sigma must be finite, got inf"),
+    (["--likelihood", "gaussian", "--sigma", "inf"], "sigma must be finite, got inf"),
     (["--hidden", "100000,100000"], "(--architecture mlp, --hidden 100000,100000, --latent-dim"),
     (["--latent-dim", "1000000000"], "GB of memory, more than the"),
     (["--guide", "planar", "--flow-length", "100000000"], "flow_length 100000000 is far more"),

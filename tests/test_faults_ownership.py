@@ -13,8 +13,10 @@ from helpers import run_cli
 
 from ppl_vae.runs.files import folder_lock
 
+# a constant rate: the 2-D default, a cosine, would run the last of a few epochs at rate 0
 ARGS = ["--dataset", "pinwheel", "--num-train", "600", "--num-test", "200", "--latent-dim", "2",
-        "--hidden", "8", "--batch-size", "100", "--device", "cpu", "--quiet"]  # fmt: skip
+        "--hidden", "8", "--batch-size", "100", "--device", "cpu", "--quiet",
+        "--lr-schedule", "constant"]  # fmt: skip
 EVALUATE = ["evaluate", "--num-samples", "20", "--limit", "30", "--device", "cpu", "--quiet"]
 
 

@@ -15,6 +15,7 @@ from ppl_vae.model import (
     LIKELIHOODS,
     BernoulliLikelihood,
     FixedGaussianLikelihood,
+    HeteroscedasticGaussianLikelihood,
     LearnedGaussianLikelihood,
     VAEModel,
 )
@@ -181,3 +182,36 @@ def test_the_model_refuses_one_point_given_without_its_batch_dimension():
 def test_a_large_initial_sigma_is_a_sigma_not_an_overflow():
     likelihood = LearnedGaussianLikelihood([2], sigma=1e4)
     assert torch.allclose(likelihood.sigma, torch.full((2,), 1e4))
+
+
+def test_heteroscedastic_gaussian_on_a_linear_decoder_is_the_closed_form_normal():
+    """p(x|z) = N(A z + a, diag(floor + softplus(B z + b))^2), the decoder one linear layer."""
+    torch.manual_seed(0)
+    latent, d, floor = 3, 2, 0.05
+    decoder = MLPDecoder(latent, [d], [], "tanh", outputs=2)  # z -> (2, d), linearly
+    (layer,) = decoder.net
+    model = VAEModel(decoder, HeteroscedasticGaussianLikelihood([d], floor), latent, [d])
+    z, x = torch.randn(7, latent), torch.randn(7, d)
+    out = z @ layer.weight.T + layer.bias
+    mean, sigma = out[:, :d], floor + F.softplus(out[:, d:])
+    by_hand = (-0.5 * ((x - mean) / sigma) ** 2 - sigma.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    assert torch.allclose(model.observation(z).log_prob(x), by_hand, atol=1e-5)
+    reference = torch.distributions.Normal(mean, sigma).log_prob(x).sum(-1)
+    assert torch.allclose(model.observation(z).log_prob(x), reference, atol=1e-5)
+    assert torch.allclose(model.observation(z).mean, mean)
+
+
+def test_heteroscedastic_sigma_never_falls_below_the_floor():
+    floor = 0.05
+    likelihood = HeteroscedasticGaussianLikelihood([4], sigma_floor=floor)
+    out = torch.stack([torch.zeros(4), torch.tensor([-1e4, -50.0, 0.0, 3.0])])  # (2, 4)
+    normal = likelihood(out)
+    expected = floor + torch.log1p(torch.tensor([-1e4, -50.0, 0.0, 3.0]).exp())
+    assert torch.equal(normal.scale[:2], torch.full((2,), floor))
+    assert torch.allclose(normal.scale, expected)
+    # at the mean, with sigma at the floor, log N = -log(floor) - log(2 pi) / 2
+    peak = normal.log_prob(torch.zeros(4))[0]
+    assert torch.isclose(peak, torch.tensor(-math.log(floor) - 0.5 * math.log(2 * math.pi)))
+    for bad in (0.0, -1.0, math.inf, True):
+        with pytest.raises(InputError, match="sigma_floor must be"):
+            HeteroscedasticGaussianLikelihood([4], sigma_floor=bad)

@@ -1,5 +1,7 @@
 """Assembling a VAE from configuration: likelihood by the data, options by name."""
 
+import math
+
 import pyro
 import pytest
 import torch
@@ -7,7 +9,12 @@ import torch
 from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.errors import InputError
 from ppl_vae.guides import FlowGuide, GaussianGuide, LowRankGaussianGuide
-from ppl_vae.model import BernoulliLikelihood, FixedGaussianLikelihood, LearnedGaussianLikelihood
+from ppl_vae.model import (
+    BernoulliLikelihood,
+    FixedGaussianLikelihood,
+    HeteroscedasticGaussianLikelihood,
+    LearnedGaussianLikelihood,
+)
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.vae import VAEConfig, build_vae, vae_size
 
@@ -84,3 +91,32 @@ def test_vae_size_matches_the_built_vae():
     sizes = vae_size(config, (5,), "gaussian")
     built = sum(t.numel() for m in (model, guide) for t in (*m.parameters(), *m.buffers()))
     assert sum(sizes.values()) - built == -1  # the model's dtype buffer, a single number
+
+
+def test_the_heteroscedastic_likelihood_trains_on_a_tiny_2d_run():
+    """Finite losses, and the ELBO improves: the decoder's two outputs reach mean and sigma."""
+    from ppl_vae.svi import TrainConfig, train
+
+    pyro.set_rng_seed(0)
+    data = load_data(DataConfig("moons", num_train=500, num_test=200))
+    config = VAEConfig(
+        latent_dim=2, network=NetworkConfig(hidden=(32,)), likelihood="gaussian-hetero",
+        sigma_floor=0.01,
+    )  # fmt: skip
+    model, guide = build_vae(config, data)
+    assert isinstance(model.likelihood, HeteroscedasticGaussianLikelihood)
+    assert model.likelihood.sigma_floor == 0.01 and model.decoder.event_shape == (2, 2)
+    metrics = train(model, guide, data, TrainConfig(epochs=8, batch_size=50), quiet=True)
+    elbos = [m["test_elbo"] for m in metrics]
+    assert all(math.isfinite(m["train_elbo"]) for m in metrics)
+    assert all(math.isfinite(e) for e in elbos)
+    assert elbos[-1] > elbos[0] + 0.3, elbos
+
+
+def test_sigma_is_not_an_option_of_the_heteroscedastic_likelihood():
+    with pytest.raises(InputError, match="--sigma does not apply to the likelihood 'gaussian-het"):
+        VAEConfig(likelihood="gaussian-hetero", sigma=0.1)
+    with pytest.raises(InputError, match="--sigma-floor does not apply to the likelihood 'gauss"):
+        VAEConfig(likelihood="gaussian", sigma_floor=0.1)
+    with pytest.raises(InputError, match="sigma_floor must be positive"):
+        VAEConfig(likelihood="gaussian-hetero", sigma_floor=0.0)
