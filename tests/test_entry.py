@@ -38,7 +38,13 @@ def start_and_signal(sig: signal.Signals, how: list[str]) -> subprocess.Complete
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, *how, "train", "--help"]
     pipe = subprocess.PIPE
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
+    # SIGINT as a terminal gives it, even when this suite runs in the background (where the
+    # shell starts it ignored, and Python then installs no KeyboardInterrupt for it)
+    def default_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True,
+                            preexec_fn=default_sigint)  # fmt: skip
     deadline = time.monotonic() + 30
     while not caught_signals(proc.pid) >> (signal.SIGTERM - 1) & 1:  # the entry's handler
         assert proc.poll() is None and time.monotonic() < deadline, "no SIGTERM handler came"
