@@ -38,6 +38,7 @@ def start_and_signal(sig: signal.Signals, how: list[str]) -> subprocess.Complete
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, *how, "train", "--help"]
     pipe = subprocess.PIPE
+
     # SIGINT as a terminal gives it, even when this suite runs in the background (where the
     # shell starts it ignored, and Python then installs no KeyboardInterrupt for it)
     def default_sigint():
