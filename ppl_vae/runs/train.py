@@ -9,7 +9,7 @@ import os
 import pyro
 
 from ppl_vae.data import DataConfig, data_fingerprint, load_data
-from ppl_vae.distributed import RankStopped, on_rank0_for_all, world
+from ppl_vae.distributed import RankStopped, on_rank0_for_all, stopped_ranks, world
 from ppl_vae.errors import InputError
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
 from ppl_vae.runs.files import resolve_device
@@ -196,7 +196,14 @@ def _train_into(
         except (FloatingPointError, InputError) as e:  # InputError: a full disk, say
             raise type(e)(f"{e}; {_kept(run_dir)}") from None
         except KeyboardInterrupt:
-            raise Interrupted(_kept(run_dir)) from None
+            gone = stopped_ranks() if world().distributed else []
+            if not gone:
+                raise Interrupted(_kept(run_dir)) from None
+            # torchrun's SIGTERM, sent because another rank died while this one was between
+            # collectives: name that rank, as a failed collective would have
+            stopped = RankStopped(gone, "its process ended")
+            stopped.args = (f"{stopped}; {_kept(run_dir)}",)
+            raise stopped from None
         except RankStopped as e:  # under torchrun: another rank died
             e.args = (f"{e}; {_kept(run_dir)}",)
             raise
