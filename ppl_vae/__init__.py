@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the table below loads, for type checkers (tests/test_package.py)
     from ppl_vae.ais import BDMC, AnnealedLogLikelihood, annealed_log_likelihood, bdmc
+    from ppl_vae.basespace import in_base_space
     from ppl_vae.collapse import active_units, kl_per_dimension, mutual_information
     from ppl_vae.data import Data, DataConfig, load_data
     from ppl_vae.gaps import inference_gaps
@@ -60,6 +61,7 @@ __all__ = [
     "bdmc",
     "build_vae",
     "evaluate_run",
+    "in_base_space",
     "inference_gaps",
     "kl_per_dimension",
     "load_data",
@@ -79,6 +81,7 @@ _HOME = {
     name: module
     for module, names in {
         "ais": ("BDMC", "AnnealedLogLikelihood", "annealed_log_likelihood", "bdmc"),
+        "basespace": ("in_base_space",),
         "collapse": ("active_units", "kl_per_dimension", "mutual_information"),
         "data": ("Data", "DataConfig", "load_data"),
         "gaps": ("inference_gaps",),

@@ -18,10 +18,11 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
+from ppl_vae.basespace import in_base_space, is_flow_guide, to_base
 from ppl_vae.errors import InputError
 from ppl_vae.hmc import Latents, State, Target, hmc_step
 from ppl_vae.importance import _parameter, checked_inputs, default_chunk_size
-from ppl_vae.sites import PLATE, DataPlateLayout, sample_sites, under_particle_plate
+from ppl_vae.sites import LATENT, PLATE, DataPlateLayout, sample_sites, under_particle_plate
 
 __all__ = [
     "SCHEDULES",
@@ -216,6 +217,7 @@ def annealed_log_likelihood(
     data_plate: str = PLATE,
     progress: Callable[[int], None] | None = None,
     diagnostics: bool = False,
+    base_space: bool | None = None,
     **kwargs,
 ) -> Tensor | AnnealedLogLikelihood:
     r"""Annealed importance sampling (Neal, 2001) of :math:`\log p(x_i)` for every data point,
@@ -239,8 +241,11 @@ def annealed_log_likelihood(
 
     The programs are those of :func:`ppl_vae.importance.log_likelihood` (every sample site in
     the data plate, not subsampled), with continuous latents only, and a guide whose density
-    can be evaluated at any z (a flow needs an inverse: ``iaf`` has one; ``planar``,
-    ``radial`` and ``sylvester`` are refused). They are run conditioned on the
+    can be evaluated at any z. A flow guide (``guide.distribution(x)`` a
+    ``TransformedDistribution``) is annealed in its base space instead
+    (:func:`ppl_vae.basespace.in_base_space`: the same log p(x), and no inverse of the flow,
+    which planar, radial and Sylvester steps lack and autoregressive ones take one pass per
+    dimension to compute). The programs are run conditioned on the
     chains' values (``poutine.condition``) under an outer plate of ``chunk_size`` chains, so
     memory grows with ``chunk_size`` x N, not with ``num_chains``. The passes move in lockstep
     and take the random numbers in the order one pass would, so for one seed ``chunk_size``
@@ -261,6 +266,8 @@ def annealed_log_likelihood(
         data_plate: Name of the plate over data points.
         progress: Called with the number of annealing steps done after each step.
         diagnostics: Return an :class:`AnnealedLogLikelihood` instead of the estimate alone.
+        base_space: Anneal in a flow guide's base space; None (default): where the guide is
+            a flow.
 
     Returns:
         A float64 tensor of shape ``(N,)``, or the record.
@@ -280,6 +287,10 @@ def annealed_log_likelihood(
     _check_options(num_chains, num_steps, leapfrog_steps, step_size, target_acceptance, chunk_size)
     betas = annealing_schedule(schedule, num_steps)
     args, kwargs = checked_inputs(model, guide, args, kwargs)
+    if base_space is None:
+        base_space = bool(args) and torch.is_tensor(args[0]) and is_flow_guide(guide, args[0])
+    if base_space:
+        model, guide = in_base_space(model, guide)
     with torch.no_grad(), poutine.block(hide_types=["param"]):
         target, chunks = _target(model, guide, args, kwargs, data_plate, num_chains, chunk_size)
         states = _from_guide(target, chunks)
@@ -337,6 +348,7 @@ def bdmc(
     chunk_size: int | None = None,
     data_plate: str = PLATE,
     progress: Callable[[int], None] | None = None,
+    base_space: bool | None = None,
 ) -> BDMC:
     r"""Bidirectional Monte Carlo (Grosse et al., 2015): ``num_points`` points simulated from the
     model, :math:`z \sim p(z)`, :math:`x \sim p(x|z)`, and two stochastic bounds on each
@@ -357,7 +369,8 @@ def bdmc(
             (default: the model's ``event_shape``, the dtype and device of its parameters).
         progress: Called with the annealing steps done, forward then reverse (2T in all).
 
-    The other arguments are those of :func:`annealed_log_likelihood`.
+    The other arguments are those of :func:`annealed_log_likelihood`; in a flow guide's base
+    space the reverse chains start at :math:`T_x^{-1}(z)`, so the flow needs an inverse.
     """
     _check_options(num_chains, num_steps, leapfrog_steps, step_size, target_acceptance, chunk_size)
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
@@ -366,6 +379,12 @@ def bdmc(
     like = _template(model, guide, num_points, like)
     with torch.no_grad(), poutine.block(hide_types=["param"]):
         x, latents = _simulate(model, like)
+        start = latents
+        if base_space is None:
+            base_space = is_flow_guide(guide, x)
+        if base_space:
+            start = {LATENT: to_base(guide, x, latents[LATENT])}
+            model, guide = in_base_space(model, guide)
         target, chunks = _target(model, guide, (x,), {}, data_plate, num_chains, chunk_size)
         states = _from_guide(target, chunks)
         eps = torch.full_like(states[0].log_q[0], step_size, dtype=torch.float64)
@@ -374,7 +393,7 @@ def bdmc(
             target_acceptance=target_acceptance, progress=progress,
         )  # fmt: skip
         reverse = _anneal(
-            target, _from_values(target, latents, chunks), betas.flip(0),
+            target, _from_values(target, start, chunks), betas.flip(0),
             leapfrog_steps=leapfrog_steps, step_size=eps, target_acceptance=None,
             step_sizes=forward.step_sizes.flip(0), progress=progress, done=num_steps,
         )  # fmt: skip

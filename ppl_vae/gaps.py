@@ -32,6 +32,7 @@ from ppl_vae.sites import LATENT, PLATE, DataPlateLayout, data_plate
 __all__ = [
     "ELBOEstimate",
     "PointFit",
+    "check_family",
     "PointGuide",
     "elbo_per_point",
     "fit_point_guide",
@@ -117,7 +118,7 @@ def fit_point_guide(
         The fitted :class:`PointGuide`, the number of steps taken, and whether it converged.
     """
     fit = fit or PointFit()
-    _check_family(guide)
+    check_family(guide)
     (x,), _ = checked_inputs(model, guide, (x,), {})
     layout = _layout(model, guide, x)
     with torch.no_grad():
@@ -149,12 +150,14 @@ def fit_point_guide(
     return point, fit.max_steps, False
 
 
-def _check_family(guide) -> None:
+def check_family(guide) -> None:
+    """An error unless ``guide`` has ``point_parameters(x)`` and ``family(params)`` (every
+    guide of :mod:`ppl_vae.guides` has), which the best q of its family needs."""
     if not (callable(getattr(guide, "point_parameters", None)) and callable(guide.family)):
         raise InputError(
             f"the best q of the guide's family needs a guide with point_parameters(x) and "
-            f"family(params): the Gaussian guides (gaussian, lowrank, fullrank) have them, "
-            f"{type(guide).__name__} does not (flow guides are not supported)"
+            f"family(params), as every guide of ppl_vae.guides has; {type(guide).__name__} "
+            f"does not"
         )
 
 
@@ -279,7 +282,9 @@ def inference_gaps(
     guide's family, parameters free per point), each estimated by :func:`elbo_per_point` from
     fresh draws to ``standard_error`` nats (their standard errors are returned too). The fit
     warns if it stops at ``fit.max_steps`` before converging. Guides with ``point_parameters``
-    and ``family`` are supported (gaussian, lowrank, fullrank); flow guides are refused.
+    and ``family`` are supported: every guide of :mod:`ppl_vae.guides`. For a flow guide q*
+    frees the base Gaussian and the steps' context per point, the steps' weights fixed: the
+    best q those weights allow for the point (the amortized q is one of them).
 
     Arguments:
         model: The generative model, e.g. a :class:`~ppl_vae.model.VAEModel` (held fixed).
@@ -301,7 +306,7 @@ def inference_gaps(
     References:
         Cremer, Li & Duvenaud (2018), "Inference Suboptimality in Variational Autoencoders".
     """
-    _check_family(guide)
+    check_family(guide)
     (x,), _ = checked_inputs(model, guide, (x,), {})
     ais = {k: v for k, v in (("num_chains", num_chains), ("num_steps", num_steps)) if v}
     estimate = {"standard_error": standard_error, "max_draws": max_draws, "chunk_size": chunk_size}

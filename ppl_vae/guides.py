@@ -38,10 +38,13 @@ class AmortizedGuide(nn.Module):
     ``z`` with batch shape ``x.shape[:1]`` and event shape ``(latent_dim,)``. Calling the guide
     runs it as the Pyro guide matching :class:`~ppl_vae.model.VAEModel`.
 
-    A guide whose q(z|x) is a fixed map of per-point parameters (the Gaussian guides) also
-    has ``point_parameters(x)``, shape ``(N, P)``, and ``family(params)``, the distribution of
+    A guide whose q(z|x) is a fixed map of per-point parameters also has
+    ``point_parameters(x)``, shape ``(N, P)``, and ``family(params)``, the distribution of
     those parameters, with ``distribution(x) == family(point_parameters(x))``; the best q of
     the family for each point (:func:`ppl_vae.gaps.inference_gaps`) optimizes them freely.
+    For the Gaussian guides the parameters are the head's output (the Gaussian itself); for
+    the flow guides they are the base Gaussian's and the context the steps are conditioned
+    on, the steps' own weights held fixed.
 
     Arguments:
         encoder: Maps ``x`` to features of size ``encoder.feature_dim``.
@@ -204,9 +207,21 @@ class FlowGuide(AmortizedGuide):
         self.head = DiagonalNormalHead(encoder.feature_dim, latent_dim)
         self.steps = flow_steps(flow, latent_dim, encoder.feature_dim, flow_length, flow_hidden)
 
+    def point_parameters(self, x: Tensor) -> Tensor:
+        """The base Gaussian's parameters (loc, raw scale) and the steps' context, per point."""
+        features = self.encoder(x)
+        return torch.cat([self.head(features), features], dim=-1)
+
+    def family(self, params: Tensor) -> Distribution:
+        """The flow of base parameters and context ``params`` (see :meth:`point_parameters`):
+        freed from each other, they reach every q that the steps' weights allow, the amortized
+        one (context = the features the base came from) included."""
+        base, context = params[..., : 2 * self.latent_dim], params[..., 2 * self.latent_dim :]
+        steps = [step.condition(context) for step in self.steps]
+        return dist.TransformedDistribution(self.head.family(base), steps)
+
     def distribution(self, x: Tensor) -> Distribution:
-        flow = dist.ConditionalTransformedDistribution(self.head, list(self.steps))
-        return flow.condition(self.encoder(x))
+        return self.family(self.point_parameters(x))
 
 
 class ZukoGuide(AmortizedGuide):
@@ -244,10 +259,18 @@ class ZukoGuide(AmortizedGuide):
             features=latent_dim, context=encoder.feature_dim, transforms=flow_length, passes=passes
         )
 
-    def distribution(self, x: Tensor) -> Distribution:
+    def point_parameters(self, x: Tensor) -> Tensor:
+        """The flow's context per point (the encoder's features)."""
+        return self.encoder(x)
+
+    def family(self, params: Tensor) -> Distribution:
+        """The flow conditioned on the context ``params``, its weights held fixed."""
         from pyro.contrib.zuko import ZukoToPyro
 
-        return ZukoToPyro(self.flow(self.encoder(x)))
+        return ZukoToPyro(self.flow(params))
+
+    def distribution(self, x: Tensor) -> Distribution:
+        return self.family(self.point_parameters(x))
 
 
 GUIDES: Registry[AmortizedGuide] = Registry("guide")

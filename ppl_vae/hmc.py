@@ -170,7 +170,8 @@ class Target:
                 raise InputError(
                     f"the guide's density cannot be evaluated at latents it did not draw "
                     f"({type(e).__name__}: {e}), which annealing needs: a flow without an "
-                    f"inverse (planar, radial, sylvester); use a guide with a density everywhere"
+                    f"inverse (planar, radial, sylvester) is annealed in its base space "
+                    f"(base_space=True, the default for flow guides)"
                 ) from e
             log_p = self._per_point(self._trace(self.model, values, chains), Trace(), chains)
             log_qj, log_pj = (log_q + log_jacobian).sum(), (log_p + log_jacobian).sum()

@@ -14,7 +14,7 @@ import torch
 from ppl_vae.ais import annealed_log_likelihood
 from ppl_vae.config import check_number, check_positive, check_seed, option
 from ppl_vae.distributed import gather_round_robin, round_robin, world
-from ppl_vae.gaps import _check_family, inference_gaps
+from ppl_vae.gaps import check_family, inference_gaps
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.rng import forked_rng
 from ppl_vae.runs.checkpoint import GAPS, RunDir
@@ -141,10 +141,11 @@ def gaps_run(
     The points are taken ``config.batch_size`` at a time, binarized and drawn from the batch's
     seed as :func:`~ppl_vae.runs.evaluate_run` does; each batch is
     :func:`ppl_vae.gaps.inference_gaps` with AIS of ``config.num_chains`` chains and
-    ``config.num_steps`` steps. A guide without an optimal-q family (the flow guides) is
-    refused before any work. Returns the record of ``gaps.json``: the means over points and
-    their standard errors over points, the per-point values (with each ELBO's Monte Carlo
-    standard error), the settings, the checkpoint (epoch and SHA-256) and the wall time.
+    ``config.num_steps`` steps (in the base space of a flow guide). A guide without an
+    optimal-q family (no ``point_parameters``) is refused before any work. Returns the record
+    of ``gaps.json``: the means over points and their standard errors over points, the
+    per-point values (with each ELBO's Monte Carlo standard error), the settings, the
+    checkpoint (epoch and SHA-256) and the wall time.
     ``run``, ``device``, ``data_dir``, ``checkpoint``, ``write``, ``out``, ``report`` and
     ``quiet`` work as in :func:`~ppl_vae.runs.evaluate_run`, with ``gaps.json`` in place of
     ``evaluate.json``.
@@ -154,7 +155,7 @@ def gaps_run(
     stamp = directory.stamp() if directory is not None else None
     if not isinstance(run, Run):
         run = load_run(run, device, data_dir=data_dir, checkpoint=checkpoint)
-    _check_family(run.guide)
+    check_family(run.guide)
     target = record_target(run, out, GAPS, "the gaps") if write else None
     with guarded(run, target, stamp):
         t0 = time.perf_counter()
