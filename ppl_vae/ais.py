@@ -21,7 +21,7 @@ from torch import Tensor
 from ppl_vae.basespace import in_base_space, is_flow_guide, to_base
 from ppl_vae.errors import InputError
 from ppl_vae.hmc import Latents, State, Target, hmc_step
-from ppl_vae.importance import _parameter, checked_inputs, default_chunk_size
+from ppl_vae.importance import checked_inputs, default_chunk_size, module_parameter
 from ppl_vae.sites import LATENT, PLATE, DataPlateLayout, sample_sites, under_particle_plate
 
 __all__ = [
@@ -418,7 +418,7 @@ def _template(model, guide, num_points: int, like: Tensor | None) -> Tensor:
             "bdmc cannot tell the shape of a point from this model (it has no event_shape); "
             "pass like=<a tensor of points>, whose shape, dtype and device the points take"
         )
-    ref = _parameter(model, guide)
+    ref = module_parameter(model, guide)
     dtype = ref.dtype if ref is not None else torch.get_default_dtype()
     device = ref.device if ref is not None else torch.device("cpu")
     return torch.zeros((num_points, *shape), dtype=dtype, device=device)

@@ -37,6 +37,7 @@ __all__ = [
     "log_likelihood",
     "log_likelihood_diagnostics",
     "log_weights_of_programs",
+    "module_parameter",
 ]
 
 # Default rows (points x draws) per vectorized pass. On a CPU, passes of 1,000 to 10,000 rows run
@@ -58,7 +59,7 @@ def _device_of(args, kwargs) -> torch.device:
     return torch.device("cpu")
 
 
-def _parameter(*programs) -> Tensor | None:
+def module_parameter(*programs) -> Tensor | None:
     """A floating-point parameter of the programs that are modules: their dtype and device."""
     for program in programs:
         if isinstance(program, torch.nn.Module):
@@ -75,7 +76,7 @@ def checked_inputs(model: Callable, guide: Callable, args: tuple, kwargs: dict):
     A floating-point NumPy array becomes a tensor of the parameters' dtype (else the default
     dtype) on their device; a tensor of another dtype or device is an error that names both.
     """
-    ref = _parameter(model, guide)
+    ref = module_parameter(model, guide)
     names = [("x" if i == 0 else f"argument {i + 1}", v) for i, v in enumerate(args)]
 
     def check(name: str, value):
