@@ -31,7 +31,13 @@ import math
 
 import torch
 from pyro import poutine
-from pyro.distributions import Distribution
+from pyro.distributions import (
+    Distribution,
+    Independent,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+)
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
@@ -44,6 +50,7 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 from torch import Tensor
 
 from ppl_vae.compat import ignored_keyword
+from ppl_vae.distributions import StandardNormal
 from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
 from ppl_vae.sites import (
@@ -65,6 +72,7 @@ __all__ = [
     "LatentScaleMessenger",
     "TraceELBO",
     "TraceMeanFieldELBO",
+    "gaussian_kl_or_pyros",
     "scale_latent",
 ]
 
@@ -148,15 +156,53 @@ class TraceELBO(_HostFree, Trace_ELBO):
         return log_weights_of_traces(model_trace, guide_trace, scaled=True)
 
 
+def _diagonal_normal(d: Distribution) -> tuple[Tensor, Tensor] | None:
+    """loc and scale of a diagonal Gaussian vector (``Independent(Normal, 1)``), else None."""
+    while isinstance(d, ExpandedDistribution):
+        d = d.base_dist
+    if not (isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1):
+        return None
+    base = d.base_dist
+    while isinstance(base, ExpandedDistribution):
+        base = base.base_dist
+    if not isinstance(base, (Normal, StandardNormal)):
+        return None
+    shape = d.batch_shape + d.event_shape
+    return base.mean.expand(shape), base.variance.sqrt().expand(shape)
+
+
+def gaussian_kl_or_pyros(q: Distribution, p: Distribution) -> Tensor:
+    r""":math:`\mathrm{KL}(q \| p)` as Pyro's ``kl_divergence`` gives it, and also in closed form
+    for a full- or low-rank Gaussian ``q`` against a diagonal Gaussian ``p`` (the prior N(0, I)
+    written as ``Independent(Normal, 1)``), a pair neither torch nor Pyro registers: ``p`` is
+    rewritten as the ``MultivariateNormal`` with the same density. Raises
+    ``NotImplementedError`` for other unregistered pairs."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        diagonal = _diagonal_normal(p)
+        if diagonal is None or not isinstance(q, (MultivariateNormal, LowRankMultivariateNormal)):
+            raise
+        loc, scale = diagonal
+        return kl_divergence(q, MultivariateNormal(loc, scale_tril=torch.diag_embed(scale)))
+
+
 class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
     r"""``pyro.infer.TraceMeanField_ELBO``: the KL term in closed form where one is registered.
 
     For each latent site, :math:`-\mathrm{KL}(q \| p)` replaces
     :math:`\log p(z) - \log q(z|x)` when ``kl_divergence`` knows the pair; otherwise both
-    log-densities are taken at the draw, as in Pyro.
+    log-densities are taken at the draw, as in Pyro. With ``gaussian_kl=True`` (the
+    ``meanfield`` loss of :data:`LOSSES`) a full- or low-rank Gaussian guide against a
+    diagonal Gaussian prior gets the closed form too (:func:`gaussian_kl`), where Pyro's
+    takes the draw: the same expectation, without the draw's noise.
     """
 
     _pyro_particle = TraceMeanField_ELBO._differentiable_loss_particle
+
+    def __init__(self, *args, gaussian_kl: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kl = gaussian_kl_or_pyros if gaussian_kl else kl_divergence
 
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
@@ -183,7 +229,7 @@ class TraceMeanFieldELBO(_HostFree, TraceMeanField_ELBO):
                 )
             guide_site = guide_trace.nodes[name]
             try:
-                kl = kl_divergence(guide_site["fn"], site["fn"])
+                kl = self.kl(guide_site["fn"], site["fn"])
             except NotImplementedError:
                 terms.add(log_density(site), site["scale"], site["mask"])
                 terms.add(log_density(guide_site), guide_site["scale"], guide_site["mask"], -1.0)
@@ -317,11 +363,16 @@ def _trace_elbo(num_particles: int = 1) -> TraceELBO:
     )
 
 
-@LOSSES.register("meanfield", options=("num_particles",), help="TraceMeanField_ELBO (analytic KL)")
+@LOSSES.register(
+    "meanfield",
+    options=("num_particles",),
+    help="TraceMeanField_ELBO (analytic KL; also for lowrank/fullrank)",
+)
 def _trace_mean_field_elbo(num_particles: int = 1) -> TraceMeanFieldELBO:
     return TraceMeanFieldELBO(
-        num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1
-    )
+        num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1,
+        gaussian_kl=True,
+    )  # fmt: skip
 
 
 @LOSSES.register("iwae", options=("num_particles",), help="the IWAE bound, k = --num-particles")
