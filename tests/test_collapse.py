@@ -92,3 +92,20 @@ def test_refusals():
         mutual_information(flow, case.x)
     with pytest.raises(InputError, match="batch_size must be a positive integer"):
         kl_per_dimension(GaussianGuide(Flatten(4), 3).double(), case.x, batch_size=0)
+
+
+def test_drawn_means_do_not_make_an_unused_unit_active():
+    """An unused unit keeps the prior's variance 1 under q; the mean of 100 draws varies by
+    1/100 over the points: the threshold itself. The activity subtracts that noise, so the
+    unit stays inactive and the used ones keep their closed-form activity."""
+    pyro.set_rng_seed(2)
+    case = MeanField(n=4000, unused=1)
+    case.set_guide(case.gain, torch.tensor([0.3, 0.3, 1.0], dtype=torch.float64))
+    guide = AffineGuide(case)
+    drawn_means = posterior_means(guide, case.x).var(0)
+    assert drawn_means[2] == pytest.approx(0.01, rel=0.1)  # what the old count took as activity
+    activity = latent_activity(guide, case.x)
+    assert abs(activity[2]) < 1e-3  # noise removed: about 0.01 * sqrt(2 / 4000) is left
+    expected = aggregate(case).diagonal()
+    assert torch.allclose(activity[:2], expected[:2], rtol=0.1, atol=0)
+    assert active_units(guide, case.x) == 2
