@@ -252,8 +252,8 @@ class CVAEGuide(_Shaped):
 
     Arguments:
         event_shape, latent_dim, hidden, activation: As for :class:`CVAEModel` (same defaults).
-        prior: Maps ``x`` to p(z|x), the fallback for ``y=None`` (e.g. ``model.prior``); it is
-            not a submodule, so the guide registers only its own parameters.
+        prior: Maps ``x`` to p(z|x), the fallback for ``y=None``: ``model.prior``, a bound
+            method and so not a submodule (the guide registers only its own parameters).
     """
 
     def __init__(

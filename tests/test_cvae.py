@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from ppl_vae.cvae import (
     HIDDEN,
@@ -25,7 +25,7 @@ from ppl_vae.cvae import (
 )
 from ppl_vae.errors import InputError
 from ppl_vae.importance import log_likelihood_diagnostics
-from ppl_vae.losses import TraceELBO
+from ppl_vae.losses import TraceELBO, TraceMeanFieldELBO
 
 EVENT = (1, 4, 6)  # small images: rows split 2/2, columns 3/3
 
@@ -134,12 +134,15 @@ def test_pyro_trace_elbo_of_the_cvae_matches_a_hand_computed_elbo():
 
 
 @pytest.mark.parametrize("num_data", [None, 70])
-def test_ppl_vae_trace_elbo_gives_pyros_value_and_gradients(num_data):
+@pytest.mark.parametrize(
+    "pyros, ours", [(Trace_ELBO, TraceELBO), (TraceMeanField_ELBO, TraceMeanFieldELBO)]
+)
+def test_ppl_vae_elbos_give_pyros_value_and_gradients(pyros, ours, num_data):
     model, guide = tiny_cvae()
     x, y = split_quadrants(binary_images(), visible=3)
     params = list(model.parameters()) + list(guide.parameters())
     results = []
-    for loss in (Trace_ELBO(), TraceELBO()):
+    for loss in (pyros(), ours()):
         pyro.set_rng_seed(6)
         value = loss.differentiable_loss(model, guide, x, y, num_data=num_data)
         results.append((value, torch.autograd.grad(value, params)))
