@@ -171,7 +171,7 @@ LIKELIHOODS.register(
 
 
 class VAEModel(nn.Module):
-    r"""The generative model :math:`p(z) p(x|z)` with :math:`p(z) = N(0, I)`.
+    r"""The generative model :math:`p(z) p(x|z)` with :math:`p(z) = N(0, I)` or a learned prior.
 
     Calling it runs the Pyro model: one latent ``"z"`` and one observation ``"x"`` per row of
     ``x``, inside the ``"data"`` plate.
@@ -181,6 +181,8 @@ class VAEModel(nn.Module):
         likelihood: Maps the decoder output to a torch distribution over one pixel/coordinate.
         latent_dim: Dimension of ``z``.
         event_shape: Shape of one data point.
+        prior: A learned prior (:mod:`ppl_vae.priors`, ``forward(batch_shape)`` a distribution
+            over z); None for N(0, I).
 
     Example:
         >>> from ppl_vae.networks import MLPDecoder
@@ -190,15 +192,27 @@ class VAEModel(nn.Module):
         (torch.Size([3, 2]), torch.Size([4]))
     """
 
-    def __init__(self, decoder: nn.Module, likelihood: nn.Module, latent_dim: int, event_shape):
+    def __init__(
+        self,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        latent_dim: int,
+        event_shape,
+        prior: nn.Module | None = None,
+    ):
         super().__init__()
         self.decoder, self.likelihood = decoder, likelihood
         self.latent_dim = latent_dim
         self.event_shape = torch.Size(event_shape)
         self.register_buffer("_zero", torch.zeros(()), persistent=False)  # dtype and device
+        if prior is not None:  # a learned prior (ppl_vae.priors); None: N(0, I)
+            self.learned_prior = prior
 
     def prior(self, batch_shape: torch.Size | tuple = ()) -> Distribution:
-        """p(z) = N(0, I) with the given batch shape."""
+        """p(z) with the given batch shape: N(0, I), or the learned prior given at
+        construction (:mod:`ppl_vae.priors`)."""
+        if hasattr(self, "learned_prior"):
+            return self.learned_prior(tuple(batch_shape))
         shape = (*batch_shape, self.latent_dim)
         return StandardNormal(shape, self._zero.dtype, self._zero.device).to_event(1)
 

@@ -14,6 +14,7 @@ from ppl_vae.flows import check_flow_length
 from ppl_vae.guides import GUIDES, AmortizedGuide, guide_size
 from ppl_vae.model import LIKELIHOODS, VAEModel, check_sigma, check_sigma_floor
 from ppl_vae.networks import NetworkConfig
+from ppl_vae.priors import PRIORS, make_prior, prior_size
 
 __all__ = ["VAEConfig", "build_vae", "check_vae_memory", "default_likelihood", "vae_size"]
 
@@ -51,9 +52,14 @@ class VAEConfig:
         None, "width of the iaf/spline autoregressive networks (default max(4 * latent-dim, 32))"
     )
     rank: int | None = option(None, "columns of the lowrank guide's covariance factor (default 2)")
+    prior: str = option("normal", "p(z)", choices=PRIORS)
+    prior_components: int | None = option(
+        None, "mixture components of a mog (default 10) or vamp (default 500) prior"
+    )
 
     def __post_init__(self):
-        check_positive(self, "latent_dim", "flow_length", "flow_hidden", "rank")
+        check_positive(self, "latent_dim", "flow_length", "flow_hidden", "rank", "prior_components")
+        PRIORS.check_options(self.prior, self.prior_options(), prefix="--prior-")
         if self.flow_length is not None:
             check_flow_length(self.flow_length)
         if not isinstance(self.network, NetworkConfig):
@@ -69,6 +75,10 @@ class VAEConfig:
     def guide_options(self) -> dict:
         """The guide options that are set."""
         return {k: getattr(self, k) for k in GUIDE_OPTIONS if getattr(self, k) is not None}
+
+    def prior_options(self) -> dict:
+        """The prior options that are set."""
+        return {} if self.prior_components is None else {"components": self.prior_components}
 
     def likelihood_options(self) -> dict:
         """The likelihood options that are set."""
@@ -109,6 +119,10 @@ def vae_size(config: VAEConfig, event_shape: Sequence[int], likelihood: str) -> 
     if guide is not None:
         sizes["guide"] = guide
     sizes["likelihood"] = count(lik)
+    if config.prior != "normal":
+        sizes["prior"] = prior_size(
+            config.prior, config.latent_dim, event_shape, **config.prior_options()
+        )
     return sizes
 
 
@@ -136,6 +150,7 @@ def check_vae_memory(
             + [f"--{k.replace('_', '-')} {v}" for k, v in config.guide_options().items()]
         ),
         "likelihood": f"one value per data dimension, {tuple(event_shape)}",
+        "prior": f"--prior {config.prior}, --prior-components",
     }  # fmt: skip
     check_memory(
         total * itemsize * TRAINING_COPIES,
@@ -165,6 +180,11 @@ def build_vae(config: VAEConfig, data: Data) -> tuple[VAEModel, AmortizedGuide]:
     encoder, decoder = config.network.build(
         data.event_shape, config.latent_dim, lik.decoder_outputs
     )
-    model = VAEModel(decoder, lik, config.latent_dim, data.event_shape)
     guide = GUIDES.build(config.guide, encoder, config.latent_dim, **config.guide_options())
+    prior = None
+    if config.prior != "normal":
+        prior = make_prior(
+            config.prior, config.latent_dim, guide, data.event_shape, **config.prior_options()
+        )
+    model = VAEModel(decoder, lik, config.latent_dim, data.event_shape, prior)
     return model.to(data.device), guide.to(data.device)
