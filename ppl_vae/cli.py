@@ -14,7 +14,7 @@ from ppl_vae.config import field_types, strip_optional
 from ppl_vae.data import DataConfig
 from ppl_vae.distributed import RankStopped, barrier, destroy, world
 from ppl_vae.errors import InputError
-from ppl_vae.presets import dataset_defaults, presets_help
+from ppl_vae.presets import dataset_defaults, model_defaults, presets_help
 from ppl_vae.registry import Registry
 from ppl_vae.runs import (
     PICTURES,
@@ -327,6 +327,7 @@ def _train(args: argparse.Namespace) -> None:
         run = resume_run(args.out, given, args.device, **options)
     else:
         data = _build(DataConfig, args, "data", **shared)
+        _lay_under(args, model_defaults(getattr(args, "vae.model", None)))
         _lay_under(args, dataset_defaults(data.dataset, loss=getattr(args, "train.loss", None)))
         vae = _build(VAEConfig, args, "vae")
         train = _build(TrainConfig, args, "train", **shared)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ppl_vae.data import SYNTHETIC
 
-__all__ = ["PRESETS", "dataset_defaults", "presets_help"]
+__all__ = ["MODEL_PRESETS", "PRESETS", "dataset_defaults", "model_defaults", "presets_help"]
 
 # 2-D sets: a per-dimension sigma that ignores z cannot follow thin arms or tight clusters
 # (docs/RESULTS.md, mixture baseline); without a KL warm-up the latent collapses; 40 epochs at a
@@ -31,6 +31,20 @@ TWO_D: dict[str, dict] = {
 }
 
 PRESETS: dict[str, dict[str, dict]] = {name: TWO_D for name in SYNTHETIC}
+
+# --model two-layer: Burda et al.'s sizes (z1 100, z2 50, 100,100 between x and z1) and a loss
+# whose KL terms are taken at the draw (the mean-field loss is refused for it)
+MODEL_PRESETS: dict[str, dict[str, dict]] = {
+    "two-layer": {
+        "vae": {"latent_dim": 100, "network": {"hidden": (100, 100)}},
+        "train": {"loss": "elbo"},
+    },
+}
+
+
+def model_defaults(model: str | None) -> dict[str, dict]:
+    """The command line's defaults for ``--model`` (as :func:`dataset_defaults`)."""
+    return {part: dict(values) for part, values in MODEL_PRESETS.get(model or "", {}).items()}
 
 
 NO_KL_TERM = ("iwae",)  # losses whose bound has no KL term to warm up (TrainConfig refuses one)

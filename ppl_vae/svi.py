@@ -44,7 +44,7 @@ from ppl_vae.rng import (
 )
 from ppl_vae.schedules import SCHEDULES, Schedule
 from ppl_vae.selection import best_epoch, stops, watched
-from ppl_vae.sites import check_points, sample_sites, trace_guide_and_model
+from ppl_vae.sites import LATENT, check_points, sample_sites, trace_guide_and_model
 
 __all__ = [
     "GradientClip",
@@ -336,7 +336,11 @@ class StepLosses:
         if weight not in self.losses:
             model, guide = self.model, self.guide
             if weight != 1.0:
-                model, guide = scale_latent(weight)(model), scale_latent(weight)(guide)
+                sites = frozenset(getattr(model, "latent_sites", (LATENT,)))
+                model, guide = (
+                    scale_latent(weight, sites)(model),
+                    scale_latent(weight, sites)(guide),
+                )
             self.losses[weight] = step_loss(
                 self.elbo, model, guide, self.params, capture=self.config.capture
             )

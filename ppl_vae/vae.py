@@ -15,10 +15,12 @@ from ppl_vae.guides import GUIDES, AmortizedGuide, guide_size
 from ppl_vae.model import LIKELIHOODS, VAEModel, check_sigma, check_sigma_floor
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.priors import PRIORS, make_prior, prior_size
+from ppl_vae.twolayer import SIZES, two_layer_pair
 
 __all__ = ["VAEConfig", "build_vae", "check_vae_memory", "default_likelihood", "vae_size"]
 
 GUIDE_OPTIONS = ("flow_length", "flow_hidden", "rank")  # VAEConfig fields read by guides
+MODELS = ("vae", "two-layer")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,13 @@ class VAEConfig:
     likelihood does not take is an error that names it.
     """
 
-    latent_dim: int = option(50, "dimension of z")
+    model: str = option(
+        "vae", "the generative model: vae (p(z) p(x|z)) or two-layer (p(z2) p(z1|z2) p(x|z1), "
+        "Burda et al.: z1 of --latent-dim, z2 of half that; the command line's default there "
+        "is --latent-dim 100 --hidden 100,100 --loss elbo)",
+        choices=MODELS,
+    )  # fmt: skip
+    latent_dim: int = option(50, "dimension of z (two-layer: of z1)")
     network: NetworkConfig = option(
         default_factory=NetworkConfig, help="encoder/decoder architecture"
     )
@@ -59,6 +67,10 @@ class VAEConfig:
 
     def __post_init__(self):
         check_positive(self, "latent_dim", "flow_length", "flow_hidden", "rank", "prior_components")
+        if self.model not in MODELS:
+            raise InputError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.model == "two-layer":
+            self._check_two_layer()
         PRIORS.check_options(self.prior, self.prior_options(), prefix="--prior-")
         if self.flow_length is not None:
             check_flow_length(self.flow_length)
@@ -75,6 +87,17 @@ class VAEConfig:
     def guide_options(self) -> dict:
         """The guide options that are set."""
         return {k: getattr(self, k) for k in GUIDE_OPTIONS if getattr(self, k) is not None}
+
+    def _check_two_layer(self) -> None:
+        wrong = [
+            (self.guide != "gaussian", "--guide", "its guide is q(z1|x) q(z2|z1), diagonal"),
+            (self.prior != "normal", "--prior", "its prior is p(z2) p(z1|z2)"),
+            (self.network.architecture != "mlp", "--architecture", "it is built of MLPs"),
+            (self.latent_dim < 2, "--latent-dim", "z2 has half the dimensions of z1"),
+        ]
+        for bad, flag, why in wrong:
+            if bad:
+                raise InputError(f"--model two-layer takes no {flag} other than the default: {why}")
 
     def prior_options(self) -> dict:
         """The prior options that are set."""
@@ -105,12 +128,17 @@ def vae_size(config: VAEConfig, event_shape: Sequence[int], likelihood: str) -> 
         >>> vae_size(VAEConfig(latent_dim=2, guide="planar"), (4,), "gaussian")
         {'network': 82804, 'guide': 4824, 'likelihood': 4}
     """
-    with torch.device("meta"):
-        lik = LIKELIHOODS.build(likelihood, torch.Size(event_shape), **config.likelihood_options())
-        encoder, decoder = config.network.build(event_shape, config.latent_dim, lik.decoder_outputs)
 
     def count(*modules) -> int:
         return sum(t.numel() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+    with torch.device("meta"):
+        lik = LIKELIHOODS.build(likelihood, torch.Size(event_shape), **config.likelihood_options())
+        if config.model == "two-layer":
+            model, guide = _two_layer(config, lik, torch.Size(event_shape))
+            return {"network": count(model) - count(lik), "guide": count(guide),
+                    "likelihood": count(lik)}  # fmt: skip
+        encoder, decoder = config.network.build(event_shape, config.latent_dim, lik.decoder_outputs)
 
     sizes = {"network": count(encoder, decoder)}
     guide = guide_size(
@@ -161,6 +189,15 @@ def check_vae_memory(
     )
 
 
+def _two_layer(config: VAEConfig, likelihood, event_shape):
+    """The two-layer pair: z1 of ``latent_dim``, z2 of half that; ``hidden`` between x and z1
+    (Burda et al.'s 100,100 by default), z2's own width twice between z1 and z2."""
+    hidden = config.network.hidden or SIZES["hidden1"]
+    dims = (config.latent_dim, config.latent_dim // 2)
+    return two_layer_pair(likelihood, event_shape, dims, (hidden, dims[1:] * 2),
+                          config.network.activation)  # fmt: skip
+
+
 def build_vae(config: VAEConfig, data: Data) -> tuple[VAEModel, AmortizedGuide]:
     """Builds the model and guide for ``data``, on ``data``'s device.
 
@@ -177,6 +214,9 @@ def build_vae(config: VAEConfig, data: Data) -> tuple[VAEModel, AmortizedGuide]:
             f"the {likelihood} likelihood needs binary data, but {data.name} ({data.encoding}) "
             f"is not binary; use --binarize dynamic/static or --likelihood gaussian"
         )
+    if config.model == "two-layer":
+        model, guide = _two_layer(config, lik, data.event_shape)
+        return model.to(data.device), guide.to(data.device)
     encoder, decoder = config.network.build(
         data.event_shape, config.latent_dim, lik.decoder_outputs
     )

@@ -91,6 +91,13 @@ class RunConfig:
     vae: VAEConfig
     train: TrainConfig
 
+    def __post_init__(self):
+        if self.vae.model == "two-layer" and self.train.loss == "meanfield":
+            raise InputError(
+                "--model two-layer needs --loss elbo or iwae: its guide draws z2 given z1, so "
+                "the mean-field loss's closed-form KL of z1 (at a z2 drawn from that z1) is biased"
+            )
+
     def to_dict(self) -> dict:
         return {"data": to_dict(self.data), "vae": to_dict(self.vae), "train": to_dict(self.train)}
 
