@@ -11,6 +11,10 @@ an MLP of (one-hot y, z), :math:`q(y|x)` a classifier MLP and :math:`q(z|x, y)` 
 Gaussian from an MLP of (x, one-hot y). The defaults are those of the authors' code for M2
 (``run_2layer_ssl.py`` in github.com/dpkingma/nips14-ssl: 50 latent dimensions, one hidden
 layer of 500 units, softplus) and of Pyro's ``examples/vae/ss_vae_M2.py`` (the same three).
+Two differences from the paper, both as in Pyro's example: the scale of q(z|x, y) depends on
+y as well as x (the paper's eq. 4 has :math:`\sigma_\phi(x)`), and the model is fitted to
+binary pixels directly (the authors' code fits M2 to the features of a trained M1, with a
+Gaussian p(x|y, z)).
 
 The objective (the paper's section 3.1.2) sums the negative ELBO of every labelled point
 :math:`\mathcal{L}(x, y)`, that of every unlabelled point with the label summed out exactly,
@@ -352,7 +356,7 @@ def check_labels(labels, num_classes: int, n: int | None = None, who: str = "lab
 
 def m2_log_likelihood(
     model: Callable,
-    guide: Callable,
+    guide: M2Guide,
     x: Tensor,
     *,
     num_samples: int = 5000,
@@ -369,6 +373,8 @@ def m2_log_likelihood(
     Each :math:`\log p(x_i, y)` is :func:`ppl_vae.importance.log_likelihood` of the programs
     run as ``model(x, y)`` and ``guide(x, y)``, on every point once per class (one call, so
     ``num_samples`` draws per point and class, and ``chunk_size`` and ``progress`` as there).
+    The guide states the classes and the shape of a point (an :class:`M2Guide`); the model
+    takes ``(x, y)`` with ``y`` observed.
 
     Returns:
         A float64 tensor of shape ``(N,)``.
