@@ -169,8 +169,8 @@ def test_the_enumerated_log_likelihood_matches_quadrature_summed_over_classes():
     assert ((est - exact).abs() < 4 * se + 1e-6).all(), ((est - exact), se)
 
 
-def test_a_sum_over_one_class_is_that_class_log_joint_and_more_classes_add_up():
-    """With every class identical (zero weights on y), p(x) = p(x | y) for any y."""
+def test_classes_the_programs_ignore_give_equal_terms_and_their_log_sum_exp():
+    """With y ignored (zero weights on it), every log p(x, y) estimates log p(x) - log 3."""
     model, guide = tiny_m2(latent_dim=1)
     with torch.no_grad():
         model.decoder[0].weight[:, :CLASSES] = 0  # the decoder ignores y
