@@ -75,6 +75,8 @@ def checked_inputs(model: Callable, guide: Callable, args: tuple, kwargs: dict):
 
     A floating-point NumPy array becomes a tensor of the parameters' dtype (else the default
     dtype) on their device; a tensor of another dtype or device is an error that names both.
+    Integer and boolean tensors after ``x`` (labels, masks) keep their dtype: only their
+    device is checked.
     """
     ref = module_parameter(model, guide)
     names = [("x" if i == 0 else f"argument {i + 1}", v) for i, v in enumerate(args)]
@@ -93,7 +95,8 @@ def checked_inputs(model: Callable, guide: Callable, args: tuple, kwargs: dict):
             raise InputError(
                 f"{name} is empty (shape {tuple(value.shape)}); pass at least one data point"
             )
-        if ref is not None and value.dtype != ref.dtype:
+        exact = name == "x" or value.is_floating_point() or value.is_complex()
+        if ref is not None and exact and value.dtype != ref.dtype:
             raise InputError(
                 f"{name} has dtype {value.dtype}, the model's parameters {ref.dtype}; pass "
                 f"{name}.to({ref.dtype})"
