@@ -327,8 +327,12 @@ def _train(args: argparse.Namespace) -> None:
         run = resume_run(args.out, given, args.device, **options)
     else:
         data = _build(DataConfig, args, "data", **shared)
-        _lay_under(args, model_defaults(getattr(args, "vae.model", None)))
-        _lay_under(args, dataset_defaults(data.dataset, loss=getattr(args, "train.loss", None)))
+        model = getattr(args, "vae.model", None)
+        _lay_under(args, model_defaults(model))
+        _lay_under(
+            args,
+            dataset_defaults(data.dataset, loss=getattr(args, "train.loss", None), model=model),
+        )
         vae = _build(VAEConfig, args, "vae")
         train = _build(TrainConfig, args, "train", **shared)
         run = train_run(
@@ -380,11 +384,14 @@ ESTIMATE_LINES = {"is": _importance_line, "ais": _annealed_line}  # by evaluate 
 
 def _print_evaluation(r: dict) -> None:
     """The estimate, printed before it is written (a failed write then loses nothing)."""
+    what = "-log p(y|x)" if r.get("conditional") else "NLL"
     print(
-        f"{r['split']} NLL {r['nll']:.2f} ± {r['nll_standard_error']:.2f} nats "
+        f"{r['split']} {what} {r['nll']:.2f} ± {r['nll_standard_error']:.2f} nats "
         f"({ESTIMATE_LINES[r['method']](r)}; {r['seconds']:.1f} s",
         flush=True,
     )
+    if "active_units" not in r:  # a conditional VAE: no collapse diagnostics
+        return
     mi, k = r.get("mutual_information"), r.get("pareto_k")
     print(
         f"active units {r['active_units']}/{len(r['kl_per_dim'])}; KL {sum(r['kl_per_dim']):.2f}"

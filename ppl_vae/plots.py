@@ -17,6 +17,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ppl_vae.cvae import HIDDEN
+from ppl_vae.cvae_images import ImageCVAEModel
 from ppl_vae.data import Data
 from ppl_vae.guides import AmortizedGuide
 from ppl_vae.importance import log_likelihood
@@ -26,6 +28,7 @@ from ppl_vae.selection import best_epoch
 
 __all__ = [
     "close_figure",
+    "completions_figure",
     "curves_figure",
     "density_figure",
     "image_grid",
@@ -96,6 +99,24 @@ def reconstructions_figure(
         ax.axis("off")
     else:
         _scatter(ax, x, recon, "data (test)", "reconstructions E[x|z], z ~ q(z|x)")
+    return fig
+
+
+@torch.no_grad()
+def completions_figure(model: ImageCVAEModel, data: Data, n: int = 8, draws: int = 5) -> Figure:
+    """One row per test image: the input (its visible quadrants, the hidden part gray), the
+    true image, and ``draws`` completions (the Bernoulli means of the hidden pixels at z drawn
+    from p(z|x))."""
+    g = torch.Generator(device=data.device).manual_seed(0)
+    images = data.encode(data.test[:n], generator=g)
+    x, _ = model.split(images)
+    shown = torch.where(x == HIDDEN, torch.full_like(x, 0.5), x)
+    rows = torch.stack([shown, images, *model.completions(images, draws)], 1)  # (n, 2+draws, ...)
+    fig, ax = _figure(figsize=(1 + 0.6 * (2 + draws), 1 + 0.6 * n))
+    grid = image_grid(rows.reshape(-1, *images.shape[1:]).clamp(0, 1), ncols=2 + draws)
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(f"input, truth, {draws} completions", fontsize=8)
+    ax.axis("off")
     return fig
 
 

@@ -39,6 +39,9 @@ MODEL_PRESETS: dict[str, dict[str, dict]] = {
         "vae": {"latent_dim": 100, "network": {"hidden": (100, 100)}},
         "train": {"loss": "elbo"},
     },
+    # --model cvae: the sizes of Pyro's examples/cvae (z 200, relu; its 500,500 hidden widths
+    # are the model's own default, so that --architecture conv is refused by name)
+    "cvae": {"vae": {"latent_dim": 200, "network": {"activation": "relu"}}},
 }
 
 
@@ -50,11 +53,16 @@ def model_defaults(model: str | None) -> dict[str, dict]:
 NO_KL_TERM = ("iwae",)  # losses whose bound has no KL term to warm up (TrainConfig refuses one)
 
 
-def dataset_defaults(dataset: str, *, loss: str | None = None) -> dict[str, dict]:
+def dataset_defaults(
+    dataset: str, *, loss: str | None = None, model: str | None = None
+) -> dict[str, dict]:
     """``{"vae": {...}, "train": {...}}``: the command line's defaults for ``dataset`` (field
     names of :class:`~ppl_vae.vae.VAEConfig` and :class:`~ppl_vae.svi.TrainConfig`), empty
     where the dataclasses' defaults apply; without a KL warm-up for a ``loss`` that has no KL
-    term (``iwae``)."""
+    term (``iwae``). They are a VAE's: empty for ``model="cvae"``, which takes image sets
+    only (and refuses the 2-D sets by name)."""
+    if model == "cvae":
+        return {}
     defaults = {part: dict(values) for part, values in PRESETS.get(dataset, {}).items()}
     if loss in NO_KL_TERM:
         defaults.get("train", {}).pop("kl_warmup", None)

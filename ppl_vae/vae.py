@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ppl_vae.config import check_memory, check_positive, option
+from ppl_vae.cvae import check_visible
+from ppl_vae.cvae_images import image_cvae_pair
 from ppl_vae.data import Data
 from ppl_vae.errors import InputError
 from ppl_vae.flows import check_flow_length
@@ -20,7 +22,7 @@ from ppl_vae.twolayer import SIZES, two_layer_pair
 __all__ = ["VAEConfig", "build_vae", "check_vae_memory", "default_likelihood", "vae_size"]
 
 GUIDE_OPTIONS = ("flow_length", "flow_hidden", "rank")  # VAEConfig fields read by guides
-MODELS = ("vae", "two-layer")
+MODELS = ("vae", "two-layer", "cvae")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,10 @@ class VAEConfig:
     model: str = option(
         "vae", "the generative model: vae (p(z) p(x|z)) or two-layer (p(z2) p(z1|z2) p(x|z1), "
         "Burda et al.: z1 of --latent-dim, z2 of half that; the command line's default there "
-        "is --latent-dim 100 --hidden 100,100 --loss elbo)",
+        "is --latent-dim 100 --hidden 100,100 --loss elbo) or cvae (p(z|x) p(y|x,z), Sohn et "
+        "al.: images split into --visible quadrants x and the hidden pixels y; the command "
+        "line's default there is --latent-dim 200 --activation relu, and --hidden 500,500 "
+        "is its own)",
         choices=MODELS,
     )  # fmt: skip
     latent_dim: int = option(50, "dimension of z (two-layer: of z1)")
@@ -64,6 +69,11 @@ class VAEConfig:
     prior_components: int | None = option(
         None, "mixture components of a mog (default 10) or vamp (default 500) prior"
     )
+    visible: int | None = option(
+        None, "cvae: quadrants shown, the rest predicted: 1 the bottom-left, 2 also the "
+        "top-left, 3 also the top-right (default 1)",
+        choices=(1, 2, 3),
+    )  # fmt: skip
 
     def __post_init__(self):
         check_positive(self, "latent_dim", "flow_length", "flow_hidden", "rank", "prior_components")
@@ -71,6 +81,10 @@ class VAEConfig:
             raise InputError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.model == "two-layer":
             self._check_two_layer()
+        if self.model == "cvae":
+            self._check_cvae()
+        elif self.visible is not None:
+            raise InputError(f"--visible applies to --model cvae only, not {self.model}")
         PRIORS.check_options(self.prior, self.prior_options(), prefix="--prior-")
         if self.flow_length is not None:
             check_flow_length(self.flow_length)
@@ -98,6 +112,23 @@ class VAEConfig:
         for bad, flag, why in wrong:
             if bad:
                 raise InputError(f"--model two-layer takes no {flag} other than the default: {why}")
+
+    def _check_cvae(self) -> None:
+        object.__setattr__(
+            self, "visible", check_visible(1 if self.visible is None else self.visible)
+        )
+        wrong = [
+            (self.guide != "gaussian", "--guide", "its guide is q(z|x,y), diagonal Gaussian"),
+            (self.prior != "normal", "--prior", "its prior is the network p(z|x)"),
+            (self.network.architecture != "mlp", "--architecture", "it is built of MLPs"),
+            (self.likelihood not in (None, "bernoulli"), "--likelihood",
+             "p(y|x,z) is a Bernoulli per hidden pixel"),
+            (self.sigma is not None or self.sigma_floor is not None, "--sigma/--sigma-floor",
+             "p(y|x,z) is a Bernoulli per hidden pixel"),
+        ]  # fmt: skip
+        for bad, flag, why in wrong:
+            if bad:
+                raise InputError(f"--model cvae takes no {flag} other than the default: {why}")
 
     def prior_options(self) -> dict:
         """The prior options that are set."""
@@ -138,6 +169,9 @@ def vae_size(config: VAEConfig, event_shape: Sequence[int], likelihood: str) -> 
             model, guide = _two_layer(config, lik, torch.Size(event_shape))
             return {"network": count(model) - count(lik), "guide": count(guide),
                     "likelihood": count(lik)}  # fmt: skip
+        if config.model == "cvae":
+            model, guide = _cvae(config, event_shape)
+            return {"network": count(model), "guide": count(guide)}
         encoder, decoder = config.network.build(event_shape, config.latent_dim, lik.decoder_outputs)
 
     sizes = {"network": count(encoder, decoder)}
@@ -198,12 +232,40 @@ def _two_layer(config: VAEConfig, likelihood, event_shape):
                           config.network.activation)  # fmt: skip
 
 
+def _cvae(config: VAEConfig, event_shape):
+    """The conditional VAE over whole images: its networks of ``hidden`` (Pyro's 500,500 by
+    default), z of ``latent_dim``."""
+    hidden = config.network.hidden or (500, 500)
+    return image_cvae_pair(
+        config.visible, event_shape, config.latent_dim, hidden, config.network.activation
+    )
+
+
+def _check_cvae_data(data: Data) -> None:
+    """The conditional VAE splits images into quadrants and scores binary pixels."""
+    if not data.is_image or len(data.event_shape) < 2 or min(data.event_shape[-2:]) < 2:
+        raise InputError(
+            f"--model cvae completes images from their quadrants; {data.name} has points of "
+            f"shape {tuple(data.event_shape)}, not images: choose an image --dataset"
+        )
+    if not data.is_binary:
+        raise InputError(
+            f"--model cvae scores binary pixels (a Bernoulli each), but {data.name} "
+            f"({data.encoding}) is not binary; use --binarize dynamic or static"
+        )
+
+
 def build_vae(config: VAEConfig, data: Data) -> tuple[VAEModel, AmortizedGuide]:
     """Builds the model and guide for ``data``, on ``data``'s device.
 
     The parameters are counted first (:func:`check_vae_memory`): a VAE that cannot be trained
     in the device's memory is an error before anything is allocated.
     """
+    if config.model == "cvae":
+        _check_cvae_data(data)
+        check_vae_memory(config, data.event_shape, "bernoulli", data.device)
+        model, guide = _cvae(config, data.event_shape)
+        return model.to(data.device), guide.to(data.device)
     likelihood = config.likelihood or default_likelihood(data)
     options = config.likelihood_options()
     LIKELIHOODS.check_options(likelihood, options, prefix="--")

@@ -1,5 +1,7 @@
 r"""Evaluating a run: its log p(x) per point by importance sampling or AIS (``--method``),
-written to ``evaluate.json``."""
+written to ``evaluate.json``; for a conditional VAE (``--model cvae``) the same estimators give
+log p(y|x), the hidden pixels given the visible ones (``"conditional": true``, under the same
+keys ``nll`` and ``log_px``), without the collapse diagnostics of a prior p(z)."""
 
 from __future__ import annotations
 
@@ -172,7 +174,8 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     mine = round_robin(count)
     share = sum(min(config.batch_size, n - b * config.batch_size) for b in mine)
     results, done, total_log_px = [], 0, 0.0
-    desc = f"log p(x), {config.split}" + (f", rank 0 of {w.size}" if w.distributed else "")
+    what = "log p(y|x)" if run.vae_config.model == "cvae" else "log p(x)"
+    desc = f"{what}, {config.split}" + (f", rank 0 of {w.size}" if w.distributed else "")
     with (
         Progress(share * k, desc, estimator.unit, quiet=quiet or not w.main, scale=True) as bar,
         forked_rng(data.device, config.seed),
@@ -195,14 +198,16 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
             )
     results = gather_round_robin(results, count)  # every rank's batches, in order
     log_px = torch.cat([r.log_px for r in results])
+    conditional = run.vae_config.model == "cvae"  # log p(y|x): no p(z) to collapse onto
     return {
         "method": config.method,
+        **({"conditional": True} if conditional else {}),
         "split": config.split,
         "num_points": int(log_px.shape[0]),
         "nll": -log_px.mean().item(),
         "nll_standard_error": (log_px.std() / log_px.shape[0] ** 0.5).item(),
         **estimator.summary(results),
-        **(_collapse(run, config, x_all) if w.main else {}),
+        **(_collapse(run, config, x_all) if w.main and not conditional else {}),
         "log_px": log_px.tolist(),
     }
 
@@ -246,6 +251,11 @@ def evaluate_run(
     stamp = directory.stamp() if directory is not None else None
     if not isinstance(run, Run):
         run = load_run(run, device, data_dir=data_dir, checkpoint=checkpoint)
+    if run.vae_config.model == "cvae" and config.method != "is":
+        raise InputError(
+            f"--method {config.method} anneals towards p(z|x) from a guide q(z|x); a "
+            f"conditional VAE's log p(y|x) is estimated by --method is"
+        )
     target = record_target(run, out, EVALUATE, "the estimate") if write else None
     with guarded(run, target, stamp):
         t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import torch
 from ppl_vae.ais import annealed_log_likelihood
 from ppl_vae.config import check_number, check_positive, check_seed, option
 from ppl_vae.distributed import gather_round_robin, round_robin, world
+from ppl_vae.errors import InputError
 from ppl_vae.gaps import check_family, inference_gaps
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.rng import forked_rng
@@ -155,6 +156,11 @@ def gaps_run(
     stamp = directory.stamp() if directory is not None else None
     if not isinstance(run, Run):
         run = load_run(run, device, data_dir=data_dir, checkpoint=checkpoint)
+    if run.vae_config.model == "cvae":
+        raise InputError(
+            "gaps compares log p(x) with a guide q(z|x)'s ELBO, by AIS; a conditional VAE "
+            "(--model cvae) has neither: evaluate reports its log p(y|x)"
+        )
     check_family(run.guide)
     target = record_target(run, out, GAPS, "the gaps") if write else None
     with guarded(run, target, stamp):

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ppl_vae.cvae_images import ImageCVAEModel
 from ppl_vae.errors import InputError
 from ppl_vae.plots import (
+    completions_figure,
     curves_figure,
     density_figure,
     interpolation_figure,
@@ -51,8 +53,20 @@ class StaleWarning(UserWarning):
     """A picture or estimate in a run's folder shows another checkpoint than the run's own."""
 
 
+def _conditional(run: Run) -> bool:
+    return isinstance(run.model, ImageCVAEModel)
+
+
+def _needs_vae(run: Run) -> str | None:
+    return "a model p(z) p(x|z), not a conditional VAE" if _conditional(run) else None
+
+
+def _needs_cvae(run: Run) -> str | None:
+    return None if _conditional(run) else "a conditional VAE (--model cvae)"
+
+
 def _needs_images(run: Run) -> str | None:
-    return None if run.data.is_image else "images"
+    return _needs_vae(run) or (None if run.data.is_image else "images")
 
 
 def _needs_2d_latent(run: Run) -> str | None:
@@ -61,7 +75,7 @@ def _needs_2d_latent(run: Run) -> str | None:
 
 
 def _needs_2d_data(run: Run) -> str | None:
-    return None if run.data.event_shape == (2,) else "2-D data"
+    return _needs_vae(run) or (None if run.data.event_shape == (2,) else "2-D data")
 
 
 PICTURES: Registry = Registry("picture")
@@ -92,7 +106,20 @@ PICTURES.register(
     lambda run: density_figure(run.model, run.guide, run.data),
     help="data and model log-density (2-D data)",
 )
-NEEDS = {"interpolation": _needs_images, "manifold": _needs_2d_latent, "density": _needs_2d_data}
+PICTURES.register(
+    "completions",
+    lambda run: completions_figure(run.model, run.data),
+    help="conditional VAE: test inputs (hidden part gray), the truth, sampled completions",
+)
+NEEDS = {
+    "samples": _needs_vae,
+    "reconstructions": _needs_vae,
+    "interpolation": _needs_images,
+    "latent": _needs_vae,
+    "manifold": _needs_2d_latent,
+    "density": _needs_2d_data,
+    "completions": _needs_cvae,
+}
 
 
 def check_pictures(run: Run, names: tuple[str, ...]) -> None:
@@ -102,13 +129,17 @@ def check_pictures(run: Run, names: tuple[str, ...]) -> None:
         what = NEEDS[name](run) if name in NEEDS else None
         if what is not None:
             raise InputError(
-                f"the {name} picture needs {what}; this run's data are {run.data.name}; "
+                f"the {name} picture needs {what}; this run is a {run.vae_config.model} on "
+                f"{run.data.name}; "
                 f"leave {name} out of --pictures"
             )
 
 
 def default_pictures(run: Run) -> tuple[str, ...]:
-    """The pictures that apply to ``run``: images or 2-D points, and the latent's size."""
+    """The pictures that apply to ``run``: a conditional VAE's, images or 2-D points, and the
+    latent's size."""
+    if _conditional(run):
+        return ("curves", "completions")
     if run.data.is_image:
         names = ["curves", "samples", "reconstructions", "interpolation", "latent"]
         return (*names, "manifold") if run.model.latent_dim == 2 else tuple(names)
