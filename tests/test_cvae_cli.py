@@ -4,6 +4,7 @@ what it refuses, on the 8x8 digits set (MNIST's 60,000 images are one epoch too 
 
 import json
 import shutil
+import warnings
 from functools import partial
 
 import matplotlib.image
@@ -26,7 +27,7 @@ from ppl_vae.data import DataConfig, load_data
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.plots import completions_figure
 from ppl_vae.rng import forked_rng
-from ppl_vae.runs import load_run
+from ppl_vae.runs import load_run, train_run
 from ppl_vae.runs.evaluate import seeded_batch
 from ppl_vae.runs.pictures import PICTURES
 from ppl_vae.svi import TrainConfig, train
@@ -198,3 +199,18 @@ def test_mnist_quadrants_train_and_complete_through_the_generic_loop():
     grid = completions_figure(model, data).axes[0].images[0].get_array()
     assert grid.shape == (8 * 29 - 1, 7 * 29 - 1)
     assert (torch.as_tensor(grid[:28, :28]) == 0.5).sum() == 3 * 14 * 14
+
+
+def test_the_captured_step_gives_the_programs_numbers_with_a_warm_up(tmp_path):
+    data = DataConfig("digits")
+    vae = VAEConfig(model="cvae", visible=3, latent_dim=4, network=NetworkConfig(hidden=(16,)))
+    runs = {}
+    for capture in (True, False):
+        config = TrainConfig(epochs=2, batch_size=200, kl_warmup=2, capture=capture)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fall-back to the program
+            runs[capture] = train_run(data, vae, config, tmp_path / str(capture), "cpu",
+                                      pictures=False, quiet=True)  # fmt: skip
+    for a, b in zip(runs[True].metrics, runs[False].metrics, strict=True):
+        assert a["train_elbo"] == pytest.approx(b["train_elbo"], rel=1e-6)
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-6)
