@@ -391,6 +391,13 @@ def _print_evaluation(r: dict) -> None:
         flush=True,
     )
     if "active_units" not in r:  # a conditional VAE: no collapse diagnostics
+        if "baseline" in r:
+            b = r["baseline"]
+            print(
+                f"{r['split']} -log p(y|x) of the baseline {b['nll']:.2f} ± "
+                f"{b['nll_standard_error']:.2f} nats (exact)",
+                flush=True,
+            )
         return
     mi, k = r.get("mutual_information"), r.get("pareto_k")
     print(

@@ -20,9 +20,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ppl_vae.cvae import CVAEGuide, CVAEModel, check_visible, split_quadrants
+from ppl_vae.cvae import (
+    BaselineNet,
+    CVAEGuide,
+    CVAEModel,
+    baseline_log_likelihood,
+    check_visible,
+    split_quadrants,
+)
+from ppl_vae.data import Data
 
-__all__ = ["ImageCVAEGuide", "ImageCVAEModel", "image_cvae_pair"]
+__all__ = ["ImageCVAEGuide", "ImageCVAEModel", "fit_baseline", "image_cvae_pair"]
 
 
 class ImageCVAEModel(CVAEModel):
@@ -35,9 +43,22 @@ class ImageCVAEModel(CVAEModel):
         event_shape, latent_dim, hidden, activation: As for :class:`~ppl_vae.cvae.CVAEModel`.
     """
 
-    def __init__(self, visible: int = 1, **sizes):
+    def __init__(self, visible: int = 1, *, baseline: bool = False, **sizes):
         super().__init__(**sizes)
         self.visible = check_visible(visible)
+        # a submodule, so that its weights are saved with the model's; the model never calls it
+        self.baseline = BaselineNet(self.event_shape, *self._sizes(sizes)) if baseline else None
+
+    @staticmethod
+    def _sizes(sizes: dict) -> tuple:
+        return sizes.get("hidden", (500, 500)), sizes.get("activation", "relu")
+
+    @torch.no_grad()
+    def baseline_log_likelihood(self, images: Tensor) -> Tensor | None:
+        """The baseline's exact log p(y|x) per image (float64), or ``None`` without one."""
+        if self.baseline is None:
+            return None
+        return baseline_log_likelihood(self.baseline, *self.split(images))
 
     def split(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, y)`` of ``images``: the visible quadrants and the hidden pixels."""
@@ -78,6 +99,8 @@ def image_cvae_pair(
     latent_dim: int = 200,
     hidden: Sequence[int] = (500, 500),
     activation: str = "relu",
+    *,
+    baseline: bool = False,
 ) -> tuple[ImageCVAEModel, ImageCVAEGuide]:
     """The model and guide over whole images of ``event_shape``, ``visible`` quadrants shown.
 
@@ -91,5 +114,39 @@ def image_cvae_pair(
     sizes = dict(
         event_shape=tuple(event_shape), latent_dim=latent_dim, hidden=hidden, activation=activation
     )
-    model = ImageCVAEModel(visible, **sizes)
+    model = ImageCVAEModel(visible, baseline=baseline, **sizes)
     return model, ImageCVAEGuide(visible, **sizes, prior=model.prior)
+
+
+def fit_baseline(
+    model: ImageCVAEModel,
+    data: Data,
+    epochs: int,
+    *,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Trains ``model.baseline`` for ``epochs`` passes over ``data.train`` (Adam on its masked
+    binary cross-entropy, batches shuffled and binarized from ``seed``), then starts the
+    model's generation network from it (:meth:`~ppl_vae.cvae.CVAEModel.start_from`), as
+    Pyro's example trains its baseline before the CVAE. Returns the mean training loss per
+    epoch (nats per image, -log p(y|x))."""
+    baseline = model.baseline
+    assert baseline is not None, "built without a baseline"
+    device = data.train.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    optimizer = torch.optim.Adam(baseline.parameters(), lr=lr)
+    losses, n = [], data.train.shape[0]
+    for _ in range(epochs):
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in torch.randperm(n, generator=g, device=device).split(batch_size):
+            x, y = model.split(data.encode(data.train[batch], generator=g))
+            loss = -baseline.log_prob(x, y).sum()
+            (loss / len(batch)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+        losses.append(total.item() / n)
+    model.start_from(baseline)
+    return losses

@@ -74,17 +74,26 @@ class VAEConfig:
         "top-left, 3 also the top-right (default 1)",
         choices=(1, 2, 3),
     )  # fmt: skip
+    baseline_epochs: int | None = option(
+        None, "cvae: epochs of a deterministic baseline p(y|x) (an MLP of --hidden) trained "
+        "before the CVAE, whose generation network starts from it; evaluate reports its log "
+        "p(y|x) beside the CVAE's (default: no baseline)",
+    )  # fmt: skip
 
     def __post_init__(self):
-        check_positive(self, "latent_dim", "flow_length", "flow_hidden", "rank", "prior_components")
+        check_positive(self, "latent_dim", "flow_length", "flow_hidden", "rank", "prior_components",
+                       "baseline_epochs")  # fmt: skip
         if self.model not in MODELS:
             raise InputError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.model == "two-layer":
             self._check_two_layer()
         if self.model == "cvae":
             self._check_cvae()
-        elif self.visible is not None:
-            raise InputError(f"--visible applies to --model cvae only, not {self.model}")
+        else:
+            for name in ("visible", "baseline_epochs"):
+                if getattr(self, name) is not None:
+                    flag = "--" + name.replace("_", "-")
+                    raise InputError(f"{flag} applies to --model cvae only, not {self.model}")
         PRIORS.check_options(self.prior, self.prior_options(), prefix="--prior-")
         if self.flow_length is not None:
             check_flow_length(self.flow_length)
@@ -237,8 +246,9 @@ def _cvae(config: VAEConfig, event_shape):
     default), z of ``latent_dim``."""
     hidden = config.network.hidden or (500, 500)
     return image_cvae_pair(
-        config.visible, event_shape, config.latent_dim, hidden, config.network.activation
-    )
+        config.visible, event_shape, config.latent_dim, hidden, config.network.activation,
+        baseline=config.baseline_epochs is not None,
+    )  # fmt: skip
 
 
 def _check_cvae_data(data: Data) -> None:

@@ -18,11 +18,12 @@ from ppl_vae.cvae import (
     HIDDEN,
     CVAEGuide,
     CVAEModel,
+    baseline_log_likelihood,
     conditional_log_likelihood,
     quadrant_mask,
     split_quadrants,
 )
-from ppl_vae.cvae_images import ImageCVAEModel
+from ppl_vae.cvae_images import ImageCVAEModel, fit_baseline, image_cvae_pair
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.plots import completions_figure
@@ -160,6 +161,7 @@ def test_a_vae_picture_on_a_cvae_run_is_one_line(trained, tmp_path, capsys):
         (["--binarize", "gray"], "digits (gray) is not binary"),
         (["--dataset", "moons"], "moons has points of shape (2,), not images"),
         (["--model", "vae", "--visible", "2"], "--visible applies to --model cvae only"),
+        (["--model", "vae", "--baseline-epochs", "2"], "--baseline-epochs applies to --model"),
     ],
 )
 def test_what_does_not_apply_is_refused_in_one_line(flags, wrong, tmp_path, capsys):
@@ -214,3 +216,34 @@ def test_the_captured_step_gives_the_programs_numbers_with_a_warm_up(tmp_path):
     for a, b in zip(runs[True].metrics, runs[False].metrics, strict=True):
         assert a["train_elbo"] == pytest.approx(b["train_elbo"], rel=1e-6)
         assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-6)
+
+
+def test_fit_baseline_trains_it_and_starts_the_generation_network_from_it():
+    data = load_data(DataConfig("digits"))
+    model, _ = image_cvae_pair(2, data.event_shape, latent_dim=3, hidden=(16,), baseline=True)
+    losses = fit_baseline(model, data, 3, batch_size=100, seed=1)
+    assert losses[0] > losses[-1] and losses[0] < 32 * 0.7  # below an untrained -32 log 2
+    x, _ = model.split(data.encode(data.test[:5]))
+    z = torch.randn(4, 5, 3)  # p(y|x, z) is the baseline's p(y|x) for every z
+    with torch.no_grad():
+        assert torch.allclose(
+            model.logits(x, z), model.baseline.logits(x).expand(4, -1, -1, -1, -1)
+        )
+
+
+def test_a_baseline_run_reports_its_exact_log_likelihood_beside_the_cvaes(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = [*ARGS, "--epochs", "1", "--baseline-epochs", "2", "--out", run_dir]
+    assert run_cli("train", *flags, capsys=capsys)[0] == 0
+    assert json.loads((run_dir / "config.json").read_text())["vae"]["baseline_epochs"] == 2
+    evaluate = ["--limit", "40", "--num-samples", "50", "--seed", "2", "--device", "cpu"]
+    code, out, err = run_cli("evaluate", "--run", run_dir, *evaluate, "--quiet", capsys=capsys)
+    assert code == 0, err
+    record = json.loads((run_dir / "evaluate.json").read_text())
+    run = load_run(run_dir, "cpu")
+    with forked_rng(run.data.device, 2):
+        images = seeded_batch(run.data, run.data.test[:40], 100, 2, 0)
+    want = baseline_log_likelihood(run.model.baseline, *split_quadrants(images, 2))
+    assert record["baseline"]["log_px"] == pytest.approx(want.tolist(), abs=1e-9)
+    assert record["baseline"]["nll"] == pytest.approx(-want.mean().item(), abs=1e-9)
+    assert f"baseline {record['baseline']['nll']:.2f} ± " in out.splitlines()[1]

@@ -160,6 +160,26 @@ def _collapse(run: Run, config: EvaluateConfig, x_all: torch.Tensor) -> dict:
         }
 
 
+def _baseline(run: Run, config: EvaluateConfig, x_all: torch.Tensor) -> dict:
+    """A CVAE run's baseline: its exact log p(y|x) on the points evaluated (the same
+    binarization), as ``{"baseline": {"nll", "nll_standard_error", "log_px"}}``; empty
+    without a baseline."""
+    if getattr(run.model, "baseline", None) is None:
+        return {}
+    with torch.no_grad(), forked_rng(run.data.device, config.seed):
+        batches = range(math.ceil(x_all.shape[0] / config.batch_size))
+        size, seed = config.batch_size, config.seed
+        x = torch.cat([seeded_batch(run.data, x_all, size, seed, b) for b in batches])
+        log_px = run.model.baseline_log_likelihood(x).cpu()
+    return {
+        "baseline": {
+            "nll": -log_px.mean().item(),
+            "nll_standard_error": (log_px.std() / log_px.shape[0] ** 0.5).item(),
+            "log_px": log_px.tolist(),
+        }
+    }
+
+
 def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     """Every point's estimate; batch ``b`` (points ``b * batch_size`` onwards) draws from the
     seed ``derived_seed(seed, b)``, so that the figures do not depend on how batches are
@@ -208,6 +228,7 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
         "nll_standard_error": (log_px.std() / log_px.shape[0] ** 0.5).item(),
         **estimator.summary(results),
         **(_collapse(run, config, x_all) if w.main and not conditional else {}),
+        **(_baseline(run, config, x_all) if w.main and conditional else {}),
         "log_px": log_px.tolist(),
     }
 

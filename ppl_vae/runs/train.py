@@ -8,6 +8,7 @@ import os
 
 import pyro
 
+from ppl_vae.cvae_images import fit_baseline
 from ppl_vae.data import DataConfig, data_fingerprint, load_data
 from ppl_vae.distributed import RankStopped, on_rank0_for_all, stopped_ranks, world
 from ppl_vae.errors import InputError
@@ -188,6 +189,10 @@ def _train_into(
             if pictures and plot_every and s.epoch % plot_every == 0:
                 draw(_run(s.metrics))
 
+        epochs = config.vae.baseline_epochs
+        if state is None and epochs is not None:  # a new CVAE run starts from its baseline
+            t = config.train
+            fit_baseline(model, data, epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed)
         try:
             metrics = train(
                 model, guide, data, config.train,
