@@ -349,7 +349,9 @@ def _train(args: argparse.Namespace) -> None:
         )
         print(
             f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, "
-            f"test ELBO {last['test_elbo']:.2f} nats per example{kept}; wrote {args.out}"
+            f"test ELBO {last['test_elbo']:.2f} nats per example{kept}"
+            + (" (bounds on log p(y|x))" if run.vae_config.model == "cvae" else "")
+            + f"; wrote {args.out}"
         )
 
 

@@ -27,7 +27,8 @@ MODELS = ("vae", "two-layer", "cvae")
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The model p(z) p(x|z) and the guide q(z|x).
+    """The model p(z) p(x|z) and the guide q(z|x) (``model="cvae"``: p(z|x) p(y|x,z) and
+    q(z|x,y) of images split into ``visible`` quadrants x and the hidden pixels y).
 
     Options of one guide or likelihood (``rank``, ``flow_length``, ``flow_hidden``,
     ``sigma``, ``sigma_floor``) are ``None`` unless set; setting one that the chosen guide or

@@ -78,7 +78,7 @@ def test_the_command_line_defaults_are_pyros_sizes(tmp_path, capsys):
     model = load_run(out, "cpu").model
     widths = [m.out_features for m in model.generation_net if isinstance(m, torch.nn.Linear)]
     assert widths == [500, 500, 64] and model.latent_dim == 200
-    assert "epoch 1: train ELBO" in stdout
+    assert "epoch 1: train ELBO" in stdout and "(bounds on log p(y|x))" in stdout
 
 
 def test_resume_continues_the_run(trained, tmp_path, capsys):
