@@ -351,6 +351,12 @@ def _train(args: argparse.Namespace) -> None:
             f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, "
             f"test ELBO {last['test_elbo']:.2f} nats per example{kept}"
             + (" (bounds on log p(y|x))" if run.vae_config.model == "cvae" else "")
+            + (
+                f" (unlabelled bounds: the label summed out); test accuracy "
+                f"{last['test_accuracy']:.4f}"
+                if run.vae_config.model == "m2"
+                else ""
+            )
             + f"; wrote {args.out}"
         )
 
@@ -386,6 +392,14 @@ ESTIMATE_LINES = {"is": _importance_line, "ais": _annealed_line}  # by evaluate 
 
 def _print_evaluation(r: dict) -> None:
     """The estimate, printed before it is written (a failed write then loses nothing)."""
+    if r.get("label_summed_out"):  # an M2 run
+        print(
+            f"{r['split']} NLL {r['nll']:.2f} ± {r['nll_standard_error']:.2f} nats (is, "
+            f"K={r['num_samples']} per class, the label summed out exactly, {r['num_points']} "
+            f"points); test accuracy {r['test_accuracy']:.4f}; {r['seconds']:.1f} s",
+            flush=True,
+        )
+        return
     what = "-log p(y|x)" if r.get("conditional") else "NLL"
     print(
         f"{r['split']} {what} {r['nll']:.2f} ± {r['nll_standard_error']:.2f} nats "

@@ -88,6 +88,10 @@ class Data:
         test: Test tensor of shape ``(M, *event_shape)``.
         encoding: ``"dynamic"``, ``"static"``, ``"gray"`` or ``"continuous"``.
         name: A name for messages and plots.
+        test_labels: A class per test point, where the set has them.
+        validation: Training points held out (:meth:`hold_out`).
+        train_labels: A class per training point, where the set has them (the MNIST family,
+            digits): what a semi-supervised run (``--model m2``) draws its labelled points by.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class Data:
         name: str = "data",
         test_labels: Tensor | None = None,
         validation: Tensor | None = None,
+        train_labels: Tensor | None = None,
     ):
         train, test = train.detach(), test.detach()  # saved with requires_grad, or Parameters
         for split, t in (("train", train), ("test", test)):
@@ -129,6 +134,12 @@ class Data:
             raise InputError(
                 f"{name}: {tuple(test_labels.shape)} test labels for {test.shape[0]} test points"
             )
+        if train_labels is not None and train_labels.shape != train.shape[:1]:
+            raise InputError(
+                f"{name}: {tuple(train_labels.shape)} training labels for {train.shape[0]} "
+                f"training points"
+            )
+        self.train_labels = train_labels  # a class per training point, or None
         self.train, self.test, self.encoding, self.name = train, test, encoding, name
         self.test_labels = test_labels  # a class per test point (digits, arms), for pictures
         self.validation = validation  # training points held out (hold_out), or None
@@ -229,8 +240,9 @@ class Data:
         labels = self.test_labels
         held = self.validation.to(device) if self.validation is not None else None
         return Data(
-            self.train.to(device), self.test.to(device), self.encoding, self.name, labels, held
-        )
+            self.train.to(device), self.test.to(device), self.encoding, self.name, labels, held,
+            self.train_labels,
+        )  # fmt: skip
 
     def hold_out(self, num: int, seed: int) -> Data:
         """``num`` training points, drawn at random from ``seed``, as the validation set; the
@@ -257,7 +269,19 @@ class Data:
         device = self.train.device
         return Data(
             self.train[kept.to(device)], self.test, self.encoding, self.name, self.test_labels,
-            self.train[held.to(device)],
+            self.train[held.to(device)], self._train_labels_at(kept),
+        )  # fmt: skip
+
+    def _train_labels_at(self, index: Tensor) -> Tensor | None:
+        return None if self.train_labels is None else self.train_labels[index]
+
+    def subset(self, index: Tensor) -> Data:
+        """The training points at ``index`` (with their labels) as the training set; the test
+        set as it is."""
+        index = index.to(self.train.device)
+        return Data(
+            self.train[index], self.test, self.encoding, self.name, self.test_labels,
+            self.validation, self._train_labels_at(index.cpu()),
         )  # fmt: skip
 
     def head(self, num_train: int | None = None, num_test: int | None = None) -> Data:
@@ -275,7 +299,8 @@ class Data:
         check_positive_value("num_test", num_test)
         labels = self.test_labels[:num_test] if self.test_labels is not None else None
         train, test = self.train[:num_train], self.test[:num_test]
-        return Data(train, test, self.encoding, self.name, labels)
+        train_labels = None if self.train_labels is None else self.train_labels[:num_train]
+        return Data(train, test, self.encoding, self.name, labels, train_labels=train_labels)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Returns a batch as the model sees it (a fresh binarization for ``dynamic``)."""
@@ -312,7 +337,7 @@ def load_mnist(root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
     The files are read with ``torchvision.datasets.MNIST`` from ``root`` (see
     :func:`resolve_data_root`) and downloaded only when they are absent.
     """
-    train, test, _ = IMAGE_SETS.build("mnist", resolve_data_root(root))
+    train, test, *_ = IMAGE_SETS.build("mnist", resolve_data_root(root))
     return train, test
 
 
@@ -364,9 +389,13 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu") -> Data:
     """Loads the data set ``config`` names onto ``device``."""
     g = torch.Generator().manual_seed(config.seed)
     if config.dataset in IMAGE_SETS:
-        train, test, labels = IMAGE_SETS.build(config.dataset, resolve_data_root(config.data_dir))
+        root = resolve_data_root(config.data_dir)
+        train, test, labels, *train_labels = IMAGE_SETS.build(config.dataset, root)
         train, test = _binarized(train, test, config.binarize, g)
-        return Data(train.to(device), test.to(device), config.binarize, config.dataset, labels)
+        return Data(
+            train.to(device), test.to(device), config.binarize, config.dataset, labels,
+            train_labels=train_labels[0] if train_labels else None,
+        )  # fmt: skip
     if config.dataset in SYNTHETIC:
         train, _ = SYNTHETIC.build(config.dataset, config.num_train, g)
         test, labels = SYNTHETIC.build(config.dataset, config.num_test, g)

@@ -3,7 +3,8 @@ Burda et al.'s 28x28 Omniglot (``chardata.mat``), and scikit-learn's bundled 8x8
 
 Each loader in :data:`IMAGE_SETS` takes the data root (:func:`resolve_data_root`: ``--data-dir``,
 else ``$PPL_VAE_DATA``, else the user cache) and returns the training and test images as
-intensities in [0, 1] of shape ``(N, 1, H, W)``, upright, with the test labels. A set whose
+intensities in [0, 1] of shape ``(N, 1, H, W)``, upright, with the test labels (and, where the
+set has them, the training labels as a fourth entry: the MNIST family, digits). A set whose
 files are missing is a one-line error saying where to put them; nothing is written but what
 torchvision's own download writes when the network allows.
 """
@@ -24,7 +25,7 @@ from ppl_vae.registry import Registry
 
 __all__ = ["IMAGE_SETS", "MNIST_FILES", "TorchvisionSet", "check_idx_file", "resolve_data_root"]
 
-IMAGE_SETS: Registry = Registry("image data set")  # root -> (train, test, test labels)
+IMAGE_SETS: Registry = Registry("image data set")  # root -> (train, test, labels[, train's])
 WHERE = "pass --data-dir DIR or set PPL_VAE_DATA=DIR"
 
 
@@ -76,7 +77,7 @@ class TorchvisionSet:
     transposed: bool = False  # the files hold each image transposed (EMNIST)
     sizes: tuple[int, ...] | None = None  # the files' exact sizes, where known
 
-    def __call__(self, root: Path) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raw = root / self.cls / "raw"
         for i, name in enumerate(self.files):  # a truncated file is named, not "not found"
             path = raw / name
@@ -108,7 +109,7 @@ class TorchvisionSet:
             x = ds.data.transpose(1, 2) if self.transposed else ds.data
             images.append(x.unsqueeze(1).float().div_(255.0))
             labels.append(ds.targets)
-        return images[0], images[1], labels[1].clone()
+        return images[0], images[1], labels[1].clone(), labels[0].clone()
 
     def _read(self, root: Path, train: bool, download: bool):
         import torchvision.datasets  # torchvision only when one of its sets is asked for
@@ -217,7 +218,7 @@ DIGITS_TEST = 360  # of 1,797: a fifth, drawn once (scikit-learn's train_test_sp
     help="scikit-learn's bundled 8x8 digits (load_digits; no files): 1,437 training and 360 "
     "test images, a fixed split",
 )
-def digits(root: Path | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def digits(root: Path | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 1,797 8x8 digits (UCI), 0..16 scaled to [0, 1], split once and for all
     by ``train_test_split(test_size=360, random_state=0)`` whatever the run's seed, so every
     run is tested on the same 360 images. ``root`` is unused: the data come with scikit-learn.
@@ -228,4 +229,5 @@ def digits(root: Path | None = None) -> tuple[Tensor, Tensor, Tensor]:
     bunch = load_digits()
     x = torch.from_numpy(bunch.images).to(torch.float32).div_(16.0).unsqueeze(1)
     train, test = train_test_split(np.arange(len(x)), test_size=DIGITS_TEST, random_state=0)
-    return x[train], x[test], torch.from_numpy(bunch.target[test]).long()
+    labels = torch.from_numpy(bunch.target).long()
+    return x[train], x[test], labels[test], labels[train]

@@ -22,11 +22,14 @@ from ppl_vae.cvae_images import ImageCVAEModel
 from ppl_vae.data import Data
 from ppl_vae.guides import AmortizedGuide
 from ppl_vae.importance import log_likelihood
+from ppl_vae.m2 import M2Guide, M2Model
 from ppl_vae.mixture import BernoulliMixture, GaussianMixture
 from ppl_vae.model import VAEModel
 from ppl_vae.selection import best_epoch
+from ppl_vae.semisupervised import analogies, test_points
 
 __all__ = [
+    "analogies_figure",
     "close_figure",
     "completions_figure",
     "curves_figure",
@@ -116,6 +119,24 @@ def completions_figure(model: ImageCVAEModel, data: Data, n: int = 8, draws: int
     grid = image_grid(rows.reshape(-1, *images.shape[1:]).clamp(0, 1), ncols=2 + draws)
     ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
     ax.set_title(f"input, truth, {draws} completions", fontsize=8)
+    ax.axis("off")
+    return fig
+
+
+@torch.no_grad()
+def analogies_figure(
+    model: M2Model, guide: M2Guide, data: Data, *, seed: int, n: int = 8
+) -> Figure:
+    """Kingma et al.'s Figure 1 for the first ``n`` test points: one row per point, its image
+    (binarized as for the test accuracy, from ``seed``) then the means of p(x|y, z) for every
+    class y, with z the mean of q(z|x, y_true) held fixed along the row."""
+    x = test_points(data, seed)[:n]
+    rows = analogies(model, guide, x, data.test_labels[:n].to(x.device))  # (n, K, ...)
+    k = rows.shape[1]
+    cells = torch.cat([x.unsqueeze(1), rows], 1).reshape(-1, *x.shape[1:])
+    fig, ax = _figure(figsize=(1 + 0.5 * (1 + k), 1 + 0.5 * len(x)))
+    ax.imshow(image_grid(cells.clamp(0, 1), ncols=1 + k).numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(f"test image, then y = 0..{k - 1} at its z ~ E q(z|x, y_true)", fontsize=8)
     ax.axis("off")
     return fig
 

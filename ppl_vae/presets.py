@@ -42,6 +42,9 @@ MODEL_PRESETS: dict[str, dict[str, dict]] = {
     # --model cvae: the sizes of Pyro's examples/cvae (z 200, relu; its 500,500 hidden widths
     # are the model's own default, so that --architecture conv is refused by name)
     "cvae": {"vae": {"latent_dim": 200, "network": {"activation": "relu"}}},
+    # --model m2: Kingma et al.'s sizes (z 50, softplus; the one hidden layer of 500 is the
+    # model's own default, so that --architecture conv is refused by name)
+    "m2": {"vae": {"latent_dim": 50, "network": {"activation": "softplus"}}},
 }
 
 
@@ -61,7 +64,7 @@ def dataset_defaults(
     where the dataclasses' defaults apply; without a KL warm-up for a ``loss`` that has no KL
     term (``iwae``). They are a VAE's: empty for ``model="cvae"``, which takes image sets
     only (and refuses the 2-D sets by name)."""
-    if model == "cvae":
+    if model in ("cvae", "m2"):
         return {}
     defaults = {part: dict(values) for part, values in PRESETS.get(dataset, {}).items()}
     if loss in NO_KL_TERM:

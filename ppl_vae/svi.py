@@ -261,15 +261,18 @@ def mean_elbo(
     *,
     seed: int = 0,
     num_particles: int = 1,
+    objective=None,
 ) -> float:
     """The mean ELBO per data point (nats) on ``split``, at full KL weight.
 
     Batch ``b`` of the split draws its binarization and latents from the seed
     ``derived_seed(seed, b)`` in forked streams, so the figure is a deterministic function of
     the parameters, the caller's streams are left alone, and under ``torchrun`` (each rank
-    takes every ``size``-th batch, the sums are reduced) it is the one-process figure.
+    takes every ``size``-th batch, the sums are reduced) it is the one-process figure. With an
+    ``objective`` (:class:`~ppl_vae.semisupervised.SemiSupervised`), its bound of an unlabelled
+    batch.
     """
-    elbo = LOSSES.build("elbo", num_particles=num_particles)
+    elbo = objective or LOSSES.build("elbo", num_particles=num_particles)
     w = world()
     x_all = {"test": data.test, "train": data.train, "validation": data.validation}[split]
     total = torch.zeros((), dtype=torch.float64, device=data.device)
@@ -327,9 +330,10 @@ class StepLosses:
     :func:`svi_step` takes, with the KL term weighted by ``weight``.
     """
 
-    def __init__(self, model, guide, params, *, config: TrainConfig):
+    def __init__(self, model, guide, params, *, config: TrainConfig, objective=None):
         self.model, self.guide, self.params, self.config = model, guide, params, config
-        self.elbo = make_loss(config)
+        self.objective = objective  # a SemiSupervised objective (M2), or None: config.loss
+        self.elbo = objective or make_loss(config)
         self.losses: dict[float, Callable[..., Tensor]] = {}
 
     def __call__(self, weight: float) -> Callable[..., Tensor]:
@@ -356,7 +360,9 @@ def _report(metrics: dict, epochs: int, *, done: int, elapsed: float) -> None:
     tqdm.write(
         f"epoch {metrics['epoch']}/{epochs}: train {metrics['train_elbo']:.3f}, "
         + (f"validation {held:.3f}, " if held is not None else "")
-        + f"test ELBO {metrics['test_elbo']:.3f} nats, {metrics['seconds']:.1f} s"
+        + f"test ELBO {metrics['test_elbo']:.3f} nats, "
+        + (f"test accuracy {metrics['test_accuracy']:.4f}, " if "test_accuracy" in metrics else "")
+        + f"{metrics['seconds']:.1f} s"
         + time_left(done, done + epochs - metrics["epoch"], elapsed),
         file=sys.stderr,
     )
@@ -445,6 +451,7 @@ def init_state(
     config: TrainConfig,
     *,
     resume_from: TrainState | None = None,
+    objective=None,
 ) -> LoopState:
     """The loop's state before its first epoch, or after ``resume_from``'s last.
 
@@ -463,7 +470,8 @@ def init_state(
     x0 = data.encode(
         data.train[: config.batch_size], generator=torch.Generator(device).manual_seed(0)
     )
-    params = collect_params(model, guide, x0, data.train.shape[0])
+    args, kwargs = _program_args(objective, x0, data.train.shape[0])
+    params = collect_params(model, guide, *args, **kwargs)
     if not params:
         raise InputError(
             "the model and guide register no parameters; use pyro.module or pyro.param"
@@ -475,8 +483,9 @@ def init_state(
     if resume_from is None:
         epoch, metrics = 0, []
         untrained = mean_elbo(
-            model, guide, data, "test", batch_size=config.eval_batch_size, seed=config.seed
-        )
+            model, guide, data, "test", batch_size=config.eval_batch_size, seed=config.seed,
+            objective=objective,
+        )  # fmt: skip
     else:
         _restore(
             resume_from,
@@ -487,7 +496,7 @@ def init_state(
         )
         epoch, metrics = resume_from.epoch, list(resume_from.metrics)
         untrained = resume_from.untrained_elbo
-    losses = StepLosses(model, guide, params, config=config)
+    losses = StepLosses(model, guide, params, config=config, objective=objective)
     return LoopState(epoch, params, optimizer, generator, losses, metrics, untrained)
 
 
@@ -553,13 +562,17 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
     loss = state.losses(weight)
     train_elbo, gradients = _train_pass(state, data, config, loss=loss, epoch=epoch, quiet=quiet)
     model, guide = state.losses.model, state.losses.guide
+    objective = state.losses.objective
     elbos = {
         f"{split}_elbo": mean_elbo(
-            model, guide, data, split, batch_size=config.eval_batch_size, seed=config.seed
+            model, guide, data, split, batch_size=config.eval_batch_size, seed=config.seed,
+            objective=objective,
         )
         for split in ("test", "validation")
         if split == "test" or data.validation is not None
-    }
+    }  # fmt: skip
+    if objective is not None:
+        elbos.update(objective.metrics(guide, data))
     _check_divergence(
         elbos["test_elbo"], epoch, history=state.metrics, untrained=state.untrained_elbo
     )
@@ -604,8 +617,12 @@ def _train_pass(
     # The first trace (collect_params) validated every site; the hot loop skips validation.
     with pyro.validation_enabled(False):
         batches = data.batches(config.batch_size, "train", generator=state.generator)
+        objective = state.losses.objective
         for i, x in enumerate(batches):
-            if w.distributed:
+            if objective is not None:  # M2: this step's labelled batch, after the unlabelled
+                extra = objective.step_args((epoch - 1) * steps + i, state.generator)
+                total += svi_step(loss, optimizer, x, num_data, *extra, before_update=clip)
+            elif w.distributed:
                 total += shard_step(
                     loss, optimizer, x, params=params, num_data=num_data, w=w,
                     before_update=clip,
@@ -688,10 +705,18 @@ def snapshot(state: LoopState) -> TrainState | None:
     )
 
 
+def _program_args(objective, x: Tensor, num_data: int) -> tuple[tuple, dict]:
+    """How the programs are called on a training batch: ``(x, num_data)``, or as the
+    objective says (M2's programs take a label second)."""
+    return ((x, num_data), {}) if objective is None else objective.program_args(x, num_data)
+
+
 STEP_MEMORY_FACTOR = 3  # layers' outputs, kept for the backward pass; log-densities, gradients
 
 
-def check_programs(model: Callable, guide: Callable, data: Data, config: TrainConfig) -> None:
+def check_programs(
+    model: Callable, guide: Callable, data: Data, config: TrainConfig, objective=None
+) -> None:
     """Checks, before the first step, what a step of ``train`` needs: the guide samples every
     latent site of the model, and a step's tensors (``config.num_particles`` draws of a batch)
     fit in the device's memory.
@@ -710,7 +735,8 @@ def check_programs(model: Callable, guide: Callable, data: Data, config: TrainCo
     with torch.no_grad(), forked_rng(data.device, config.seed), pyro.validation_enabled(False):
         x = data.encode(data.train[: config.batch_size])
         check_points(x, model, guide)
-        model_tr, guide_tr = trace_guide_and_model(model, guide, (x, data.train.shape[0]), {})
+        args, kwargs = _program_args(objective, x, data.train.shape[0])
+        model_tr, guide_tr = trace_guide_and_model(model, guide, args, kwargs)
         latent = {s["name"] for s in sample_sites(model_tr) if not s["is_observed"]}
         missing = sorted(latent - {s["name"] for s in sample_sites(guide_tr)})
         if missing:
@@ -723,7 +749,7 @@ def check_programs(model: Callable, guide: Callable, data: Data, config: TrainCo
             sizes.append(0)
             hook = torch.nn.modules.module.register_module_forward_hook(count)
             try:
-                loss = LOSSES.build(config.loss, num_particles=k)
+                loss = objective or LOSSES.build(config.loss, num_particles=k)
                 loss.differentiable_loss(model, guide, x, data.train.shape[0])
             finally:
                 hook.remove()
@@ -747,6 +773,7 @@ def train(
     checkpoint: Callable[[TrainState], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     quiet: bool = False,
+    objective=None,
 ) -> list[dict]:
     r"""Trains ``model`` and ``guide`` on ``data`` by SVI and returns the per-epoch metrics.
 
@@ -783,6 +810,10 @@ def train(
             the state holds every rank's random streams).
         on_epoch: Called with each epoch's metrics (after ``checkpoint``).
         quiet: Hide the progress bar (it is also hidden when stderr is not a terminal).
+        objective: M2's :class:`~ppl_vae.semisupervised.SemiSupervised` in place of
+            ``config.loss``: ``data`` are then the unlabelled points (an epoch is a pass over
+            them), each step adds a labelled batch's loss, and the metrics add
+            ``test_accuracy``. Not under ``torchrun``.
 
     With ``config.validation``, that many training points are held out
     (:meth:`~ppl_vae.data.Data.hold_out`) and their ELBO is recorded per epoch; with
@@ -794,10 +825,12 @@ def train(
         ``validation_elbo``), ``kl_weight``, ``lr``, ``grad_norm`` (and ``clipped``) and
         ``seconds``.
     """
+    if objective is not None and world().distributed:
+        raise InputError("--model m2 trains in one process; run it without torchrun")
     if config.validation:
         data = data.hold_out(config.validation, derived_seed(config.seed, "validation"))
-    check_programs(model, guide, data, config)
-    state = init_state(model, guide, data, config, resume_from=resume_from)
+    check_programs(model, guide, data, config, objective)
+    state = init_state(model, guide, data, config, resume_from=resume_from, objective=objective)
     w, first, began = world(), state.epoch, time.perf_counter()
     for _ in range(state.epoch, config.epochs):
         if stops(state.metrics, config.patience):

@@ -14,6 +14,7 @@ from ppl_vae.data import Data
 from ppl_vae.errors import InputError
 from ppl_vae.flows import check_flow_length
 from ppl_vae.guides import GUIDES, AmortizedGuide, guide_size
+from ppl_vae.m2 import M2Guide, M2Model
 from ppl_vae.model import LIKELIHOODS, VAEModel, check_sigma, check_sigma_floor
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.priors import PRIORS, make_prior, prior_size
@@ -22,7 +23,8 @@ from ppl_vae.twolayer import SIZES, two_layer_pair
 __all__ = ["VAEConfig", "build_vae", "check_vae_memory", "default_likelihood", "vae_size"]
 
 GUIDE_OPTIONS = ("flow_length", "flow_hidden", "rank")  # VAEConfig fields read by guides
-MODELS = ("vae", "two-layer", "cvae")
+MODELS = ("vae", "two-layer", "cvae", "m2")
+M2_HIDDEN = (500,)  # M2's one hidden layer of 500 (Kingma et al.'s code) without --hidden
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,11 @@ class VAEConfig:
         "is --latent-dim 100 --hidden 100,100 --loss elbo) or cvae (p(z|x) p(y|x,z), Sohn et "
         "al.: images split into --visible quadrants x and the hidden pixels y; the command "
         "line's default there is --latent-dim 200 --activation relu, and --hidden 500,500 "
-        "is its own)",
+        "is its own) or m2 (p(y) p(z) p(x|y,z), Kingma et al.'s semi-supervised model: "
+        "--labeled N labelled training points, the rest unlabelled; each step adds the loss "
+        "of one batch of the labelled points, cycled, to that of a batch of the unlabelled "
+        "ones, and an epoch is one pass over the unlabelled points; the default there is "
+        "--latent-dim 50 --activation softplus and one hidden layer of 500)",
         choices=MODELS,
     )  # fmt: skip
     latent_dim: int = option(50, "dimension of z (two-layer: of z1)")
@@ -81,9 +87,18 @@ class VAEConfig:
         "p(y|x) beside the CVAE's (default: no baseline)",
     )  # fmt: skip
 
+    labeled: int | None = option(
+        None, "m2: labelled training points, as many of each class, drawn from --seed (the "
+        "rest are unlabelled)",
+    )  # fmt: skip
+    alpha: float | None = option(
+        None, "m2: the weight of each labelled point's classification loss -log q(y|x) "
+        "(default: the paper's 0.1 N / N_labelled, N the training points)",
+    )  # fmt: skip
+
     def __post_init__(self):
         check_positive(self, "latent_dim", "flow_length", "flow_hidden", "rank", "prior_components",
-                       "baseline_epochs")  # fmt: skip
+                       "baseline_epochs", "labeled")  # fmt: skip
         if self.model not in MODELS:
             raise InputError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.model == "two-layer":
@@ -95,6 +110,12 @@ class VAEConfig:
                 if getattr(self, name) is not None:
                     flag = "--" + name.replace("_", "-")
                     raise InputError(f"{flag} applies to --model cvae only, not {self.model}")
+        if self.model == "m2":
+            self._check_m2()
+        else:
+            for name in ("labeled", "alpha"):
+                if getattr(self, name) is not None:
+                    raise InputError(f"--{name} applies to --model m2 only, not {self.model}")
         PRIORS.check_options(self.prior, self.prior_options(), prefix="--prior-")
         if self.flow_length is not None:
             check_flow_length(self.flow_length)
@@ -140,6 +161,30 @@ class VAEConfig:
             if bad:
                 raise InputError(f"--model cvae takes no {flag} other than the default: {why}")
 
+    def _check_m2(self) -> None:
+        if self.labeled is None:
+            raise InputError(
+                "--model m2 needs --labeled N: how many training points keep their label (a "
+                "multiple of the classes, e.g. 100 on MNIST)"
+            )
+        if self.alpha is not None and (
+            isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+            or not 0 <= self.alpha < float("inf")
+        ):  # fmt: skip
+            raise InputError(f"--alpha must be a finite number >= 0, got {self.alpha!r}")
+        wrong = [
+            (self.guide != "gaussian", "--guide", "its guide is q(y|x) q(z|x,y), diagonal"),
+            (self.prior != "normal", "--prior", "its prior is p(y) p(z), uniform and N(0, I)"),
+            (self.network.architecture != "mlp", "--architecture", "it is built of MLPs"),
+            (self.likelihood not in (None, "bernoulli"), "--likelihood",
+             "p(x|y,z) is a Bernoulli per pixel"),
+            (self.sigma is not None or self.sigma_floor is not None, "--sigma/--sigma-floor",
+             "p(x|y,z) is a Bernoulli per pixel"),
+        ]  # fmt: skip
+        for bad, flag, why in wrong:
+            if bad:
+                raise InputError(f"--model m2 takes no {flag} other than the default: {why}")
+
     def prior_options(self) -> dict:
         """The prior options that are set."""
         return {} if self.prior_components is None else {"components": self.prior_components}
@@ -181,6 +226,9 @@ def vae_size(config: VAEConfig, event_shape: Sequence[int], likelihood: str) -> 
                     "likelihood": count(lik)}  # fmt: skip
         if config.model == "cvae":
             model, guide = _cvae(config, event_shape)
+            return {"network": count(model), "guide": count(guide)}
+        if config.model == "m2":  # counted with 10 classes
+            model, guide = _m2(config, event_shape, 10)
             return {"network": count(model), "guide": count(guide)}
         encoder, decoder = config.network.build(event_shape, config.latent_dim, lik.decoder_outputs)
 
@@ -252,6 +300,31 @@ def _cvae(config: VAEConfig, event_shape):
     )  # fmt: skip
 
 
+def _m2(config: VAEConfig, event_shape, num_classes: int) -> tuple[M2Model, M2Guide]:
+    """M2's pair: z of ``latent_dim``, ``hidden`` (one layer of 500 by default) in the decoder,
+    the classifier and the encoder."""
+    sizes = dict(
+        event_shape=tuple(event_shape), num_classes=num_classes, latent_dim=config.latent_dim,
+        hidden=config.network.hidden or M2_HIDDEN, activation=config.network.activation,
+    )  # fmt: skip
+    return M2Model(**sizes), M2Guide(**sizes)
+
+
+def _check_m2_data(data: Data) -> int:
+    """M2 scores binary points with labels; the number of classes."""
+    if data.train_labels is None or data.test_labels is None:
+        raise InputError(
+            f"--model m2 needs the labels of the training and test points; {data.name} has "
+            f"none: choose a labelled image --dataset (digits, mnist, fashion-mnist, kmnist)"
+        )
+    if not data.is_binary:
+        raise InputError(
+            f"--model m2 scores binary pixels (a Bernoulli each), but {data.name} "
+            f"({data.encoding}) is not binary; use --binarize dynamic or static"
+        )
+    return int(max(data.train_labels.max(), data.test_labels.max())) + 1
+
+
 def _check_cvae_data(data: Data) -> None:
     """The conditional VAE splits images into quadrants and scores binary pixels."""
     if not data.is_image or len(data.event_shape) < 2 or min(data.event_shape[-2:]) < 2:
@@ -276,6 +349,11 @@ def build_vae(config: VAEConfig, data: Data) -> tuple[VAEModel, AmortizedGuide]:
         _check_cvae_data(data)
         check_vae_memory(config, data.event_shape, "bernoulli", data.device)
         model, guide = _cvae(config, data.event_shape)
+        return model.to(data.device), guide.to(data.device)
+    if config.model == "m2":
+        num_classes = _check_m2_data(data)
+        check_vae_memory(config, data.event_shape, "bernoulli", data.device)
+        model, guide = _m2(config, data.event_shape, num_classes)
         return model.to(data.device), guide.to(data.device)
     likelihood = config.likelihood or default_likelihood(data)
     options = config.likelihood_options()

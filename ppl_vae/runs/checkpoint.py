@@ -97,6 +97,17 @@ class RunConfig:
                 "--model two-layer needs --loss elbo or iwae: its guide draws z2 given z1, so "
                 "the mean-field loss's closed-form KL of z1 (at a z2 drawn from that z1) is biased"
             )
+        t = self.train
+        if self.vae.model == "m2":
+            wrong = [
+                (t.loss != "meanfield", "--loss", "its loss is M2's (ppl_vae.m2.M2Loss)"),
+                (t.num_particles != 1, "--num-particles", "M2's loss draws one z per point"),
+                (t.beta != 1.0 or t.kl_warmup != 0, "--beta/--kl-warmup",
+                 "M2's loss weights no KL term"),
+            ]  # fmt: skip
+            for bad, flag, why in wrong:
+                if bad:
+                    raise InputError(f"--model m2 takes no {flag}: {why}")
 
     def to_dict(self) -> dict:
         return {"data": to_dict(self.data), "vae": to_dict(self.vae), "train": to_dict(self.train)}

@@ -25,6 +25,7 @@ from ppl_vae.data import Data
 from ppl_vae.distributed import gather_round_robin, round_robin, world
 from ppl_vae.errors import InputError
 from ppl_vae.importance import default_chunk_size
+from ppl_vae.m2 import m2_log_likelihood
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.rng import derived_seed, forked_rng, seed_streams
 from ppl_vae.runs.checkpoint import EVALUATE, RunDir
@@ -38,6 +39,7 @@ from ppl_vae.runs.estimators import (
 )
 from ppl_vae.runs.records import guarded, record_target, write_record
 from ppl_vae.runs.run import Run, load_run
+from ppl_vae.semisupervised import test_accuracy
 
 _OPTIONS = tuple(dict.fromkeys(o for m in METHODS for o in METHODS.options(m)))  # every method's
 
@@ -233,6 +235,44 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     }
 
 
+def _m2_estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
+    """An M2 run's log p(x) per point with the label summed out exactly
+    (:func:`~ppl_vae.m2.m2_log_likelihood`, ``num_samples`` draws of z per point and class),
+    batch ``b`` binarized and drawn from ``derived_seed(seed, b)`` as for a VAE, and the
+    classifier's test accuracy (:func:`~ppl_vae.semisupervised.test_accuracy`, as in training)."""
+    data, n = run.data, config.num_points(run.data)
+    x_all = (data.train if config.split == "train" else data.test)[:n]
+    chunk, classes = config.chunk_size_on(data.device), run.guide.num_classes
+    k = config.num_samples * classes  # draws per point
+    desc = f"log p(x), label summed out, {config.split}"
+    log_px = []
+    with (
+        Progress(n * k, desc, "sample", quiet=quiet, scale=True) as bar,
+        forked_rng(data.device, config.seed),
+    ):
+        for b in range(math.ceil(n / config.batch_size)):
+            x = seeded_batch(data, x_all, config.batch_size, config.seed, b)
+            base = b * config.batch_size * k
+            log_px.append(
+                m2_log_likelihood(
+                    run.model, run.guide, x, num_samples=config.num_samples, chunk_size=chunk,
+                    progress=lambda d, base=base, m=x.shape[0] * classes: bar.update(base + m * d),
+                ).cpu()
+            )  # fmt: skip
+    log_px = torch.cat(log_px)
+    return {
+        "method": config.method,
+        "label_summed_out": True,
+        "split": config.split,
+        "num_points": int(log_px.shape[0]),
+        "nll": -log_px.mean().item(),
+        "nll_standard_error": (log_px.std() / log_px.shape[0] ** 0.5).item(),
+        "num_samples": config.num_samples,
+        "test_accuracy": test_accuracy(run.guide, data, run.train_config.seed),
+        "log_px": log_px.tolist(),
+    }
+
+
 def evaluate_run(
     run: Run | str | os.PathLike,
     config: EvaluateConfig | None = None,
@@ -277,10 +317,13 @@ def evaluate_run(
             f"--method {config.method} anneals towards p(z|x) from a guide q(z|x); a "
             f"conditional VAE's log p(y|x) is estimated by --method is"
         )
+    semi_supervised = run.vae_config.model == "m2"
+    if semi_supervised:
+        _check_m2(config)
     target = record_target(run, out, EVALUATE, "the estimate") if write else None
     with guarded(run, target, stamp):
         t0 = time.perf_counter()
-        result = _estimate(run, config, quiet)
+        result = (_m2_estimate if semi_supervised else _estimate)(run, config, quiet)
         log_px = result.pop("log_px")
         record = {
             **result,
@@ -302,6 +345,19 @@ def evaluate_run(
                 write_record(record, target, run, reported=report is not None,
                              what="the estimate")  # fmt: skip
     return record
+
+
+def _check_m2(config: EvaluateConfig) -> None:
+    """What an M2 run's estimate takes: importance sampling per class, one process."""
+    if config.method != "is":
+        raise InputError(
+            f"--method {config.method} anneals from a guide q(z|x) over continuous latents; "
+            f"M2's label is discrete and summed out exactly: evaluate it with --method is"
+        )
+    if config.iwae_k is not None:
+        raise InputError("--iwae-k: an M2 run reports log p(x) alone; drop --iwae-k")
+    if world().distributed:
+        raise InputError("evaluating an M2 run takes one process; run it without torchrun")
 
 
 def run_epoch(run: Run) -> int:

@@ -161,6 +161,11 @@ def gaps_run(
             "gaps compares log p(x) with a guide q(z|x)'s ELBO, by AIS; a conditional VAE "
             "(--model cvae) has neither: evaluate reports its log p(y|x)"
         )
+    if run.vae_config.model == "m2":
+        raise InputError(
+            "gaps compares log p(x) with a guide q(z|x)'s ELBO over continuous latents, by "
+            "AIS; M2's label is discrete (summed out): evaluate reports its log p(x)"
+        )
     check_family(run.guide)
     target = record_target(run, out, GAPS, "the gaps") if write else None
     with guarded(run, target, stamp):

@@ -16,7 +16,9 @@ from matplotlib.figure import Figure
 
 from ppl_vae.cvae_images import ImageCVAEModel
 from ppl_vae.errors import InputError
+from ppl_vae.m2 import M2Model
 from ppl_vae.plots import (
+    analogies_figure,
     completions_figure,
     curves_figure,
     density_figure,
@@ -57,8 +59,18 @@ def _conditional(run: Run) -> bool:
     return isinstance(run.model, ImageCVAEModel)
 
 
+def _semi_supervised(run: Run) -> bool:
+    return isinstance(run.model, M2Model)
+
+
 def _needs_vae(run: Run) -> str | None:
-    return "a model p(z) p(x|z), not a conditional VAE" if _conditional(run) else None
+    if _conditional(run):
+        return "a model p(z) p(x|z), not a conditional VAE"
+    return "a model p(z) p(x|z), not M2's p(y) p(z) p(x|y,z)" if _semi_supervised(run) else None
+
+
+def _needs_m2(run: Run) -> str | None:
+    return None if _semi_supervised(run) else "a semi-supervised M2 run (--model m2)"
 
 
 def _needs_cvae(run: Run) -> str | None:
@@ -111,6 +123,12 @@ PICTURES.register(
     lambda run: completions_figure(run.model, run.data),
     help="conditional VAE: test inputs (hidden part gray), the truth, sampled completions",
 )
+PICTURES.register(
+    "analogies",
+    lambda run: analogies_figure(run.model, run.guide, run.data, seed=run.train_config.seed),
+    help="m2: test images, each then decoded with every label at its z from q(z|x, y_true) "
+    "(Kingma et al.'s Figure 1)",
+)
 NEEDS = {
     "samples": _needs_vae,
     "reconstructions": _needs_vae,
@@ -119,6 +137,7 @@ NEEDS = {
     "manifold": _needs_2d_latent,
     "density": _needs_2d_data,
     "completions": _needs_cvae,
+    "analogies": _needs_m2,
 }
 
 
@@ -140,6 +159,8 @@ def default_pictures(run: Run) -> tuple[str, ...]:
     latent's size."""
     if _conditional(run):
         return ("curves", "completions")
+    if _semi_supervised(run):
+        return ("curves", "analogies")
     if run.data.is_image:
         names = ["curves", "samples", "reconstructions", "interpolation", "latent"]
         return (*names, "manifold") if run.model.latent_dim == 2 else tuple(names)

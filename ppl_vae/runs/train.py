@@ -7,11 +7,13 @@ import dataclasses
 import os
 
 import pyro
+import torch
 
 from ppl_vae.cvae_images import fit_baseline
 from ppl_vae.data import DataConfig, data_fingerprint, load_data
 from ppl_vae.distributed import RankStopped, on_rank0_for_all, stopped_ranks, world
 from ppl_vae.errors import InputError
+from ppl_vae.m2 import paper_alpha
 from ppl_vae.runs.checkpoint import RunConfig, RunDir
 from ppl_vae.runs.files import resolve_device
 from ppl_vae.runs.pictures import default_pictures, write_pictures
@@ -19,6 +21,7 @@ from ppl_vae.runs.resume import ResumePoint
 from ppl_vae.runs.run import Run
 from ppl_vae.runs.tensorboard import Board, check_board
 from ppl_vae.selection import best_epoch
+from ppl_vae.semisupervised import SemiSupervised, labelled_split
 from ppl_vae.svi import TrainConfig, TrainState, collect_params, restore_params, train
 from ppl_vae.vae import VAEConfig, build_vae
 
@@ -122,13 +125,15 @@ def _train(
     run_dir.data_fingerprint = fingerprint
     pyro.set_rng_seed(config.train.seed)
     model, guide = build_vae(config.vae, data)
+    trained, objective = _semi_supervised(config, data, guide)  # before the folder is made
     if pictures:  # a picture of the user's in the way is refused before the first epoch
         names = default_pictures(Run(model, guide, data, config, [], run_dir.path))
         run_dir.outputs.check_replaceable([f"{name}.png" for name in names])
     created = not run_dir.path.exists()
     try:
         return _train_into(
-            run_dir, config, state=state, point=point, built=(model, guide, data),
+            run_dir, config, state=state, point=point,
+            built=(model, guide, data, trained, objective),
             pictures=pictures, plot_every=plot_every, quiet=quiet, tensorboard=tensorboard,
         )  # fmt: skip
     except BaseException:
@@ -158,7 +163,7 @@ def _train_into(
     quiet: bool,
     tensorboard: str | os.PathLike | None,
 ) -> Run:
-    model, guide, data = built
+    model, guide, data, trained, objective = built  # trained: M2's unlabelled points
     board: Board | None = None  # rank 0's TensorBoard log, with --tensorboard
     with contextlib.ExitStack() as stack:  # closes the log and the lock, also on failure
 
@@ -195,8 +200,8 @@ def _train_into(
             fit_baseline(model, data, epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed)
         try:
             metrics = train(
-                model, guide, data, config.train,
-                resume_from=state, checkpoint=checkpoint, quiet=quiet,
+                model, guide, trained, config.train,
+                resume_from=state, checkpoint=checkpoint, quiet=quiet, objective=objective,
             )  # fmt: skip
         except (FloatingPointError, InputError) as e:  # InputError: a full disk, say
             raise type(e)(f"{e}; {_kept(run_dir)}") from None
@@ -234,6 +239,26 @@ def _train_into(
         if board is not None:
             board.hparams(config, metrics)
         return run
+
+
+def _semi_supervised(config: RunConfig, data, guide) -> tuple:
+    """What the loop trains on: the data, or for M2 the unlabelled points and the objective
+    that adds a batch of the labelled ones to each step (the same points on every resume:
+    :func:`~ppl_vae.semisupervised.labelled_split` of the recorded --labeled and --seed)."""
+    vae, t = config.vae, config.train
+    if vae.model != "m2":
+        return data, None
+    labelled = labelled_split(data, vae.labeled, guide.num_classes, t.seed)
+    rest = torch.ones(data.train.shape[0], dtype=torch.bool)
+    rest[labelled] = False
+    alpha = paper_alpha(data.train.shape[0], vae.labeled) if vae.alpha is None else vae.alpha
+    objective = SemiSupervised(data, labelled, alpha=alpha, batch_size=t.batch_size, seed=t.seed)
+    if not rest.any():
+        raise InputError(
+            f"--labeled {vae.labeled} labels every training point of {data.name}; leave some "
+            f"unlabelled (pass a smaller --labeled)"
+        )
+    return data.subset(torch.nonzero(rest).squeeze(1)), objective
 
 
 def _at_best(run: Run, run_dir: RunDir) -> Run:
