@@ -29,8 +29,9 @@ def labelled_split(data: Data, num_labelled: int, num_classes: int, seed: int) -
     the training labels, from ``seed``); an error naming the data set if it has no labels."""
     if data.train_labels is None or data.test_labels is None:
         raise InputError(
-            f"--model m2 needs the labels of the training and test points; {data.name} has none: "
-            f"choose a labelled image --dataset (digits, mnist, fashion-mnist, kmnist)"
+            f"--model m2 needs the labels of the training and test points; {data.name} does "
+            f"not have both: choose a labelled image --dataset (digits, mnist, fashion-mnist, "
+            f"kmnist)"
         )
     try:
         return balanced_labelled(data.train_labels, num_labelled, num_classes, seed)

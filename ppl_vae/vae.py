@@ -314,8 +314,9 @@ def _check_m2_data(data: Data) -> int:
     """M2 scores binary points with labels; the number of classes."""
     if data.train_labels is None or data.test_labels is None:
         raise InputError(
-            f"--model m2 needs the labels of the training and test points; {data.name} has "
-            f"none: choose a labelled image --dataset (digits, mnist, fashion-mnist, kmnist)"
+            f"--model m2 needs the labels of the training and test points; {data.name} does "
+            f"not have both: choose a labelled image --dataset (digits, mnist, fashion-mnist, "
+            f"kmnist)"
         )
     if not data.is_binary:
         raise InputError(
