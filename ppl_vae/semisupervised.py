@@ -62,6 +62,7 @@ class SemiSupervised:
     """
 
     def __init__(self, data: Data, labelled: Tensor, *, alpha: float, batch_size: int, seed: int):
+        self.labelled = labelled.cpu()  # the indices of the labelled points in data.train
         self.x = data.train[labelled.to(data.device)]
         self.y = data.train_labels[labelled.cpu()].to(data.device)
         self.encode: Callable[..., Tensor] = data.encode

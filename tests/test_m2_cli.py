@@ -14,6 +14,7 @@ from helpers import run_cli
 
 from ppl_vae.cli import main
 from ppl_vae.data import DataConfig, load_data
+from ppl_vae.errors import InputError
 from ppl_vae.m2 import M2Model, balanced_labelled, m2_accuracy, m2_log_likelihood, paper_alpha
 from ppl_vae.rng import forked_rng
 from ppl_vae.runs import load_run
@@ -52,9 +53,12 @@ def test_train_records_the_labelled_points_and_the_test_accuracy(trained):
     config = json.loads((trained / "config.json").read_text())
     assert (config["vae"]["model"], config["vae"]["labeled"], config["vae"]["alpha"]) == (
         "m2", 50, None)  # fmt: skip
-    assert config["train"]["seed"] == 0  # the labelled points: balanced_labelled of this seed
     (line,) = _metrics(trained)
     run = load_run(trained, "cpu")
+    # the labelled points, recorded: balanced_labelled of the training labels and --seed
+    want = balanced_labelled(run.data.train_labels, 50, 10, seed=config["train"]["seed"])
+    assert config["labelled"] == want.tolist() == list(run.config.labelled)
+    assert torch.bincount(run.data.train_labels[want]).tolist() == [5] * 10
     assert isinstance(run.model, M2Model) and run.guide.num_classes == 10
     want = m2_accuracy(run.guide, _test_points(run), run.data.test_labels)
     assert line["test_accuracy"] == want
@@ -102,6 +106,9 @@ def test_resume_takes_the_same_labelled_points_and_gives_the_uninterrupted_numbe
             assert a[key] == pytest.approx(b[key], rel=1e-6)
         assert a["test_accuracy"] == b["test_accuracy"]
     assert [m["epoch"] for m in _metrics(run)] == [1, 2]
+    recorded = json.loads((trained / "config.json").read_text())["labelled"]
+    assert json.loads((run / "config.json").read_text())["labelled"] == recorded
+    assert list(load_run(run, "cpu").config.labelled) == recorded
 
 
 def test_evaluate_sums_the_label_out(trained, tmp_path, capsys):
@@ -164,6 +171,13 @@ def test_the_command_line_defaults_are_kingmas_sizes(tmp_path, capsys):
     assert len(trained.train) == 1437 - 100 and objective.num_labelled == 100
     given = replace(run.config, vae=replace(run.config.vae, alpha=3.0))
     assert _semi_supervised(given, run.data, run.guide)[1].loss.alpha == 3.0
+    # the recorded points are the ones taken (a resumed run reads them from its checkpoint)
+    given = replace(run.config, labelled=tuple(range(0, 200, 2)))
+    trained, objective = _semi_supervised(given, run.data, run.guide)
+    assert objective.labelled.tolist() == list(range(0, 200, 2))
+    assert torch.equal(trained.train[:50], run.data.train[1:100:2])  # the others, in order
+    with pytest.raises(InputError, match="records 99 labelled points, not 100 distinct"):
+        _semi_supervised(replace(given, labelled=given.labelled[:99]), run.data, run.guide)
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,9 @@ class RunConfig:
     data: DataConfig
     vae: VAEConfig
     train: TrainConfig
+    # --model m2: the indices of the labelled training points, drawn by a new run (from
+    # --labeled and --seed) and recorded in config.json, so that a resumed run takes them again
+    labelled: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.vae.model == "two-layer" and self.train.loss == "meanfield":
@@ -110,14 +113,24 @@ class RunConfig:
                     raise InputError(f"--model m2 takes no {flag}: {why}")
 
     def to_dict(self) -> dict:
-        return {"data": to_dict(self.data), "vae": to_dict(self.vae), "train": to_dict(self.train)}
+        out = {"data": to_dict(self.data), "vae": to_dict(self.vae), "train": to_dict(self.train)}
+        return out if self.labelled is None else {**out, "labelled": list(self.labelled)}
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        labelled = d.get("labelled")
+        if labelled is not None and (
+            not isinstance(labelled, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in labelled)
+        ):
+            raise InputError(
+                f"the recorded labelled points must be a list of indices, got {labelled!r}"
+            )
         return cls(
             from_dict(DataConfig, d["data"]),
             from_dict(VAEConfig, d["vae"]),
             from_dict(TrainConfig, d["train"]),
+            None if labelled is None else tuple(labelled),
         )
 
 

@@ -106,7 +106,7 @@ class ResumePoint:
                                  for part in ("data", "vae", "train")))  # fmt: skip
         check_resume(saved, config, state.metrics, run_dir.path)
         data = replace(saved.data, data_dir=config.data.data_dir)
-        return cls(state, RunConfig(data, saved.vae, config.train), stamp)
+        return cls(state, RunConfig(data, saved.vae, config.train, saved.labelled), stamp)
 
     def check_unchanged(self, run_dir: RunDir) -> None:
         """Refuses to continue when another process replaced the checkpoint since it was read

@@ -126,6 +126,8 @@ def _train(
     pyro.set_rng_seed(config.train.seed)
     model, guide = build_vae(config.vae, data)
     trained, objective = _semi_supervised(config, data, guide)  # before the folder is made
+    if objective is not None and config.labelled is None:  # a new M2 run records its points
+        config = dataclasses.replace(config, labelled=tuple(objective.labelled.tolist()))
     if pictures:  # a picture of the user's in the way is refused before the first epoch
         names = default_pictures(Run(model, guide, data, config, [], run_dir.path))
         run_dir.outputs.check_replaceable([f"{name}.png" for name in names])
@@ -243,12 +245,15 @@ def _train_into(
 
 def _semi_supervised(config: RunConfig, data, guide) -> tuple:
     """What the loop trains on: the data, or for M2 the unlabelled points and the objective
-    that adds a batch of the labelled ones to each step (the same points on every resume:
-    :func:`~ppl_vae.semisupervised.labelled_split` of the recorded --labeled and --seed)."""
+    that adds a batch of the labelled ones to each step: those recorded in the run (on
+    resume), else :func:`~ppl_vae.semisupervised.labelled_split` of --labeled and --seed."""
     vae, t = config.vae, config.train
     if vae.model != "m2":
         return data, None
-    labelled = labelled_split(data, vae.labeled, guide.num_classes, t.seed)
+    if config.labelled is None:
+        labelled = labelled_split(data, vae.labeled, guide.num_classes, t.seed)
+    else:
+        labelled = _recorded(config.labelled, vae.labeled, data.train.shape[0])
     rest = torch.ones(data.train.shape[0], dtype=torch.bool)
     rest[labelled] = False
     alpha = paper_alpha(data.train.shape[0], vae.labeled) if vae.alpha is None else vae.alpha
@@ -259,6 +264,21 @@ def _semi_supervised(config: RunConfig, data, guide) -> tuple:
             f"unlabelled (pass a smaller --labeled)"
         )
     return data.subset(torch.nonzero(rest).squeeze(1)), objective
+
+
+def _recorded(labelled: tuple[int, ...], num: int, num_train: int) -> torch.Tensor:
+    """The recorded labelled points, checked: ``num`` distinct training indices."""
+    index = torch.tensor(labelled, dtype=torch.long)
+    if (
+        len(index) != num
+        or len(index.unique()) != num
+        or not all(0 <= i < num_train for i in labelled)
+    ):
+        raise InputError(
+            f"the run records {len(index)} labelled points, not {num} distinct indices of the "
+            f"{num_train} training points (--labeled {num}); its config.json was changed"
+        )
+    return index
 
 
 def _at_best(run: Run, run_dir: RunDir) -> Run:
