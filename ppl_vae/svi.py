@@ -44,6 +44,7 @@ from ppl_vae.rng import (
 )
 from ppl_vae.schedules import SCHEDULES, Schedule
 from ppl_vae.selection import best_epoch, stops, watched
+from ppl_vae.semisupervised import SemiSupervised
 from ppl_vae.sites import LATENT, check_points, sample_sites, trace_guide_and_model
 
 __all__ = [
@@ -261,7 +262,7 @@ def mean_elbo(
     *,
     seed: int = 0,
     num_particles: int = 1,
-    objective=None,
+    objective: SemiSupervised | None = None,
 ) -> float:
     """The mean ELBO per data point (nats) on ``split``, at full KL weight.
 
@@ -330,7 +331,9 @@ class StepLosses:
     :func:`svi_step` takes, with the KL term weighted by ``weight``.
     """
 
-    def __init__(self, model, guide, params, *, config: TrainConfig, objective=None):
+    def __init__(
+        self, model, guide, params, *, config: TrainConfig, objective: SemiSupervised | None = None
+    ):
         self.model, self.guide, self.params, self.config = model, guide, params, config
         self.objective = objective  # a SemiSupervised objective (M2), or None: config.loss
         self.elbo = objective or make_loss(config)
@@ -451,7 +454,7 @@ def init_state(
     config: TrainConfig,
     *,
     resume_from: TrainState | None = None,
-    objective=None,
+    objective: SemiSupervised | None = None,
 ) -> LoopState:
     """The loop's state before its first epoch, or after ``resume_from``'s last.
 
@@ -705,7 +708,7 @@ def snapshot(state: LoopState) -> TrainState | None:
     )
 
 
-def _program_args(objective, x: Tensor, num_data: int) -> tuple[tuple, dict]:
+def _program_args(objective: SemiSupervised | None, x: Tensor, num_data: int) -> tuple[tuple, dict]:
     """How the programs are called on a training batch: ``(x, num_data)``, or as the
     objective says (M2's programs take a label second)."""
     return ((x, num_data), {}) if objective is None else objective.program_args(x, num_data)
@@ -715,7 +718,11 @@ STEP_MEMORY_FACTOR = 3  # layers' outputs, kept for the backward pass; log-densi
 
 
 def check_programs(
-    model: Callable, guide: Callable, data: Data, config: TrainConfig, objective=None
+    model: Callable,
+    guide: Callable,
+    data: Data,
+    config: TrainConfig,
+    objective: SemiSupervised | None = None,
 ) -> None:
     """Checks, before the first step, what a step of ``train`` needs: the guide samples every
     latent site of the model, and a step's tensors (``config.num_particles`` draws of a batch)
@@ -773,7 +780,7 @@ def train(
     checkpoint: Callable[[TrainState], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     quiet: bool = False,
-    objective=None,
+    objective: SemiSupervised | None = None,
 ) -> list[dict]:
     r"""Trains ``model`` and ``guide`` on ``data`` by SVI and returns the per-epoch metrics.
 

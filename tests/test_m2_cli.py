@@ -80,8 +80,8 @@ def test_the_labelled_batches_cycle_the_balanced_labelled_points():
             x, y, n = objective.step_args(step, None)
             assert n == 50 and len(x) == len(y) == (10 if step % 3 == 2 else 20)
             for xi, yi in zip(x.flatten(1), y, strict=True):
-                (i,) = [int(c) for c in chosen if torch.equal(rows[c], xi)][:1] or [-1]
-                assert i >= 0 and data.train_labels[i] == yi  # a labelled point, its own label
+                i = next(int(c) for c in chosen if torch.equal(rows[c], xi))  # a labelled point
+                assert data.train_labels[i] == yi  # with its own label
                 found.append(i)
         assert sorted(found) == chosen.tolist()  # every labelled point once per pass
         passes.append(found)
@@ -233,3 +233,30 @@ def test_digits_keep_the_labels_of_their_training_points():
     assert labels_of(data) == data.train_labels.tolist()
     held = data.hold_out(100, seed=1)  # the labels follow their points
     assert labels_of(held) == held.train_labels.tolist()
+
+
+@pytest.mark.parametrize(
+    "picture, wrong",
+    [
+        ("samples", "samples picture needs a model p(z) p(x|z), not M2's"),
+        ("latent", "latent picture needs a model p(z) p(x|z), not M2's"),
+        ("completions", "completions picture needs a conditional VAE"),
+    ],
+)
+def test_a_picture_that_does_not_apply_to_m2_is_one_line(trained, tmp_path, picture, wrong, capsys):
+    out = tmp_path / "pictures"
+    code, stdout, err = run_cli("plot", "--run", trained, "--out", out, "--pictures", picture,
+                                "--device", "cpu", capsys=capsys)  # fmt: skip
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert wrong in err and not list(out.glob("*.png"))
+
+
+def test_the_analogies_picture_needs_an_m2_run(tmp_path, capsys):
+    run = tmp_path / "vae"
+    flags = ["--dataset", "digits", "--hidden", "8", "--latent-dim", "2", "--epochs", "1"]
+    assert (
+        run_cli("train", *flags, "--quiet", "--device", "cpu", "--out", run, capsys=capsys)[0] == 0
+    )
+    code, _, err = run_cli("plot", "--run", run, "--out", tmp_path / "p", "--pictures",
+                           "analogies", "--device", "cpu", capsys=capsys)  # fmt: skip
+    assert code == 2 and "analogies picture needs a semi-supervised M2 run" in err
