@@ -757,7 +757,8 @@ def check_programs(
             hook = torch.nn.modules.module.register_module_forward_hook(count)
             try:
                 loss = objective or LOSSES.build(config.loss, num_particles=k)
-                loss.differentiable_loss(model, guide, x, data.train.shape[0])
+                labelled = objective.step_args(0, None) if objective is not None else ()
+                loss.differentiable_loss(model, guide, x, data.train.shape[0], *labelled)
             finally:
                 hook.remove()
     per_particle = max(sizes[1] - sizes[0], 0) if len(sizes) == 2 else 0
