@@ -26,7 +26,7 @@ from ppl_vae.m2 import M2Guide, M2Model
 from ppl_vae.mixture import BernoulliMixture, GaussianMixture
 from ppl_vae.model import VAEModel
 from ppl_vae.selection import best_epoch
-from ppl_vae.semisupervised import analogies, test_points
+from ppl_vae.semisupervised import analogies, seeded_test_points
 
 __all__ = [
     "analogies_figure",
@@ -130,7 +130,7 @@ def analogies_figure(
     """Kingma et al.'s Figure 1 for the first ``n`` test points: one row per point, its image
     (binarized as for the test accuracy, from ``seed``) then the means of p(x|y, z) for every
     class y, with z the mean of q(z|x, y_true) held fixed along the row."""
-    x = test_points(data, seed)[:n]
+    x = seeded_test_points(data, seed)[:n]
     rows = analogies(model, guide, x, data.test_labels[:n].to(x.device))  # (n, K, ...)
     k = rows.shape[1]
     cells = torch.cat([x.unsqueeze(1), rows], 1).reshape(-1, *x.shape[1:])

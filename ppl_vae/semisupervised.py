@@ -21,7 +21,13 @@ from ppl_vae.errors import InputError
 from ppl_vae.m2 import M2Guide, M2Loss, M2Model, balanced_labelled, m2_accuracy
 from ppl_vae.rng import derived_seed
 
-__all__ = ["SemiSupervised", "analogies", "labelled_split", "test_accuracy", "test_points"]
+__all__ = [
+    "SemiSupervised",
+    "analogies",
+    "classifier_accuracy",
+    "labelled_split",
+    "seeded_test_points",
+]
 
 
 def labelled_split(data: Data, num_labelled: int, num_classes: int, seed: int) -> Tensor:
@@ -39,15 +45,15 @@ def labelled_split(data: Data, num_labelled: int, num_classes: int, seed: int) -
         raise InputError(f"--labeled {num_labelled} on {data.name}: {e}") from None
 
 
-def test_points(data: Data, seed: int) -> Tensor:
+def seeded_test_points(data: Data, seed: int) -> Tensor:
     """The test points as a classifier sees them: a binarization drawn from ``seed`` where the
     encoding is dynamic (a fixed draw, so that the accuracy is a function of the parameters)."""
     return data.encode(data.test, generator=torch.Generator(data.device).manual_seed(seed))
 
 
-def test_accuracy(guide: M2Guide, data: Data, seed: int) -> float:
-    """:func:`~ppl_vae.m2.m2_accuracy` of ``guide``'s classifier on :func:`test_points`."""
-    return m2_accuracy(guide, test_points(data, seed), data.test_labels)
+def classifier_accuracy(guide: M2Guide, data: Data, seed: int) -> float:
+    """:func:`~ppl_vae.m2.m2_accuracy` of ``guide``'s classifier on :func:`seeded_test_points`."""
+    return m2_accuracy(guide, seeded_test_points(data, seed), data.test_labels)
 
 
 class SemiSupervised:
@@ -59,6 +65,16 @@ class SemiSupervised:
         alpha: The weight of the classification loss (:func:`~ppl_vae.m2.paper_alpha`).
         batch_size: The labelled batch's size (at most the number of labelled points).
         seed: The run's seed: the labelled set's shuffles and the test points' binarization.
+
+    Example:
+        >>> data = Data(torch.rand(12, 3), torch.rand(4, 3), "dynamic",
+        ...             test_labels=torch.arange(4) % 2, train_labels=torch.arange(12) % 2)
+        >>> objective = SemiSupervised(data, torch.tensor([0, 1, 2, 3]), alpha=1.0,
+        ...                            batch_size=3, seed=0)
+        >>> [len(objective.step_args(step, None)[0]) for step in range(4)]  # 3, 1, 3, 1, ...
+        [3, 1, 3, 1]
+        >>> objective.step_args(0, None)[2]  # the labelled set's size, its batches' scale
+        4
     """
 
     def __init__(self, data: Data, labelled: Tensor, *, alpha: float, batch_size: int, seed: int):
@@ -109,8 +125,8 @@ class SemiSupervised:
         )
 
     def metrics(self, guide: M2Guide, data: Data) -> dict:
-        """``test_accuracy``: the classifier's, on :func:`test_points`."""
-        return {"test_accuracy": test_accuracy(guide, data, self.seed)}
+        """``test_accuracy``: the classifier's, on :func:`seeded_test_points`."""
+        return {"test_accuracy": classifier_accuracy(guide, data, self.seed)}
 
 
 @torch.no_grad()

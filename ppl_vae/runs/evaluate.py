@@ -39,7 +39,7 @@ from ppl_vae.runs.estimators import (
 )
 from ppl_vae.runs.records import guarded, record_target, write_record
 from ppl_vae.runs.run import Run, load_run
-from ppl_vae.semisupervised import test_accuracy
+from ppl_vae.semisupervised import classifier_accuracy
 
 _OPTIONS = tuple(dict.fromkeys(o for m in METHODS for o in METHODS.options(m)))  # every method's
 
@@ -239,7 +239,8 @@ def _m2_estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     """An M2 run's log p(x) per point with the label summed out exactly
     (:func:`~ppl_vae.m2.m2_log_likelihood`, ``num_samples`` draws of z per point and class),
     batch ``b`` binarized and drawn from ``derived_seed(seed, b)`` as for a VAE, and the
-    classifier's test accuracy (:func:`~ppl_vae.semisupervised.test_accuracy`, as in training)."""
+    classifier's test accuracy (:func:`~ppl_vae.semisupervised.classifier_accuracy`, as in
+    training)."""
     data, n = run.data, config.num_points(run.data)
     x_all = (data.train if config.split == "train" else data.test)[:n]
     chunk, classes = config.chunk_size_on(data.device), run.guide.num_classes
@@ -268,7 +269,7 @@ def _m2_estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
         "nll": -log_px.mean().item(),
         "nll_standard_error": (log_px.std() / log_px.shape[0] ** 0.5).item(),
         "num_samples": config.num_samples,
-        "test_accuracy": test_accuracy(run.guide, data, run.train_config.seed),
+        "test_accuracy": classifier_accuracy(run.guide, data, run.train_config.seed),
         "log_px": log_px.tolist(),
     }
 
