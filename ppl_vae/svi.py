@@ -830,7 +830,8 @@ def train(
 
     Returns:
         One dictionary per epoch with ``epoch``, ``train_elbo``, ``test_elbo`` (and
-        ``validation_elbo``), ``kl_weight``, ``lr``, ``grad_norm`` (and ``clipped``) and
+        ``validation_elbo``; with an M2 ``objective``, the unlabelled bounds and
+        ``test_accuracy``), ``kl_weight``, ``lr``, ``grad_norm`` (and ``clipped``) and
         ``seconds``.
     """
     if objective is not None and world().distributed:
