@@ -26,18 +26,29 @@ __all__ = [
     "analogies",
     "classifier_accuracy",
     "labelled_split",
+    "count_classes",
     "seeded_test_points",
 ]
 
 
-def labelled_split(data: Data, num_labelled: int, num_classes: int, seed: int) -> Tensor:
-    """The indices of the labelled training points (:func:`~ppl_vae.m2.balanced_labelled` of
-    the training labels, from ``seed``); an error naming the data set if it has no labels."""
+def count_classes(data: Data) -> int:
+    """The number of classes of ``data``'s labels (the largest label + 1); an error naming the
+    data set if it lacks the training or the test labels."""
     if data.train_labels is None or data.test_labels is None:
         raise InputError(
             f"--model m2 needs the labels of the training and test points; {data.name} does "
             f"not have both: choose a labelled image --dataset (digits, mnist, fashion-mnist, "
             f"kmnist)"
+        )
+    return int(max(data.train_labels.max(), data.test_labels.max())) + 1
+
+
+def labelled_split(data: Data, num_labelled: int, num_classes: int, seed: int) -> Tensor:
+    """The indices of the labelled training points (:func:`~ppl_vae.m2.balanced_labelled` of
+    the training labels, from ``seed``), errors naming ``--labeled`` and the data set."""
+    if data.train_labels is None:
+        raise InputError(
+            f"--model m2 needs the labels of the training points; {data.name} has none"
         )
     try:
         return balanced_labelled(data.train_labels, num_labelled, num_classes, seed)

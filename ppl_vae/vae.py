@@ -18,6 +18,7 @@ from ppl_vae.m2 import M2Guide, M2Model
 from ppl_vae.model import LIKELIHOODS, VAEModel, check_sigma, check_sigma_floor
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.priors import PRIORS, make_prior, prior_size
+from ppl_vae.semisupervised import count_classes
 from ppl_vae.twolayer import SIZES, two_layer_pair
 
 __all__ = ["VAEConfig", "build_vae", "check_vae_memory", "default_likelihood", "vae_size"]
@@ -312,18 +313,13 @@ def _m2(config: VAEConfig, event_shape, num_classes: int) -> tuple[M2Model, M2Gu
 
 def _check_m2_data(data: Data) -> int:
     """M2 scores binary points with labels; the number of classes."""
-    if data.train_labels is None or data.test_labels is None:
-        raise InputError(
-            f"--model m2 needs the labels of the training and test points; {data.name} does "
-            f"not have both: choose a labelled image --dataset (digits, mnist, fashion-mnist, "
-            f"kmnist)"
-        )
+    classes = count_classes(data)
     if not data.is_binary:
         raise InputError(
             f"--model m2 scores binary pixels (a Bernoulli each), but {data.name} "
             f"({data.encoding}) is not binary; use --binarize dynamic or static"
         )
-    return int(max(data.train_labels.max(), data.test_labels.max())) + 1
+    return classes
 
 
 def _check_cvae_data(data: Data) -> None:
