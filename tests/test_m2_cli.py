@@ -10,18 +10,22 @@ from dataclasses import replace
 import matplotlib.image
 import pytest
 import torch
-from helpers import run_cli
+from helpers import needs_mnist, run_cli
 
 from ppl_vae.cli import main
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.errors import InputError
 from ppl_vae.m2 import M2Model, balanced_labelled, m2_accuracy, m2_log_likelihood, paper_alpha
+from ppl_vae.networks import NetworkConfig
+from ppl_vae.plots import analogies_figure
 from ppl_vae.rng import forked_rng
 from ppl_vae.runs import load_run
 from ppl_vae.runs.evaluate import seeded_batch
 from ppl_vae.runs.pictures import PICTURES
 from ppl_vae.runs.train import _semi_supervised
 from ppl_vae.semisupervised import SemiSupervised
+from ppl_vae.svi import TrainConfig, train
+from ppl_vae.vae import VAEConfig, build_vae
 
 BASE = ["--dataset", "digits", "--model", "m2", "--device", "cpu", "--quiet"]
 ARGS = [*BASE, "--labeled", "50", "--hidden", "16", "--latent-dim", "4", "--batch-size", "100"]
@@ -265,3 +269,25 @@ def test_the_analogies_picture_needs_an_m2_run(tmp_path, capsys):
     code, _, err = run_cli("plot", "--run", run, "--out", tmp_path / "p", "--pictures",
                            "analogies", "--device", "cpu", capsys=capsys)  # fmt: skip
     assert code == 2 and "analogies picture needs a semi-supervised M2 run" in err
+
+
+@needs_mnist
+def test_mnist_keeps_its_training_labels_and_trains_m2_through_the_generic_loop():
+    """MNIST's 60,000 training labels (LeCun et al.'s published class counts), and 300 of its
+    digits, 100 labelled, through the loop and the picture at 28x28."""
+    data = load_data(DataConfig("mnist", "static"))
+    counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert torch.bincount(data.train_labels).tolist() == counts
+    small = data.head(300, 100)
+    chosen = balanced_labelled(small.train_labels, 20, 10, seed=0)
+    objective = SemiSupervised(small, chosen, alpha=1.5, batch_size=50, seed=0)
+    rest = small.subset(torch.tensor([i for i in range(300) if i not in set(chosen.tolist())]))
+    vae = VAEConfig(model="m2", labeled=20, latent_dim=4, network=NetworkConfig(hidden=(32,)))
+    model, guide = build_vae(vae, small)
+    metrics = train(model, guide, rest, TrainConfig(epochs=2, batch_size=50), quiet=True,
+                    objective=objective)  # fmt: skip
+    assert -784 * 0.7 < metrics[0]["test_elbo"] < metrics[-1]["test_elbo"] < 0
+    # static binarization: the test points are the tensor itself
+    assert metrics[-1]["test_accuracy"] == m2_accuracy(guide, small.test, small.test_labels)
+    grid = analogies_figure(model, guide, small, seed=0).axes[0].images[0].get_array()
+    assert grid.shape == (8 * 29 - 1, 11 * 29 - 1)
