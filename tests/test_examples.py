@@ -1,6 +1,7 @@
 """Every example runs end to end with --quick; the numbers it prints are checked."""
 
 import importlib.util
+import math
 import re
 import subprocess
 import sys
@@ -88,6 +89,37 @@ def latent_pictures(out):
     assert all(Path(p).stat().st_size > 20_000 for p in paths)
 
 
+def written_png(out, name, least_bytes):
+    path = Path(re.search(r"^wrote (\S+)$", out, re.M).group(1))
+    assert path.name == name and path.stat().st_size > least_bytes
+
+
+def conditional_beats_baseline(out):
+    rows = {r[0]: float(r[1].split("±")[0]) for r in table_rows(out, 2) if r[0] != "model"}
+    untrained = rows["untrained CVAE (importance-sampled)"]
+    baseline, cvae = rows["baseline p(y|x) (exact)"], rows["CVAE (importance-sampled)"]
+    # untrained logits are near 0: about log 2 per hidden pixel, 3 quadrants of 28 x 28
+    assert abs(untrained - 588 * math.log(2)) < 5
+    # 1 + 2 epochs on 5k images: the baseline about 149 nats, the CVAE about 132
+    assert 100 < cvae < baseline < 200
+    diff, se = (float(v) for v in re.search(r"paired: (-?[\d.]+) ± ([\d.]+)", out).groups())
+    assert abs(diff - (cvae - baseline)) < 0.02 and diff < -3 * se
+    written_png(out, "conditional_vae.png", 20_000)
+
+
+def semi_supervised_learns(out):
+    epochs = [float(a) for a in re.findall(r"^epoch \d+: test accuracy ([\d.]+)", out, re.M)]
+    final = float(re.search(r"final test accuracy ([\d.]+)", out).group(1))
+    assert len(epochs) == 3 and final == epochs[-1]
+    assert final > 0.2  # 100 labels, 3 epochs on 5k images: about 0.32; chance is 0.1
+    elbo = float(re.search(r"^epoch 3: .* test ELBO \(label summed out\) (-?[\d.]+)", out,
+                           re.M).group(1))  # fmt: skip
+    log_px = float(re.search(r"label summed out: (-?[\d.]+) ±", out).group(1))
+    # about -154 nats (an untrained decoder scores about -543), above the ELBO (-165)
+    assert -200 < log_px < -120 and log_px > elbo - 5
+    written_png(out, "semi_supervised.png", 20_000)
+
+
 # (script, arguments, what its output must show, needs MNIST)
 EXAMPLES = [
     ("train_vae.py", ["--quick"], final_test_elbo, True),
@@ -101,6 +133,18 @@ EXAMPLES = [
         True,
     ),
     ("latent_space.py", ["--quick", "--out-dir", "{tmp}"], latent_pictures, True),
+    (
+        "conditional_vae.py",
+        ["--quick", "--out", "{tmp}/conditional_vae.png"],
+        conditional_beats_baseline,
+        True,
+    ),
+    (
+        "semi_supervised.py",
+        ["--quick", "--out", "{tmp}/semi_supervised.png"],
+        semi_supervised_learns,
+        True,
+    ),
 ]
 
 
