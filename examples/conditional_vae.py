@@ -106,13 +106,13 @@ def main(argv=None) -> dict:
     cvae = negative_log_likelihood(model, guide, images, args.num_samples, args.seed)
     print(f"\n{len(data.train):,} training images, {args.visible} quadrant(s) visible, trained "
           f"in {seconds:.0f} s; {args.points} test images, K={args.num_samples}")  # fmt: skip
-    print("| model | test -log p(y|x), nats (mean ± se) |")
+    print("| model | test -log p(y given x), nats (mean ± se) |")  # no | in a cell
     print("|---|---|")
     print(f"| untrained CVAE (importance-sampled) | {mean_se(untrained)} |")
     rows = {"untrained": untrained.mean().item(), "cvae": cvae.mean().item()}
     if args.baseline_epochs:
         baseline = -model.baseline_log_likelihood(images)
-        print(f"| baseline p(y|x) (exact) | {mean_se(baseline)} |")
+        print(f"| baseline (exact) | {mean_se(baseline)} |")
         rows["baseline"] = baseline.mean().item()
     print(f"| CVAE (importance-sampled) | {mean_se(cvae)} |")
     if args.baseline_epochs:
