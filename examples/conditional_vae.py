@@ -17,8 +17,10 @@ it can assign more probability to the true completion. The figure shows, per tes
 input, the truth and completions drawn at z ~ p(z|x) (``ppl_vae.plots.completions_figure``).
 
 Run (wall-clock times measured on one CPU thread, another run busy on the second core):
-    python examples/conditional_vae.py --quick   # 5k images, 1 + 2 epochs, 200 points x 100
-    python examples/conditional_vae.py --out docs/img/conditional_vae.png   # the defaults
+    python examples/conditional_vae.py --quick   # 5k images, 1 + 2 epochs, 200 x K=100: ~15 s
+    python examples/conditional_vae.py   # the defaults: all of MNIST, 10 + 10 epochs
+    python examples/conditional_vae.py --num-train 20000 --baseline-epochs 3 --epochs 5 \
+        --points 500 --num-samples 200 --out docs/img/conditional_vae.png   # the README's
 
 MNIST is read from --data-dir, else $PPL_VAE_DATA, else ~/.cache/ppl_vae (see the README).
 """
