@@ -72,12 +72,14 @@ def main(argv=None) -> dict:
     rest[labelled] = False
     unlabelled = data.subset(torch.nonzero(rest).squeeze(1))
     alpha = paper_alpha(len(data.train), args.labelled)
-    objective = SemiSupervised(data, labelled, alpha=alpha, batch_size=100, seed=args.seed)
+    config = TrainConfig(epochs=args.epochs, seed=args.seed)  # batches of 100 of each set
+    objective = SemiSupervised(
+        data, labelled, alpha=alpha, batch_size=config.batch_size, seed=args.seed
+    )
 
     t0 = time.perf_counter()
     metrics = train(
-        model, guide, unlabelled, TrainConfig(epochs=args.epochs, seed=args.seed),
-        objective=objective, quiet=True,
+        model, guide, unlabelled, config, objective=objective, quiet=True,
         on_epoch=lambda m: print(f"epoch {m['epoch']}: test accuracy {m['test_accuracy']:.4f}, "
                                  f"test ELBO (label summed out) {m['test_elbo']:.2f}", flush=True),
     )  # fmt: skip
