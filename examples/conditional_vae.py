@@ -20,7 +20,7 @@ Run (wall-clock times measured on one CPU thread, another run busy on the second
     python examples/conditional_vae.py --quick   # 5k images, 1 + 2 epochs, 200 x K=100: ~15 s
     python examples/conditional_vae.py   # the defaults: all of MNIST, 10 + 10 epochs
     python examples/conditional_vae.py --num-train 20000 --baseline-epochs 3 --epochs 5 \
-        --points 500 --num-samples 200 --out docs/img/conditional_vae.png   # the README's
+        --points 500 --num-samples 200 --out docs/img/conditional_vae.png   # the README's: ~1.5 min
 
 MNIST is read from --data-dir, else $PPL_VAE_DATA, else ~/.cache/ppl_vae (see the README).
 """
