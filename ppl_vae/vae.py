@@ -134,33 +134,43 @@ class VAEConfig:
         """The guide options that are set."""
         return {k: getattr(self, k) for k in GUIDE_OPTIONS if getattr(self, k) is not None}
 
-    def _check_two_layer(self) -> None:
+    def _refuse(self, guide: str, prior: str, *, bernoulli: str | None = None, more=()) -> None:
+        """An error naming the first flag that the model (``self.model``) does not take: a
+        guide, prior or architecture other than the default (``guide`` and ``prior`` say
+        why), a likelihood other than Bernoulli where ``bernoulli`` says why, and ``more``
+        rows of (bad, flag, why)."""
         wrong = [
-            (self.guide != "gaussian", "--guide", "its guide is q(z1|x) q(z2|z1), diagonal"),
-            (self.prior != "normal", "--prior", "its prior is p(z2) p(z1|z2)"),
+            (self.guide != "gaussian", "--guide", guide),
+            (self.prior != "normal", "--prior", prior),
             (self.network.architecture != "mlp", "--architecture", "it is built of MLPs"),
-            (self.latent_dim < 2, "--latent-dim", "z2 has half the dimensions of z1"),
         ]
-        for bad, flag, why in wrong:
+        if bernoulli is not None:
+            sigma = self.sigma is not None or self.sigma_floor is not None
+            wrong += [
+                (self.likelihood not in (None, "bernoulli"), "--likelihood", bernoulli),
+                (sigma, "--sigma/--sigma-floor", bernoulli),
+            ]
+        for bad, flag, why in [*wrong, *more]:
             if bad:
-                raise InputError(f"--model two-layer takes no {flag} other than the default: {why}")
+                raise InputError(
+                    f"--model {self.model} takes no {flag} other than the default: {why}"
+                )
+
+    def _check_two_layer(self) -> None:
+        self._refuse(
+            "its guide is q(z1|x) q(z2|z1), diagonal", "its prior is p(z2) p(z1|z2)",
+            more=[(self.latent_dim < 2, "--latent-dim", "z2 has half the dimensions of z1")],
+        )  # fmt: skip
 
     def _check_cvae(self) -> None:
         object.__setattr__(
             self, "visible", check_visible(1 if self.visible is None else self.visible)
         )
-        wrong = [
-            (self.guide != "gaussian", "--guide", "its guide is q(z|x,y), diagonal Gaussian"),
-            (self.prior != "normal", "--prior", "its prior is the network p(z|x)"),
-            (self.network.architecture != "mlp", "--architecture", "it is built of MLPs"),
-            (self.likelihood not in (None, "bernoulli"), "--likelihood",
-             "p(y|x,z) is a Bernoulli per hidden pixel"),
-            (self.sigma is not None or self.sigma_floor is not None, "--sigma/--sigma-floor",
-             "p(y|x,z) is a Bernoulli per hidden pixel"),
-        ]  # fmt: skip
-        for bad, flag, why in wrong:
-            if bad:
-                raise InputError(f"--model cvae takes no {flag} other than the default: {why}")
+        self._refuse(
+            "its guide is q(z|x,y), diagonal Gaussian",
+            "its prior is the network p(z|x)",
+            bernoulli="p(y|x,z) is a Bernoulli per hidden pixel",
+        )
 
     def _check_m2(self) -> None:
         if self.labeled is None:
@@ -173,18 +183,11 @@ class VAEConfig:
             or not 0 <= self.alpha < float("inf")
         ):  # fmt: skip
             raise InputError(f"--alpha must be a finite number >= 0, got {self.alpha!r}")
-        wrong = [
-            (self.guide != "gaussian", "--guide", "its guide is q(y|x) q(z|x,y), diagonal"),
-            (self.prior != "normal", "--prior", "its prior is p(y) p(z), uniform and N(0, I)"),
-            (self.network.architecture != "mlp", "--architecture", "it is built of MLPs"),
-            (self.likelihood not in (None, "bernoulli"), "--likelihood",
-             "p(x|y,z) is a Bernoulli per pixel"),
-            (self.sigma is not None or self.sigma_floor is not None, "--sigma/--sigma-floor",
-             "p(x|y,z) is a Bernoulli per pixel"),
-        ]  # fmt: skip
-        for bad, flag, why in wrong:
-            if bad:
-                raise InputError(f"--model m2 takes no {flag} other than the default: {why}")
+        self._refuse(
+            "its guide is q(y|x) q(z|x,y), diagonal",
+            "its prior is p(y) p(z), uniform and N(0, I)",
+            bernoulli="p(x|y,z) is a Bernoulli per pixel",
+        )
 
     def prior_options(self) -> dict:
         """The prior options that are set."""
