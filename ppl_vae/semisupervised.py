@@ -125,15 +125,24 @@ class SemiSupervised:
         x_labelled: Tensor | None = None,
         y_labelled: Tensor | None = None,
         num_labelled: int | None = None,
+        shares: tuple[float, float] | None = None,
     ) -> Tensor:
         """The unlabelled batch's loss (the label summed out), plus the labelled batch's where
-        given; without one, the negative of the unlabelled bound (what the test ELBO reports)."""
-        loss = self.loss.differentiable_loss(model, guide, x, None, num_data)
-        if x_labelled is None:
-            return loss
-        return loss + self.loss.differentiable_loss(
-            model, guide, x_labelled, y_labelled, num_labelled
-        )
+        given; without one, the negative of the unlabelled bound (what the test ELBO reports).
+
+        Under ``torchrun`` (:func:`~ppl_vae.svi.semi_supervised_shard_step`) ``x`` and
+        ``x_labelled`` are this rank's parts of the step's two batches and ``shares`` their
+        shares of them: each part's loss is weighted by its share, and a part with share 0 (no
+        rows) is left out."""
+        share, share_l = shares or (1.0, 1.0)
+        parts = []
+        if share:
+            loss = self.loss.differentiable_loss(model, guide, x, None, num_data)
+            parts.append(loss if share == 1.0 else share * loss)
+        if x_labelled is not None and share_l:
+            loss = self.loss.differentiable_loss(model, guide, x_labelled, y_labelled, num_labelled)
+            parts.append(loss if share_l == 1.0 else share_l * loss)
+        return sum(parts[1:], parts[0])
 
     def metrics(self, guide: M2Guide, data: Data) -> dict:
         """``test_accuracy``: the classifier's, on :func:`seeded_test_points`."""

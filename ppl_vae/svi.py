@@ -428,6 +428,40 @@ def shard_step(
     return svi_step(loss, optimizer, x[part], num_data, before_update=reduce) * share
 
 
+def semi_supervised_shard_step(
+    loss: Callable[..., Tensor],
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    labelled: tuple[Tensor, Tensor, int],
+    *,
+    params: list[Tensor],
+    num_data: int,
+    w: World,
+    before_update: Callable[[], None] | None = None,
+) -> Tensor:
+    """:func:`shard_step` for M2 (:class:`~ppl_vae.semisupervised.SemiSupervised`): the
+    unlabelled batch ``x`` and the ``labelled`` one ``(x, y, num_labelled)`` are each split
+    across the ranks, and the loss weights this rank's part of each by its share of that batch
+    (the two shares differ where the batches' sizes do), so that the gradients summed over the
+    ranks are those of the whole step. Returns this rank's part of the step's loss."""
+    x_l, y_l, num_labelled = labelled
+    part, part_l = batch_shard(x.shape[0], w), batch_shard(x_l.shape[0], w)
+    shares = ((part.stop - part.start) / x.shape[0], (part_l.stop - part_l.start) / x_l.shape[0])
+
+    def reduce() -> None:
+        reduce_gradients(params, 1.0)  # each part is weighted in the loss already
+        if before_update is not None:
+            before_update()
+
+    if shares == (0.0, 0.0):  # fewer rows than ranks in both: zeros to the all-reduce
+        reduce()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return torch.zeros((), device=x.device)
+    args = (x[part], num_data, x_l[part_l], y_l[part_l], num_labelled, shares)
+    return svi_step(loss, optimizer, *args, before_update=reduce)
+
+
 class ReseededStreamWarning(UserWarning):
     """A resumed run's data stream was saved on another device type and cannot continue here:
     it goes on from a new seed, reproducibly but not bit-identically to an unmoved run."""
@@ -624,7 +658,13 @@ def _train_pass(
         for i, x in enumerate(batches):
             if objective is not None:  # M2: this step's labelled batch, after the unlabelled
                 extra = objective.step_args((epoch - 1) * steps + i, state.generator)
-                total += svi_step(loss, optimizer, x, num_data, *extra, before_update=clip)
+                if w.distributed:
+                    total += semi_supervised_shard_step(
+                        loss, optimizer, x, extra, params=params, num_data=num_data, w=w,
+                        before_update=clip,
+                    )  # fmt: skip
+                else:
+                    total += svi_step(loss, optimizer, x, num_data, *extra, before_update=clip)
             elif w.distributed:
                 total += shard_step(
                     loss, optimizer, x, params=params, num_data=num_data, w=w,
@@ -821,7 +861,8 @@ def train(
         objective: M2's :class:`~ppl_vae.semisupervised.SemiSupervised` in place of
             ``config.loss``: ``data`` are then the unlabelled points (an epoch is a pass over
             them), each step adds a labelled batch's loss, and the metrics add
-            ``test_accuracy``. Not under ``torchrun``.
+            ``test_accuracy``. Under ``torchrun`` both batches of a step are split across the
+            ranks (:func:`semi_supervised_shard_step`).
 
     With ``config.validation``, that many training points are held out
     (:meth:`~ppl_vae.data.Data.hold_out`) and their ELBO is recorded per epoch; with
@@ -834,8 +875,6 @@ def train(
         ``test_accuracy``), ``kl_weight``, ``lr``, ``grad_norm`` (and ``clipped``) and
         ``seconds``.
     """
-    if objective is not None and world().distributed:
-        raise InputError("--model m2 trains in one process; run it without torchrun")
     if config.validation:
         data = data.hold_out(config.validation, derived_seed(config.seed, "validation"))
     check_programs(model, guide, data, config, objective)

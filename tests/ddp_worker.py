@@ -3,7 +3,10 @@
 ``python tests/ddp_worker.py OUT [--capture|--no-capture]`` trains a deterministic VAE-shaped
 program (a Delta guide, so that the loss has no latent noise and any difference between one and
 two processes comes from how the batch is split) on dynamically binarized data and saves the
-parameters and the metrics to OUT from rank 0.
+parameters and the metrics to OUT from rank 0. With ``--m2`` it trains the M2 model
+(``ppl_vae.m2``, its guide's q(z|x, y) made a Delta alike) on 65 unlabelled and 12 labelled
+points, batches of 16 (the labelled ones in batches of 5, a last of 2): the steps split both
+batches across the ranks, with different shares.
 """
 
 import argparse
@@ -15,6 +18,8 @@ from torch import nn
 
 from ppl_vae.data import Data
 from ppl_vae.distributed import barrier, destroy, init, world
+from ppl_vae.m2 import M2Guide, M2Model
+from ppl_vae.semisupervised import SemiSupervised
 from ppl_vae.svi import TrainConfig, train
 
 
@@ -36,18 +41,44 @@ def program(dim=6, latent=2):
     return model, guide
 
 
+class DeltaM2Guide(M2Guide):
+    """M2's guide with z at the mean of q(z|x, y): the loss has no latent noise."""
+
+    def distribution(self, x, y):
+        return dist.Delta(super().distribution(x, y).mean, event_dim=1)
+
+
+def m2_training(x, labels, capture):
+    """The M2 pair trained on x[:65] unlabelled and x[65:77] labelled; tested on x[77:]."""
+    torch.manual_seed(0)
+    sizes = {"event_shape": (6,), "num_classes": 3, "latent_dim": 2, "hidden": (5,)}
+    model, guide = M2Model(**sizes), DeltaM2Guide(**sizes)
+    data = Data(x[:77], x[77:], "dynamic", "toy", test_labels=labels[77:],
+                train_labels=labels[:77])  # fmt: skip
+    objective = SemiSupervised(data, torch.arange(65, 77), alpha=2.0, batch_size=5, seed=0)
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.05, capture=capture, eval_batch_size=7,
+                         loss="meanfield")  # fmt: skip
+    unlabelled = data.subset(torch.arange(65))
+    return train(model, guide, unlabelled, config, quiet=True, objective=objective)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--capture", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--m2", action="store_true")
     args = parser.parse_args()
     init(torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     x = torch.rand(65 + 20, 6, generator=g)  # 65 training points: batches of 16 and a last of 1
-    data = Data(x[:65], x[65:], "dynamic", "toy")
-    model, guide = program()
-    config = TrainConfig(epochs=2, batch_size=16, lr=0.05, capture=args.capture, eval_batch_size=7)
-    metrics = train(model, guide, data, config, quiet=True)
+    if args.m2:
+        metrics = m2_training(x, torch.randint(0, 3, (85,), generator=g), args.capture)
+    else:
+        data = Data(x[:65], x[65:], "dynamic", "toy")
+        model, guide = program()
+        config = TrainConfig(epochs=2, batch_size=16, lr=0.05, capture=args.capture,
+                             eval_batch_size=7)  # fmt: skip
+        metrics = train(model, guide, data, config, quiet=True)
     if world().main:
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
         torch.save({"params": params, "metrics": metrics}, args.out)

@@ -115,14 +115,20 @@ def test_derived_seeds_are_fixed_and_distinct():
     assert len(seeds) == 200 and all(0 <= s < 2**32 for s in seeds)
 
 
-@pytest.mark.parametrize("capture", ["--capture", "--no-capture"])
-def test_two_ranks_take_the_one_process_step_on_the_combined_batch(tmp_path, capture):
+@pytest.mark.parametrize(
+    "flags",
+    [["--capture"], ["--no-capture"], ["--m2", "--capture"], ["--m2", "--no-capture"]],
+    ids=" ".join,
+)
+def test_two_ranks_take_the_one_process_step_on_the_combined_batch(tmp_path, flags):
     """65 points in batches of 16: four split 8/8 and a last of one row, which leaves rank 1
-    an empty shard; the gradients are weighted by each rank's share of the batch."""
-    one = subprocess.run([sys.executable, WORKER, tmp_path / "one.pt", capture], cwd=ROOT,
+    an empty shard; the gradients are weighted by each rank's share of the batch. M2 (--m2)
+    adds a labelled batch to each step (of 5 rows, split 3/2, or 2, split 1/1), so the two
+    batches' shares differ, and the last step gives rank 1 a labelled part alone."""
+    one = subprocess.run([sys.executable, WORKER, tmp_path / "one.pt", *flags], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert one.returncode == 0, one.stderr
-    two = torchrun(WORKER, tmp_path / "two.pt", capture)
+    two = torchrun(WORKER, tmp_path / "two.pt", *flags)
     assert two.returncode == 0, two.stderr
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert a["params"].keys() == b["params"].keys()
@@ -131,6 +137,7 @@ def test_two_ranks_take_the_one_process_step_on_the_combined_batch(tmp_path, cap
     for m1, m2 in zip(a["metrics"], b["metrics"], strict=True):
         assert m2["train_elbo"] == pytest.approx(m1["train_elbo"], abs=1e-5)
         assert m2["test_elbo"] == pytest.approx(m1["test_elbo"], abs=1e-5)  # sharded, reduced
+        assert m2.get("test_accuracy") == m1.get("test_accuracy")  # M2's, on every rank
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +239,48 @@ def test_two_rank_evaluation_equals_one_process(two_rank_run, capsys):
         assert two[key] == pytest.approx(one[key], abs=1e-9)
     for key in ("active_units", "latent_activity", "kl_per_dim", "mutual_information"):
         assert two[key] == pytest.approx(one[key], abs=1e-9)  # rank 0's, on the same points
+
+
+SMALL = ["--dataset", "digits", "--hidden", "16", "--latent-dim", "4", "--quiet"]
+
+
+@pytest.mark.parametrize(
+    "flags, key",
+    [
+        (["--model", "m2", "--labeled", "50"], "label_summed_out"),
+        (["--model", "cvae", "--baseline-epochs", "1"], "conditional"),
+    ],
+    ids=["m2", "cvae"],
+)
+def test_m2_and_cvae_train_under_two_ranks_and_evaluate_as_one_process(
+    flags, key, tmp_path, capsys
+):
+    """M2 and the CVAE (issue 24) through the command line: two ranks train them (M2: each
+    step's unlabelled and labelled batches split, test_accuracy recorded once; the CVAE: the
+    baseline fitted alike on every rank first) and their estimates (log p(x) with the label
+    summed out; log p(y|x)) share batches out without changing a figure: 360 test digits, 4
+    batches, 2 each."""
+    run = tmp_path / "run"
+    proc = ppl_vae("train", *SMALL, *flags, "--epochs", "2", "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    metrics = numbers(run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    if "m2" in flags:
+        assert all(0.1 < m["test_accuracy"] <= 1 for m in metrics)  # above chance: 10 classes
+    options = ["--num-samples", "20", "--batch-size", "100", "--seed", "3"]
+    code, out, err = run_cli("evaluate", "--run", run, *options, "--quiet", capsys=capsys)
+    assert code == 0, err
+    one = json.loads((run / "evaluate.json").read_text())
+    proc = ppl_vae("evaluate", "--run-dir", run, *options)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == out.count("\n") > 0  # printed by rank 0 only
+    two = json.loads((run / "evaluate.json").read_text())
+    assert one["processes"] == 1 and two["processes"] == 2 and two[key]
+    assert len(two["log_px"]) == one["num_points"] == 360
+    torch.testing.assert_close(torch.tensor(two["log_px"]), torch.tensor(one["log_px"]),
+                               rtol=0, atol=1e-9)  # fmt: skip
+    for extra in ("test_accuracy", "baseline"):
+        assert two.get(extra) == one.get(extra)
 
 
 def test_two_rank_ais_evaluation_and_gaps_equal_one_process(two_rank_run, capsys):

@@ -240,27 +240,33 @@ def _m2_estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     (:func:`~ppl_vae.m2.m2_log_likelihood`, ``num_samples`` draws of z per point and class),
     batch ``b`` binarized and drawn from ``derived_seed(seed, b)`` as for a VAE, and the
     classifier's test accuracy (:func:`~ppl_vae.semisupervised.classifier_accuracy`, as in
-    training)."""
-    data, n = run.data, config.num_points(run.data)
+    training). Under ``torchrun`` the batches are shared out as by :func:`_estimate`."""
+    data, n, w = run.data, config.num_points(run.data), world()
     x_all = (data.train if config.split == "train" else data.test)[:n]
     chunk, classes = config.chunk_size_on(data.device), run.guide.num_classes
     k = config.num_samples * classes  # draws per point
+    count = math.ceil(n / config.batch_size)
+    mine = round_robin(count)
+    share = sum(min(config.batch_size, n - b * config.batch_size) for b in mine)
     desc = f"log p(x), label summed out, {config.split}"
-    log_px = []
+    desc += f", rank 0 of {w.size}" if w.distributed else ""
+    log_px, done = [], 0
     with (
-        Progress(n * k, desc, "sample", quiet=quiet, scale=True) as bar,
+        Progress(share * k, desc, "sample", quiet=quiet or not w.main, scale=True) as bar,
         forked_rng(data.device, config.seed),
     ):
-        for b in range(math.ceil(n / config.batch_size)):
+        for b in mine:
             x = seeded_batch(data, x_all, config.batch_size, config.seed, b)
-            base = b * config.batch_size * k
             log_px.append(
                 m2_log_likelihood(
                     run.model, run.guide, x, num_samples=config.num_samples, chunk_size=chunk,
-                    progress=lambda d, base=base, m=x.shape[0] * classes: bar.update(base + m * d),
+                    progress=lambda d, base=done * k, m=x.shape[0] * classes: bar.update(
+                        base + m * d
+                    ),
                 ).cpu()
             )  # fmt: skip
-    log_px = torch.cat(log_px)
+            done += x.shape[0]
+    log_px = torch.cat(gather_round_robin(log_px, count))  # every rank's batches, in order
     return {
         "method": config.method,
         "label_summed_out": True,
@@ -349,7 +355,7 @@ def evaluate_run(
 
 
 def _check_m2(config: EvaluateConfig) -> None:
-    """What an M2 run's estimate takes: importance sampling per class, one process."""
+    """What an M2 run's estimate takes: importance sampling per class."""
     if config.method != "is":
         raise InputError(
             f"--method {config.method} anneals from a guide q(z|x) over continuous latents; "
@@ -357,8 +363,6 @@ def _check_m2(config: EvaluateConfig) -> None:
         )
     if config.iwae_k is not None:
         raise InputError("--iwae-k: an M2 run reports log p(x) alone; drop --iwae-k")
-    if world().distributed:
-        raise InputError("evaluating an M2 run takes one process; run it without torchrun")
 
 
 def run_epoch(run: Run) -> int:
