@@ -76,6 +76,10 @@ class SemiSupervised:
         alpha: The weight of the classification loss (:func:`~ppl_vae.m2.paper_alpha`).
         batch_size: The labelled batch's size (at most the number of labelled points).
         seed: The run's seed: the labelled set's shuffles and the test points' binarization.
+        balanced: Scale each labelled batch's loss by the number of unlabelled points instead of
+            the labelled ones (per point of the batch), so that it weighs as much as the
+            unlabelled batch: the objective with the labelled set repeated to the unlabelled
+            set's size. Without it, the paper's objective, each labelled point counted once.
 
     Example:
         >>> data = Data(torch.rand(12, 3), torch.rand(4, 3), "dynamic",
@@ -88,8 +92,19 @@ class SemiSupervised:
         4
     """
 
-    def __init__(self, data: Data, labelled: Tensor, *, alpha: float, batch_size: int, seed: int):
+    def __init__(
+        self,
+        data: Data,
+        labelled: Tensor,
+        *,
+        alpha: float,
+        batch_size: int,
+        seed: int,
+        balanced: bool = False,
+    ):
         self.labelled = labelled.cpu()  # the indices of the labelled points in data.train
+        # the labelled batches' scale: their set's size, or the unlabelled set's where balanced
+        self.labelled_scale = data.train.shape[0] - len(labelled) if balanced else len(labelled)
         self.x = data.train[labelled.to(data.device)]
         self.y = data.train_labels[labelled.cpu()].to(data.device)
         self.encode: Callable[..., Tensor] = data.encode
@@ -107,14 +122,15 @@ class SemiSupervised:
 
     def step_args(self, step: int, generator: torch.Generator | None) -> tuple:
         """The labelled batch of the run's ``step``-th step (0-based, counted over epochs):
-        ``(x, y, num_labelled)``, its points encoded with ``generator``."""
+        ``(x, y, scale)``, its points encoded with ``generator``; ``scale`` is the number of
+        labelled points (of unlabelled ones where balanced), the ``num_data`` of its loss."""
         per_pass = math.ceil(self.num_labelled / self.batch_size)
         pass_seed = derived_seed(self.seed, "labelled", step // per_pass)
         shuffle = torch.Generator().manual_seed(pass_seed)
         order = torch.randperm(self.num_labelled, generator=shuffle).to(self.x.device)
         start = (step % per_pass) * self.batch_size
         index = order[start : start + self.batch_size]
-        return self.encode(self.x[index], generator), self.y[index], self.num_labelled
+        return self.encode(self.x[index], generator), self.y[index], self.labelled_scale
 
     def differentiable_loss(
         self,

@@ -96,6 +96,12 @@ class VAEConfig:
         None, "m2: the weight of each labelled point's classification loss -log q(y|x) "
         "(default: the paper's 0.1 N / N_labelled, N the training points)",
     )  # fmt: skip
+    balanced: bool = option(
+        False, "m2: weight each step's labelled batch as much as its unlabelled one, as if the "
+        "labelled set were repeated to the unlabelled set's size (a labelled point's ELBO and "
+        "alpha-weighted classification loss then count N_unlabelled / N_labelled times; "
+        "default: once each, the paper's objective)",
+    )  # fmt: skip
 
     def __post_init__(self):
         check_positive(self, "latent_dim", "flow_length", "flow_hidden", "rank", "prior_components",
@@ -114,8 +120,8 @@ class VAEConfig:
         if self.model == "m2":
             self._check_m2()
         else:
-            for name in ("labeled", "alpha"):
-                if getattr(self, name) is not None:
+            for name in ("labeled", "alpha", "balanced"):
+                if getattr(self, name) not in (None, False):
                     raise InputError(f"--{name} applies to --model m2 only, not {self.model}")
         PRIORS.check_options(self.prior, self.prior_options(), prefix="--prior-")
         if self.flow_length is not None:

@@ -93,6 +93,33 @@ def test_the_labelled_batches_cycle_the_balanced_labelled_points():
     assert objective.step_args(4, None)[1].tolist() == objective.step_args(4, None)[1].tolist()
 
 
+def test_balanced_weights_a_labelled_batch_by_the_unlabelled_set_size(tmp_path):
+    """--balanced: a labelled batch's loss is scaled by the unlabelled points' number (1387 of
+    the 1437 digits) instead of the labelled ones' (50), its batches unchanged; the run records
+    it and the step's loss is the paper's with the labelled part times 1387 / 50."""
+    data = load_data(DataConfig("digits", "static"))
+    chosen = balanced_labelled(data.train_labels, 50, 10, seed=7)
+    paper = SemiSupervised(data, chosen, alpha=3.0, batch_size=20, seed=7)
+    balanced = SemiSupervised(data, chosen, alpha=3.0, batch_size=20, seed=7, balanced=True)
+    (x, y, n), (xb, yb, nb) = paper.step_args(4, None), balanced.step_args(4, None)
+    assert (n, nb) == (50, 1387) and torch.equal(x, xb) and torch.equal(y, yb)
+    config = VAEConfig(model="m2", labeled=50, latent_dim=4, network=NetworkConfig(hidden=(16,)))
+    model, guide = build_vae(config, data)
+    unlabelled = data.train[:30]
+    losses = []
+    for objective, scale in ((paper, n), (balanced, nb)):
+        parts = []
+        for args in ((), (x, y, scale)):  # the unlabelled part, then both
+            torch.manual_seed(0)
+            parts.append(objective.differentiable_loss(model, guide, unlabelled, 1387, *args))
+        losses.append(parts)
+    (u, both), (ub, both_b) = losses
+    torch.testing.assert_close(ub, u)
+    torch.testing.assert_close(both_b - ub, (both - u) * 1387 / 50, rtol=1e-5, atol=0)
+    run = _train(tmp_path / "run", "--balanced")
+    assert json.loads((run / "config.json").read_text())["vae"]["balanced"] is True
+
+
 def test_resume_takes_the_same_labelled_points_and_gives_the_uninterrupted_numbers(
     trained, tmp_path, capsys
 ):
@@ -206,6 +233,7 @@ def test_the_command_line_defaults_are_kingmas_sizes(tmp_path, capsys):
         (["--labeled", "50", "--alpha", "-1"], "--alpha must be a finite number >= 0"),
         (["--model", "vae", "--labeled", "50"], "--labeled applies to --model m2 only"),
         (["--model", "vae", "--alpha", "1"], "--alpha applies to --model m2 only"),
+        (["--model", "vae", "--balanced"], "--balanced applies to --model m2 only"),
     ],
 )
 def test_what_does_not_apply_is_refused_in_one_line(flags, wrong, tmp_path, capsys):

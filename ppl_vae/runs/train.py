@@ -257,7 +257,8 @@ def _semi_supervised(config: RunConfig, data, guide) -> tuple:
     rest = torch.ones(data.train.shape[0], dtype=torch.bool)
     rest[labelled] = False
     alpha = paper_alpha(data.train.shape[0], vae.labeled) if vae.alpha is None else vae.alpha
-    objective = SemiSupervised(data, labelled, alpha=alpha, batch_size=t.batch_size, seed=t.seed)
+    objective = SemiSupervised(data, labelled, alpha=alpha, batch_size=t.batch_size, seed=t.seed,
+                               balanced=vae.balanced)  # fmt: skip
     if not rest.any():
         raise InputError(
             f"--labeled {vae.labeled} labels every training point of {data.name}; leave some "
