@@ -136,7 +136,7 @@ def analogies_figure(
     cells = torch.cat([x.unsqueeze(1), rows], 1).reshape(-1, *x.shape[1:])
     fig, ax = _figure(figsize=(1 + 0.5 * (1 + k), 1 + 0.5 * len(x)))
     ax.imshow(image_grid(cells.clamp(0, 1), ncols=1 + k).numpy(), cmap="gray", vmin=0, vmax=1)
-    ax.set_title(f"test image, then y = 0..{k - 1} at its z ~ E q(z|x, y_true)", fontsize=8)
+    ax.set_title(f"test image, then y = 0..{k - 1} with z = the mean of q(z|x, y_true)", fontsize=8)
     ax.axis("off")
     return fig
 
@@ -176,14 +176,25 @@ def _elbo_range(metrics: list[dict]) -> tuple[float, float, bool]:
 
 def curves_figure(metrics: list[dict], title: str = "") -> Figure:
     """Train, test (and validation) ELBO per epoch (nats per example), the best epoch
-    (:func:`ppl_vae.selection.best_epoch`), and the KL weight when it changes.
+    (:func:`ppl_vae.selection.best_epoch`), and the KL weight when it changes; where the
+    metrics have ``test_accuracy`` (M2's classifier), a panel of it below.
 
     Every epoch is in view, except a first epoch far below the rest, which is named in a note
     instead; the legend sits below the axes, off the lines.
     """
     epochs = [m["epoch"] for m in metrics]
-    fig = Figure(figsize=(7, 4.4), layout="constrained")
-    ax = fig.subplots()
+    accuracy = [m.get("test_accuracy") for m in metrics]
+    if any(a is None for a in accuracy):
+        accuracy = []
+    fig = Figure(figsize=(7, 6.4 if accuracy else 4.4), layout="constrained")
+    if accuracy:
+        ax, below = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+        below.plot(epochs, accuracy, marker=".", color="tab:green", label="test accuracy")
+        below.set_ylabel("test accuracy")
+        below.set_title(f"classifier q(y|x); last test accuracy {accuracy[-1]:.4f}", fontsize=9)
+        below.grid(alpha=0.3)
+    else:
+        ax = below = fig.subplots()
     ax.plot(epochs, [m["train_elbo"] for m in metrics], marker=".", label="train (objective)")
     ax.plot(epochs, [m["test_elbo"] for m in metrics], marker=".", label="test ELBO")
     if "validation_elbo" in metrics[-1]:
@@ -200,13 +211,16 @@ def curves_figure(metrics: list[dict], title: str = "") -> Figure:
             f"test {first['test_elbo']:.2f}",
             xy=(0.01, 0.02), xycoords="axes fraction", fontsize=8, color="dimgray",
         )  # fmt: skip
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
+    below.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    below.set_xlabel("epoch")
     ax.set_ylabel("nats per example")
     last = metrics[-1]
     ax.set_title(title or f"ELBO per epoch; last test ELBO {last['test_elbo']:.2f}")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
+    if accuracy:
+        more = below.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
     weights = [m.get("kl_weight", 1.0) for m in metrics]
     if len(set(weights)) > 1:  # an annealed KL term
         twin = ax.twinx()

@@ -140,6 +140,23 @@ def test_the_curves_show_the_recorded_numbers_and_the_kl_weight_when_annealed():
     close_figure(fig)
 
 
+def test_the_curves_add_a_panel_of_the_test_accuracy_where_the_metrics_have_it():
+    metrics = [
+        {"epoch": e, "train_elbo": -10.0 + e, "test_elbo": -11.0 + e, "test_accuracy": a}
+        for e, a in ((1, 0.5), (2, 0.75), (3, 0.7))
+    ]
+    fig = curves_figure(metrics)
+    assert len(fig.axes) == 2
+    (accuracy,) = fig.axes[1].lines
+    assert list(accuracy.get_ydata()) == [0.5, 0.75, 0.7]
+    assert fig.axes[1].get_title() == "classifier q(y|x); last test accuracy 0.7000"
+    close_figure(fig)
+    del metrics[0]["test_accuracy"]  # not on every line: no panel
+    fig = curves_figure(metrics)
+    assert len(fig.axes) == 1
+    close_figure(fig)
+
+
 def test_importing_and_drawing_leave_matplotlib_as_the_user_set_it():
     """A notebook's backend survives ``import ppl_vae``, and our figures stay out of pyplot's
     list (so inline display and ``plt.show()`` are the user's alone)."""
