@@ -30,13 +30,21 @@ import sys
 
 import pyro
 import torch
-from common import describe, interleave, medians, mnist, parse_args, write_section
+from common import (
+    describe,
+    interleave,
+    medians,
+    mnist,
+    parse_args,
+    training_step,
+    write_section,
+)
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from ppl_vae import VAEConfig, build_vae
 from ppl_vae.m2 import paper_alpha
 from ppl_vae.semisupervised import SemiSupervised, labelled_split
-from ppl_vae.svi import collect_params, step_loss, svi_step
+from ppl_vae.svi import collect_params, step_loss
 
 
 def time_steps(batch: int, labelled: int, repeats: int, steps: int, device) -> dict:
@@ -60,20 +68,16 @@ def time_steps(batch: int, labelled: int, repeats: int, steps: int, device) -> d
         log_qy = torch.log_softmax(guide.classifier(xl), -1).gather(-1, yl.unsqueeze(-1))
         return unlabelled + labelled_elbo - alpha * (scale / len(xl)) * log_qy.sum()
 
-    def step_of(loss, *args):
-        def step():
-            with pyro.validation_enabled(False):
-                return svi_step(loss, optimizer, *args)
-
-        return step
-
+    batches = (x, num_data, xl, yl, scale)
     contenders = {
-        "ppl_vae": step_of(step_loss(objective, model, guide, params, capture=True), x, num_data,
-                           xl, yl, scale),
-        "eager": step_of(step_loss(objective, model, guide, params, capture=False), x, num_data,
-                         xl, yl, scale),
-        "pyro": step_of(pyro_loss),
-    }  # fmt: skip
+        "ppl_vae": training_step(
+            step_loss(objective, model, guide, params, capture=True), optimizer, *batches
+        ),
+        "eager": training_step(
+            step_loss(objective, model, guide, params, capture=False), optimizer, *batches
+        ),
+        "pyro": training_step(pyro_loss, optimizer),
+    }
     times = interleave(contenders, repeats, device, calls=steps, warmup=5, rotate=True)
     ratios = {
         f"{k}/ppl_vae": statistics.median(a / b for a, b in zip(v, times["ppl_vae"], strict=True))
