@@ -21,8 +21,8 @@ each test image's z held fixed at the mean of q(z|x, y_true), decoded with every
 Run (wall-clock times measured on one CPU thread, another run busy on the second core):
     python examples/semi_supervised.py --quick   # 5k images, 100 labelled, 3 epochs: ~25 s
     python examples/semi_supervised.py   # the defaults: all of MNIST, 10 epochs
-    python examples/semi_supervised.py --num-test 2000 --epochs 5 --points 500 \
-        --num-samples 50 --out docs/img/semi_supervised.png   # the README's: ~5 min
+    python examples/semi_supervised.py --balanced --num-test 2000 --epochs 5 --points 500 \
+        --num-samples 50 --out docs/img/semi_supervised.png   # the README's: ~8 min
 
 MNIST is read from --data-dir, else $PPL_VAE_DATA, else ~/.cache/ppl_vae (see the README).
 """
