@@ -84,8 +84,13 @@ def test_gradients_reach_every_guide_parameter(name):
     torch.manual_seed(2)
     guide = small_guide(name)
     model = VAEModel(MLPDecoder(3, [6], [8], "tanh"), LIKELIHOODS.build("gaussian", (6,)), 3, (6,))
-    loss = TraceELBO().differentiable_loss(model, guide, torch.randn(5, 6))
-    loss.backward()
+    x = torch.randn(5, 6)
+    # one step first: a layer that starts at zero (the last of an iaf step's MADE, so that the
+    # step starts as the identity) passes no gradient to the layers below it until it moves
+    TraceELBO().differentiable_loss(model, guide, x).backward()
+    torch.optim.SGD(guide.parameters(), lr=0.1).step()
+    guide.zero_grad()
+    TraceELBO().differentiable_loss(model, guide, x).backward()
     for pname, p in guide.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
 
@@ -112,6 +117,28 @@ def test_a_trained_guide_is_saved_and_loaded_exactly(tmp_path, name):
             z = q(torch.Size([4]))
             draws.append((z, q.log_prob(z)))
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
+def test_an_iaf_guide_starts_as_the_diagonal_gaussian_built_from_the_same_seed():
+    """Its steps start as the identity, so the two guides give the same ELBO, draw for draw
+    (Pyro's gated step with random last weights did not: on MNIST it started 17 nats lower)."""
+    x = torch.rand(5, 6)
+    model = VAEModel(MLPDecoder(3, [6], [8], "tanh"), LIKELIHOODS.build("gaussian", (6,)), 3, (6,))
+    losses = {}
+    for name in ("gaussian", "iaf"):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        options = {"flow_length": 3} if name == "iaf" else {}
+        guide = make_guide(name, MLPEncoder([6], [8], "tanh"), 3, **options)
+        pyro.set_rng_seed(1)
+        losses[name] = TraceELBO(num_particles=4).loss(model, guide, x)
+    assert math.isclose(losses["iaf"], losses["gaussian"], rel_tol=1e-6), losses
+    torch.manual_seed(0)
+    stepped = make_guide("iaf", MLPEncoder([6], [8], "tanh"), 3, flow_length=3)
+    z = torch.randn(5, 3)
+    for step in stepped.steps:  # each step is the identity, its log-determinant 0
+        t = step.condition(torch.randn(5, 8))
+        assert torch.equal(t(z), z) and torch.equal(t.log_abs_det_jacobian(z, z), torch.zeros(5))
 
 
 def test_unknown_guides_and_bad_options_are_rejected():
