@@ -8,6 +8,7 @@ Every function takes a guide with ``distribution(x)`` (every guide of
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -31,10 +32,13 @@ __all__ = [
 ]
 
 
-def _distributions(guide, x: Tensor, batch_size: int) -> list[Distribution]:
+def _distributions(guide, x: Tensor, batch_size: int) -> Iterator[Distribution]:
+    """q(z|x) of each batch of ``x``, made as it is used: a flow's draws stay cached in its
+    transforms, so holding every batch's q at once held every batch's draws (24 GB for the
+    ``iaf`` guide's 1000 draws per point on MNIST's 10,000 test images)."""
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size}")
-    return [guide.distribution(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    return (guide.distribution(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size))
 
 
 def gaussian_marginals(q: Distribution) -> tuple[Tensor, Tensor] | None:
@@ -125,7 +129,7 @@ def mutual_information(guide, x: Tensor, *, num_samples: int = 1, batch_size: in
     as N grows. It costs N² log-densities, ``batch_size`` × ``batch_size`` at a time.
     Needs log q(z | x_j) at any z: the Gaussian guides (a flow guide is refused).
     """
-    qs = _distributions(guide, x, batch_size)
+    qs = list(_distributions(guide, x, batch_size))  # Gaussians: no draws cached
     if gaussian_marginals(qs[0]) is None:
         raise InputError(
             f"the mutual information needs q(z|x) at any z; {type(guide).__name__} gives "

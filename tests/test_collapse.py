@@ -2,6 +2,7 @@
 mutual information under q."""
 
 import math
+import weakref
 
 import pyro
 import pytest
@@ -70,6 +71,30 @@ def test_moments_from_draws_where_the_marginals_are_not_known():
     assert torch.allclose(drawn, exact, atol=0.02, rtol=0)
     means = posterior_means(AffineGuide(case), case.x, num_samples=20000)
     assert torch.allclose(means, posterior_means(case.guide, case.x), atol=0.02, rtol=0)
+
+
+class CountingGuide(AffineGuide):
+    """Counts the batch distributions alive when the next one is made (a flow's q keeps its
+    draws cached in its transforms, so each alive q holds its batch's draws)."""
+
+    def __init__(self, case):
+        super().__init__(case)
+        self.alive, self.most = weakref.WeakSet(), 0
+
+    def distribution(self, x):
+        self.most = max(self.most, len(self.alive))
+        q = super().distribution(x)
+        self.alive.add(q)
+        return q
+
+
+def test_the_diagnostics_hold_one_batch_distribution_at_a_time():
+    case = MeanField()
+    x = case.x.repeat(4, 1)  # several batches of 2
+    for diagnostic in (kl_per_dimension, latent_activity, posterior_means):
+        guide = CountingGuide(case)
+        diagnostic(guide, x, batch_size=2, num_samples=10)
+        assert guide.most <= 1, (diagnostic.__name__, guide.most)  # all batches at once before
 
 
 def test_mutual_information_approaches_the_closed_form():
