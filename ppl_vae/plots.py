@@ -183,9 +183,8 @@ def curves_figure(metrics: list[dict], title: str = "") -> Figure:
     instead; the legend sits below the axes, off the lines.
     """
     epochs = [m["epoch"] for m in metrics]
-    accuracy = [m.get("test_accuracy") for m in metrics]
-    if any(a is None for a in accuracy):
-        accuracy = []
+    with_accuracy = all(m.get("test_accuracy") is not None for m in metrics)
+    accuracy = [m["test_accuracy"] for m in metrics] if with_accuracy else []
     fig = Figure(figsize=(7, 6.4 if accuracy else 4.4), layout="constrained")
     if accuracy:
         ax, below = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
