@@ -29,7 +29,7 @@ def small_run(tmp_path, **vae):
 def test_the_checkpoint_holds_the_state_and_the_configuration_as_plain_data(tmp_path):
     run = small_run(tmp_path, guide="iaf", flow_length=2)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ckpt["format"] == 1 and ckpt["epoch"] == 2 and len(ckpt["metrics"]) == 2
+    assert ckpt["format"] == 2 and ckpt["epoch"] == 2 and len(ckpt["metrics"]) == 2
     assert json.loads(json.dumps(ckpt["config"])) == ckpt["config"]  # JSON-able
     assert json.loads((tmp_path / "config.json").read_text()) == ckpt["config"]
     assert RunConfig.from_dict(ckpt["config"]) == run.config
@@ -47,6 +47,20 @@ def test_unknown_formats_and_foreign_files_are_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "checkpoint.pt")
     with pytest.raises(InputError, match="is not a ppl_vae checkpoint"):
         RunDir(tmp_path).load()
+
+
+@pytest.mark.parametrize("guide", ["iaf", "fullrank"])
+def test_a_guide_whose_parameters_changed_meaning_is_refused_from_format_1(tmp_path, guide):
+    """Format 1 wrote iaf's gated step and fullrank's one-head L under the names and (for iaf)
+    the shapes they have now: read as today's guide they would be another distribution."""
+    small_run(tmp_path / "new", guide=guide)
+    small_run(tmp_path / "gaussian")
+    for run in ("new", "gaussian"):
+        path = tmp_path / run / "checkpoint.pt"
+        torch.save({**torch.load(path, weights_only=False), "format": 1}, path)
+    with pytest.raises(InputError, match=f"holds a {guide} guide of an earlier ppl_vae .*train"):
+        RunDir(tmp_path / "new").load()
+    assert RunDir(tmp_path / "gaussian").load()[0].epoch == 2  # other guides read as before
 
 
 def test_configurations_stored_with_the_old_field_names_load(tmp_path):
@@ -112,7 +126,7 @@ def test_a_pre_redesign_run_resumes_to_the_epoch_the_old_code_gave(tmp_path):
     assert got["test_elbo"] == pytest.approx(want["test_elbo"], abs=0.2)
     # the resumed run is written in the new format, its first epochs kept
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert ckpt["format"] == 1 and [m["epoch"] for m in ckpt["metrics"]] == [1, 2, 3]
+    assert ckpt["format"] == 2 and [m["epoch"] for m in ckpt["metrics"]] == [1, 2, 3]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
 
@@ -168,4 +182,4 @@ def test_a_checkpoint_whose_unpickling_would_run_code_is_refused_and_never_run(t
 def test_new_checkpoints_hold_only_tensors_and_plain_data(tmp_path):
     small_run(tmp_path)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no allow-listed globals
-    assert ckpt["format"] == 1 and isinstance(ckpt["rng"]["numpy"]["keys"], torch.Tensor)
+    assert ckpt["format"] == 2 and isinstance(ckpt["rng"]["numpy"]["keys"], torch.Tensor)

@@ -78,7 +78,11 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVALUATE = "evaluate.json"
 GAPS = "gaps.json"  # ppl-vae gaps's record
-FORMAT = 1  # the checkpoint layout written here
+FORMAT = 2  # the checkpoint layout written here
+# guides whose parameters mean something else since format 2 (same names for iaf: the gated
+# step became z' = exp(s) z + m; fullrank: L = diag(sigma)(I + M) from two heads); a run of
+# these written before is refused rather than read as another distribution
+RELAID_OUT = {"iaf": "the gated IAF step", "fullrank": "one head predicting L's entries"}
 MARKERS = (CHECKPOINT, CONFIG, METRICS, BEST)  # a folder holding any of these holds a run
 EM_RESULTS = "results.json"  # ppl-vae em's record: a folder holding it holds em's results
 
@@ -403,13 +407,20 @@ class RunDir:
                 )
             plain, rng = upgraded
             ckpt = {**ckpt, "rng": rng}
-        elif version == FORMAT:
+        elif version in (1, FORMAT):  # format 1: format 2's layout, but see RELAID_OUT
             plain = ckpt.get("config")
             plain = upgrade_config(plain) if isinstance(plain, dict) else plain
         else:
             raise InputError(
                 f"{path} has checkpoint format {version}, newer than this ppl_vae reads "
                 f"({FORMAT}); upgrade ppl_vae"
+            )
+        vae = plain.get("vae") if isinstance(plain, dict) else None
+        guide = vae.get("guide") if isinstance(vae, dict) else None
+        if version < FORMAT and guide in RELAID_OUT:
+            raise InputError(
+                f"{path} holds a {guide} guide of an earlier ppl_vae ({RELAID_OUT[guide]}), whose "
+                f"parameters this version reads differently; train the run again"
             )
         check_checkpoint(ckpt, path)
         self.identity = {"epoch": ckpt["epoch"], "sha256": hashlib.sha256(data).hexdigest()}
