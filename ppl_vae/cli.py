@@ -331,7 +331,12 @@ def _train(args: argparse.Namespace) -> None:
         _lay_under(args, model_defaults(model))
         _lay_under(
             args,
-            dataset_defaults(data.dataset, loss=getattr(args, "train.loss", None), model=model),
+            dataset_defaults(
+                data.dataset,
+                loss=getattr(args, "train.loss", None),
+                model=model,
+                prior=getattr(args, "vae.prior", None),
+            ),  # fmt: skip
         )
         vae = _build(VAEConfig, args, "vae")
         train = _build(TrainConfig, args, "train", **shared)

@@ -153,9 +153,11 @@ class FullRankGaussianGuide(AmortizedGuide):
     mu and sigma come from the diagonal Gaussian's head (:class:`DiagonalNormalHead`), M from a
     second linear head that starts at zero, so the guide starts as the diagonal Gaussian guide
     of the same seed (the same ELBO; ``tests/test_guides.py``). M is dimensionless: row i of
-    z - mu is sigma_i (eps_i + sum_{j<i} M_ij eps_j), so a step of M moves the correlations at
-    every scale alike. (Entries of L predicted in the data's units, off-diagonal and diagonal
-    from one head, ended 2.4 nats below the diagonal Gaussian on MNIST: docs/RESULTS.md.)
+    z - mu is sigma_i (eps_i + sum_{j<i} M_ij eps_j). The second head's output is scaled by
+    1/sqrt(latent_dim) (:attr:`shear_scale`): a row of M sums up to latent_dim - 1 entries, and
+    at the head's full scale Adam's steps, noisy for every entry alike, moved each row's
+    correlations sqrt(latent_dim) times as far as a diagonal entry, and the guide ended below
+    the diagonal Gaussian on MNIST (docs/RESULTS.md).
     """
 
     def __init__(self, encoder: nn.Module, latent_dim: int):
@@ -164,6 +166,7 @@ class FullRankGaussianGuide(AmortizedGuide):
         self.register_buffer("rows", rows, False)
         self.register_buffer("cols", cols, False)
         self.head = DiagonalNormalHead(encoder.feature_dim, latent_dim)
+        self.shear_scale = latent_dim**-0.5
         # built without drawing from the random stream, so what is built after it is as beside
         # a diagonal Gaussian guide
         self.shear = nn.utils.skip_init(nn.Linear, encoder.feature_dim, rows.numel())
@@ -185,7 +188,7 @@ class FullRankGaussianGuide(AmortizedGuide):
         unit = torch.eye(d, dtype=params.dtype, device=params.device).expand(
             *entries.shape[:-1], d, d
         ).clone()
-        unit[..., self.rows, self.cols] = entries
+        unit[..., self.rows, self.cols] = self.shear_scale * entries
         return dist.MultivariateNormal(loc, scale_tril=scale.unsqueeze(-1) * unit)
 
 

@@ -185,7 +185,8 @@ def test_lowrank_and_fullrank_covariances_are_what_the_heads_say():
         guide.shear.weight.normal_()
         guide.shear.bias.normal_()
     params = guide.point_parameters(x).detach()
-    loc, raw_scale, m = params.split([3, 3, 3], dim=-1)  # M's entries (1,0), (2,0), (2,1)
+    loc, raw_scale, raw = params.split([3, 3, 3], dim=-1)
+    m = raw / math.sqrt(3)  # M's entries (1,0), (2,0), (2,1): the head's, over sqrt(latent_dim)
     sigma = torch.nn.functional.softplus(raw_scale) + 1e-6
     for n in range(2):  # L = diag(sigma) (I + M), written out entry by entry
         unit = torch.tensor([[1.0, 0, 0], [m[n, 0], 1, 0], [m[n, 1], m[n, 2], 1]])

@@ -35,7 +35,24 @@ def test_the_2d_sets_default_to_the_heteroscedastic_gaussian_with_a_kl_warm_up(
     assert run_cli("train", "--dataset", dataset, capsys=capsys)[0] == 0
     ((_, vae, train),) = configs
     assert vae.likelihood == "gaussian-hetero" and vae.latent_dim == 2
+    assert vae.prior == "mog" and vae.prior_components == 20
     assert train.kl_warmup == 10 and train.epochs == 400 and train.lr_schedule == "cosine"
+
+
+@pytest.mark.parametrize(
+    "flags, prior, components",
+    [(["--prior", "normal"], "normal", None), (["--prior", "vamp"], "vamp", None),
+     (["--prior-components", "8"], "mog", 8), (["--model", "two-layer"], "normal", None)],
+)  # fmt: skip
+def test_the_preset_prior_gives_way_to_a_prior_given_or_a_model_with_its_own(
+    flags, prior, components, configs, capsys
+):
+    """Another prior does not inherit the mixture's 20 components, nor does the two-layer model
+    (which refuses any prior but its own upper layer) get the mixture at all."""
+    code, _, err = run_cli("train", "--dataset", "pinwheel", *flags, capsys=capsys)
+    assert code == 0, err
+    ((_, vae, _),) = configs
+    assert (vae.prior, vae.prior_components) == (prior, components)
 
 
 def test_mnist_keeps_the_dataclass_defaults_bernoulli(configs, capsys):
