@@ -168,8 +168,9 @@ class FullRankGaussianGuide(AmortizedGuide):
         self.head = DiagonalNormalHead(encoder.feature_dim, latent_dim)
         self.shear_scale = latent_dim**-0.5
         # built without drawing from the random stream, so what is built after it is as beside
-        # a diagonal Gaussian guide
-        self.shear = nn.utils.skip_init(nn.Linear, encoder.feature_dim, rows.numel())
+        # a diagonal Gaussian guide (and on the head's device, "meta" when only counted)
+        self.shear = nn.Linear(encoder.feature_dim, rows.numel(), device="meta")
+        self.shear.to_empty(device=self.head.weight.device)
         with torch.no_grad():
             self.shear.weight.zero_()
             self.shear.bias.zero_()
