@@ -186,9 +186,11 @@ class FullRankGaussianGuide(AmortizedGuide):
         d = self.latent_dim
         loc, raw_scale, entries = params.split([d, d, self.rows.numel()], dim=-1)
         scale = nn.functional.softplus(raw_scale) + 1e-6
-        unit = torch.eye(d, dtype=params.dtype, device=params.device).expand(
-            *entries.shape[:-1], d, d
-        ).clone()
+        unit = (
+            torch.eye(d, dtype=params.dtype, device=params.device)
+            .expand(*entries.shape[:-1], d, d)
+            .clone()
+        )
         unit[..., self.rows, self.cols] = self.shear_scale * entries
         return dist.MultivariateNormal(loc, scale_tril=scale.unsqueeze(-1) * unit)
 
