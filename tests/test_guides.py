@@ -176,10 +176,13 @@ def test_an_option_the_guide_does_not_take_is_an_error_that_names_it(name, optio
 def test_lowrank_and_fullrank_covariances_are_what_the_heads_say():
     torch.manual_seed(4)
     x = torch.randn(2, 6)
-    low = small_guide("lowrank", rank=1).distribution(x)
-    w, d = low.cov_factor, low.cov_diag
-    cov = w @ w.transpose(-1, -2) + torch.diag_embed(d)
-    assert torch.allclose(low.covariance_matrix, cov, atol=1e-6)
+    lowrank = small_guide("lowrank", rank=1)
+    loc, raw_scale, v = lowrank.point_parameters(x).detach().split([3, 3, 3], dim=-1)
+    sigma = torch.diag_embed(torch.nn.functional.softplus(raw_scale) + 1e-6)
+    relative = torch.eye(3) + v.unsqueeze(-1) @ v.unsqueeze(-2)  # I + V V^T, V of rank 1
+    low = lowrank.distribution(x)
+    assert torch.allclose(low.loc, loc)
+    assert torch.allclose(low.covariance_matrix, sigma @ relative @ sigma, atol=1e-6)
     guide = small_guide("fullrank")
     with torch.no_grad():  # correlations away from their zero start
         guide.shear.weight.normal_()

@@ -49,10 +49,11 @@ def test_unknown_formats_and_foreign_files_are_refused(tmp_path):
         RunDir(tmp_path).load()
 
 
-@pytest.mark.parametrize("guide", ["iaf", "fullrank"])
+@pytest.mark.parametrize("guide", ["iaf", "fullrank", "lowrank"])
 def test_a_guide_whose_parameters_changed_meaning_is_refused_from_format_1(tmp_path, guide):
-    """Format 1 wrote iaf's gated step and fullrank's one-head L under the names and (for iaf)
-    the shapes they have now: read as today's guide they would be another distribution."""
+    """Format 1 wrote iaf's gated step, fullrank's one-head L and lowrank's factor in the data's
+    units (iaf under the names and shapes it has now): read as today's guide they would be
+    another distribution, or fail on a shape with a message that does not say why."""
     small_run(tmp_path / "new", guide=guide)
     small_run(tmp_path / "gaussian")
     for run in ("new", "gaussian"):

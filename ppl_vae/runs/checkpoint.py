@@ -80,9 +80,14 @@ EVALUATE = "evaluate.json"
 GAPS = "gaps.json"  # ppl-vae gaps's record
 FORMAT = 2  # the checkpoint layout written here
 # guides whose parameters mean something else since format 2 (same names for iaf: the gated
-# step became z' = exp(s) z + m; fullrank: L = diag(sigma)(I + M) from two heads); a run of
-# these written before is refused rather than read as another distribution
-RELAID_OUT = {"iaf": "the gated IAF step", "fullrank": "one head predicting L's entries"}
+# step became z' = exp(s) z + m; fullrank: L = diag(sigma)(I + M) from two heads; lowrank: the
+# factor relative to sigma); a run of these written before is refused rather than read as
+# another distribution
+RELAID_OUT = {
+    "iaf": "the gated IAF step",
+    "fullrank": "one head predicting L's entries",
+    "lowrank": "a covariance factor in the data's units",
+}
 MARKERS = (CHECKPOINT, CONFIG, METRICS, BEST)  # a folder holding any of these holds a run
 EM_RESULTS = "results.json"  # ppl-vae em's record: a folder holding it holds em's results
 
