@@ -194,3 +194,18 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(tmp_
         assert not list((disk / "run").glob(".*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_test_elbo_below_the_untrained_one_during_the_kl_warm_up_is_not_a_divergence():
+    """Trained on a down-weighted KL, q(z|x) first leaves the prior (moons fell from -6.51 to
+    -9.07 in epoch 1 of a warm-up): the margin is then half the untrained ELBO plus one nat.
+    At full weight the same fall is a divergence, and a non-finite ELBO is one at any weight."""
+    from ppl_vae.svi import _check_divergence
+
+    _check_divergence(-9.07, 1, history=[], untrained=-6.51, warming=True)
+    with pytest.raises(FloatingPointError, match="diverged in epoch 1: the test ELBO fell to"):
+        _check_divergence(-9.07, 1, history=[], untrained=-6.51)
+    with pytest.raises(FloatingPointError, match="diverged in epoch 1"):  # beyond half and 1
+        _check_divergence(-10.8, 1, history=[], untrained=-6.51, warming=True)
+    with pytest.raises(FloatingPointError, match="fell to nan"):
+        _check_divergence(float("nan"), 1, history=[], untrained=-6.51, warming=True)
