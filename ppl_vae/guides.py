@@ -230,6 +230,11 @@ class FlowGuide(AmortizedGuide):
         super().__init__(encoder, latent_dim)
         self.head = DiagonalNormalHead(encoder.feature_dim, latent_dim)
         self.steps = flow_steps(flow, latent_dim, encoder.feature_dim, flow_length, flow_hidden)
+        if flow == "radial":  # each step's centre z0 starts at the base's mean mu(x)
+            with torch.no_grad():
+                for step in self.steps:
+                    step.nn.linear.weight[:latent_dim] = self.head.weight[:latent_dim]
+                    step.nn.linear.bias[:latent_dim] = self.head.bias[:latent_dim]
 
     def point_parameters(self, x: Tensor) -> Tensor:
         """The base Gaussian's parameters (loc, raw scale) and the steps' context, per point."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import Flatten, run_cli
 
+import ppl_vae.config
 from ppl_vae.data import DataConfig
 from ppl_vae.errors import InputError
 from ppl_vae.guides import FlowGuide, FullRankGaussianGuide, GaussianGuide
@@ -133,7 +134,7 @@ def test_sizes_and_refusals():
         VampPrior(GaussianGuide(Flatten(4), 3), (4,), components=2, init=torch.zeros(3, 4))
 
 
-def test_the_command_line_trains_and_evaluates_a_vamp_prior(tmp_path, capsys):
+def test_the_command_line_trains_and_evaluates_a_vamp_prior(tmp_path, capsys, monkeypatch):
     run = tmp_path / "vamp"
     code, out, err = run_cli("train", "--dataset", "digits", "--epochs", "1", "--latent-dim", "4",
                              "--hidden", "16", "--prior", "vamp", "--prior-components", "10",
@@ -142,6 +143,16 @@ def test_the_command_line_trains_and_evaluates_a_vamp_prior(tmp_path, capsys):
     code, out, err = run_cli("evaluate", "--run", run, "--num-samples", "50", "--limit", "20",
                              "--device", "cpu", "--quiet", capsys=capsys)  # fmt: skip
     assert code == 0 and "test NLL" in out, err
+    # a pass through the 10 components needs 50 draws x 20 points x 10 x 4 dims x 4 bytes x 3
+    # = 0.48 MB: refused, one line naming the fix, on a device of 100 kB
+    monkeypatch.setattr(ppl_vae.config, "device_memory", lambda device: 100_000)
+    before = (run / "evaluate.json").read_bytes()
+    code, out, err = run_cli("evaluate", "--run", run, "--num-samples", "50", "--chunk-size",
+                             "50", "--limit", "20", "--device", "cpu", capsys=capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "needs about 0.48 MB" in err, err
+    assert "50 draws for 20 points through the 10-component prior" in err, err
+    assert "lower --chunk-size" in err, err
+    assert (run / "evaluate.json").read_bytes() == before
     code, out, err = run_cli("train", "--dataset", "digits", "--prior", "nope", "--out",
                              tmp_path / "bad", capsys=capsys)  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "--prior" in err

@@ -20,7 +20,7 @@ from ppl_vae.collapse import (
     latent_activity,
     mutual_information,
 )
-from ppl_vae.config import check_positive, check_seed, option
+from ppl_vae.config import check_memory, check_positive, check_seed, option
 from ppl_vae.data import Data
 from ppl_vae.distributed import gather_round_robin, round_robin, world
 from ppl_vae.errors import InputError
@@ -182,6 +182,31 @@ def _baseline(run: Run, config: EvaluateConfig, x_all: torch.Tensor) -> dict:
     }
 
 
+# a mixture prior's log-density holds (draws, components, latent dim) values at its peak: three
+# copies, measured (the differences from the components' means, their scaled squares, ...)
+MIXTURE_COPIES = 3
+
+
+def _check_prior_memory(run: Run, config: EvaluateConfig, chunk: int) -> None:
+    """An error before drawing when a pass's mixture-prior log-density (``mog``, ``vamp``)
+    needs more memory than the device has: it grows with --chunk-size x --batch-size x the
+    prior's components x the latent dimension (measured: 3 copies of the (draws, components,
+    latent dim) values; the VampPrior's 500 components on MNIST at --chunk-size 500,
+    --batch-size 100 need about 15 GB, and beside other jobs the process was killed)."""
+    components = getattr(getattr(run.model, "learned_prior", None), "components", None)
+    if components is None:
+        return
+    points = min(config.batch_size, config.num_points(run.data))
+    itemsize = next(run.model.parameters()).element_size()
+    need = chunk * points * components * run.model.latent_dim * itemsize * MIXTURE_COPIES
+    check_memory(
+        need,
+        f"a pass of {chunk} draws for {points} points through the {components}-component prior",
+        device=run.data.device,
+        fix="lower --chunk-size or --batch-size",
+    )
+
+
 def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     """Every point's estimate; batch ``b`` (points ``b * batch_size`` onwards) draws from the
     seed ``derived_seed(seed, b)``, so that the figures do not depend on how batches are
@@ -192,6 +217,7 @@ def _estimate(run: Run, config: EvaluateConfig, quiet: bool) -> dict:
     n = config.num_points(data)
     x_all, k = x_all[:n], estimator.work
     chunk = config.chunk_size_on(data.device)
+    _check_prior_memory(run, config, chunk)
     count = math.ceil(n / config.batch_size)
     mine = round_robin(count)
     share = sum(min(config.batch_size, n - b * config.batch_size) for b in mine)
