@@ -422,7 +422,8 @@ def _print_evaluation(r: dict) -> None:
         return
     mi, k = r.get("mutual_information"), r.get("pareto_k")
     print(
-        f"active units {r['active_units']}/{len(r['kl_per_dim'])}; KL {sum(r['kl_per_dim']):.2f}"
+        f"active units {r['active_units']}/{len(r['kl_per_dim'])}; "
+        f"KL to N(0, I) {sum(r['kl_per_dim']):.2f}"
         + (f"; I(x;z) {mi:.2f} nats" if mi is not None else "")
         + (f"; k̂ > 0.7 for {k['above_0.7']:.1%} of points" if k else ""),
         flush=True,

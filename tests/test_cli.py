@@ -222,6 +222,7 @@ def test_evaluate_writes_nll_elbo_ess_and_settings(pinwheel_run, capsys):
     assert all(0 <= i < 2000 for i in k["worst_points"])
     assert k["worst_k"] == sorted(k["worst_k"], key=lambda v: -float("inf") if v is None else -v)
     assert f"active units {record['active_units']}/" in out
+    assert f"KL to N(0, I) {sum(record['kl_per_dim']):.2f}" in out  # whatever the prior
 
 
 @pytest.mark.parametrize(
