@@ -58,10 +58,20 @@ class StandardNormalPrior(nn.Module):
         return StandardNormal(shape, self._zero.dtype, self._zero.device).to_event(1)
 
 
+class _Mixture(dist.MixtureSameFamily):
+    """``MixtureSameFamily`` whose support is its components' (here the reals): the mixture's
+    own constraint has no bijection in ``torch.distributions.biject_to``, which AIS's HMC and
+    the per-point fits of ``gaps`` use to move z freely."""
+
+    @property
+    def support(self):
+        return self._component_distribution.support
+
+
 def _mixture(logits: Tensor, components: Distribution, batch_shape) -> Distribution:
     """The mixture of ``components`` (batch shape (K,)) with weights softmax(``logits``),
     expanded to ``batch_shape``."""
-    mixture = dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+    mixture = _Mixture(dist.Categorical(logits=logits), components)
     return mixture.expand(torch.Size(batch_shape))
 
 

@@ -14,10 +14,11 @@ from ppl_vae.rng import forked_rng
 from ppl_vae.runs import load_run
 from ppl_vae.runs.evaluate import seeded_batch
 
-# a constant rate: the 2-D default, a cosine, would run the last of a few epochs at rate 0
+# a constant rate: the 2-D default, a cosine, would run the last of a few epochs at rate 0;
+# N(0, I) and the fixed-sigma likelihood: the quadrature's grid (spacing 0.05) resolves them
 ARGS = ["--dataset", "pinwheel", "--num-train", "600", "--num-test", "200", "--latent-dim", "2",
         "--hidden", "8", "--batch-size", "100", "--device", "cpu", "--quiet",
-        "--lr-schedule", "constant"]  # fmt: skip
+        "--lr-schedule", "constant", "--prior", "normal", "--likelihood", "gaussian"]  # fmt: skip
 POINTS = 100
 
 

@@ -84,7 +84,36 @@ def test_the_elbo_with_a_learned_prior_is_pyros():
         pyros = pyro.infer.Trace_ELBO().loss(model, guide, x)
         assert ours == pytest.approx(pyros, rel=1e-6)
         trace = pyro.poutine.trace(model).get_trace(x)
-        assert type(trace.nodes["z"]["fn"]).__name__ == "MixtureSameFamily"
+        assert isinstance(trace.nodes["z"]["fn"], pyro.distributions.MixtureSameFamily)
+        # its support is the reals, which biject_to can map (AIS's HMC and gaps move z freely)
+        assert torch.distributions.biject_to(trace.nodes["z"]["fn"].support)(x[:, :2]).shape
+
+
+def test_annealed_importance_sampling_runs_under_a_mixture_prior():
+    """AIS moves z with HMC in unconstrained space, through biject_to of the prior's support
+    (the mixture's own constraint had no bijection: NotImplementedError). On a 2-D model its
+    estimate must agree with importance sampling at K = 20,000 (nearly exact in 2-D): the mean
+    of the paired differences within four of its standard errors plus 0.02 nats (AIS's own
+    downward bias is small at 32 chains)."""
+    from ppl_vae.ais import annealed_log_likelihood
+    from ppl_vae.data import load_data
+    from ppl_vae.importance import log_likelihood
+    from ppl_vae.vae import build_vae
+
+    torch.manual_seed(0)
+    loaded = load_data(DataConfig("ring8", num_train=200, num_test=20), "cpu")
+    vae = VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(8,)), prior="mog",
+                    prior_components=3, likelihood="gaussian", sigma=0.5)  # fmt: skip
+    model, guide = build_vae(vae, loaded)
+    x = loaded.test
+    pyro.set_rng_seed(1)
+    with torch.no_grad():
+        exact = log_likelihood(model, guide, x, num_samples=20_000)
+    pyro.set_rng_seed(2)
+    ais = annealed_log_likelihood(model, guide, x, num_chains=32, num_steps=200)
+    d = ais - exact
+    assert torch.isfinite(ais).all() and d.abs().max() < 1.0, d
+    assert d.mean().abs() < 4 * d.std() / math.sqrt(len(d)) + 0.02, d
 
 
 @pytest.mark.parametrize("prior", ["mog", "vamp"])
