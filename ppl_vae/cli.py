@@ -14,7 +14,7 @@ from ppl_vae.config import field_types, strip_optional
 from ppl_vae.data import DataConfig
 from ppl_vae.distributed import RankStopped, barrier, destroy, world
 from ppl_vae.errors import InputError
-from ppl_vae.presets import dataset_defaults, model_defaults, presets_help
+from ppl_vae.presets import dataset_defaults, model_defaults, presets_help, prior_defaults
 from ppl_vae.registry import Registry
 from ppl_vae.runs import (
     PICTURES,
@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a VAE by SVI and write metrics, a checkpoint and pictures",
         description="Train a VAE (Pyro model p(z)p(x|z), amortized guide q(z|x)) by SVI. "
         "Writes config.json, metrics.jsonl (one line per epoch), checkpoint.pt and the "
-        "pictures of ppl-vae plot to --out. Some data sets have defaults of their own, used "
-        "where the flag is not given and recorded in the run (--resume keeps the recorded "
-        f"settings): {presets_help()}",
+        "pictures of ppl-vae plot to --out. Some data sets and priors have defaults of their "
+        "own, used where the flag is not given and recorded in the run (--resume keeps the "
+        f"recorded settings): {presets_help()}",
     )
     _add_config(t.add_argument_group("data"), DataConfig, "data")
     _add_config(t.add_argument_group("model and guide"), VAEConfig, "vae")
@@ -329,11 +329,13 @@ def _train(args: argparse.Namespace) -> None:
         data = _build(DataConfig, args, "data", **shared)
         model = getattr(args, "vae.model", None)
         _lay_under(args, model_defaults(model))
+        loss = getattr(args, "train.loss", None)
+        _lay_under(args, prior_defaults(getattr(args, "vae.prior", None), loss=loss))
         _lay_under(
             args,
             dataset_defaults(
                 data.dataset,
-                loss=getattr(args, "train.loss", None),
+                loss=loss,
                 model=model,
                 prior=getattr(args, "vae.prior", None),
             ),  # fmt: skip

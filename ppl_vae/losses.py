@@ -388,7 +388,9 @@ class LatentScaleMessenger(ScaleMessenger):
     """
 
     def __init__(self, scale: float, sites: frozenset[str] = frozenset({LATENT})):
-        super().__init__(scale)
+        # ScaleMessenger refuses 0; a KL weight of 0 (``TrainConfig.kl_delay``) is meant
+        super().__init__(1.0)
+        self.scale = scale
         self.sites = sites
 
     def _process_message(self, msg):

@@ -17,7 +17,15 @@ from __future__ import annotations
 
 from ppl_vae.data import SYNTHETIC
 
-__all__ = ["MODEL_PRESETS", "PRESETS", "dataset_defaults", "model_defaults", "presets_help"]
+__all__ = [
+    "MODEL_PRESETS",
+    "PRESETS",
+    "PRIOR_PRESETS",
+    "dataset_defaults",
+    "model_defaults",
+    "presets_help",
+    "prior_defaults",
+]
 
 # 2-D sets: a per-dimension sigma that ignores z cannot follow thin arms or tight clusters
 # (docs/RESULTS.md, mixture baseline); without a KL warm-up the latent collapses; 40 epochs at a
@@ -64,6 +72,22 @@ def model_defaults(model: str | None) -> dict[str, dict]:
 
 NO_KL_TERM = ("iwae",)  # losses whose bound has no KL term to warm up (TrainConfig refuses one)
 
+# --prior vamp: two epochs at KL weight 0, then a warm-up over five. The VampPrior's components
+# are the guide's own q at the pseudo-inputs, so the KL term's gradient reaches the encoder
+# through them too, and from the start it is smallest for an encoder that ignores x (then the
+# KL is 0 at any sigma): on MNIST q(z|x) became the same for every image within 50 steps, also
+# with the KL weighted by 0.01 from the first step; at weight 0 the decoder takes up z after
+# about 1,200 steps, and a rise over five epochs keeps it (docs/RESULTS.md, learned priors).
+PRIOR_PRESETS: dict[str, dict[str, dict]] = {"vamp": {"train": {"kl_delay": 2, "kl_warmup": 5}}}
+
+
+def prior_defaults(prior: str | None, *, loss: str | None = None) -> dict[str, dict]:
+    """The command line's defaults for ``--prior`` (as :func:`dataset_defaults`); none for a
+    ``loss`` without a KL term (``iwae``)."""
+    if loss in NO_KL_TERM:
+        return {}
+    return {part: dict(values) for part, values in PRIOR_PRESETS.get(prior or "", {}).items()}
+
 
 def dataset_defaults(
     dataset: str,
@@ -92,17 +116,25 @@ def dataset_defaults(
     return defaults
 
 
+def _flags(preset: dict[str, dict]) -> str:
+    return " ".join(
+        f"--{field.replace('_', '-')} {value}"
+        for values in preset.values()
+        for field, value in values.items()
+    )
+
+
 def presets_help() -> str:
     """One sentence per preset, as flags, for ``--help``."""
     groups: dict[str, list[str]] = {}
     for name, preset in PRESETS.items():
-        flags = " ".join(
-            f"--{field.replace('_', '-')} {value}"
-            for values in preset.values()
-            for field, value in values.items()
-        )
-        groups.setdefault(flags, []).append(name)
-    return " ".join(
+        groups.setdefault(_flags(preset), []).append(name)
+    sentences = [
         f"For {', '.join(names)}: {flags} (no warm-up with --loss iwae)."
         for flags, names in groups.items()
-    )
+    ]
+    sentences += [
+        f"For --prior {prior}: {_flags(preset)} (none with --loss iwae)."
+        for prior, preset in PRIOR_PRESETS.items()
+    ]
+    return " ".join(sentences)

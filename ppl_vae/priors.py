@@ -61,11 +61,64 @@ class StandardNormalPrior(nn.Module):
 class _Mixture(dist.MixtureSameFamily):
     """``MixtureSameFamily`` whose support is its components' (here the reals): the mixture's
     own constraint has no bijection in ``torch.distributions.biject_to``, which AIS's HMC and
-    the per-point fits of ``gaps`` use to move z freely."""
+    the per-point fits of ``gaps`` use to move z freely.
+
+    With diagonal Gaussian components shared across the batch (as the priors make them), the
+    log-density is taken from the expanded square, (z - mu)^2 / s^2 = z^2 / s^2 - 2 z mu / s^2
+    + mu^2 / s^2, as two matrix products in float64: (draws, K) values instead of torch's
+    (draws, K, D), and for the VampPrior's 500 components at importance sampling's 2,000 draws
+    a pass 16 times faster on a CPU (benchmarks/priors.py). float64 absorbs the cancellation of
+    the three terms (each up to D |z|^2 / s^2): the values agree with torch's form to its
+    float32 rounding (1e-5 nats at |log p(z)| ~ 50, tested).
+    """
 
     @property
     def support(self):
         return self._component_distribution.support
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        shared = _shared_diagonal(self)
+        if shared is None:
+            return super().log_prob(value)
+        logits, loc, scale = (t.double() for t in shared)
+        if self._validate_args:
+            self._validate_sample(value)
+        z = value.double()
+        precision = scale.pow(-2)  # (K, D)
+        weighted = loc * precision
+        quadratic = (
+            z.square() @ precision.T - 2 * (z @ weighted.T) + (loc * weighted).sum(-1)
+        )  # (..., K)
+        norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        log_weights = torch.log_softmax(logits, dim=-1)
+        out = torch.logsumexp(log_weights - norm - 0.5 * quadratic, dim=-1)
+        return out.to(value.dtype)
+
+
+def _shared_diagonal(mixture: dist.MixtureSameFamily) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(logits (K,), loc (K, D), scale (K, D)) of ``mixture`` when its components are diagonal
+    Gaussians (``Independent(Normal, 1)``) whose parameters its batch shape only expands
+    (stride 0), else None."""
+    components = mixture.component_distribution
+    if not (
+        isinstance(components, dist.Independent)
+        and components.reinterpreted_batch_ndims == 1
+        and isinstance(components.base_dist, dist.Normal)
+    ):
+        return None
+    n = len(mixture.batch_shape)
+    tensors = (
+        mixture.mixture_distribution.logits,
+        components.base_dist.loc,
+        components.base_dist.scale,
+    )
+    if any(t.stride()[:n] != (0,) * n for t in tensors if t.dim() > n):
+        return None
+    index = (0,) * n
+    logits, loc, scale = (t[index] for t in tensors)
+    if logits.dim() != 1 or loc.shape != scale.shape or loc.dim() != 2:
+        return None
+    return logits, loc, scale
 
 
 def _mixture(logits: Tensor, components: Distribution, batch_shape) -> Distribution:
@@ -92,6 +145,8 @@ class MixturePrior(nn.Module):
         self.logits = nn.Parameter(torch.zeros(k))
         self.loc = nn.Parameter(torch.randn(k, latent_dim) / math.sqrt(latent_dim))
         self.raw_scale = nn.Parameter(torch.full((k, latent_dim), math.log(math.expm1(1.0))))
+
+    diagonal = True  # diagonal components: the log-density holds (draws, K) values
 
     def forward(self, batch_shape: Sequence[int] = ()) -> Distribution:
         scale = nn.functional.softplus(self.raw_scale) + 1e-6
@@ -134,6 +189,8 @@ class VampPrior(nn.Module):
         init = init if ref is None else init.to(ref)
         self.pseudo_inputs = nn.Parameter(init.detach().clone())
         q = guide.distribution(self.pseudo_inputs[:1])
+        # diagonal components: the log-density holds (draws, K) values, else (draws, K, D)
+        self.diagonal = isinstance(q, dist.Independent) and isinstance(q.base_dist, dist.Normal)
         gaussian = isinstance(q, (dist.MultivariateNormal, dist.LowRankMultivariateNormal)) or (
             isinstance(q, dist.Independent) and isinstance(q.base_dist, dist.Normal)
         )

@@ -106,6 +106,11 @@ class TrainConfig:
     )
     beta: float = option(1.0, "final weight of the KL term (log p(z) - log q(z|x))")
     kl_warmup: int = option(0, "epochs over which the KL weight rises linearly from 0 to beta")
+    kl_delay: int = option(
+        0,
+        "epochs at KL weight 0 before the warm-up (q(z|x) learns to carry x first; the "
+        "VampPrior collapses without it, docs/RESULTS.md)",
+    )
     seed: int = option(0, "seeds parameters, batching, binarization and latent draws")
     eval_batch_size: int = option(
         1000, "rows per batch when computing the test and validation ELBO"
@@ -160,6 +165,10 @@ class TrainConfig:
             raise InputError(f"kl_warmup must be a whole number of epochs, got {self.kl_warmup!r}")
         if self.kl_warmup < 0:
             raise InputError(f"kl_warmup must be >= 0 epochs, got {self.kl_warmup}")
+        if isinstance(self.kl_delay, bool) or not isinstance(self.kl_delay, int):
+            raise InputError(f"kl_delay must be a whole number of epochs, got {self.kl_delay!r}")
+        if self.kl_delay < 0:
+            raise InputError(f"kl_delay must be >= 0 epochs, got {self.kl_delay}")
         LOSSES.check(self.loss)
         SCHEDULES.check(self.lr_schedule)
         if self.lr_warmup is not None and (
@@ -179,10 +188,10 @@ class TrainConfig:
                 f"the {self.lr_schedule} schedule watches the validation ELBO; pass --validation "
                 f"N to hold out N training points (e.g. 10000 on MNIST)"
             )
-        if self.loss == "iwae" and (self.kl_warmup or self.beta != 1.0):
+        if self.loss == "iwae" and (self.kl_warmup or self.kl_delay or self.beta != 1.0):
             raise InputError(
-                "KL warm-up and beta weight the ELBO's KL term; the iwae loss has none: "
-                "drop --kl-warmup/--beta or use --loss elbo"
+                "KL warm-up, delay and beta weight the ELBO's KL term; the iwae loss has none: "
+                "drop --kl-warmup/--kl-delay/--beta or use --loss elbo"
             )
 
     def schedule_options(self) -> dict:
@@ -219,7 +228,11 @@ def make_loss(config: TrainConfig) -> ELBO | IWAELoss:
 
 
 def kl_weight(epoch: int, config: TrainConfig) -> float:
-    """The KL weight during 1-based ``epoch``: rises linearly to ``beta`` over ``kl_warmup``."""
+    """The KL weight during 1-based ``epoch``: 0 for the first ``kl_delay`` epochs, then rising
+    linearly to ``beta`` over ``kl_warmup``."""
+    epoch -= config.kl_delay
+    if epoch <= 0:
+        return 0.0
     if config.kl_warmup == 0:
         return config.beta
     return config.beta * min(1.0, epoch / config.kl_warmup)
@@ -384,6 +397,7 @@ def _check_divergence(
     history: list[dict],
     untrained: float | None,
     warming: bool = False,
+    unweighted: bool = False,
 ) -> None:
     """Training has diverged when the test ELBO is not finite, falls below the untrained
     model's by more than max(1, 10%) nats, or falls more than half its size (plus one nat)
@@ -391,7 +405,15 @@ def _check_divergence(
     (``warming``) the margin below the untrained ELBO is that of the best, half its size plus
     one nat: trained on a down-weighted KL, q(z|x) moves away from the prior first, and the
     test ELBO may fall below the untrained one (on moons from -6.51 to -9.07 in epoch 1)
-    before it rises."""
+    before it rises. At KL weight 0 (``unweighted``) the ELBO is not what training raises (its
+    KL term may grow by orders of magnitude), so only a test ELBO that is not finite is."""
+    if unweighted:
+        if not math.isfinite(test):
+            raise FloatingPointError(
+                f"training diverged in epoch {epoch}: the test ELBO is {test}; lower --lr or "
+                f"check the data"
+            )
+        return
     best = max((m["test_elbo"] for m in history), default=None)
     low = not math.isfinite(test)
     if untrained is not None and math.isfinite(untrained):
@@ -622,7 +644,7 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
         elbos.update(objective.metrics(guide, data))
     _check_divergence(
         elbos["test_elbo"], epoch, history=state.metrics, untrained=state.untrained_elbo,
-        warming=weight < config.beta,
+        warming=weight < config.beta, unweighted=weight == 0,
     )  # fmt: skip
     metrics = {
         "epoch": epoch,

@@ -209,3 +209,16 @@ def test_a_test_elbo_below_the_untrained_one_during_the_kl_warm_up_is_not_a_dive
         _check_divergence(-10.8, 1, history=[], untrained=-6.51, warming=True)
     with pytest.raises(FloatingPointError, match="fell to nan"):
         _check_divergence(float("nan"), 1, history=[], untrained=-6.51, warming=True)
+
+
+def test_at_kl_weight_zero_only_a_non_finite_test_elbo_is_a_divergence():
+    """During --kl-delay the KL term is not trained and may grow by orders of magnitude (the
+    VampPrior on MNIST: -857,000 nats after 1,500 steps); NaN still stops the run."""
+    from ppl_vae.svi import _check_divergence
+
+    history = [{"test_elbo": -206.0}]
+    _check_divergence(-8.6e5, 2, history=history, untrained=-545.0, warming=True, unweighted=True)
+    with pytest.raises(FloatingPointError, match="diverged in epoch 2"):
+        _check_divergence(-8.6e5, 2, history=history, untrained=-545.0, warming=True)
+    with pytest.raises(FloatingPointError, match="the test ELBO is nan"):
+        _check_divergence(float("nan"), 2, history=history, untrained=-545.0, unweighted=True)

@@ -55,6 +55,23 @@ def test_the_preset_prior_gives_way_to_a_prior_given_or_a_model_with_its_own(
     assert (vae.prior, vae.prior_components) == (prior, components)
 
 
+@pytest.mark.parametrize(
+    "flags, delay, warmup",
+    [([], 2, 5), (["--kl-delay", "0"], 0, 5), (["--kl-warmup", "20"], 2, 20),
+     (["--dataset", "pinwheel"], 2, 5), (["--loss", "iwae", "--num-particles", "5"], 0, 0)],
+)  # fmt: skip
+def test_the_vampprior_starts_with_two_epochs_at_kl_weight_zero(
+    flags, delay, warmup, configs, capsys
+):
+    """--prior vamp lays its KL delay and warm-up under the flags given (over a data set's
+    warm-up), and none under a loss without a KL term."""
+    code, _, err = run_cli("train", "--dataset", "mnist", "--prior", "vamp", *flags, capsys=capsys)
+    assert code == 0, err
+    ((_, vae, train),) = configs
+    assert vae.prior == "vamp" and (train.kl_delay, train.kl_warmup) == (delay, warmup)
+    assert "For --prior vamp: --kl-delay 2 --kl-warmup 5" in presets_help()
+
+
 def test_mnist_keeps_the_dataclass_defaults_bernoulli(configs, capsys):
     assert dataset_defaults("mnist") == {}
     assert run_cli("train", "--dataset", "mnist", capsys=capsys)[0] == 0

@@ -42,6 +42,37 @@ def test_the_mixture_prior_is_the_explicit_mixture():
     assert torch.allclose(p.log_prob(z), explicit, atol=1e-12, rtol=0)
 
 
+def test_the_diagonal_mixture_log_density_in_float32_agrees_with_float64_and_its_gradient():
+    """The (draws, K) form (the square expanded, two float64 matrix products) at the
+    VampPrior's size with narrow components (s down to 0.03, |z - mu| / s up to ~20): within
+    1e-4 nats of the direct form in float64, as close as torch's float32 form gets, and the
+    same gradients in the means, scales and weights; batch shapes expand as torch's do."""
+    from pyro.distributions import Categorical, MixtureSameFamily, Normal
+
+    from ppl_vae.priors import _mixture
+
+    g = torch.Generator().manual_seed(0)
+    loc = (0.5 * torch.randn(500, 50, generator=g)).requires_grad_()
+    scale = (0.03 + 0.3 * torch.rand(500, 50, generator=g)).requires_grad_()
+    logits = torch.randn(500, generator=g).requires_grad_()
+    z = loc.detach()[torch.randint(0, 500, (3, 40), generator=g)]
+    z = z + 0.2 * torch.randn(3, 40, 50, generator=g)
+    ours = _mixture(logits, Normal(loc, scale).to_event(1), (40,)).log_prob(z)
+    direct = MixtureSameFamily(
+        Categorical(logits=logits.double()), Normal(loc.double(), scale.double()).to_event(1)
+    ).log_prob(z.double())
+    torch32 = MixtureSameFamily(Categorical(logits=logits), Normal(loc, scale).to_event(1))
+    assert ours.shape == (3, 40) and ours.dtype == torch.float32
+    error = (ours.double() - direct).abs().max().item()
+    error32 = (torch32.log_prob(z).double() - direct).abs().max().item()
+    assert error < max(1e-4, 2 * error32), (error, error32)
+    assert direct.abs().max() > 50  # values where float32 rounding shows
+    grads = torch.autograd.grad(ours.sum(), (loc, scale, logits))
+    expected = torch.autograd.grad(direct.sum(), (loc, scale, logits))
+    for a, b in zip(grads, expected, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 @pytest.mark.parametrize("latent_dim", [2, 50])
 def test_the_mixture_prior_starts_near_the_standard_normal(latent_dim):
     """E[log mixture(z) - log N(z; 0, I)] over z ~ N(0, I) is -KL(N(0, I) || mixture) or more:
@@ -172,13 +203,13 @@ def test_the_command_line_trains_and_evaluates_a_vamp_prior(tmp_path, capsys, mo
     code, out, err = run_cli("evaluate", "--run", run, "--num-samples", "50", "--limit", "20",
                              "--device", "cpu", "--quiet", capsys=capsys)  # fmt: skip
     assert code == 0 and "test NLL" in out, err
-    # a pass through the 10 components needs 50 draws x 20 points x 10 x 4 dims x 4 bytes x 3
-    # = 0.48 MB: refused, one line naming the fix, on a device of 100 kB
+    # a pass through the 10 diagonal components needs 50 draws x 20 points x 10 x 8 bytes
+    # (float64) x 4 = 0.32 MB: refused, one line naming the fix, on a device of 100 kB
     monkeypatch.setattr(ppl_vae.config, "device_memory", lambda device: 100_000)
     before = (run / "evaluate.json").read_bytes()
     code, out, err = run_cli("evaluate", "--run", run, "--num-samples", "50", "--chunk-size",
                              "50", "--limit", "20", "--device", "cpu", capsys=capsys)  # fmt: skip
-    assert code == 2 and err.count("\n") == 1 and "needs about 0.48 MB" in err, err
+    assert code == 2 and err.count("\n") == 1 and "needs about 0.32 MB" in err, err
     assert "50 draws for 20 points through the 10-component prior" in err, err
     assert "lower --chunk-size" in err, err
     assert (run / "evaluate.json").read_bytes() == before

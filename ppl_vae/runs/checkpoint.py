@@ -114,8 +114,8 @@ class RunConfig:
             wrong = [
                 (t.loss != "meanfield", "--loss", "its loss is M2's (ppl_vae.m2.M2Loss)"),
                 (t.num_particles != 1, "--num-particles", "M2's loss draws one z per point"),
-                (t.beta != 1.0 or t.kl_warmup != 0, "--beta/--kl-warmup",
-                 "M2's loss weights no KL term"),
+                (t.beta != 1.0 or t.kl_warmup != 0 or t.kl_delay != 0,
+                 "--beta/--kl-warmup/--kl-delay", "M2's loss weights no KL term"),
             ]  # fmt: skip
             for bad, flag, why in wrong:
                 if bad:

@@ -183,22 +183,30 @@ def _baseline(run: Run, config: EvaluateConfig, x_all: torch.Tensor) -> dict:
 
 
 # a mixture prior's log-density holds (draws, components, latent dim) values at its peak: three
-# copies, measured (the differences from the components' means, their scaled squares, ...)
+# copies, measured (the differences from the components' means, their scaled squares, ...);
+# with diagonal components (ppl_vae.priors._Mixture) it holds (draws, components) float64
+# values instead: four copies (the three terms of the square and their sum)
 MIXTURE_COPIES = 3
+DIAGONAL_COPIES = 4
 
 
 def _check_prior_memory(run: Run, config: EvaluateConfig, chunk: int) -> None:
     """An error before drawing when a pass's mixture-prior log-density (``mog``, ``vamp``)
     needs more memory than the device has: it grows with --chunk-size x --batch-size x the
-    prior's components x the latent dimension (measured: 3 copies of the (draws, components,
-    latent dim) values; the VampPrior's 500 components on MNIST at --chunk-size 500,
-    --batch-size 100 need about 15 GB, and beside other jobs the process was killed)."""
-    components = getattr(getattr(run.model, "learned_prior", None), "components", None)
+    prior's components (x the latent dimension for full-covariance components: 3 copies of the
+    (draws, components, latent dim) values; the VampPrior's 500 components on MNIST at
+    --chunk-size 500, --batch-size 100 needed about 15 GB in that form, and beside other jobs
+    the process was killed)."""
+    prior = getattr(run.model, "learned_prior", None)
+    components = getattr(prior, "components", None)
     if components is None:
         return
     points = min(config.batch_size, config.num_points(run.data))
-    itemsize = next(run.model.parameters()).element_size()
-    need = chunk * points * components * run.model.latent_dim * itemsize * MIXTURE_COPIES
+    if getattr(prior, "diagonal", False):
+        need = chunk * points * components * 8 * DIAGONAL_COPIES
+    else:
+        itemsize = next(run.model.parameters()).element_size()
+        need = chunk * points * components * run.model.latent_dim * itemsize * MIXTURE_COPIES
     check_memory(
         need,
         f"a pass of {chunk} draws for {points} points through the {components}-component prior",
