@@ -129,6 +129,11 @@ class TrainConfig:
         True, "replay a checked record of each step's tensor operations instead of running "
         "the Pyro program again (same numbers, less Python per step)",
     )  # fmt: skip
+    compile: bool = option(
+        False, "compile each step's record with torch.compile (inductor), checked against the "
+        "program like the record; compiling takes tens of seconds per batch shape, and on a "
+        "CPU it did not pay (docs/BENCHMARKS.md)",
+    )  # fmt: skip
 
     def __post_init__(self):
         check_positive(self, "epochs", "batch_size", "num_particles", "eval_batch_size")
@@ -188,6 +193,8 @@ class TrainConfig:
                 f"the {self.lr_schedule} schedule watches the validation ELBO; pass --validation "
                 f"N to hold out N training points (e.g. 10000 on MNIST)"
             )
+        if self.compile and not self.capture:
+            raise InputError("--compile compiles the step's record: drop --no-capture")
         if self.loss == "iwae" and (self.kl_warmup or self.kl_delay or self.beta != 1.0):
             raise InputError(
                 "KL warm-up, delay and beta weight the ELBO's KL term; the iwae loss has none: "
@@ -331,10 +338,12 @@ def step_loss(
     params: dict[str, Tensor],
     *,
     capture: bool = True,
+    compile: bool = False,
 ) -> Callable[..., Tensor]:
-    """``elbo``'s differentiable loss of ``model`` and ``guide``, captured if ``capture``."""
+    """``elbo``'s differentiable loss of ``model`` and ``guide``, captured if ``capture``
+    (and the record compiled if ``compile``)."""
     loss = partial(elbo.differentiable_loss, model, guide)
-    return CapturedLoss(loss, params.values()) if capture else loss
+    return CapturedLoss(loss, params.values(), compile=compile) if capture else loss
 
 
 class StepLosses:
@@ -362,12 +371,18 @@ class StepLosses:
                     scale_latent(weight, sites)(guide),
                 )
             self.losses[weight] = step_loss(
-                self.elbo, model, guide, self.params, capture=self.config.capture
-            )
+                self.elbo, model, guide, self.params, capture=self.config.capture,
+                compile=self.config.compile,
+            )  # fmt: skip
         loss = self.losses[weight]
         if isinstance(loss, CapturedLoss):
             loss.recheck()  # the program may have changed since (e.g. by on_epoch)
         return loss
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling records so far (``TrainConfig.compile``)."""
+        return sum(getattr(loss, "compile_seconds", 0.0) for loss in self.losses.values())
 
 
 def _report(metrics: dict, epochs: int, *, done: int, elapsed: float) -> None:
@@ -379,6 +394,11 @@ def _report(metrics: dict, epochs: int, *, done: int, elapsed: float) -> None:
         + f"test ELBO {metrics['test_elbo']:.3f} nats, "
         + (f"test accuracy {metrics['test_accuracy']:.4f}, " if "test_accuracy" in metrics else "")
         + f"{metrics['seconds']:.1f} s"
+        + (
+            f" (compiling the step: {metrics['compile_seconds']:.1f} s)"
+            if "compile_seconds" in metrics
+            else ""
+        )
         + time_left(done, done + epochs - metrics["epoch"], elapsed),
         file=sys.stderr,
     )
@@ -629,7 +649,9 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
         group["lr"] = lr
     weight = kl_weight(epoch, config)
     loss = state.losses(weight)
+    compiling = state.losses.compile_seconds
     train_elbo, gradients = _train_pass(state, data, config, loss=loss, epoch=epoch, quiet=quiet)
+    compiling = state.losses.compile_seconds - compiling  # part of the pass's time
     model, guide = state.losses.model, state.losses.guide
     objective = state.losses.objective
     elbos = {
@@ -654,6 +676,7 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
         "lr": lr,
         **gradients,
         "seconds": time.perf_counter() - t0,
+        **({"compile_seconds": compiling} if compiling else {}),
     }
     state.metrics.append(metrics)
     state.epoch = epoch

@@ -15,7 +15,12 @@ from ppl_vae.vae import VAEConfig
 
 __all__ = ["CHANGEABLE", "ResumePoint", "check_resume"]
 
-CHANGEABLE = ("epochs", "capture", "patience")  # training settings a resumed run may change
+CHANGEABLE = (
+    "epochs",
+    "capture",
+    "compile",
+    "patience",
+)  # training settings a resumed run may change
 
 
 def _differences(recorded, given, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -48,8 +53,8 @@ def check_resume(saved: RunConfig, config: RunConfig, metrics: list[dict], run_d
     for cls, a, b in (
         (DataConfig, replace(saved.data, data_dir=None), replace(config.data, data_dir=None)),
         (VAEConfig, saved.vae, config.vae),
-        (TrainConfig, replace(saved.train, epochs=1, capture=True, patience=None),
-         replace(config.train, epochs=1, capture=True, patience=None)),
+        (TrainConfig, replace(saved.train, epochs=1, capture=True, compile=False, patience=None),
+         replace(config.train, epochs=1, capture=True, compile=False, patience=None)),
     ):  # fmt: skip
         for path, recorded, given in _differences(a, b):
             flag = _flag(cls, path)
