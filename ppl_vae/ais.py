@@ -123,11 +123,11 @@ def _chunks(total: int, size: int) -> list[int]:
     return [min(size, total - start) for start in range(0, total, size)]
 
 
-def _target(model, guide, args, kwargs, data_plate, num_chains, chunk_size):
+def _target(model, guide, args, kwargs, data_plate, num_chains, chunk_size, capture=True):
     """The annealing target of the programs, checked, and the chains per pass."""
     layout = DataPlateLayout(model, guide, args, kwargs, data_plate)
     particle_dim = -layout.max_plate_nesting - 1
-    target = Target(model, guide, args, kwargs, particle_dim, layout.dim)
+    target = Target(model, guide, args, kwargs, particle_dim, layout.dim, capture=capture)
     device = args[0].device if args and torch.is_tensor(args[0]) else torch.device("cpu")
     chunk = min(num_chains, chunk_size or default_chunk_size(layout.size, device))
     return target, _chunks(num_chains, chunk)
@@ -218,6 +218,7 @@ def annealed_log_likelihood(
     progress: Callable[[int], None] | None = None,
     diagnostics: bool = False,
     base_space: bool | None = None,
+    capture: bool = True,
     **kwargs,
 ) -> Tensor | AnnealedLogLikelihood:
     r"""Annealed importance sampling (Neal, 2001) of :math:`\log p(x_i)` for every data point,
@@ -268,6 +269,10 @@ def annealed_log_likelihood(
         diagnostics: Return an :class:`AnnealedLogLikelihood` instead of the estimate alone.
         base_space: Anneal in a flow guide's base space; None (default): where the guide is
             a flow.
+        capture: Record each pass's evaluation of both programs with their gradients once
+            and replay it (:meth:`ppl_vae.hmc.Target.evaluate`): the same numbers, without
+            Pyro's handlers at every leapfrog step (``benchmarks/ais_capture.py``); False
+            runs the programs every time.
 
     Returns:
         A float64 tensor of shape ``(N,)``, or the record.
@@ -292,7 +297,9 @@ def annealed_log_likelihood(
     if base_space:
         model, guide = in_base_space(model, guide)
     with torch.no_grad(), poutine.block(hide_types=["param"]):
-        target, chunks = _target(model, guide, args, kwargs, data_plate, num_chains, chunk_size)
+        target, chunks = _target(
+            model, guide, args, kwargs, data_plate, num_chains, chunk_size, capture
+        )
         states = _from_guide(target, chunks)
         eps = torch.full_like(states[0].log_q[0], step_size, dtype=torch.float64)
         run = _anneal(
@@ -349,6 +356,7 @@ def bdmc(
     data_plate: str = PLATE,
     progress: Callable[[int], None] | None = None,
     base_space: bool | None = None,
+    capture: bool = True,
 ) -> BDMC:
     r"""Bidirectional Monte Carlo (Grosse et al., 2015): ``num_points`` points simulated from the
     model, :math:`z \sim p(z)`, :math:`x \sim p(x|z)`, and two stochastic bounds on each
@@ -385,7 +393,9 @@ def bdmc(
         if base_space:
             start = {LATENT: to_base(guide, x, latents[LATENT])}
             model, guide = in_base_space(model, guide)
-        target, chunks = _target(model, guide, (x,), {}, data_plate, num_chains, chunk_size)
+        target, chunks = _target(
+            model, guide, (x,), {}, data_plate, num_chains, chunk_size, capture
+        )
         states = _from_guide(target, chunks)
         eps = torch.full_like(states[0].log_q[0], step_size, dtype=torch.float64)
         forward = _anneal(

@@ -9,16 +9,20 @@ on the values) with the gradients; :func:`hmc_step` is one transition of every c
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.poutine import Trace
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import make_fx
 
+from ppl_vae.capture import _agree
 from ppl_vae.errors import InputError
 from ppl_vae.sites import (
     log_weights_of_traces,
@@ -27,7 +31,41 @@ from ppl_vae.sites import (
     under_particle_plate,
 )
 
-__all__ = ["Latents", "State", "Target", "hmc_step"]
+__all__ = ["Latents", "State", "Target", "hmc_step", "record_state"]
+
+
+def record_state(
+    fn: Callable[[Tensor], tuple[Tensor, ...]], u: Tensor, state: State
+) -> Callable[[Tensor], tuple[Tensor, ...]] | None:
+    """``fn`` recorded at ``u`` (its tensor operations, ``autograd.grad`` included), if the
+    record gives ``state``'s values there (float rounding, as a recorded SVI step); else None,
+    with a warning, and ``fn``'s programs run at every evaluation."""
+    want = (state.log_q, state.log_p, state.log_jacobian, state.grad_q, state.grad_p)
+    try:
+
+        def outputs(u: Tensor) -> tuple[Tensor, ...]:  # a plain function for make_fx
+            return fn(u)
+
+        with pyro.validation_enabled(False):
+            record = make_fx(outputs)(u)
+        record.graph.eliminate_dead_code()
+        record.recompile()
+        with torch.no_grad():
+            got = record(u)
+        agrees = all(map(_agree, want, got))
+    except Exception as e:  # any failure to trace means: run the programs
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        agrees, why = False, f"it could not be traced ({reason})"
+    else:
+        why = "its record gave different values"
+    if agrees:
+        return record
+    warnings.warn(
+        f"annealing evaluates the model and guide through Pyro at every step: {why}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return None
 
 
 def _is_real(support) -> bool:
@@ -139,10 +177,15 @@ class State:
 class Target:
     """The model and guide of ``args, kwargs``, evaluated at chains of latent values."""
 
-    def __init__(self, model: Callable, guide: Callable, args, kwargs, particle_dim, data_dim):
+    def __init__(
+        self, model: Callable, guide: Callable, args, kwargs, particle_dim, data_dim,
+        capture: bool = True,
+    ):  # fmt: skip
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.particle_dim, self.data_dim = particle_dim, data_dim
         self.latents: Latents | None = None  # set from the first draws
+        self.capture = capture
+        self.records: dict[tuple, Callable | None] = {}  # per shape of u; None: not recorded
 
     def _per_point(self, model_trace: Trace, guide_trace: Trace, chains: int) -> Tensor:
         lw = log_weights_of_traces(
@@ -157,7 +200,29 @@ class Target:
 
     def evaluate(self, u: Tensor, first: bool = False) -> State:
         """Both programs at ``u``, with the gradients. ``first``: an error saying so when
-        the guide cannot give its density at a point it did not draw."""
+        the guide cannot give its density at a point it did not draw.
+
+        With ``capture``, the first evaluation at each shape of ``u`` runs the programs and
+        records their tensor operations, gradients included (``make_fx``, as
+        :class:`~ppl_vae.capture.CapturedLoss` records a step: the model's and guide's
+        parameters and the data are constants of the record), checked against the programs'
+        values there; later evaluations at that shape replay the record, without Pyro's
+        handlers. A pair that cannot be recorded runs itself, with a warning."""
+        key = (tuple(u.shape), u.dtype, u.device)
+        record = self.records.get(key)
+        if record is not None:
+            with torch.no_grad():
+                return State(u.detach(), *record(u.detach()))
+        state = self._evaluate(u, first)
+        if self.capture and key not in self.records:
+            self.records[key] = record_state(self._outputs, u.detach(), state)
+        return state
+
+    def _outputs(self, u: Tensor) -> tuple[Tensor, ...]:
+        state = self._evaluate(u)
+        return state.log_q, state.log_p, state.log_jacobian, state.grad_q, state.grad_p
+
+    def _evaluate(self, u: Tensor, first: bool = False) -> State:
         chains = u.shape[0]
         with torch.enable_grad():
             u = u.detach().requires_grad_(True)
