@@ -1,15 +1,19 @@
 r"""Times one SVI step of ppl_vae against a hand-written PyTorch step, interleaved in one run.
 
-Four steps on the same networks, batch, data and optimizer settings:
+Six steps on the same networks, batch, data and learning rate:
 
 - ``ppl_vae``: what :func:`ppl_vae.svi.train` runs -- the ELBO of the Pyro model and guide
   (``ppl_vae.losses.TraceELBO`` or ``TraceMeanFieldELBO``, equal to Pyro's ``Trace_ELBO`` and
   ``TraceMeanField_ELBO`` in value and gradient), captured once as a graph of tensor operations
-  and replayed (:class:`ppl_vae.capture.CapturedLoss`), one ``torch.optim.Adam`` over all
-  parameters, validation off after the first trace, no host synchronisation;
+  and replayed (:class:`ppl_vae.capture.CapturedLoss`), one Adam over all parameters, fused
+  where torch has it (:func:`ppl_vae.optim.adam`), validation off after the first trace, no
+  host synchronisation;
+- ``compiled``: ``ppl_vae`` with the record through ``torch.compile`` (``--compile``);
 - ``eager``: the same without the capture (``--no-capture``): the Pyro program runs each step;
 - ``hand``: the same ELBO written with bare tensor formulas (sampled KL for ``elbo``, analytic KL
-  for ``meanfield``), the same Adam;
+  for ``meanfield``), ``torch.optim.Adam`` with its defaults, as a hand-written loop has it;
+- ``hand compiled``: the hand-written loss through ``torch.compile`` with fused Adam, the
+  strongest reference;
 - ``stock``: ``pyro.infer.SVI`` + ``pyro.optim.Adam`` + the same ELBO, validation on (Pyro's
   defaults).
 
@@ -45,13 +49,24 @@ from common import (
 from pyro.infer import SVI
 
 from ppl_vae import TrainConfig, train
+from ppl_vae.optim import adam
 from ppl_vae.svi import collect_params, make_loss, step_loss
 
 LOG_2PI = math.log(2 * math.pi)
 
 
-def hand_step(model, guide, optimizer, x, num_data, analytic_kl):
-    """The ELBO of the same networks in bare PyTorch; returns the loss tensor."""
+def hand_step(model, guide, optimizer, x, num_data, analytic_kl, loss_fn=None):
+    """One step of the ELBO of the same networks in bare PyTorch (``loss_fn``: the loss,
+    default :func:`hand_loss`, e.g. compiled); returns the loss tensor."""
+    loss = (loss_fn or hand_loss)(model, guide, x, num_data, analytic_kl)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def hand_loss(model, guide, x, num_data: int, analytic_kl: bool):
+    """The negative ELBO of the batch ``x``, scaled to ``num_data`` points, by hand."""
     loc, raw = guide.head(guide.encoder(x)).chunk(2, dim=-1)
     scale = F.softplus(raw) + 1e-6
     z = loc + scale * torch.randn_like(loc)
@@ -63,11 +78,7 @@ def hand_step(model, guide, optimizer, x, num_data, analytic_kl):
         log_q = (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * LOG_2PI).sum(-1)
         log_p = (-0.5 * z**2 - 0.5 * LOG_2PI).sum(-1)
         kl = log_q - log_p
-    loss = (kl - log_px).sum() * (num_data / x.shape[0])
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return (kl - log_px).sum() * (num_data / x.shape[0])
 
 
 def time_steps(batch: int, loss: str, repeats: int, steps: int, device: torch.device) -> dict:
@@ -75,22 +86,34 @@ def time_steps(batch: int, loss: str, repeats: int, steps: int, device: torch.de
     num_data = data.train.shape[0]
     x = torch.bernoulli(data.train[:batch])
     params = collect_params(model, guide, x, num_data)
-    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+    optimizer = torch.optim.Adam(params.values(), lr=1e-3)  # what a hand-written loop uses
+    fused = adam(params.values(), lr=1e-3)  # what train uses (fused where torch has it)
     elbo = make_loss(TrainConfig(batch_size=batch, loss=loss))
     stock_loss = pyro.infer.Trace_ELBO if loss == "elbo" else pyro.infer.TraceMeanField_ELBO
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), stock_loss())
     captured = step_loss(elbo, model, guide, params, capture=True)
+    compiled = step_loss(elbo, model, guide, params, capture=True, compile=True)
     eager = step_loss(elbo, model, guide, params, capture=False)
+    analytic = loss == "meanfield"
+    hand_compiled = torch.compile(hand_loss, dynamic=False)
 
     def hand():
-        return hand_step(model, guide, optimizer, x, num_data, analytic_kl=loss == "meanfield")
+        return hand_step(model, guide, optimizer, x, num_data, analytic)
+
+    def hand_fast():
+        return hand_step(model, guide, fused, x, num_data, analytic, loss_fn=hand_compiled)
 
     contenders = {
-        "ppl_vae": training_step(captured, optimizer, x, num_data),
-        "eager": training_step(eager, optimizer, x, num_data),
+        "ppl_vae": training_step(captured, fused, x, num_data),
+        "compiled": training_step(compiled, fused, x, num_data),
+        "eager": training_step(eager, fused, x, num_data),
         "hand": hand,
+        "hand_compiled": hand_fast,
         "stock": lambda: svi.step(x, num_data),
     }
+    for name in ("compiled", "hand_compiled"):  # compile outside the timing
+        contenders[name]()
+        contenders[name]()
     times = interleave(contenders, repeats, device, calls=steps, warmup=5, rotate=True)
     ratios = {
         f"{k}/hand": statistics.median(a / b for a, b in zip(v, times["hand"], strict=True))
@@ -125,8 +148,10 @@ def main(argv=None) -> int:
             t = time_steps(batch, loss, args.repeats, args.steps, device)
             rows.append(
                 f"| {loss} | {batch} | {t['hand'] * 1e3:.2f} | {t['ppl_vae'] * 1e3:.2f} | "
+                f"{t['compiled'] * 1e3:.2f} | {t['hand_compiled'] * 1e3:.2f} | "
                 f"{t['eager'] * 1e3:.2f} | {t['stock'] * 1e3:.2f} | "
-                f"**{t['ppl_vae/hand']:.3f}** | {t['eager/hand']:.3f} | {t['stock/hand']:.3f} |"
+                f"**{t['ppl_vae/hand']:.3f}** | {t['compiled/hand']:.3f} | "
+                f"{t['hand_compiled/hand']:.3f} | {t['eager/hand']:.3f} | {t['stock/hand']:.3f} |"
             )
             print(rows[-1], flush=True)
     e = time_epoch(device)
@@ -142,9 +167,10 @@ def main(argv=None) -> int:
             f"{describe(device)}; {args.repeats} repeats of {args.steps} steps; "
             "times are medians, ratios medians of the per-repeat ratios.",
             "",
-            "| loss | batch | hand ms | ppl_vae ms | eager ms | stock SVI ms | ppl_vae / hand | "
-            "eager / hand | stock / hand |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| loss | batch | hand ms | ppl_vae ms | ppl_vae compiled ms | hand compiled + "
+            "fused Adam ms | eager ms | stock SVI ms | ppl_vae / hand | compiled / hand | "
+            "hand compiled / hand | eager / hand | stock / hand |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             epoch_line,
