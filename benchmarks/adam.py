@@ -29,22 +29,20 @@ from common import (
     interleave,
     medians,
     parse_args,
-    reference_vae,
+    reference_batch,
     training_step,
     write_section,
 )
 
 from ppl_vae import TrainConfig
 from ppl_vae.optim import adam, is_fused
-from ppl_vae.svi import collect_params, make_loss, step_loss
+from ppl_vae.svi import make_loss, step_loss
 
 
 def time_batch(batch: int, repeats: int, steps: int, device: torch.device) -> dict:
     """Seconds per whole step and per update alone, each optimizer; and their ratios."""
-    data, model, guide = reference_vae(device)
+    data, model, guide, x, params = reference_batch(device, batch)
     num_data = data.train.shape[0]
-    x = torch.bernoulli(data.train[:batch])
-    params = collect_params(model, guide, x, num_data)
     optimizers = {
         "default": torch.optim.Adam(params.values(), lr=1e-3),
         "fused": adam(params.values(), lr=1e-3),

@@ -30,7 +30,7 @@ import pyro
 import torch
 
 from ppl_vae import DataConfig, VAEConfig, build_vae, load_data
-from ppl_vae.svi import svi_step
+from ppl_vae.svi import collect_params, svi_step
 
 __all__ = [
     "BENCHMARKS_MD",
@@ -112,6 +112,15 @@ def reference_vae(device: torch.device, config: VAEConfig | None = None):
     pyro.set_rng_seed(0)
     model, guide = build_vae(config or VAEConfig(), data)
     return data, model, guide
+
+
+def reference_batch(device: torch.device, batch: int):
+    """``(data, model, guide, x, params)``: :func:`reference_vae`, a binarized batch of the
+    first ``batch`` training images and the parameters of both programs, registered."""
+    data, model, guide = reference_vae(device)
+    x = torch.bernoulli(data.train[:batch])
+    params = collect_params(model, guide, x, data.train.shape[0])
+    return data, model, guide, x, params
 
 
 def training_step(loss: Callable, optimizer: torch.optim.Optimizer, *args) -> Callable:

@@ -31,21 +31,19 @@ from common import (
     interleave,
     medians,
     parse_args,
-    reference_vae,
+    reference_batch,
     training_step,
     write_section,
 )
 from svi_step import hand_step
 
 from ppl_vae.optim import adam
-from ppl_vae.svi import TrainConfig, collect_params, make_loss, step_loss
+from ppl_vae.svi import TrainConfig, make_loss, step_loss
 
 
 def compare(batch: int, repeats: int, steps: int, device: torch.device) -> dict:
-    data, model, guide = reference_vae(device)
+    data, model, guide, x, params = reference_batch(device, batch)
     num_data = data.train.shape[0]
-    x = torch.bernoulli(data.train[:batch])
-    params = collect_params(model, guide, x, num_data)
     optimizer = adam(params.values(), lr=1e-3)
     elbo = make_loss(TrainConfig(batch_size=batch))
     record = step_loss(elbo, model, guide, params, capture=True)

@@ -41,6 +41,7 @@ from common import (
     interleave,
     medians,
     parse_args,
+    reference_batch,
     reference_vae,
     time_calls,
     training_step,
@@ -50,7 +51,7 @@ from pyro.infer import SVI
 
 from ppl_vae import TrainConfig, train
 from ppl_vae.optim import adam
-from ppl_vae.svi import collect_params, make_loss, step_loss
+from ppl_vae.svi import make_loss, step_loss
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -82,10 +83,8 @@ def hand_loss(model, guide, x, num_data: int, analytic_kl: bool):
 
 
 def time_steps(batch: int, loss: str, repeats: int, steps: int, device: torch.device) -> dict:
-    data, model, guide = reference_vae(device)
+    data, model, guide, x, params = reference_batch(device, batch)
     num_data = data.train.shape[0]
-    x = torch.bernoulli(data.train[:batch])
-    params = collect_params(model, guide, x, num_data)
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)  # what a hand-written loop uses
     fused = adam(params.values(), lr=1e-3)  # what train uses (fused where torch has it)
     elbo = make_loss(TrainConfig(batch_size=batch, loss=loss))
