@@ -195,7 +195,10 @@ def write_section(title: str, body: str, command: str | None = None) -> None:
     ``command`` (default: this process's command line) is recorded above ``body``.
     """
     if command is None:
-        command = " ".join(["python", *sys.argv])
+        script = Path(sys.argv[0]).resolve()
+        if script.is_relative_to(ROOT):  # as run from the repository's root
+            script = script.relative_to(ROOT)
+        command = " ".join(["python", str(script), *sys.argv[1:]])
     path = BENCHMARKS_MD
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start, end = f"<!-- {title} -->", f"<!-- /{title} -->"
