@@ -23,7 +23,6 @@ from ppl_vae.data import Data
 from ppl_vae.guides import AmortizedGuide
 from ppl_vae.importance import log_likelihood
 from ppl_vae.m2 import M2Guide, M2Model
-from ppl_vae.mixture import BernoulliMixture, GaussianMixture
 from ppl_vae.model import VAEModel
 from ppl_vae.selection import best_epoch
 from ppl_vae.semisupervised import analogies, seeded_test_points
@@ -387,7 +386,10 @@ def mixture_figure(mixture, data: Data) -> Figure | None:
 
     Returns ``None`` for data that are neither 2-D nor images.
     """
-    if isinstance(mixture, BernoulliMixture) and len(data.event_shape) == 3:
+    # told apart by their attributes, not their classes: importing ppl_vae.mixture would
+    # import scikit-learn (about a second), which the VAE's pictures do not need
+    gaussian = hasattr(mixture, "covariance_type")  # GaussianMixture; BernoulliMixture has none
+    if not gaussian and len(data.event_shape) == 3:
         order = mixture.weights_.argsort(descending=True)[:100]
         means = mixture.means_[order].reshape(-1, *data.event_shape).float()
         fig, ax = _figure(figsize=(7, 7))
@@ -395,7 +397,7 @@ def mixture_figure(mixture, data: Data) -> Figure | None:
         first = " (the first 100)" if mixture.n_components > 100 else ""
         ax.set_title(f"{mixture.n_components} component means, by weight{first}")
         ax.axis("off")
-    elif isinstance(mixture, GaussianMixture) and data.event_shape == (2,):
+    elif gaussian and data.event_shape == (2,):
         fig, ax = _figure(figsize=(6, 6))
         _density_panel(ax, mixture, data.test)
         ax.set_title(
