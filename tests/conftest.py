@@ -1,10 +1,16 @@
 """Shared fixtures: MNIST location, a clean Pyro state for every test, bad input files."""
 
+import os
+
 import helpers  # noqa: F401  (sets PPL_VAE_DATA to ../shared/data when that holds MNIST)
 import numpy as np
 import pyro
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker and per
+    os.environ["OMP_NUM_THREADS"] = "1"  # process it starts, so N workers share N cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
