@@ -160,17 +160,24 @@ def _scatter(ax, data: Tensor, model: Tensor, data_label: str, model_label: str)
     ax.legend(loc="upper right", markerscale=4)
 
 
-def _elbo_range(metrics: list[dict]) -> tuple[float, float, bool]:
-    """The y-limits that show every epoch, and whether the first epoch is left below them
-    because it lies far beneath the rest (more than twice their spread; it would flatten
-    them into a line)."""
+def _elbo_range(metrics: list[dict]) -> tuple[float, float, list[dict]]:
+    """The y-limits that show every epoch but leading ones far beneath the rest (more than
+    twice the rest's spread below it: they would flatten the rest into a line), and the epochs
+    so left out. Leading: the first epoch, and every epoch of a KL delay (at weight 0 the guide
+    narrows freely, and the test ELBO, taken at full weight, can lie thousands of nats down).
+    A later epoch is always in view."""
     values = [[m["train_elbo"], m["test_elbo"]] for m in metrics]
+    delay = next((i for i, m in enumerate(metrics) if m.get("kl_weight", 1.0) != 0), len(values))
+    lead = max(1, delay)
     top = max(max(v) for v in values)
-    rest = min(min(v) for v in values[1:]) if len(values) > 2 else None
-    clipped = rest is not None and min(values[0]) < rest - 2 * max(top - rest, 1e-3)
-    bottom = rest if clipped else min(min(v) for v in values)
+    out: list[int] = []
+    if len(values) - lead >= 2:
+        rest = min(min(v) for v in values[lead:])
+        floor = rest - 2 * max(top - rest, 1e-3)
+        out = [i for i in range(lead) if min(values[i]) < floor]
+    bottom = min(min(v) for i, v in enumerate(values) if i not in out)
     pad = 0.06 * max(top - bottom, 1e-3)
-    return bottom - pad, top + pad, clipped
+    return bottom - pad, top + pad, [metrics[i] for i in out]
 
 
 def curves_figure(metrics: list[dict], title: str = "") -> Figure:
@@ -178,8 +185,8 @@ def curves_figure(metrics: list[dict], title: str = "") -> Figure:
     (:func:`ppl_vae.selection.best_epoch`), and the KL weight when it changes; where the
     metrics have ``test_accuracy`` (M2's classifier), a panel of it below.
 
-    Every epoch is in view, except a first epoch far below the rest, which is named in a note
-    instead; the legend sits below the axes, off the lines.
+    Every epoch is in view, except a first epoch or an epoch of a KL delay far below the rest,
+    which is named in a note instead; the legend sits below the axes, off the lines.
     """
     epochs = [m["epoch"] for m in metrics]
     with_accuracy = all(m.get("test_accuracy") is not None for m in metrics)
@@ -203,11 +210,14 @@ def curves_figure(metrics: list[dict], title: str = "") -> Figure:
     bottom, top, clipped = _elbo_range(metrics)
     ax.set_ylim(bottom, top)
     if clipped:
-        first = metrics[0]
-        ax.annotate(
-            f"epoch {first['epoch']} below: train {first['train_elbo']:.2f}, "
-            f"test {first['test_elbo']:.2f}",
-            xy=(0.01, 0.02), xycoords="axes fraction", fontsize=8, color="dimgray",
+        note = "; ".join(
+            f"epoch {m['epoch']} below{' (KL weight 0)' if m.get('kl_weight') == 0 else ''}: "
+            f"train {m['train_elbo']:.2f}, test {m['test_elbo']:.2f}"
+            for m in clipped
+        )
+        ax.annotate(  # lower right: the curves rise from the left
+            note, xy=(0.99, 0.02), xycoords="axes fraction", ha="right", fontsize=8,
+            color="dimgray",
         )  # fmt: skip
     below.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     below.set_xlabel("epoch")

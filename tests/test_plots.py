@@ -188,3 +188,24 @@ def test_the_curves_keep_every_epoch_in_view_and_name_a_first_epoch_far_below():
     low, high = fig.axes[0].get_ylim()
     assert -112 < low < -111 and high > -102
     assert fig.axes[0].texts[0].get_text() == "epoch 1 below: train -600.00, test -610.00"
+
+
+def test_the_curves_name_kl_delay_epochs_far_below_and_keep_later_ones_in_view():
+    # --kl-delay 2 (the VampPrior's default), as its 100-epoch MNIST run recorded it: at KL
+    # weight 0 the test ELBO, taken at full weight, fell to -2793.51 in epoch 2
+    delayed = [
+        {"epoch": 1, "train_elbo": -211.88, "test_elbo": -219.04, "kl_weight": 0.0},
+        {"epoch": 2, "train_elbo": -206.75, "test_elbo": -2793.51, "kl_weight": 0.0},
+    ] + [
+        {"epoch": e, "train_elbo": -100 - 90 / (e - 2), "test_elbo": -100 - 80 / (e - 2),
+         "kl_weight": min(1.0, (e - 2) / 5)}
+        for e in range(3, 30)
+    ]  # fmt: skip
+    fig = curves_figure(delayed)
+    low, high = fig.axes[0].get_ylim()
+    assert -240 < low < -219.04 and high > -103  # epoch 1 in view, epoch 2 not
+    text = fig.axes[0].texts[0].get_text()
+    assert text == "epoch 2 below (KL weight 0): train -206.75, test -2793.51"
+    # the same fall at full weight is a fact of training, not of the schedule: kept in view
+    fig = curves_figure([dict(m, kl_weight=1.0) for m in delayed])
+    assert fig.axes[0].get_ylim()[0] < -2793.51 and not fig.axes[0].texts
