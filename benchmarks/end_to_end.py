@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import describe, parse_args, write_section
+from common import describe, medians, parse_args, write_section
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                 times[name].append(run(cmds[name], env))
                 print(f"repeat {repeat + 1}: {name} {times[name][-1]:.2f} s", flush=True)
     ratios = [a / b for a, b in zip(times["ppl-vae train"], times["hand-written"], strict=True)]
-    med = {name: statistics.median(v) for name, v in times.items()}
+    med = medians(times)
     table = "\n".join(
         [
             f"{describe(device)} per process; MNIST, {args.epochs} epochs from a fresh process "

@@ -167,8 +167,8 @@ def _elbo_range(metrics: list[dict]) -> tuple[float, float, list[dict]]:
     narrows freely, and the test ELBO, taken at full weight, can lie thousands of nats down).
     A later epoch is always in view."""
     values = [[m["train_elbo"], m["test_elbo"]] for m in metrics]
-    delay = next((i for i, m in enumerate(metrics) if m.get("kl_weight", 1.0) != 0), len(values))
-    lead = max(1, delay)
+    delayed = next((i for i, m in enumerate(metrics) if m.get("kl_weight", 1.0) != 0), len(values))
+    lead = max(1, delayed)  # the first epoch, and the epochs at KL weight 0 before any other
     top = max(max(v) for v in values)
     out: list[int] = []
     if len(values) - lead >= 2:
