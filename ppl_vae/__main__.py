@@ -17,8 +17,10 @@ STARTING = "ppl-vae: interrupted while starting; nothing was written"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line (:func:`ppl_vae.cli.main`); returns the exit status."""
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        # inside the try: the handler is live before signal.signal returns (it still converts
+        # the old handler to an enum), so a signal may land in that call itself
+        signal.signal(signal.SIGTERM, _interrupt)
         # here, not at the top: this module loads in milliseconds, the CLI in a second or more
         from ppl_vae.cli import main as run
     except KeyboardInterrupt:
