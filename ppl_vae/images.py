@@ -1,4 +1,4 @@
-r"""Image data sets: MNIST, Fashion-MNIST, KMNIST and EMNIST letters read by torchvision,
+r"""Image data sets: MNIST, Fashion-MNIST, KMNIST and EMNIST letters in torchvision's layout,
 Burda et al.'s 28x28 Omniglot (``chardata.mat``), and scikit-learn's bundled 8x8 digits.
 
 Each loader in :data:`IMAGE_SETS` takes the data root (:func:`resolve_data_root`: ``--data-dir``,
@@ -6,7 +6,9 @@ else ``$PPL_VAE_DATA``, else the user cache) and returns the training and test i
 intensities in [0, 1] of shape ``(N, 1, H, W)``, upright, with the test labels (and, where the
 set has them, the training labels as a fourth entry: the MNIST family, digits). A set whose
 files are missing is a one-line error saying where to put them; nothing is written but what
-torchvision's own download writes when the network allows.
+torchvision's own download writes when the network allows. Where a torchvision set's four
+uncompressed files are there, they are read here (:func:`read_idx`), to the same tensors as
+torchvision's reader; torchvision is imported only to unpack or download them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from torch import Tensor
 from ppl_vae.errors import InputError, MissingInputError
 from ppl_vae.registry import Registry
 
-__all__ = ["IMAGE_SETS", "MNIST_FILES", "TorchvisionSet", "check_idx_file", "resolve_data_root"]
+__all__ = [
+    "IMAGE_SETS",
+    "MNIST_FILES",
+    "TorchvisionSet",
+    "check_idx_file",
+    "read_idx",
+    "resolve_data_root",
+]
 
 IMAGE_SETS: Registry = Registry("image data set")  # root -> (train, test, labels[, train's])
 WHERE = "pass --data-dir DIR or set PPL_VAE_DATA=DIR"
@@ -65,9 +74,32 @@ def check_idx_file(path: Path) -> None:
         )
 
 
+def read_idx(path: Path) -> Tensor:
+    """An IDX file of unsigned bytes (checked by :func:`check_idx_file`) as a uint8 tensor of
+    the shape its header gives: what torchvision's MNIST reader returns for it, without
+    importing torchvision (whose import takes longer than reading MNIST).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "labels-idx1-ubyte"
+        >>> path.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 2, 1]))
+        11
+        >>> read_idx(path).tolist()
+        [7, 2, 1]
+    """
+    check_idx_file(path)
+    header = np.fromfile(path, dtype=">u4", count=4)
+    ndim = int(header[0]) - 0x800
+    shape = tuple(int(n) for n in header[1 : 1 + ndim])
+    data = np.fromfile(path, dtype=np.uint8, offset=4 * (1 + ndim))
+    return torch.from_numpy(data.reshape(shape))
+
+
 @dataclass(frozen=True)
 class TorchvisionSet:
-    """An image set read by a ``torchvision.datasets`` class from ``ROOT/<class>/raw``."""
+    """An image set in the layout of a ``torchvision.datasets`` class, ``ROOT/<class>/raw``:
+    read here when its uncompressed files are there, else by that class (which unpacks the
+    archives it downloads, and downloads them where the network allows)."""
 
     title: str  # the set's name in messages
     cls: str  # the torchvision.datasets class, also its folder under the root
@@ -89,6 +121,9 @@ class TorchvisionSet:
                 )
             if path.is_file():
                 check_idx_file(path)
+        if all((raw / name).is_file() for name in self.files):  # read here: no torchvision
+            data = [read_idx(raw / name) for name in self.files]
+            return self._tensors(data[0::2], data[1::2])
         created = [d for d in (root, root / self.cls, raw) if not d.exists()]
         images, labels = [], []
         for train in (True, False):
@@ -106,10 +141,15 @@ class TorchvisionSet:
                         f"({type(e).__name__}); {WHERE}, where DIR/{self.cls}/raw holds "
                         f"{', '.join(self.files)} ({self.fetch})"
                     ) from None
-            x = ds.data.transpose(1, 2) if self.transposed else ds.data
-            images.append(x.unsqueeze(1).float().div_(255.0))
+            images.append(ds.data)
             labels.append(ds.targets)
-        return images[0], images[1], labels[1].clone(), labels[0].clone()
+        return self._tensors(images, labels)
+
+    def _tensors(self, images: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, ...]:
+        """(train, test) uint8 images and labels -> the loader's four tensors."""
+        x = [im.transpose(1, 2) if self.transposed else im for im in images]
+        x = [im.unsqueeze(1).float().div_(255.0) for im in x]
+        return x[0], x[1], labels[1].long().clone(), labels[0].long().clone()
 
     def _read(self, root: Path, train: bool, download: bool):
         import torchvision.datasets  # torchvision only when one of its sets is asked for

@@ -4,6 +4,8 @@ chardata.mat use, read back equal (orientation included); scikit-learn's digits;
 import gzip
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -78,6 +80,29 @@ def test_torchvision_sets_read_back_what_was_written_upright(
     assert torch.equal(
         static.train, load_data(DataConfig(name, "static", data_dir=str(tmp_path), seed=1)).train
     )
+
+
+@pytest.mark.parametrize("name, cls, names, transposed", TORCHVISION)
+def test_files_that_are_there_are_read_to_torchvisions_tensors_without_importing_it(
+    tmp_path, name, cls, names, transposed
+):
+    import torchvision.datasets
+
+    idx_set(tmp_path / cls / "raw", names, transposed)
+    train, test, test_labels, train_labels = IMAGE_SETS.build(name, tmp_path)
+    split = {"split": "letters"} if cls == "EMNIST" else {}
+    for ours, labels, is_train in ((train, train_labels, True), (test, test_labels, False)):
+        theirs = getattr(torchvision.datasets, cls)(str(tmp_path), train=is_train, **split)
+        images = theirs.data.transpose(1, 2) if transposed else theirs.data
+        assert torch.equal(ours[:, 0], images.float().div(255))
+        assert torch.equal(labels, theirs.targets) and labels.dtype == theirs.targets.dtype
+    code = (
+        "import sys; from pathlib import Path; from ppl_vae.images import IMAGE_SETS; "
+        f"IMAGE_SETS.build({name!r}, Path({str(tmp_path)!r})); "
+        "print('torchvision' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_emnist_is_turned_upright_where_torchvision_keeps_the_files_transposed(tmp_path):

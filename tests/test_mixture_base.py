@@ -3,6 +3,8 @@
 import inspect
 import math
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -295,8 +297,11 @@ def test_mixtures_are_built_by_name_with_their_declared_options():
     bm = MIXTURES.build("bernoulli", n_components=2, alpha=0.5)
     assert isinstance(bm, BernoulliMixture) and bm.alpha == 0.5
     for name in MIXTURES:  # the declared options are exactly what the constructor takes
-        cls = MIXTURES[name].factory
+        cls = type(MIXTURES.build(name))
         assert MIXTURES.options(name) == tuple(inspect.signature(cls).parameters)
+    code = "import sys, ppl_vae.cli; print('sklearn' in sys.modules)"  # names without estimators
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
     with pytest.raises(InputError, match="reg_covar does not apply to the mixture 'bernoulli'"):
         MIXTURES.build("bernoulli", n_components=2, reg_covar=1e-3)
 

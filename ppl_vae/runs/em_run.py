@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
+import ppl_vae.mixture
 from ppl_vae.compat import old_em_settings
 from ppl_vae.config import check_positive, option, to_dict
 from ppl_vae.data import Data, DataConfig, load_data
 from ppl_vae.distributed import all_reduce_sum, batch_shard, world
 from ppl_vae.errors import InputError, WriteError
-from ppl_vae.mixture import COVARIANCE_TYPES, INITS, MIXTURES, ConvergenceWarning
+from ppl_vae.mixture import COVARIANCE_TYPES, INITS, MIXTURES
 from ppl_vae.plots import mixture_figure
 from ppl_vae.progress import Progress, time_left
 from ppl_vae.runs.checkpoint import EM_RESULTS, held_by
@@ -188,7 +189,8 @@ def em_run(
         train, mixture.sharded = train[batch_shard(train.shape[0], w)], True
     t0 = time.perf_counter()
     with _progress(mixture, config, data.name, quiet or not w.main), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # the record says if EM converged
+        # the record says whether EM converged
+        warnings.simplefilter("ignore", ppl_vae.mixture.ConvergenceWarning)
         mixture.fit(train)
     seconds = time.perf_counter() - t0
     train_ll = float(all_reduce_sum(mixture.score_samples(train).sum())) / num_train
