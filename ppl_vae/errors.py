@@ -26,8 +26,8 @@ class WriteError(InputError):
 
 def _not_fitted_error() -> type:
     """:class:`NotFittedError`, made on first use: it subclasses scikit-learn's, whose import
-    (about a second) code that never fits a mixture (``import ppl_vae`` and the training API)
-    need not pay."""
+    (about a second) code that never fits a mixture (``import ppl_vae``, the training API,
+    ``ppl-vae train``) need not pay."""
     import sklearn.exceptions
 
     class NotFittedError(InputError, sklearn.exceptions.NotFittedError):
