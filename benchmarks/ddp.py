@@ -7,16 +7,18 @@ Contenders, for each global ``--batch-size`` B:
 - ``one``: one process on batches of B;
 - ``half``: one process on batches of B/2 -- what each of two ranks computes; one/half is the
   speed-up two processes would reach if communication were free;
-- ``flat``: two processes under torchrun, each on its half of every batch, the gradients summed
-  by one gloo all-reduce of one flat buffer after backward (what ``train`` does,
-  :func:`ppl_vae.distributed.reduce_gradients`);
+- ``shared``: two processes under torchrun, each on its half of every batch, the gradients of
+  one flat buffer summed through shared memory after backward (what ``train`` does on one
+  machine, :func:`ppl_vae.distributed.reduce_gradients`, :class:`~ppl_vae.distributed.SharedSum`);
+- ``flat``: the same, the buffer summed by one gloo all-reduce (``PPL_VAE_SHARED_SUM=0``);
 - ``buckets``: the same with 1 MB buckets all-reduced asynchronously as backward produces them
   (parameter hooks, as ``DistributedDataParallel`` overlaps communication with backward).
 
 Each run takes ``--warmup`` untimed steps, then times ``--steps`` steps; throughput is images
 per second of the global batch. Contenders alternate, ``--repeats`` times; a speed-up is the
-median of the per-repeat ratios. The all-reduce column is one all-reduce of all the gradients
-in one buffer, alone (``--steps`` calls), and its share of the ``flat`` step.
+median of the per-repeat ratios. The last two columns are one sum of all the gradients in one
+buffer, alone (``--steps`` calls): through shared memory, and gloo's all-reduce, with its share
+of the ``flat`` step.
 
 Run: ``python benchmarks/ddp.py --write`` (updates docs/BENCHMARKS.md). Needs the two cores to
 itself: anything else running halves a process.
@@ -39,7 +41,7 @@ import torch.distributed as dist
 from common import describe, reference_vae, write_section
 from torch import Tensor
 
-from ppl_vae.distributed import batch_shard, init, world
+from ppl_vae.distributed import SharedSum, batch_shard, init, world
 from ppl_vae.svi import StepLosses, TrainConfig, collect_params, shard_step, svi_step
 
 HERE = Path(__file__).resolve()
@@ -119,6 +121,7 @@ class GradientReducer:
 
 def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
     """One timed run (in each rank under torchrun); rank 0 writes the figures to ``out``."""
+    os.environ["PPL_VAE_SHARED_SUM"] = "1" if reducer == "shared" else "0"
     torch.set_num_threads(1)
     init(torch.device("cpu"))
     w = world()
@@ -153,23 +156,37 @@ def worker(batch: int, steps: int, warmup: int, reducer: str, out: str) -> None:
         step(x)
     float(step(batches[0]))  # one more step, read back: everything before it has run
     seconds = (time.perf_counter() - t0) / (steps + 1)
-    reduce_seconds = None
+    reduce_seconds, shared_seconds = None, None
     if w.distributed:
         flat = torch.zeros(sum(p.numel() for p in plist))  # every gradient, one buffer
+        summer = SharedSum.of(flat.numel(), flat)
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(steps):
             dist.all_reduce(flat)
         reduce_seconds = (time.perf_counter() - t0) / steps
+        if summer is not None:
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                summer([flat])
+            shared_seconds = (time.perf_counter() - t0) / steps
     if w.main:
-        Path(out).write_text(json.dumps({"step": seconds, "reduce": reduce_seconds}))
+        figures = {"step": seconds, "reduce": reduce_seconds, "shared": shared_seconds}
+        Path(out).write_text(json.dumps(figures))
     if w.distributed:  # no rank leaves the group while another still works
         dist.barrier()
         dist.destroy_process_group()
 
 
-CONTENDERS = {"one": (1, 1, "flat"), "half": (1, 2, "flat"), "flat": (2, 1, "flat"),
-              "buckets": (2, 1, "buckets")}  # processes, batch divisor, reducer  # fmt: skip
+CONTENDERS = {
+    "one": (1, 1, "flat"),
+    "half": (1, 2, "flat"),
+    "shared": (2, 1, "shared"),
+    "flat": (2, 1, "flat"),
+    "buckets": (2, 1, "buckets"),
+}
+# processes, batch divisor, reducer
 
 
 def launch(name: str, batch: int, steps: int, warmup: int, out: Path) -> dict:
@@ -206,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
         for r in range(args.repeats):
             names = list(CONTENDERS)
-            for name in names[r % 4 :] + names[: r % 4]:  # the order rotated
+            k = r % len(names)
+            for name in names[k:] + names[:k]:  # the order rotated
                 runs[name].append(launch(name, batch, args.steps, args.warmup, out))
 
         def speedup(name, runs=runs):
@@ -215,10 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         step = {name: statistics.median(m["step"] for m in v) for name, v in runs.items()}
         reduce = statistics.median(m["reduce"] for m in runs["flat"])
+        shared = statistics.median(m["shared"] for m in runs["shared"])
         rows.append(
             f"| {batch} | {batch / step['one']:,.0f} | {speedup('half'):.2f} | "
-            f"{batch / step['flat']:,.0f} | **{speedup('flat'):.2f}** | "
+            f"{batch / step['shared']:,.0f} | **{speedup('shared'):.2f}** | "
+            f"{batch / step['flat']:,.0f} | {speedup('flat'):.2f} | "
             f"{batch / step['buckets']:,.0f} | {speedup('buckets'):.2f} | "
+            f"{shared * 1e3:.2f} ms ({shared / step['shared']:.0%}) | "
             f"{reduce * 1e3:.2f} ms ({reduce / step['flat']:.0%}) |"
         )
         print(rows[-1], file=sys.stderr)
@@ -233,9 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rotating repeats; speed-ups against one process on the whole batch.",
             "",
             "| global batch | 1 process, images/s | bound: 1 process on half | "
-            "2 processes, one all-reduce (train), images/s | speed-up | "
-            "2 processes, buckets overlapping backward | speed-up | all-reduce alone (share) |",
-            "|---|---|---|---|---|---|---|---|",
+            "2 processes, shared-memory sum (train), images/s | speed-up | "
+            "2 processes, gloo all-reduce, images/s | speed-up | "
+            "2 processes, gloo buckets overlapping backward | speed-up | "
+            "shared-memory sum alone (share) | gloo all-reduce alone (share) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )

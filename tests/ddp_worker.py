@@ -6,7 +6,9 @@ two processes comes from how the batch is split) on dynamically binarized data a
 parameters and the metrics to OUT from rank 0. With ``--m2`` it trains the M2 model
 (``ppl_vae.m2``, its guide's q(z|x, y) made a Delta alike) on 65 unlabelled and 12 labelled
 points, batches of 16 (the labelled ones in batches of 5, a last of 2): the steps split both
-batches across the ranks, with different shares.
+batches across the ranks, with different shares. With ``--sums`` it sums made-up gradients
+over the ranks five times, through shared memory and through gloo, and saves both with the
+sum made here from every rank's values (each rank's are drawn from a seed of its rank).
 """
 
 import argparse
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from ppl_vae.data import Data
-from ppl_vae.distributed import barrier, destroy, init, world
+from ppl_vae.distributed import SharedSum, barrier, destroy, init, reduce_gradients, world
 from ppl_vae.m2 import M2Guide, M2Model
 from ppl_vae.semisupervised import SemiSupervised
 from ppl_vae.svi import TrainConfig, train
@@ -62,13 +64,45 @@ def m2_training(x, labels, capture):
     return train(model, guide, unlabelled, config, quiet=True, objective=objective)
 
 
+def made_up_gradients(rank: int, call: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s gradients at call ``call``: three tensors, one of them an odd size."""
+    g = torch.Generator().manual_seed(1000 * call + rank)
+    return [torch.randn(shape, generator=g) for shape in ((7, 5), (3,), (1001,))]
+
+
+def sums(out: str) -> None:
+    """Five sums of made-up gradients, weighted by 0.25 and 0.75, both ways."""
+    w, weight = world(), (0.25, 0.75)
+    record = {"shared": [], "gloo": [], "expected": [], "summer": None}
+    for call in range(5):
+        for way in ("shared", "gloo"):
+            params = [torch.zeros(g.shape, requires_grad=True) for g in made_up_gradients(0, 0)]
+            for p, g in zip(params, made_up_gradients(w.rank, call), strict=True):
+                p.grad = g
+            reduce_gradients(params, weight[w.rank], shared=way == "shared")
+            record[way].append([p.grad.clone() for p in params])
+        ranks = [made_up_gradients(r, call) for r in range(w.size)]
+        record["expected"].append(
+            [sum(weight[r] * ranks[r][i] for r in range(w.size)) for i in range(3)]
+        )
+    record["summer"] = [type(s).__name__ for s in SharedSum._made.values()]
+    if w.main:
+        torch.save(record, out)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--capture", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--m2", action="store_true")
+    parser.add_argument("--sums", action="store_true")
     args = parser.parse_args()
     init(torch.device("cpu"))
+    if args.sums:
+        sums(args.out)
+        barrier()
+        destroy()
+        return
     g = torch.Generator().manual_seed(1)
     x = torch.rand(65 + 20, 6, generator=g)  # 65 training points: batches of 16 and a last of 1
     if args.m2:

@@ -8,6 +8,7 @@ changing a figure, a 2-rank run killed with SIGKILL resumes to the uninterrupted
 parameters exactly, and a rank killed alone is one line on rank 0 naming it.
 """
 
+import glob
 import json
 import os
 import re
@@ -138,6 +139,24 @@ def test_two_ranks_take_the_one_process_step_on_the_combined_batch(tmp_path, fla
         assert m2["train_elbo"] == pytest.approx(m1["train_elbo"], abs=1e-5)
         assert m2["test_elbo"] == pytest.approx(m1["test_elbo"], abs=1e-5)  # sharded, reduced
         assert m2.get("test_accuracy") == m1.get("test_accuracy")  # M2's, on every rank
+
+
+def test_shared_memory_sums_equal_gloos_to_the_bit_and_leave_no_file(tmp_path):
+    """Two ranks sum weighted gradients five times (the two sets of slots alternate) through
+    /dev/shm and through gloo's all-reduce: the same tensors to the bit, and the sum of every
+    rank's values made in one process (rank 0 draws rank 1's from its seed) within rounding."""
+    before = set(glob.glob("/dev/shm/ppl_vae-sum-*"))
+    proc = torchrun(WORKER, tmp_path / "sums.pt", "--sums")
+    assert proc.returncode == 0, proc.stderr
+    record = torch.load(tmp_path / "sums.pt")
+    assert record["summer"] == ["SharedSum"]  # shared memory was used, once made
+    for shared, gloo, expected in zip(record["shared"], record["gloo"], record["expected"],
+                                      strict=True):  # fmt: skip
+        for a, b, c in zip(shared, gloo, expected, strict=True):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    assert len({float(s[2][0]) for s in record["shared"]}) == 5  # five different sums
+    assert set(glob.glob("/dev/shm/ppl_vae-sum-*")) == before
 
 
 @pytest.fixture(scope="module")
