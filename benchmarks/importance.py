@@ -5,7 +5,8 @@ binarized MNIST test points:
 
 - ``log_likelihood``: :func:`ppl_vae.importance.log_likelihood` with K draws per point (guide
   encoder, draws, prior, guide and decoder log-densities, float64 log-sum-exp);
-- ``bare``: the decoder forward pass plus the Bernoulli log-probability on the same number of
+- ``bare``: the decoder forward pass plus the Bernoulli log-probability (the one ``log_likelihood``
+  uses, :func:`ppl_vae.distributions.bernoulli_log_prob`) on the same number of
   rows (points x K), in the same chunks, on pre-drawn latents -- a lower bound on the cost.
 
 The two are interleaved, median of ``--repeats``. Throughput is (points x samples) per second;
@@ -26,9 +27,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from common import describe, interleave, medians, parse_args, reference_vae, write_section
 
+from ppl_vae.distributions import bernoulli_log_prob
 from ppl_vae.importance import log_likelihood
 
 
@@ -51,8 +52,7 @@ def time_both(points, samples, chunk, repeats, device) -> dict:
         while done < samples:
             c = min(chunk, samples - done)
             logits = model.decoder(z[: c * points]).reshape(c * points, -1)
-            lp = -F.binary_cross_entropy_with_logits(logits, target[: c * points], reduction="none")
-            lp.sum(-1)
+            bernoulli_log_prob(logits, target[: c * points]).sum(-1)
             done += c
 
     def ours():

@@ -1,6 +1,7 @@
 r"""Importance-sampled log p(x) against a peer library's: pythae's ``VAE.get_nll``, same model.
 
-The reference VAE (MLP 784-200-200-z50, tanh, Bernoulli decoder, seed 0) is handed to pythae
+The reference VAE (MLP 784-200-200-z50, tanh, Bernoulli decoder, seed 0), trained for
+``--epochs`` epochs (default 1) with ``ppl_vae.svi.train`` at its defaults, is handed to pythae
 as it is: its encoder gives pythae's ``embedding`` (the mean of q(z|x)) and ``log_covariance``
 (twice the log of q's scale), its decoder's sigmoid is pythae's ``reconstruction``, so both
 libraries estimate log p(x) with the same q, prior and decoder. On the same ``--points``
@@ -10,7 +11,8 @@ binarized test images, with K = ``--samples`` draws per image:
   (points in batches of 100, 10,000 decoder rows per pass on a CPU);
 - ``pythae (batch B)``: ``model.get_nll(x, n_samples=K, batch_size=B)``, which loops over the
   images and, for each, over K / B batches of B copies of it (encoder included);
-- ``bare``: the decoder's forward pass and the Bernoulli log-probability alone on the same
+- ``bare``: the decoder's forward pass and the Bernoulli log-probability alone (the one
+  ``log_likelihood`` uses, :func:`ppl_vae.distributions.bernoulli_log_prob`) on the same
   number of rows (points x K), in passes of 10,000 rows, from latents drawn beforehand: what
   any estimator must pay.
 
@@ -30,10 +32,11 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 from common import describe, interleave, medians, parse_args, reference_vae, write_section
 
-from ppl_vae.importance import log_likelihood
+from ppl_vae.distributions import bernoulli_log_prob
+from ppl_vae.importance import default_chunk_size, log_likelihood
+from ppl_vae.svi import TrainConfig, train
 
 
 def pythae_model(model, guide):
@@ -69,12 +72,15 @@ def main(argv=None) -> int:
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--pythae-batch", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs before timing")
     args, device = parse_args(parser, argv, repeats=3)
     try:
         import pythae  # noqa: F401
     except ImportError:
         parser.error("pythae is not installed: pip install pythae (see this script's docstring)")
     data, model, guide = reference_vae(device)
+    if args.epochs:
+        train(model, guide, data, TrainConfig(epochs=args.epochs), quiet=True)
     x = torch.bernoulli(data.test[: args.points], generator=torch.Generator().manual_seed(0))
     peer = pythae_model(model, guide)
     rows, k = 10_000, args.samples
@@ -85,13 +91,17 @@ def main(argv=None) -> int:
     @torch.no_grad()
     def bare():
         for start in range(0, args.points * k, rows):
-            logits = model.decoder(z[: min(rows, args.points * k - start)])
+            logits = model.decoder(z[: min(rows, args.points * k - start)]).reshape(-1, 784)
             part = target[start : start + logits.shape[0]]
-            F.binary_cross_entropy_with_logits(logits, part, reduction="none").sum(-1)
+            bernoulli_log_prob(logits, part).sum(-1)
 
-    def ours():
-        ll = log_likelihood(model, guide, x, num_samples=k, batch_size=100)
-        estimates["ppl_vae log_likelihood"] = float(ll.mean())
+    chunk = default_chunk_size(100, device)
+
+    def ours():  # as ppl-vae evaluate does it: 100 points at a time
+        ll = [
+            log_likelihood(model, guide, b, num_samples=k, chunk_size=chunk) for b in x.split(100)
+        ]
+        estimates["ppl_vae log_likelihood"] = float(torch.cat(ll).mean())
 
     contenders = {"bare decoder + Bernoulli log-prob": bare, "ppl_vae log_likelihood": ours}
     for b in args.pythae_batch:
@@ -106,7 +116,8 @@ def main(argv=None) -> int:
     med = medians(interleave(contenders, args.repeats, device))
     ours_s = med["ppl_vae log_likelihood"]
     lines = [
-        f"{describe(device)}; reference VAE (seed 0, untrained), {args.points} binarized test "
+        f"{describe(device)}; reference VAE (seed 0, "
+        f"{args.epochs} epochs of ppl_vae.train), {args.points} binarized test "
         f"images x K = {k}; {args.repeats} interleaved repeats, medians.",
         "",
         "| contender | seconds | points x samples / s | time / ppl_vae's | mean log p(x) |",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from ppl_vae.distributions import StandardNormal
+from ppl_vae.distributions import Bernoulli, StandardNormal
 from ppl_vae.errors import InputError
 from ppl_vae.registry import Registry
 from ppl_vae.sites import LATENT, OBSERVED, check_batch, data_plate
@@ -46,7 +46,7 @@ class BernoulliLikelihood(nn.Module):
         super().__init__()
 
     def forward(self, out: Tensor) -> Distribution:
-        return dist.Bernoulli(logits=out)
+        return Bernoulli(logits=out)  # Pyro's, with a faster log-probability without gradients
 
 
 def check_sigma(sigma: float) -> float:
