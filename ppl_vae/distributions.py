@@ -112,14 +112,30 @@ def bernoulli_log_prob(logits: Tensor, value: Tensor) -> Tensor:
 
 
 class Bernoulli(dist.Bernoulli):
-    r"""``pyro.distributions.Bernoulli`` whose log-probability, when no gradient is being
-    taken (importance sampling, evaluation), is :func:`bernoulli_log_prob`; with gradients it
-    is Pyro's own, so training is unchanged."""
+    r"""``pyro.distributions.Bernoulli`` whose log-probability (given logits) avoids
+    ``binary_cross_entropy_with_logits``, whose ``log1p`` torch runs one value at a time on a
+    CPU, forward and backward:
+
+    .. math:: \log p = x \ell - \tfrac12 (\ell + |\ell|) + \log \sigma(|\ell|)
+
+    With gradients (training) in vectorised operations whose backward is as cheap (0.47
+    against 0.98 ms forward and backward for 100 MNIST images on one thread, 5.8 against 9.6
+    for 1,000); without, :func:`bernoulli_log_prob`. Both equal Pyro's within float32
+    rounding (tests/test_distributions.py): :math:`\sigma(|\ell|) \in [\tfrac12, 1)` never
+    underflows, and rounding it to 1 for :math:`|\ell| > 17` drops at most
+    :math:`e^{-17} < 10^{-7}`.
+    """
 
     def log_prob(self, value: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or "logits" not in self.__dict__:
+        if "logits" not in self.__dict__:  # made from probs: Pyro's own
             return super().log_prob(value)
         if self._validate_args:
             self._validate_sample(value)
         logits, value = broadcast_all(self.logits, value)
+        if torch.is_grad_enabled() and (logits.requires_grad or value.requires_grad):
+            # max(l, 0) as (l + |l|) / 2: at l = 0 the gradients of |l| and max(l, 0) are
+            # taken as 0, and only this pairing leaves d/dl = x - 1/2 there
+            size = logits.abs()
+            log_sigmoid = torch.sigmoid(size).log()  # log sigma(|l|), in [-log 2, 0]
+            return torch.addcmul(log_sigmoid.sub(logits + size, alpha=0.5), value, logits)
         return bernoulli_log_prob(logits, value)
