@@ -23,11 +23,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from ppl_vae.distributions import Bernoulli
 from ppl_vae.errors import InputError
 from ppl_vae.guides import DiagonalNormalHead
 from ppl_vae.importance import log_likelihood
@@ -129,7 +129,7 @@ def _check_pair(x, y, event_shape: torch.Size, who: str) -> None:
 
 def _bernoulli(logits: Tensor, x: Tensor, event_dim: int) -> Distribution:
     """Bernoulli(logits) over the hidden pixels of ``x`` only (the rest masked off)."""
-    return dist.Bernoulli(logits=logits).mask(hidden_pixels(x)).to_event(event_dim)
+    return Bernoulli(logits=logits).mask(hidden_pixels(x)).to_event(event_dim)
 
 
 def _scored(x: Tensor, y: Tensor) -> Tensor:

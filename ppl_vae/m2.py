@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from ppl_vae.distributions import StandardNormal
+from ppl_vae.distributions import Bernoulli, StandardNormal
 from ppl_vae.errors import InputError
 from ppl_vae.guides import DiagonalNormalHead
 from ppl_vae.importance import log_likelihood
@@ -165,7 +165,7 @@ class M2Model(_Shaped):
 
     def observation(self, y: Tensor, z: Tensor) -> Distribution:
         """p(x|y, z), a Bernoulli per coordinate, event shape ``event_shape``."""
-        return dist.Bernoulli(logits=self.logits(y, z)).to_event(len(self.event_shape))
+        return Bernoulli(logits=self.logits(y, z)).to_event(len(self.event_shape))
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, num_data: int | None = None):
         _check_pair(x, y, self.event_shape, "the M2 model")

@@ -68,6 +68,7 @@ def test_bernoulli_log_prob_is_the_cross_entropy_within_float_rounding_with_and_
         leaf = logits.clone().requires_grad_()
         with_grad = Bernoulli(logits=leaf, validate_args=False).log_prob(x)
         with_grad.sum().backward()
+        assert torch.equal(fast, with_grad.detach())  # the same operations, in place or not
         for ours in (bernoulli_log_prob(logits, x), fast, with_grad.detach()):
             assert (ours - theirs).abs().max() <= 2.4e-7 * (1 + theirs.abs()).max()
             assert (ours.sum(-1).double() - exact.sum(-1)).abs().max() <= 2 * (
