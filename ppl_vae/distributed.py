@@ -244,19 +244,21 @@ class SharedSum:
     call's wait before that rank has finished reading).
 
     The file is unlinked as soon as every rank has mapped it, so nothing is left behind. A
-    rank that waits checks every half second whether a rank's process is gone
-    (:func:`stopped_ranks`), and raises :class:`RankStopped` naming it, as the backend's
-    collectives do. Used on Linux on x86-64 (whose stores become visible in order; the flag is
-    written after the copy's kernel has returned), when every rank is on this machine and gloo
-    is the backend; elsewhere :meth:`of` gives ``None`` and the backend sums.
+    rank that waits checks every half second whether another rank's process is gone (by the
+    process ids the ranks exchanged when the file was made, so rank 0's death is seen too,
+    though the group's store dies with it), and raises :class:`RankStopped` naming it, as the
+    backend's collectives do. Used on Linux on x86-64 (whose stores become visible in order;
+    the flag is written after the copy's kernel has returned), when every rank is on this
+    machine and gloo is the backend; elsewhere :meth:`of` gives ``None`` and the backend sums.
     """
 
     POLL = 0.5  # seconds between checks for a stopped rank while waiting
     _made: dict[tuple, SharedSum | None] = {}  # per process group, size and dtype
 
-    def __init__(self, numel: int, dtype: torch.dtype, path: str):
+    def __init__(self, numel: int, dtype: torch.dtype, path: str, pids: Sequence[int]):
         w = world()
         self.rank, self.size, self.numel, self.calls = w.rank, w.size, numel, 0
+        self.peers = {rank: pid for rank, pid in enumerate(pids) if rank != w.rank}
         item = torch.empty((), dtype=dtype).element_size()
         data_bytes = -(-2 * w.size * numel * item // 8) * 8  # the flags start 8-aligned
         raw = torch.from_file(path, shared=True, size=data_bytes + 8 * w.size, dtype=torch.uint8)
@@ -285,8 +287,8 @@ class SharedSum:
             and os.path.isdir(SHM)
             and os.access(SHM, os.W_OK)
         )
-        places = all_gather_objects((_machine(), usable))
-        if not all(ok and where == places[0][0] for where, ok in places):
+        places = all_gather_objects((_machine(), usable, os.getpid()))
+        if not all(ok and where == places[0][0] for where, ok, _ in places):
             return None
         path = None
         if world().main:
@@ -294,7 +296,7 @@ class SharedSum:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
         (path,) = {p for p in all_gather_objects(path) if p is not None}
         try:
-            summer = cls(numel, like.dtype, path)
+            summer = cls(numel, like.dtype, path, [pid for _, _, pid in places])
             barrier()  # every rank has mapped the file
         finally:
             if world().main:
@@ -325,7 +327,7 @@ class SharedSum:
             os.sched_yield()
             spins += 1
             if spins % 1024 == 0 and time.monotonic() > check:
-                gone = stopped_ranks(wait=0.0)
+                gone = [rank for rank, pid in self.peers.items() if not _running(pid)]
                 if gone or time.monotonic() - start > TIMEOUT.total_seconds():
                     raise RankStopped(gone, f"no sum from every rank in {TIMEOUT}")
                 check = time.monotonic() + self.POLL

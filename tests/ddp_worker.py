@@ -8,10 +8,15 @@ parameters and the metrics to OUT from rank 0. With ``--m2`` it trains the M2 mo
 points, batches of 16 (the labelled ones in batches of 5, a last of 2): the steps split both
 batches across the ranks, with different shares. With ``--sums`` it sums made-up gradients
 over the ranks five times, through shared memory and through gloo, and saves both with the
-sum made here from every rank's values (each rank's are drawn from a seed of its rank).
+sum made here from every rank's values (each rank's are drawn from a seed of its rank). With
+``--orphan`` (started by hand, not by torchrun) both ranks sum once through shared memory, then
+rank 0 prints ``ready`` and sleeps while rank 1 waits in a second sum: killed, rank 0 must be
+named by rank 1, which prints the error and exits with status 3.
 """
 
 import argparse
+import os
+import time
 
 import pyro
 import pyro.distributions as dist
@@ -19,7 +24,15 @@ import torch
 from torch import nn
 
 from ppl_vae.data import Data
-from ppl_vae.distributed import SharedSum, barrier, destroy, init, reduce_gradients, world
+from ppl_vae.distributed import (
+    RankStopped,
+    SharedSum,
+    barrier,
+    destroy,
+    init,
+    reduce_gradients,
+    world,
+)
 from ppl_vae.m2 import M2Guide, M2Model
 from ppl_vae.semisupervised import SemiSupervised
 from ppl_vae.svi import TrainConfig, train
@@ -90,14 +103,33 @@ def sums(out: str) -> None:
         torch.save(record, out)
 
 
+def orphan() -> None:
+    """Rank 1 left waiting in a shared sum while rank 0 sleeps (to be killed)."""
+    param = torch.zeros(3, requires_grad=True)
+    param.grad = torch.ones(3)
+    reduce_gradients([param], 1.0, shared=True)
+    if world().main:
+        print("ready", flush=True)
+        time.sleep(600)
+    param.grad = torch.ones(3)
+    try:
+        reduce_gradients([param], 1.0, shared=True)
+    except RankStopped as e:
+        print(e, flush=True)
+        os._exit(3)  # the group cannot be left cleanly: its store died with rank 0
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--capture", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--m2", action="store_true")
     parser.add_argument("--sums", action="store_true")
+    parser.add_argument("--orphan", action="store_true")
     args = parser.parse_args()
     init(torch.device("cpu"))
+    if args.orphan:
+        orphan()
     if args.sums:
         sums(args.out)
         barrier()

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,6 +158,40 @@ def test_shared_memory_sums_equal_gloos_to_the_bit_and_leave_no_file(tmp_path):
             torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
     assert len({float(s[2][0]) for s in record["shared"]}) == 5  # five different sums
     assert set(glob.glob("/dev/shm/ppl_vae-sum-*")) == before
+
+
+def test_a_rank_waiting_in_the_shared_sum_names_rank_0_when_it_dies(tmp_path):
+    """Rank 0 holds the group's store, so its death cannot be looked up there: the ranks
+    exchanged their process ids when the shared memory was made, and rank 1 names rank 0
+    within a second or two instead of waiting out the 30-minute timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, WORKER, tmp_path / "x", "--orphan"],
+            cwd=ROOT,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    try:
+        assert ranks[0].stdout.readline().strip() == "ready", ranks[0].stderr.read()
+        time.sleep(0.5)  # rank 1 is waiting in the second sum
+        t0 = time.monotonic()
+        os.kill(ranks[0].pid, signal.SIGKILL)
+        out, err = ranks[1].communicate(timeout=60)
+        assert (ranks[1].returncode, out) == (3, "rank 0 stopped (its process ended)\n"), err
+        assert time.monotonic() - t0 < 20
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
