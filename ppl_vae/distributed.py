@@ -257,7 +257,7 @@ class SharedSum:
 
     def __init__(self, numel: int, dtype: torch.dtype, path: str, pids: Sequence[int]):
         w = world()
-        self.rank, self.size, self.numel, self.calls = w.rank, w.size, numel, 0
+        self.rank, self.calls = w.rank, 0
         self.peers = {rank: pid for rank, pid in enumerate(pids) if rank != w.rank}
         item = torch.empty((), dtype=dtype).element_size()
         data_bytes = -(-2 * w.size * numel * item // 8) * 8  # the flags start 8-aligned

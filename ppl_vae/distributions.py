@@ -1,5 +1,5 @@
 r"""Densities in few tensor operations: the standard-normal prior, the guides' head, and the
-Bernoulli likelihood's log-probability when no gradient is taken."""
+Bernoulli likelihood's log-probability in vectorised operations."""
 
 from __future__ import annotations
 

@@ -56,9 +56,10 @@ MNIST_FILES = {  # the uncompressed files torchvision reads, and their sizes in 
 }
 
 
-def check_idx_file(path: Path) -> None:
-    """An error naming ``path`` if it is not a whole IDX file of unsigned bytes (the format of
-    MNIST's files: a magic number 0x0000080D for D dimensions, D sizes, then the bytes)."""
+def check_idx_file(path: Path) -> tuple[int, ...]:
+    """The shape an IDX file of unsigned bytes gives in its header (the format of MNIST's
+    files: a magic number 0x0000080D for D dimensions, D sizes, then the bytes); an error naming
+    ``path`` if it is not a whole one."""
     header = np.fromfile(path, dtype=">u4", count=4)
     ndim = int(header[0]) - 0x800 if len(header) else -1
     if not 1 <= ndim <= 3 or len(header) < 1 + ndim:
@@ -72,6 +73,7 @@ def check_idx_file(path: Path) -> None:
             f"{path} has {path.stat().st_size} bytes, not the {expected} its header gives: it "
             f"is truncated or corrupt; delete it (and its .gz) and fetch it again"
         )
+    return tuple(int(n) for n in header[1 : 1 + ndim])
 
 
 def read_idx(path: Path) -> Tensor:
@@ -79,11 +81,8 @@ def read_idx(path: Path) -> Tensor:
     the shape its header gives: what torchvision's MNIST reader returns for it, without
     importing torchvision (whose import takes longer than reading MNIST).
     """
-    check_idx_file(path)
-    header = np.fromfile(path, dtype=">u4", count=4)
-    ndim = int(header[0]) - 0x800
-    shape = tuple(int(n) for n in header[1 : 1 + ndim])
-    data = np.fromfile(path, dtype=np.uint8, offset=4 * (1 + ndim))
+    shape = check_idx_file(path)
+    data = np.fromfile(path, dtype=np.uint8, offset=4 * (1 + len(shape)))
     return torch.from_numpy(data.reshape(shape))
 
 
@@ -111,11 +110,12 @@ class TorchvisionSet:
                     f"{self.sizes[i]}: it is truncated or corrupt; delete it (and its .gz) and "
                     f"fetch it again"
                 )
-            if path.is_file():
-                check_idx_file(path)
         if all((raw / name).is_file() for name in self.files):  # read here: no torchvision
-            data = [read_idx(raw / name) for name in self.files]
+            data = [read_idx(raw / name) for name in self.files]  # each checked as it is read
             return self._tensors(data[0::2], data[1::2])
+        for name in self.files:  # the files that are there, before torchvision reads them
+            if (raw / name).is_file():
+                check_idx_file(raw / name)
         created = [d for d in (root, root / self.cls, raw) if not d.exists()]
         images, labels = [], []
         for train in (True, False):
@@ -141,7 +141,7 @@ class TorchvisionSet:
         """(train, test) uint8 images and labels -> the loader's four tensors."""
         x = [im.transpose(1, 2) if self.transposed else im for im in images]
         x = [im.unsqueeze(1).float().div_(255.0) for im in x]
-        return x[0], x[1], labels[1].long().clone(), labels[0].long().clone()
+        return x[0], x[1], labels[1].to(torch.long, copy=True), labels[0].to(torch.long, copy=True)
 
     def _read(self, root: Path, train: bool, download: bool):
         import torchvision.datasets  # torchvision only when one of its sets is asked for
