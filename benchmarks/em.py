@@ -13,6 +13,10 @@ statistics). Contenders: scikit-learn on float64 data (its reference dtype) and 
 on float64 and float32 tensors. Everything runs on one thread: ``torch.set_num_threads(1)`` and
 ``threadpoolctl.threadpool_limits(1)`` for NumPy/SciPy's BLAS.
 
+Memory: each fit's peak resident memory above what the process held before it (the data and the
+start already made), measured in a fresh process per contender (Linux: the peak is reset through
+``/proc/self/clear_refs`` just before the fit).
+
 Run: ``python benchmarks/em.py --write`` (``--write`` updates docs/BENCHMARKS.md).
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
 import sys
 import warnings
 
@@ -98,7 +103,54 @@ def time_all(covariance: str, n: int, d: int, k: int, iters: int, repeats: int) 
     return {"median": medians(times), "scores": scores}
 
 
+def _peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def peak_growth(who: str, dtype: str, covariance: str, n: int, d: int, k: int) -> float:
+    """MiB of peak memory a 2-iteration fit adds, in a fresh process (``em.py --peak ...``)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak", who, dtype, covariance, str(n), str(d), str(k)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(out.stdout.split()[-1])
+
+
+def _peak_child(who: str, dtype: str, covariance: str, n: str, d: str, k: str) -> None:
+    import gc
+
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    x, w, m, p = problem(int(n), int(d), int(k))
+    x, w, m, p = (a.astype(dtype) for a in (x, w, m, p[covariance]))
+    if who == "ours":
+        x, w, m, p = (torch.from_numpy(a) for a in (x, w, m, p))
+        gm = GaussianMixture(int(k), covariance, tol=0, max_iter=2)
+        fit = lambda: gm.fit(x, weights_init=w, means_init=m, precisions_init=p)  # noqa: E731
+    else:
+        from sklearn.mixture import GaussianMixture as SklearnMixture
+
+        gm = SklearnMixture(
+            int(k), covariance_type=covariance, tol=0, max_iter=2,
+            weights_init=w, means_init=m, precisions_init=p,
+        )  # fmt: skip
+        fit = lambda: gm.fit(x)  # noqa: E731
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak restarts from the current resident memory
+    before = _peak_mib()
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit()
+    print(f"{_peak_mib() - before:.1f}")
+
+
 def main(argv=None) -> int:
+    if argv is None and sys.argv[1:2] == ["--peak"]:
+        _peak_child(*sys.argv[2:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--points", type=int, default=100_000)
     parser.add_argument("--dims", type=int, default=32)
@@ -109,12 +161,19 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     import sklearn
 
-    rows = []
+    rows, peak_rows = [], []
     for covariance in args.covariances.split(","):
         r = time_all(
             covariance, args.points, args.dims, args.components, args.iterations, args.repeats
         )
         t, s = r["median"], r["scores"]
+        peaks = [
+            peak_growth(who, dtype, covariance, args.points, args.dims, args.components)
+            for dtype in ("float64", "float32")
+            for who in ("sklearn", "ours")
+        ]
+        peak_rows.append(f"| {covariance} | " + " | ".join(f"{m:.0f}" for m in peaks) + " |")
+        print(peak_rows[-1], flush=True)
         ref = s["sklearn float64"]
         rows.append(
             f"| {covariance} | {t['sklearn float64']:.2f} | {t['ours float64']:.2f} | "
@@ -143,6 +202,13 @@ def main(argv=None) -> int:
             "f64: ours f64 | sklearn f32 | ours f32 |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
+            "",
+            "Peak memory a fit adds above the data and start it was handed (MiB; 2 iterations, "
+            "one fresh process each):",
+            "",
+            "| covariance | sklearn f64 | ours f64 | sklearn f32 | ours f32 |",
+            "|---|---|---|---|---|",
+            *peak_rows,
         ]
     )
     if args.write:

@@ -405,3 +405,52 @@ def test_the_same_fit_on_cuda_and_cpu(dtype):
     xb = torch.bernoulli(torch.full((500, 20), 0.3, dtype=dtype))
     bm = BernoulliMixture(3, seed=0, max_iter=5, init="random").fit(xb.cuda())
     assert bm.means_.is_cuda and bm.score(xb) < 0
+
+
+# -- the computations -----------------------------------------------------------------------------
+
+
+def test_full_statistics_are_the_points_and_their_products_made_per_chunk(monkeypatch):
+    from ppl_vae.mixture import chunks
+    from ppl_vae.mixture.covariances import computation
+
+    x = torch.randn(50, 5, dtype=F64)
+    rows, cols = torch.triu_indices(5, 5)
+    expected = torch.cat([x, x[:, rows] * x[:, cols]], 1)
+    for covariance_type in ("full", "tied"):
+        assert torch.equal(computation(covariance_type, F64).statistics(x), expected)
+    made = []  # float64 full keeps no cache of D (D + 3) / 2 values per point
+
+    class Spy(chunks.ChunkedStatistics):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.cached)
+
+    monkeypatch.setattr("ppl_vae.mixture.base.ChunkedStatistics", Spy)
+    x, w, m, p = blobs()
+    GaussianMixture(4, tol=0, max_iter=2).fit(torch.from_numpy(x))
+    GaussianMixture(4, "diag", tol=0, max_iter=2).fit(torch.from_numpy(x))
+    assert made[0] is None and made[1] is not None
+
+
+@pytest.mark.parametrize("kept", ["all pairs", "one component each", "a few pairs each"])
+def test_float32_scatter_sums_equal_the_explicit_sums_in_float64(kept):
+    from ppl_vae.mixture.covariances import computation
+
+    g = torch.Generator().manual_seed(0)
+    k, d, n = 10, 4, 300  # two of ten components each: a fifth of the pairs (the sparse path)
+    x = torch.randn(n, d, generator=g) + 3
+    c = torch.randn(k, d, generator=g)
+    resp = torch.softmax(4 * torch.randn(k, n, generator=g), 0)
+    if kept != "all pairs":  # the rest far below float32's resolution, or exactly zero
+        top = resp.topk(1 if kept == "one component each" else 2, 0).indices
+        mask = torch.zeros_like(resp, dtype=torch.bool).scatter_(0, top, True)
+        resp = torch.where(mask, resp, resp * 1e-20)
+        resp[:, ::7] = torch.where(mask[:, ::7], resp[:, ::7], 0.0)
+        resp = resp / resp.sum(0)
+    sums = computation("full", torch.float32).sums(resp, x, lambda: c)
+    r, x64, c64 = resp.double(), x.double(), c.double()
+    z = x64.unsqueeze(0) - c64.unsqueeze(1)  # (k, n, d)
+    scatter = torch.einsum("kn,kni,knj->kij", r, z, z)
+    expected = torch.cat([r @ x64, scatter.flatten(1)], 1)
+    assert torch.allclose(sums.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())

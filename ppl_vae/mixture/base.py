@@ -206,6 +206,10 @@ class Mixture(DensityMixin, BaseEstimator):
     def _work_width(self, x: Tensor) -> int | None:
         return None
 
+    def _cache_statistics(self) -> bool:
+        """Whether to keep the training set's statistics between passes (if they fit)."""
+        return True
+
     def _centre_on(self, resp: Tensor, x: Tensor) -> None:
         """Called with the initial responsibilities before the first M-step."""
 
@@ -367,7 +371,9 @@ class Mixture(DensityMixin, BaseEstimator):
         if do_init:
             self._start(x)
         xc = self._prepare(x)
-        source = ChunkedStatistics(self._statistics, xc, self._work_width(xc))
+        source = ChunkedStatistics(
+            self._statistics, xc, self._work_width(xc), cache=self._cache_statistics()
+        )
         g = self._generator()
         best = None
         runs = int(self.n_init) if do_init else 1

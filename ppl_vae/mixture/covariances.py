@@ -41,15 +41,6 @@ def _outer(v: Tensor) -> Tensor:
     return v.unsqueeze(-1) * v.unsqueeze(-2)
 
 
-def _quadratic_features(x: Tensor, out: Tensor) -> Tensor:
-    """Writes the products x_i x_j (i <= j, row-major upper triangle) of every row into ``out``."""
-    d, start = x.shape[1], 0
-    for i in range(d):
-        torch.mul(x[:, i : i + 1], x[:, i:], out=out[:, start : start + d - i])
-        start += d - i
-    return out
-
-
 Centre = Callable[[], Tensor]
 """The current (centred) means, (K, D), computed when called: the scatter's centre."""
 
@@ -99,6 +90,7 @@ class Computation:
     """
 
     centres_first = False  # the first sums are taken about the weighted means (scatter)
+    cache = True  # keep the statistics of the training set (if they fit); False: per chunk
     precisions = staticmethod(_matrix_precisions)
 
     def work_width(self, k: int, d: int) -> int | None:
@@ -138,12 +130,20 @@ class Computation:
 
 
 class _FullMoments(Computation):
+    # Made per chunk, feature-major, they cost no more than reading a cache of D (D + 3) / 2
+    # values per point (docs/BENCHMARKS.md), so the extra memory is one chunk's.
+    cache = False
+
     def statistics(self, x: Tensor) -> Tensor:
+        """T(x) as a (n, F) view of a feature-major (F, n) tensor."""
         n, d = x.shape
-        out = x.new_empty(n, d + d * (d + 1) // 2)
-        out[:, :d] = x
-        _quadratic_features(x, out[:, d:])
-        return out
+        out = x.new_empty(d + d * (d + 1) // 2, n)
+        out[:d] = x.T
+        start = d
+        for i in range(d):  # rows x_i x_j, j >= i: one broadcast product of contiguous rows each
+            torch.mul(out[i : i + 1], out[i:d], out=out[start : start + d - i])
+            start += d - i
+        return out.T
 
     def _linear(self, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         k, d = mu.shape
@@ -222,18 +222,43 @@ class _FullScatter(Computation):
         u = u.expand(k, d, d)
         log_det = u.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         b = weights.log() + log_det - 0.5 * d * LOG_2PI
-        return u.transpose(0, 1).reshape(d, k * d), -(mu.unsqueeze(1) @ u).reshape(k * d), b
+        u_all, offset = u.transpose(0, 1).reshape(d, k * d), -(mu.unsqueeze(1) @ u).reshape(k * d)
+        return u_all, offset, b, [u_all.new_empty(0)]  # the last: a work space reused by chunks
 
     def joint(self, stats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
-        u_all, offset, b = natural  # (D, K D), (K D,), (K,)
-        k = b.shape[0]
-        y = torch.addmm(offset, stats, u_all).square_()  # ((x - mu_k) U_k)^2, (n, K D)
-        return b.unsqueeze(1) - 0.5 * y.view(stats.shape[0], k, -1).sum(-1).T
+        u_all, offset, b, work = natural  # (D, K D), (K D,), (K,), [(n, K D)]
+        n, k = stats.shape[0], b.shape[0]
+        if work[0].shape[0] < n:  # one (n, K D) block per pass rather than one per chunk
+            work[0] = u_all.new_empty(n, u_all.shape[1])
+        y = torch.addmm(offset, stats, u_all, out=work[0][:n]).square_()  # ((x - mu_k) U_k)^2
+        return b.unsqueeze(1) - 0.5 * y.view(n, k, -1).sum(-1).T
 
-    def sums(self, resp: Tensor, stats: Tensor, centre: Tensor) -> Tensor:
-        # sum_n r x and the scatter sum_n r (x - c_k)(x - c_k)^T about the current means c_k
-        z = (stats.unsqueeze(0) - centre().unsqueeze(1)) * resp.sqrt()[..., None]
-        return torch.cat([resp @ stats, (z.mT @ z).flatten(1)], 1)
+    def sums(self, resp: Tensor, stats: Tensor, centre: Centre) -> Tensor:
+        """sum_n r x and the scatter sum_n r (x - c_k)(x - c_k)^T about the current means c_k.
+
+        A pair (point, component) whose responsibility is below eps^2 (1.4e-14 in float32) is
+        left out of the scatter: it would change it by eps^2 times its squared distance, far below
+        the sum's rounding unless that point is some 10^7 variances away. When at most a quarter
+        of the pairs remain (each point mostly in a few components, as once clusters separate),
+        the scatter is summed over the remaining pairs only, each component's with one product;
+        otherwise over all pairs with one batched product.
+        """
+        c = centre()
+        keep = resp > torch.finfo(resp.dtype).eps ** 2
+        counts = keep.sum(1)
+        if 4 * int(counts.sum()) > resp.numel():
+            z = (stats.unsqueeze(0) - c.unsqueeze(1)).mul_(resp.sqrt()[..., None])
+            scatter = z.mT @ z
+        else:
+            k_of, n_of = keep.nonzero(as_tuple=True)  # ordered by component
+            z = stats.index_select(0, n_of) - c.index_select(0, k_of)
+            z.mul_(resp[k_of, n_of].sqrt_().unsqueeze(1))
+            d = stats.shape[1]
+            scatter = stats.new_zeros(resp.shape[0], d, d)
+            for k, part in enumerate(z.split(counts.tolist())):
+                if part.shape[0]:
+                    torch.mm(part.T, part, out=scatter[k])
+        return torch.cat([resp @ stats, scatter.flatten(1)], 1)
 
     @staticmethod
     def _scatter(stats: Tensor, nk: Tensor, mu: Tensor, centre: Tensor) -> Tensor:

@@ -237,6 +237,9 @@ class GaussianMixture(Mixture):
     def _work_width(self, x: Tensor) -> int | None:
         return self._computation.work_width(self.n_components, x.shape[1])
 
+    def _cache_statistics(self) -> bool:
+        return self._computation.cache
+
     def _statistics(self, x: Tensor) -> Tensor:
         return self._computation.statistics(x)
 
