@@ -186,8 +186,9 @@ class Mixture(DensityMixin, BaseEstimator):
     def _start(self, x: Tensor) -> None:
         """Called with the points (checked) when a fit starts afresh, not on a warm start."""
 
-    def _statistics(self, x: Tensor) -> Tensor:
-        """Sufficient statistics T(x), shape (n, F), of prepared (e.g. centred) points."""
+    def _statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """Sufficient statistics T(x), shape (n, F), of prepared (e.g. centred) points; ``out``:
+        a flat work space of at least n F values they may be written into, or None."""
         raise NotImplementedError
 
     def _natural(self) -> tuple[Tensor, ...]:

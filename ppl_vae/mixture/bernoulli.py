@@ -134,7 +134,7 @@ class BernoulliMixture(Mixture):
             raise InputError("means_init must lie strictly between 0 and 1")
         return out
 
-    def _statistics(self, x: Tensor) -> Tensor:
+    def _statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         return x
 
     def _natural(self) -> tuple[Tensor, Tensor]:

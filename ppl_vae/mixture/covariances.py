@@ -97,8 +97,9 @@ class Computation:
         """Values per row a pass works on, if more than the statistics have."""
         return None
 
-    def statistics(self, x: Tensor) -> Tensor:
-        """T(x) of centred points, shape (n, F)."""
+    def statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """T(x) of centred points, shape (n, F); ``out``, if given, a flat work space of at
+        least n F values the statistics may be written into (reused from chunk to chunk)."""
         raise NotImplementedError
 
     def _linear(self, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,10 +135,11 @@ class _FullMoments(Computation):
     # values per point (docs/BENCHMARKS.md), so the extra memory is one chunk's.
     cache = False
 
-    def statistics(self, x: Tensor) -> Tensor:
-        """T(x) as a (n, F) view of a feature-major (F, n) tensor."""
+    def statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """T(x) as a (n, F) view of a feature-major (F, n) tensor (in ``out`` if given)."""
         n, d = x.shape
-        out = x.new_empty(d + d * (d + 1) // 2, n)
+        f = d + d * (d + 1) // 2
+        out = x.new_empty(f, n) if out is None else out[: f * n].view(f, n)
         out[:d] = x.T
         start = d
         for i in range(d):  # rows x_i x_j, j >= i: one broadcast product of contiguous rows each
@@ -180,7 +182,7 @@ class _TiedMoments(_FullMoments):
 class _DiagMoments(Computation):
     precisions = staticmethod(_vector_precisions)
 
-    def statistics(self, x: Tensor) -> Tensor:
+    def statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         return torch.cat([x, x * x], 1)
 
     def _linear(self, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,7 +197,7 @@ class _DiagMoments(Computation):
 class _SphericalMoments(Computation):
     precisions = staticmethod(_vector_precisions)
 
-    def statistics(self, x: Tensor) -> Tensor:
+    def statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         return torch.cat([x, (x * x).sum(1, keepdim=True)], 1)
 
     def _linear(self, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -213,7 +215,7 @@ class _FullScatter(Computation):
     def work_width(self, k: int, d: int) -> int | None:
         return k * d
 
-    def statistics(self, x: Tensor) -> Tensor:
+    def statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         return x
 
     def natural(self, weights: Tensor, mu: Tensor, u: Tensor) -> tuple[Tensor, ...]:

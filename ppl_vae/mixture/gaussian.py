@@ -240,8 +240,8 @@ class GaussianMixture(Mixture):
     def _cache_statistics(self) -> bool:
         return self._computation.cache
 
-    def _statistics(self, x: Tensor) -> Tensor:
-        return self._computation.statistics(x)
+    def _statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        return self._computation.statistics(x, out)
 
     def _natural(self) -> tuple[Tensor, ...]:
         mu = self.means_ - self._shift
