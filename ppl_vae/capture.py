@@ -256,7 +256,7 @@ class CapturedLoss:
 
     def _not_compiled(self, record: fx.GraphModule, why: str) -> fx.GraphModule:
         warnings.warn(
-            f"the recorded SVI step runs uncompiled: {why}; drop --compile to silence this",
+            f"the recorded SVI step runs uncompiled: {why}; pass --no-compile to silence this",
             RuntimeWarning,
             stacklevel=5,
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -129,12 +131,12 @@ class TrainConfig:
         True, "replay a checked record of each step's tensor operations instead of running "
         "the Pyro program again (same numbers, less Python per step)",
     )  # fmt: skip
-    compile: bool = option(
-        False, "compile each step's record with torch.compile (inductor), checked against the "
+    compile: bool | None = option(
+        None, "compile each step's record with torch.compile (inductor), checked against the "
         "program like the record; on one CPU thread the compiled step took 0.84-0.87 of the "
-        "record's time after 5-15 s of compiling per batch shape, paid back after about "
-        "20,000 steps at batch 100 (35 MNIST epochs) and 1,200 at batch 1000 "
-        "(docs/BENCHMARKS.md)",
+        "record's time after 5-15 s of compiling per batch shape (docs/BENCHMARKS.md). "
+        "Default: decided after the first epoch at the final KL weight: on (CPU with a C++ "
+        "compiler) when the epochs left would take 10 minutes or more uncompiled",
     )  # fmt: skip
 
     def __post_init__(self):
@@ -333,6 +335,20 @@ def svi_step(
     return value.detach()
 
 
+COMPILE_PAYS_SECONDS = 600.0
+"""Uncompiled training time left from which ``TrainConfig.compile``'s default turns it on (CPU):
+the compiled step took 0.84-0.87 of the record's time after 5-15 s of compiling per batch shape
+(docs/BENCHMARKS.md), so ten minutes saves some 80 s against at most 30 s of compiling."""
+
+
+def can_compile_by_default(config: TrainConfig, device: torch.device) -> bool:
+    """Whether ``config.compile``'s default (None) may turn compiling on: a recorded step on a
+    CPU with a C++ compiler. CUDA stays uncompiled by default: its pay-back is not measured."""
+    if config.compile is not None or not config.capture or device.type != "cpu":
+        return False
+    return any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++"))
+
+
 def step_loss(
     elbo: ELBO | IWAELoss,
     model: Callable,
@@ -356,9 +372,18 @@ class StepLosses:
     """
 
     def __init__(
-        self, model, guide, params, *, config: TrainConfig, objective: SemiSupervised | None = None
+        self,
+        model,
+        guide,
+        params,
+        *,
+        config: TrainConfig,
+        objective: SemiSupervised | None = None,
+        undecided: bool = False,
     ):
         self.model, self.guide, self.params, self.config = model, guide, params, config
+        self.compile = bool(config.compile)
+        self.undecided = undecided  # the default's choice to compile is still to be made
         self.objective = objective  # a SemiSupervised objective (M2), or None: config.loss
         self.elbo = objective or make_loss(config)
         self.losses: dict[float, Callable[..., Tensor]] = {}
@@ -374,12 +399,17 @@ class StepLosses:
                 )
             self.losses[weight] = step_loss(
                 self.elbo, model, guide, self.params, capture=self.config.capture,
-                compile=self.config.compile,
+                compile=self.compile,
             )  # fmt: skip
         loss = self.losses[weight]
         if isinstance(loss, CapturedLoss):
             loss.recheck()  # the program may have changed since (e.g. by on_epoch)
         return loss
+
+    def compile_from_now(self) -> None:
+        """Compiles the records from the next use on (made again, then compiled)."""
+        self.compile, self.undecided = True, False
+        self.losses.clear()
 
     @property
     def compile_seconds(self) -> float:
@@ -587,7 +617,10 @@ def init_state(
         )
         epoch, metrics = resume_from.epoch, list(resume_from.metrics)
         untrained = resume_from.untrained_elbo
-    losses = StepLosses(model, guide, params, config=config, objective=objective)
+    losses = StepLosses(
+        model, guide, params, config=config, objective=objective,
+        undecided=can_compile_by_default(config, device),
+    )  # fmt: skip
     return LoopState(epoch, params, optimizer, generator, losses, metrics, untrained)
 
 
@@ -654,6 +687,8 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
     compiling = state.losses.compile_seconds
     train_elbo, gradients = _train_pass(state, data, config, loss=loss, epoch=epoch, quiet=quiet)
     compiling = state.losses.compile_seconds - compiling  # part of the pass's time
+    if state.losses.undecided and weight == kl_weight(config.epochs, config):
+        _decide_compile(state.losses, time.perf_counter() - t0, epoch, config, quiet=quiet)
     model, guide = state.losses.model, state.losses.guide
     objective = state.losses.objective
     elbos = {
@@ -683,6 +718,23 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
     state.metrics.append(metrics)
     state.epoch = epoch
     return metrics
+
+
+def _decide_compile(
+    losses: StepLosses, seconds: float, epoch: int, config: TrainConfig, *, quiet: bool
+) -> None:
+    """``TrainConfig.compile``'s default, from the pass just timed (at the final KL weight)."""
+    left = seconds * (config.epochs - epoch)
+    if left < COMPILE_PAYS_SECONDS:
+        losses.undecided = False
+        return
+    losses.compile_from_now()
+    if not quiet and world().rank == 0:
+        tqdm.write(
+            f"compiling the step from epoch {epoch + 1}: about {left / 60:.0f} min of training "
+            f"left uncompiled (--no-compile to keep it uncompiled)",
+            file=sys.stderr,
+        )
 
 
 def _train_pass(

@@ -11,7 +11,13 @@ from torch import fx
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.errors import InputError
 from ppl_vae.networks import NetworkConfig
-from ppl_vae.svi import StepLosses, TrainConfig, collect_params, train
+from ppl_vae.svi import (
+    StepLosses,
+    TrainConfig,
+    can_compile_by_default,
+    collect_params,
+    train,
+)
 from ppl_vae.vae import VAEConfig, build_vae
 
 
@@ -99,3 +105,35 @@ def test_compile_needs_the_record(tmp_path, capsys):
                            "--out", tmp_path / "r", capsys=capsys)  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "drop --no-capture" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_compile_by_default_only_where_it_can():
+    cpu = torch.device("cpu")
+    assert TrainConfig().compile is None
+    assert can_compile_by_default(TrainConfig(), cpu)  # gcc is on this machine and CI's
+    assert not can_compile_by_default(TrainConfig(compile=False), cpu)
+    assert not can_compile_by_default(TrainConfig(compile=True), cpu)  # decided already
+    assert not can_compile_by_default(TrainConfig(capture=False), cpu)
+    assert not can_compile_by_default(TrainConfig(), torch.device("cuda"))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("shutil.which", lambda name: None)  # no C++ compiler
+        assert not can_compile_by_default(TrainConfig(), cpu)
+
+
+@pytest.mark.parametrize("kl_warmup", [0, 3])
+def test_the_default_compiles_when_the_time_left_would_pay_for_it(monkeypatch, capsys, kl_warmup):
+    # the rule, scaled down: 0.05 s left uncompiled pays, measured on the first epoch at the
+    # final KL weight (epoch 1, or the warm-up's last: 3); so a run that ends there never
+    # compiles and one with three epochs more compiles from the next epoch on
+    data = load_data(DataConfig("pinwheel", num_train=400, num_test=100))
+    monkeypatch.setattr("ppl_vae.svi.COMPILE_PAYS_SECONDS", 0.05)
+    first = max(1, kl_warmup)
+    compiled = {}
+    for epochs in (first, first + 3):
+        torch.manual_seed(0)
+        model, guide = build_vae(VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(8,))), data)
+        config = TrainConfig(epochs=epochs, batch_size=100, kl_warmup=kl_warmup)
+        metrics = train(model, guide, data, config)
+        compiled[epochs] = [m["epoch"] for m in metrics if m.get("compile_seconds", 0) > 0]
+    assert compiled == {first: [], first + 3: [first + 1]}
+    assert capsys.readouterr().err.count(f"compiling the step from epoch {first + 1}") == 1
