@@ -46,15 +46,19 @@ class GaussianMixture(Mixture):
     Computation: a Gaussian is an exponential family with sufficient statistics
     :math:`T(x) = (x, x_i x_j)_{i \le j}`, so the log-densities of all points under all
     components are one matrix product :math:`T(x) A` and the M-step sums are one product
-    :math:`r^\top T(x)`; :math:`T` of the training set is computed once (if it fits in
-    ``chunks.CACHE_BYTES``) and each iteration is a single pass over it in cache-sized chunks.
+    :math:`r^\top T(x)`; each iteration is a single pass over the data in cache-sized chunks.
+    :math:`T` of the training set is computed once and kept (if it fits in
+    ``chunks.CACHE_BYTES``) for ``diag`` and ``spherical``; ``full`` and ``tied``'s
+    :math:`D (D + 3) / 2` values per point are made per chunk instead, as fast as reading them.
     The data are centred on their mean first. The expansion
     :math:`(x-\mu)^\top P (x-\mu) = x^\top P x - 2 x^\top P \mu + \mu^\top P \mu` rounds to
     about machine epsilon times the squared Mahalanobis distance of a point from the data mean:
     negligible in float64, but not in float32 for thin components far from the mean. So in
     float32, ``full`` and ``tied`` mixtures are computed per component as scikit-learn does --
     :math:`\|(x - \mu_k) U_k\|^2` from one product :math:`x [U_1 \dots U_K]`, and the M-step's
-    scatter about the current means with one batched product; ``diag`` and ``spherical`` use the
+    scatter about the current means with one batched product (or, once each point lies mostly
+    in a few components, one product per component over the pairs whose responsibility is
+    above :math:`\epsilon^2`); ``diag`` and ``spherical`` use the
     expansion in both dtypes. Each is one :class:`~ppl_vae.mixture.covariances.Computation`,
     chosen by covariance type and dtype when a fit starts. Speed and float32 accuracy against
     scikit-learn: see docs/BENCHMARKS.md (measured by ``benchmarks/em.py``); agreement with
