@@ -115,7 +115,10 @@ def bernoulli_log_prob(logits: Tensor, value: Tensor) -> Tensor:
         log_sigmoid = torch.sigmoid(size).log()  # log sigma(|l|), in [-log 2, 0]
         return torch.addcmul(log_sigmoid.sub(logits + size, alpha=0.5), value, logits)
     out = torch.sigmoid(size).log_()  # the same operations in place, on new tensors
-    return out.sub_(size.add_(logits), alpha=0.5).addcmul_(value, logits)
+    out.sub_(size.add_(logits), alpha=0.5)
+    if out.shape == torch.broadcast_shapes(out.shape, value.shape):
+        return out.addcmul_(value, logits)
+    return torch.addcmul(out, value, logits)  # values broadcast beyond the logits' shape
 
 
 class Bernoulli(dist.Bernoulli):

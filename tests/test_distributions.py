@@ -84,3 +84,29 @@ def test_bernoulli_log_prob_is_the_cross_entropy_within_float_rounding_with_and_
                        dist.Bernoulli(probs=probs).log_prob(binary[0]))  # fmt: skip
     with torch.no_grad(), pytest.raises(ValueError):  # validation as Pyro's
         Bernoulli(logits=logits[0], validate_args=True).log_prob(torch.full((784,), 2.0))
+
+
+def test_bernoulli_log_prob_broadcasts_and_differentiates_as_the_cross_entropy():
+    """Against torch's -binary_cross_entropy_with_logits in float64: logits and values that
+    broadcast against each other either way (the values' shape beyond the logits' too), with
+    and without gradients; gradients of both (summed back to each shape), second derivatives
+    (gradgradcheck)."""
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(3, 1, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    value = torch.rand(4, 5, generator=g, dtype=torch.float64).requires_grad_()
+    weights = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.expand(3, 4, 5), value.expand(3, 4, 5), reduction="none"
+    )
+    with torch.no_grad():
+        for a, b in ((logits, value), (logits.expand(3, 4, 5), value[0])):
+            expected = -torch.nn.functional.binary_cross_entropy_with_logits(
+                *torch.broadcast_tensors(a, b), reduction="none"
+            )
+            torch.testing.assert_close(bernoulli_log_prob(a, b), expected, rtol=1e-12, atol=1e-12)
+    ours = torch.autograd.grad((bernoulli_log_prob(logits, value) * weights).sum(), [logits, value])
+    theirs = torch.autograd.grad((-bce * weights).sum(), [logits, value])
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(bernoulli_log_prob, (logits, value))
