@@ -219,21 +219,23 @@ class _FullScatter(Computation):
         return x
 
     def natural(self, weights: Tensor, mu: Tensor, u: Tensor) -> tuple[Tensor, ...]:
-        """[U_1 ... U_K] (D, K D), -[mu_1 U_1 ... mu_K U_K] (K D,) and b (K,)."""
+        """U_k's columns (D, D K), -mu_k U_k (D K,) and b (K,); column j K + k is column j of
+        U_k (components innermost: the sum over j then adds whole rows of K values)."""
         k, d = mu.shape
         u = u.expand(k, d, d)
         log_det = u.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         b = weights.log() + log_det - 0.5 * d * LOG_2PI
-        u_all, offset = u.transpose(0, 1).reshape(d, k * d), -(mu.unsqueeze(1) @ u).reshape(k * d)
+        u_all = u.permute(1, 2, 0).reshape(d, d * k)
+        offset = -(mu.unsqueeze(1) @ u).squeeze(1).T.reshape(d * k)
         return u_all, offset, b, [u_all.new_empty(0)]  # the last: a work space reused by chunks
 
     def joint(self, stats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
-        u_all, offset, b, work = natural  # (D, K D), (K D,), (K,), [(n, K D)]
+        u_all, offset, b, work = natural  # (D, D K), (D K,), (K,), [(n, D K)]
         n, k = stats.shape[0], b.shape[0]
         if work[0].shape[0] < n:  # one (n, K D) block per pass rather than one per chunk
             work[0] = u_all.new_empty(n, u_all.shape[1])
         y = torch.addmm(offset, stats, u_all, out=work[0][:n]).square_()  # ((x - mu_k) U_k)^2
-        return b.unsqueeze(1) - 0.5 * y.view(n, k, -1).sum(-1).T
+        return b.unsqueeze(1) - 0.5 * y.view(n, -1, k).sum(1).T
 
     def sums(self, resp: Tensor, stats: Tensor, centre: Centre) -> Tensor:
         """sum_n r x and the scatter sum_n r (x - c_k)(x - c_k)^T about the current means c_k.
