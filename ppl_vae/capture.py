@@ -36,9 +36,11 @@ running it once, as :func:`ppl_vae.svi.train` does before its loop.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import pyro
@@ -89,6 +91,20 @@ def _custom_backward(loss: Tensor) -> str | None:
             return type(node).__name__
         todo.extend(next_node for next_node, _ in node.next_functions)
     return None
+
+
+@contextmanager
+def _no_cuda_home_notice() -> Iterator[None]:
+    """Silences the one line torch logs when inductor first imports ``torch.utils.cpp_extension``
+    on a machine without a CUDA runtime but with a CUDA_HOME ("No CUDA runtime is found, using
+    CUDA_HOME=..."): noise in a CPU run's progress output. Its other warnings are kept."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 _ATEN = torch.ops.aten
@@ -244,7 +260,8 @@ class CapturedLoss:
         t0 = time.perf_counter()
         try:
             compiled = torch.compile(record, dynamic=False, options={"fallback_random": True})
-            agrees = self._agrees(compiled, args, kwargs)
+            with _no_cuda_home_notice():
+                agrees = self._agrees(compiled, args, kwargs)
         except Exception as e:  # a backend's failure (no compiler, an unsupported operation)
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return self._not_compiled(record, f"it could not be compiled ({reason})")

@@ -2,6 +2,10 @@
 program's loss and gradients from the same random state, compiled once per record, reported,
 refused without a record."""
 
+import os
+import subprocess
+import sys
+
 import pyro
 import pytest
 import torch
@@ -137,3 +141,25 @@ def test_the_default_compiles_when_the_time_left_would_pay_for_it(monkeypatch, c
         compiled[epochs] = [m["epoch"] for m in metrics if m.get("compile_seconds", 0) > 0]
     assert compiled == {first: [], first + 3: [first + 1]}
     assert capsys.readouterr().err.count(f"compiling the step from epoch {first + 1}") == 1
+
+
+def test_compiling_on_a_cpu_prints_no_cuda_home_notice(tmp_path):
+    # torch logs "No CUDA runtime is found, using CUDA_HOME=..." when inductor first imports
+    # torch.utils.cpp_extension on a machine with a CUDA_HOME but no GPU: a fresh process
+    # with CUDA_HOME set compiles a record and must print nothing of the kind
+    script = (
+        "import torch\n"
+        "from ppl_vae.capture import CapturedLoss\n"
+        "w = torch.ones(3, requires_grad=True)\n"
+        "f = CapturedLoss(lambda x: (w * x).sum(), [w], compile=True)\n"
+        "for _ in range(3):\n"
+        "    f(torch.arange(3.0))\n"
+        "print('compiled', f.compile_seconds > 0)\n"
+    )
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "compiled True" in out.stdout
+    assert "CUDA_HOME" not in out.stderr and "CUDA runtime" not in out.stderr
