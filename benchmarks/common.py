@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import platform
 import statistics
 import sys
@@ -209,3 +210,19 @@ def write_section(title: str, body: str, command: str | None = None) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def reset_peak_rss() -> float:
+    """Resets this process's peak resident memory (VmHWM) to the current one, after a garbage
+    collection, and returns it in MiB (Linux: ``/proc/self/clear_refs``)."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    return peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM) in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not in /proc/self/status (Linux only)")

@@ -30,7 +30,14 @@ import warnings
 
 import numpy as np
 import torch
-from common import interleave, medians, parse_args, write_section
+from common import (
+    interleave,
+    medians,
+    parse_args,
+    peak_rss_mib,
+    reset_peak_rss,
+    write_section,
+)
 
 from ppl_vae.mixture import ConvergenceWarning as OurConvergenceWarning
 from ppl_vae.mixture import GaussianMixture
@@ -103,11 +110,6 @@ def time_all(covariance: str, n: int, d: int, k: int, iters: int, repeats: int) 
     return {"median": medians(times), "scores": scores}
 
 
-def _peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
 def peak_growth(who: str, dtype: str, covariance: str, n: int, d: int, k: int) -> float:
     """MiB of peak memory a 2-iteration fit adds, in a fresh process (``em.py --peak ...``)."""
     out = subprocess.run(
@@ -118,8 +120,6 @@ def peak_growth(who: str, dtype: str, covariance: str, n: int, d: int, k: int) -
 
 
 def _peak_child(who: str, dtype: str, covariance: str, n: str, d: str, k: str) -> None:
-    import gc
-
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
@@ -137,14 +137,11 @@ def _peak_child(who: str, dtype: str, covariance: str, n: str, d: str, k: str) -
             weights_init=w, means_init=m, precisions_init=p,
         )  # fmt: skip
         fit = lambda: gm.fit(x)  # noqa: E731
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak restarts from the current resident memory
-    before = _peak_mib()
+    before = reset_peak_rss()
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit()
-    print(f"{_peak_mib() - before:.1f}")
+    print(f"{peak_rss_mib() - before:.1f}")
 
 
 def main(argv=None) -> int:

@@ -20,22 +20,21 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-from common import describe, parse_args, reference_vae, write_section
+from common import (
+    describe,
+    parse_args,
+    peak_rss_mib,
+    reference_vae,
+    reset_peak_rss,
+    write_section,
+)
 
 from ppl_vae.importance import log_likelihood_diagnostics
 
 BATCHES = (1, 10, 25, 100)
 ROWS = (1_000, 10_000, 25_000, 100_000)  # decoder rows per pass, batch x chunk
-
-
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmHWM not in /proc/self/status (Linux only)")
 
 
 def one_setting(points: int, samples: int, batch: int, chunk: int, device) -> dict:
@@ -52,14 +51,13 @@ def one_setting(points: int, samples: int, batch: int, chunk: int, device) -> di
                 iwae_ks=(1, 10, 100),
             )  # fmt: skip
 
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
-    base = _peak_rss_mib()  # the model and the data loaded
+    base = reset_peak_rss()  # the model and the data loaded
     estimate(x_all[:batch])  # warm-up
     t0 = time.perf_counter()
     estimate(x_all)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"seconds": time.perf_counter() - t0, "peak": _peak_rss_mib() - base}
+    return {"seconds": time.perf_counter() - t0, "peak": peak_rss_mib() - base}
 
 
 def settings(samples: int) -> list[tuple[int, int]]:

@@ -24,10 +24,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-from common import describe, interleave, medians, parse_args, reference_vae, write_section
+from common import (
+    describe,
+    interleave,
+    medians,
+    parse_args,
+    peak_rss_mib,
+    reference_vae,
+    reset_peak_rss,
+    write_section,
+)
 
 from ppl_vae.distributions import bernoulli_log_prob
 from ppl_vae.importance import log_likelihood
@@ -71,20 +79,9 @@ def peak_memory(points, samples, chunk, device) -> float:
         base = torch.cuda.memory_allocated()
         log_likelihood(model, guide, x, num_samples=samples, chunk_size=chunk)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    import gc
-
-    gc.collect()
-    base = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to now
+    base = reset_peak_rss()
     log_likelihood(model, guide, x, num_samples=samples, chunk_size=chunk)
-    return (_rss_kib("VmHWM") - base) / 1024
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+    return peak_rss_mib() - base
 
 
 def main(argv=None) -> int:
