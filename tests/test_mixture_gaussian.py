@@ -410,16 +410,23 @@ def test_the_same_fit_on_cuda_and_cpu(dtype):
 # -- the computations -----------------------------------------------------------------------------
 
 
-def test_full_statistics_are_the_points_and_their_products_made_per_chunk(monkeypatch):
+def test_full_and_diag_statistics_are_made_per_chunk(monkeypatch):
     from ppl_vae.mixture import chunks
     from ppl_vae.mixture.covariances import computation
 
     x = torch.randn(50, 5, dtype=F64)
     rows, cols = torch.triu_indices(5, 5)
-    expected = torch.cat([x, x[:, rows] * x[:, cols]], 1)
-    for covariance_type in ("full", "tied"):
-        assert torch.equal(computation(covariance_type, F64).statistics(x), expected)
-    made = []  # float64 full keeps no cache of D (D + 3) / 2 values per point
+    expected = {
+        "full": torch.cat([x, x[:, rows] * x[:, cols]], 1),
+        "diag": torch.cat([x, x * x], 1),
+    }
+    expected["tied"] = expected["full"]
+    for covariance_type, want in expected.items():
+        made = computation(covariance_type, F64)
+        work = torch.full((want.numel() + 7,), float("nan"), dtype=F64)  # a pass's work space
+        assert torch.equal(made.statistics(x), want)
+        assert torch.equal(made.statistics(x, work), want), covariance_type
+    made = []  # full and diag keep no cache of the statistics; spherical's (D + 1 values) stays
 
     class Spy(chunks.ChunkedStatistics):
         def __init__(self, *args, **kwargs):
@@ -428,9 +435,9 @@ def test_full_statistics_are_the_points_and_their_products_made_per_chunk(monkey
 
     monkeypatch.setattr("ppl_vae.mixture.base.ChunkedStatistics", Spy)
     x, w, m, p = blobs()
-    GaussianMixture(4, tol=0, max_iter=2).fit(torch.from_numpy(x))
-    GaussianMixture(4, "diag", tol=0, max_iter=2).fit(torch.from_numpy(x))
-    assert made[0] is None and made[1] is not None
+    for covariance_type in ("full", "diag", "spherical"):
+        GaussianMixture(4, covariance_type, tol=0, max_iter=2).fit(torch.from_numpy(x))
+    assert made[0] is None and made[1] is None and made[2] is not None
 
 
 @pytest.mark.parametrize("kept", ["all pairs", "one component each", "a few pairs each"])

@@ -30,6 +30,8 @@ from ppl_vae.mixture.chunks import ChunkedStatistics
 from ppl_vae.mixture.inits import INITS
 from ppl_vae.mixture.rows import Rows
 
+LOG2_E = 1 / math.log(2)  # exp(y) = exp2(y log2(e))
+
 __all__ = ["ConvergenceWarning", "Mixture"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -263,18 +265,21 @@ class Mixture(DensityMixin, BaseEstimator):
         """One E-step fused with the M-step's sums: (r^T T(x), sum_n r, sum_n log p(x_n)).
 
         Components run along rows, (K, n), so that the product is ``A @ T^T`` (the layout is
-        chosen for speed on CPU; see docs/BENCHMARKS.md). Log-responsibilities are floored just
-        above the log of the smallest normal number before ``exp``, which keeps ``exp`` off its
-        slow path for subnormal results; a responsibility below 1e-37 (float32) or 1e-307
-        (float64) changes no sum.
+        chosen for speed on CPU; see docs/BENCHMARKS.md). Responsibilities are taken as
+        ``exp2`` of the log-responsibilities times log2(e): torch's ``exp2`` is 2.7 times as fast
+        as its ``exp`` on a CPU (float32; 1.9 times in float64), and the product's rounding
+        changes a float32 responsibility r by at most 5e-8 |log r| relative. They are floored
+        just above the smallest normal number first, which keeps ``exp2`` off its slow path for
+        subnormal results; a responsibility below 1e-37 (float32) or 1e-307 (float64) changes
+        no sum.
         """
         natural = self._natural()
-        floor = math.log(torch.finfo(source.x.dtype).tiny) + 2
+        floor = math.log2(torch.finfo(source.x.dtype).tiny) + 2
         stats = nk = total = None
         for _, feats in source.chunks():
             joint = self._joint(feats, natural)  # (K, n)
             top = joint.amax(0, keepdim=True)
-            resp = joint.sub_(top).clamp_(min=floor).exp_()
+            resp = joint.sub_(top).mul_(LOG2_E).clamp_(min=floor).exp2_()
             norm = resp.sum(0, keepdim=True)
             resp.div_(norm)  # p(k | x_n), columns sum to 1
             log_px = top.sum() + norm.log().sum()  # sum_n log sum_k exp(joint)
