@@ -104,11 +104,30 @@ def test_seed_reproduces_and_more_inits_never_do_worse():
 # -- bad input -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_finiteness_check_agrees_with_isfinite_wherever_the_bad_value_sits(dtype):
+    """One pass of aminmax: a NaN or an infinity in any lane or in the tail of the
+    vectorised loop is found, and extreme finite values pass."""
+    from ppl_vae.mixture.checks import check_finite
+
+    x = torch.randn(333, 7, dtype=dtype)
+    big = torch.finfo(dtype).max
+    check_finite(torch.tensor([[big, -big, torch.finfo(dtype).tiny]], dtype=dtype), "x")
+    for bad in (math.nan, math.inf, -math.inf):
+        for flat in (0, 1, 15, 16, 17, 1000, x.numel() - 2, x.numel() - 1):
+            y = x.clone()
+            y.view(-1)[flat] = bad
+            assert not torch.isfinite(y).all()
+            with pytest.raises(InputError, match="x contains NaN or infinite values"):
+                check_finite(y, "x")
+    assert check_finite(x, "x") is x and check_finite(x[:0], "x").numel() == 0
+
+
 def test_bad_data_raise_clear_value_errors():
     x = torch.randn(10, 2, dtype=F64)
     with pytest.raises(InputError, match="10 points but n_components=11"):
         GaussianMixture(11).fit(x)
-    for bad in (math.nan, math.inf):
+    for bad in (math.nan, math.inf, -math.inf):
         y = x.clone()
         y[3, 1] = bad
         with pytest.raises(InputError, match="NaN or infinite"):
