@@ -105,14 +105,11 @@ class Data:
         train_labels: Tensor | None = None,
     ):
         train, test = train.detach(), test.detach()  # saved with requires_grad, or Parameters
+        ranges = {}
         for split, t in (("train", train), ("test", test)):
             if not torch.is_floating_point(t):
                 raise InputError(
                     f"{name} {split} data must be a floating-point tensor, got {t.dtype}"
-                )
-            if not torch.isfinite(t).all():
-                raise InputError(
-                    f"{name} {split} data contain NaN or infinite values; clean or drop those rows"
                 )
             if t.dim() < 2 or t.shape[0] == 0:
                 raise InputError(
@@ -123,12 +120,18 @@ class Data:
                     f"{name} {split} data have no features: shape {tuple(t.shape)}; each point "
                     f"needs at least one value, e.g. an (N, D) array with D >= 1"
                 )
+            # one pass: aminmax propagates NaN, and an infinity is the minimum or the maximum
+            ranges[split] = low, high = tuple(float(v) for v in torch.aminmax(t))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise InputError(
+                    f"{name} {split} data contain NaN or infinite values; clean or drop those rows"
+                )
         if train.shape[1:] != test.shape[1:]:
             raise InputError(
                 f"{name} train and test shapes differ: {tuple(train.shape[1:])} "
                 f"vs {tuple(test.shape[1:])}"
             )
-        if encoding == "dynamic" and ((train < 0).any() or (train > 1).any()):
+        if encoding == "dynamic" and not (ranges["train"][0] >= 0 and ranges["train"][1] <= 1):
             raise InputError(f"{name}: dynamic binarization needs values in [0, 1]")
         if test_labels is not None and test_labels.shape != test.shape[:1]:
             raise InputError(

@@ -93,8 +93,15 @@ def test_ring8_is_eight_gaussians_on_a_circle_of_radius_two():
 
 
 def test_bad_data_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        Data(torch.tensor([[0.0], [float("nan")]]), torch.zeros(1, 1), "continuous")
+    for bad in (math.nan, math.inf, -math.inf):  # in the training or the test split
+        with pytest.raises(ValueError, match="train data contain NaN or infinite"):
+            Data(torch.tensor([[0.0], [bad], [1.0]]), torch.zeros(1, 1), "continuous")
+        with pytest.raises(ValueError, match="test data contain NaN or infinite"):
+            Data(torch.zeros(3, 1), torch.tensor([[0.5], [0.5], [bad]]), "dynamic")
+    for outside in (-1e-6, 1.5):  # dynamic binarization draws Bernoulli(x): x in [0, 1]
+        with pytest.raises(ValueError, match=r"dynamic binarization needs values in \[0, 1\]"):
+            Data(torch.tensor([[0.0], [outside]]), torch.zeros(1, 1), "dynamic")
+    Data(torch.tensor([[0.0], [1.0]]), torch.full((1, 1), -3.0), "dynamic")  # test set: unchecked
     with pytest.raises(ValueError, match="shapes differ"):
         Data(torch.zeros(3, 2), torch.zeros(3, 4), "continuous")
     with pytest.raises(ValueError, match="floating-point"):
