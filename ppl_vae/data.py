@@ -131,8 +131,12 @@ class Data:
                 f"{name} train and test shapes differ: {tuple(train.shape[1:])} "
                 f"vs {tuple(test.shape[1:])}"
             )
-        if encoding == "dynamic" and not (ranges["train"][0] >= 0 and ranges["train"][1] <= 1):
-            raise InputError(f"{name}: dynamic binarization needs values in [0, 1]")
+        for split, (low, high) in ranges.items():
+            if encoding == "dynamic" and not (low >= 0 and high <= 1):
+                raise InputError(
+                    f"{name}: dynamic binarization needs values in [0, 1], the {split} data span "
+                    f"[{low:g}, {high:g}]; rescale them, or use the encoding 'gray' or 'continuous'"
+                )
         if test_labels is not None and test_labels.shape != test.shape[:1]:
             raise InputError(
                 f"{name}: {tuple(test_labels.shape)} test labels for {test.shape[0]} test points"

@@ -99,9 +99,12 @@ def test_bad_data_are_rejected(tmp_path):
         with pytest.raises(ValueError, match="test data contain NaN or infinite"):
             Data(torch.zeros(3, 1), torch.tensor([[0.5], [0.5], [bad]]), "dynamic")
     for outside in (-1e-6, 1.5):  # dynamic binarization draws Bernoulli(x): x in [0, 1]
-        with pytest.raises(ValueError, match=r"dynamic binarization needs values in \[0, 1\]"):
-            Data(torch.tensor([[0.0], [outside]]), torch.zeros(1, 1), "dynamic")
-    Data(torch.tensor([[0.0], [1.0]]), torch.full((1, 1), -3.0), "dynamic")  # test set: unchecked
+        inside, out = torch.tensor([[0.0], [1.0]]), torch.tensor([[0.5], [outside]])
+        for train, test, split in ((out, inside, "train"), (inside, out, "test")):
+            with pytest.raises(ValueError, match=rf"values in \[0, 1\], the {split} data span"):
+                Data(train, test, "dynamic")
+        Data(out, out, "continuous")  # other encodings take any finite values
+    Data(torch.tensor([[0.0], [1.0]]), torch.tensor([[1.0]]), "dynamic")
     with pytest.raises(ValueError, match="shapes differ"):
         Data(torch.zeros(3, 2), torch.zeros(3, 4), "continuous")
     with pytest.raises(ValueError, match="floating-point"):
