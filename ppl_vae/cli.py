@@ -33,7 +33,7 @@ from ppl_vae.runs import (
 from ppl_vae.runs.checkpoint import CHECKPOINTS
 from ppl_vae.runs.gaps import QUANTITIES
 from ppl_vae.selection import best_epoch, watched
-from ppl_vae.svi import TrainConfig
+from ppl_vae.svi import TrainConfig, kl_weight_note
 from ppl_vae.vae import VAEConfig
 
 __all__ = ["main"]
@@ -355,7 +355,7 @@ def _train(args: argparse.Namespace) -> None:
             else ""
         )
         print(
-            f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, "
+            f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}{kl_weight_note(last)}, "
             f"test ELBO {last['test_elbo']:.2f} nats per example{kept}"
             + (" (bounds on log p(y|x))" if run.vae_config.model == "cvae" else "")
             + (

@@ -417,11 +417,19 @@ class StepLosses:
         return sum(getattr(loss, "compile_seconds", 0.0) for loss in self.losses.values())
 
 
+def kl_weight_note(metrics: dict) -> str:
+    """ " (KL weight w)" after an epoch's training objective when it was not the ELBO's weight 1
+    (a warm-up, or ``--beta``): the figure is then not comparable with the test ELBO."""
+    weight = metrics.get("kl_weight", 1.0)
+    return "" if weight == 1 else f" (KL weight {weight:g})"
+
+
 def _report(metrics: dict, epochs: int, *, done: int, elapsed: float) -> None:
     """One line per epoch on stderr; on a terminal it stays above the next epoch's bar."""
     held = metrics.get("validation_elbo")
     tqdm.write(
-        f"epoch {metrics['epoch']}/{epochs}: train {metrics['train_elbo']:.3f}, "
+        f"epoch {metrics['epoch']}/{epochs}: train {metrics['train_elbo']:.3f}"
+        f"{kl_weight_note(metrics)}, "
         + (f"validation {held:.3f}, " if held is not None else "")
         + f"test ELBO {metrics['test_elbo']:.3f} nats, "
         + (f"test accuracy {metrics['test_accuracy']:.4f}, " if "test_accuracy" in metrics else "")

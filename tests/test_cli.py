@@ -366,9 +366,16 @@ def test_train_prints_a_line_per_epoch_off_a_terminal_and_quiet_only_the_result(
     metrics = [json.loads(s) for s in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lines = err.splitlines()
     assert [s.split(":")[0] for s in lines] == ["epoch 1/2", "epoch 2/2"]
-    for line, m in zip(lines, metrics, strict=True):  # the figures recorded, and an ETA
-        assert f"train {m['train_elbo']:.3f}, test ELBO {m['test_elbo']:.3f} nats" in line
+    # the figures recorded, and an ETA; pinwheel's KL warm-up over 10 epochs: the training
+    # objective is taken at weights 0.1 and 0.2, which the lines say
+    for line, m, weight in zip(lines, metrics, (0.1, 0.2), strict=True):
+        assert m["kl_weight"] == pytest.approx(weight)
+        assert (
+            f"train {m['train_elbo']:.3f} (KL weight {weight:g}), "
+            f"test ELBO {m['test_elbo']:.3f} nats" in line
+        )
     assert "s to go" in lines[0] and "to go" not in lines[1]
+    assert f"train ELBO {metrics[-1]['train_elbo']:.2f} (KL weight 0.2), test ELBO" in out
     assert f"test ELBO {metrics[-1]['test_elbo']:.2f}" in out
     code, out, err = run_cli(*args, "--out", tmp_path / "b", "--quiet", capsys=capsys)
     assert code == 0 and err == "" and f"test ELBO {metrics[-1]['test_elbo']:.2f}" in out
