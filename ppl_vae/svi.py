@@ -571,6 +571,7 @@ class LoopState:
     losses: StepLosses  # the model, the guide and their step loss for each KL weight
     metrics: list[dict]  # one dictionary per finished epoch
     untrained_elbo: float | None  # the test ELBO before training, for divergence checks
+    notice: str | None = None  # a line for the user after this epoch's (the compile decision)
 
 
 def init_state(
@@ -696,7 +697,7 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
     train_elbo, gradients = _train_pass(state, data, config, loss=loss, epoch=epoch, quiet=quiet)
     compiling = state.losses.compile_seconds - compiling  # part of the pass's time
     if state.losses.undecided and weight == kl_weight(config.epochs, config):
-        _decide_compile(state.losses, time.perf_counter() - t0, epoch, config, quiet=quiet)
+        state.notice = _decide_compile(state.losses, time.perf_counter() - t0, epoch, config)
     model, guide = state.losses.model, state.losses.guide
     objective = state.losses.objective
     elbos = {
@@ -729,20 +730,19 @@ def run_epoch(state: LoopState, data: Data, config: TrainConfig, *, quiet: bool 
 
 
 def _decide_compile(
-    losses: StepLosses, seconds: float, epoch: int, config: TrainConfig, *, quiet: bool
-) -> None:
-    """``TrainConfig.compile``'s default, from the pass just timed (at the final KL weight)."""
+    losses: StepLosses, seconds: float, epoch: int, config: TrainConfig
+) -> str | None:
+    """``TrainConfig.compile``'s default, from the pass just timed (at the final KL weight);
+    the line that says so, when the step will be compiled."""
     left = seconds * (config.epochs - epoch)
     if left < COMPILE_PAYS_SECONDS:
         losses.undecided = False
-        return
+        return None
     losses.compile_from_now()
-    if not quiet and world().rank == 0:
-        tqdm.write(
-            f"compiling the step from epoch {epoch + 1}: about {left / 60:.0f} min of training "
-            f"left uncompiled (--no-compile to keep it uncompiled)",
-            file=sys.stderr,
-        )
+    return (
+        f"compiling the step from epoch {epoch + 1}: about {left / 60:.0f} min of training "
+        f"left uncompiled (--no-compile to keep it uncompiled)"
+    )
 
 
 def _train_pass(
@@ -1005,6 +1005,9 @@ def train(
         if not quiet and w.main:
             done, elapsed = state.epoch - first, time.perf_counter() - began
             _report(metrics, config.epochs, done=done, elapsed=elapsed)
+            if state.notice is not None:  # after the epoch it is about
+                tqdm.write(state.notice, file=sys.stderr)
+        state.notice = None
         if checkpoint is not None and (saved := snapshot(state)) is not None:
             checkpoint(saved)
         if on_epoch is not None:

@@ -140,7 +140,11 @@ def test_the_default_compiles_when_the_time_left_would_pay_for_it(monkeypatch, c
         metrics = train(model, guide, data, config)
         compiled[epochs] = [m["epoch"] for m in metrics if m.get("compile_seconds", 0) > 0]
     assert compiled == {first: [], first + 3: [first + 1]}
-    assert capsys.readouterr().err.count(f"compiling the step from epoch {first + 1}") == 1
+    lines = capsys.readouterr().err.splitlines()
+    said = [i for i, line in enumerate(lines) if "compiling the step from epoch" in line]
+    assert len(said) == 1 and f"from epoch {first + 1}:" in lines[said[0]]
+    # after the line of the epoch whose time decided it (of the second run: first + 3 epochs)
+    assert lines[said[0] - 1].startswith(f"epoch {first}/{first + 3}: ")
 
 
 def test_compiling_on_a_cpu_prints_no_cuda_home_notice(tmp_path):
