@@ -18,7 +18,13 @@ from torch import Tensor
 from ppl_vae.config import check_positive, check_positive_value, check_seed, option
 from ppl_vae.errors import InputError, MissingInputError
 from ppl_vae.images import IMAGE_SETS, resolve_data_root
-from ppl_vae.points import points_from_dataset, read_points, split_indices, split_points
+from ppl_vae.points import (
+    points_from_dataset,
+    read_points,
+    split_indices,
+    split_points,
+    value_range,
+)
 from ppl_vae.registry import Registry
 
 __all__ = [
@@ -120,8 +126,7 @@ class Data:
                     f"{name} {split} data have no features: shape {tuple(t.shape)}; each point "
                     f"needs at least one value, e.g. an (N, D) array with D >= 1"
                 )
-            # one pass: aminmax propagates NaN, and an infinity is the minimum or the maximum
-            ranges[split] = low, high = tuple(float(v) for v in torch.aminmax(t))
+            ranges[split] = low, high = value_range(t)
             if not (math.isfinite(low) and math.isfinite(high)):
                 raise InputError(
                     f"{name} {split} data contain NaN or infinite values; clean or drop those rows"

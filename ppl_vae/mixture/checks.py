@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ppl_vae import config
 from ppl_vae.errors import InputError
+from ppl_vae.points import value_range
 
 __all__ = [
     "as_float",
@@ -116,13 +117,8 @@ def check_number(name: str, value, positive: bool = False, why: str = "") -> flo
 
 
 def check_finite(x: Tensor, name: str, fix: str = "") -> Tensor:
-    """``x`` if it has no NaN or infinite entries; ``fix`` ends the message ("; ...").
-
-    One pass: ``aminmax`` propagates NaN to both results, and an infinity is the minimum or the
-    maximum (``isfinite(x).all()`` makes three passes and two temporaries: 6.7 against 0.34 ms
-    for 100,000 x 32 float32 values on one thread, 1% of a 100-iteration diag fit).
-    """
-    if x.numel() and not all(map(math.isfinite, torch.aminmax(x))):
+    """``x`` if it has no NaN or infinite entries; ``fix`` ends the message ("; ...")."""
+    if x.numel() and not all(map(math.isfinite, value_range(x))):
         raise InputError(f"{name} contains NaN or infinite values{fix}")
     return x
 

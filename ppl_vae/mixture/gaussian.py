@@ -48,8 +48,8 @@ class GaussianMixture(Mixture):
     components are one matrix product :math:`T(x) A` and the M-step sums are one product
     :math:`r^\top T(x)`; each iteration is a single pass over the data in cache-sized chunks.
     :math:`T` of the training set is computed once and kept (if it fits in
-    ``chunks.CACHE_BYTES``) for ``diag`` and ``spherical``; ``full`` and ``tied``'s
-    :math:`D (D + 3) / 2` values per point are made per chunk instead, as fast as reading them.
+    ``chunks.CACHE_BYTES``) for ``spherical``; ``full``, ``tied`` and ``diag`` make each chunk's
+    into one work space kept for the pass, faster than reading a kept copy from memory.
     The data are centred on their mean first. The expansion
     :math:`(x-\mu)^\top P (x-\mu) = x^\top P x - 2 x^\top P \mu + \mu^\top P \mu` rounds to
     about machine epsilon times the squared Mahalanobis distance of a point from the data mean:
