@@ -440,9 +440,13 @@ def test_full_and_diag_statistics_are_made_per_chunk(monkeypatch):
     assert made[0] is None and made[1] is None and made[2] is not None
 
 
+@pytest.mark.parametrize("block", [None, 37])
 @pytest.mark.parametrize("kept", ["all pairs", "one component each", "a few pairs each"])
-def test_float32_scatter_sums_equal_the_explicit_sums_in_float64(kept):
+def test_float32_scatter_sums_equal_the_explicit_sums_in_float64(kept, block, monkeypatch):
     from ppl_vae.mixture.covariances import computation
+
+    if block is not None:  # the chunk's (K, rows, D) differences made in blocks of 37 rows
+        monkeypatch.setattr("ppl_vae.mixture.covariances.chunk_rows", lambda width, x: block)
 
     g = torch.Generator().manual_seed(0)
     k, d, n = 10, 4, 300  # two of ten components each: a fifth of the pairs (the sparse path)
@@ -461,3 +465,31 @@ def test_float32_scatter_sums_equal_the_explicit_sums_in_float64(kept):
     scatter = torch.einsum("kn,kni,knj->kij", r, z, z)
     expected = torch.cat([r @ x64, scatter.flatten(1)], 1)
     assert torch.allclose(sums.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+def test_float32_scatter_joint_in_blocks_equals_the_log_densities_in_float64(
+    covariance_type, monkeypatch
+):
+    from ppl_vae.mixture.covariances import computation
+
+    # the (n, K D) product of a chunk is made in blocks of 37 rows (the last one shorter)
+    monkeypatch.setattr("ppl_vae.mixture.covariances.chunk_rows", lambda width, x: 37)
+    g = torch.Generator().manual_seed(1)
+    k, d, n = 5, 3, 200
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    mu = torch.randn(k, d, generator=g, dtype=F64)
+    a = torch.randn(k, d, d, generator=g, dtype=F64)
+    cov = a @ a.mT + 0.5 * torch.eye(d, dtype=F64)
+    if covariance_type == "tied":
+        cov = cov[0]
+    weights = torch.softmax(torch.randn(k, generator=g, dtype=F64), 0)
+    lower = torch.linalg.cholesky(cov)
+    u = torch.linalg.solve_triangular(lower, torch.eye(d, dtype=F64), upper=False).mT
+    made = computation(covariance_type, torch.float32)
+    natural = made.natural(*(t.float() for t in (weights, mu, u)))
+    joint = made.joint(x.float(), natural)
+    normal = torch.distributions.MultivariateNormal(mu, scale_tril=lower.expand(k, d, d))
+    expected = weights.log()[:, None] + normal.log_prob(x.unsqueeze(1)).T
+    assert joint.shape == (k, n)
+    assert torch.allclose(joint.double(), expected, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ppl_vae.errors import InputError
+from ppl_vae.mixture.chunks import chunk_rows
 from ppl_vae.registry import Registry
 
 __all__ = ["COVARIANCE_TYPES", "LOG_2PI", "Computation", "computation"]
@@ -222,7 +223,10 @@ class _FullScatter(Computation):
     centres_first = True
 
     def work_width(self, k: int, d: int) -> int | None:
-        return k * d
+        # a chunk holds its points and their (K, n) joint; the (n, K D) product is made in
+        # blocks of its own size (joint), so the M-step's sums, whose cost per call hardly
+        # grows with the rows, run once per chunk of about 8 such blocks (docs/BENCHMARKS.md)
+        return d + k
 
     def statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         return x
@@ -239,12 +243,18 @@ class _FullScatter(Computation):
         return u_all, offset, b, [u_all.new_empty(0)]  # the last: a work space reused by chunks
 
     def joint(self, stats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
-        u_all, offset, b, work = natural  # (D, D K), (D K,), (K,), [(n, D K)]
+        u_all, offset, b, work = natural  # (D, D K), (D K,), (K,), [(rows, D K)]
         n, k = stats.shape[0], b.shape[0]
-        if work[0].shape[0] < n:  # one (n, K D) block per pass rather than one per chunk
-            work[0] = u_all.new_empty(n, u_all.shape[1])
-        y = torch.addmm(offset, stats, u_all, out=work[0][:n]).square_()  # ((x - mu_k) U_k)^2
-        return b.unsqueeze(1) - 0.5 * y.view(n, -1, k).sum(1).T
+        rows = min(n, chunk_rows(u_all.shape[1], stats))
+        if work[0].shape[0] < rows:  # one (rows, K D) block per pass rather than one per chunk
+            work[0] = u_all.new_empty(rows, u_all.shape[1])
+        out = stats.new_empty(k, n)
+        for start in range(0, n, rows):
+            x = stats[start : start + rows]
+            y = torch.addmm(offset, x, u_all, out=work[0][: x.shape[0]]).square_()
+            distance = y.view(x.shape[0], -1, k).sum(1).T  # |(x - mu_k) U_k|^2, (K, rows)
+            torch.add(b.unsqueeze(1), distance, alpha=-0.5, out=out[:, start : start + rows])
+        return out
 
     def sums(self, resp: Tensor, stats: Tensor, centre: Centre) -> Tensor:
         """sum_n r x and the scatter sum_n r (x - c_k)(x - c_k)^T about the current means c_k.
@@ -259,17 +269,23 @@ class _FullScatter(Computation):
         c = centre()
         keep = resp > torch.finfo(resp.dtype).eps ** 2
         counts = keep.sum(1)
-        if 4 * int(counts.sum()) > resp.numel():
-            z = (stats.unsqueeze(0) - c.unsqueeze(1)).mul_(resp.sqrt()[..., None])
-            scatter = z.mT @ z
+        if 4 * int(counts.sum()) > resp.numel():  # in blocks of rows: z is (K, rows, D)
+            rows = chunk_rows(c.numel(), stats)
+            scatter = None
+            for start in range(0, stats.shape[0], rows):
+                x, r = stats[start : start + rows], resp[:, start : start + rows]
+                z = (x.unsqueeze(0) - c.unsqueeze(1)).mul_(r.sqrt()[..., None])
+                scatter = z.mT @ z if scatter is None else scatter.baddbmm_(z.mT, z)
         else:
             k_of, n_of = keep.nonzero(as_tuple=True)  # ordered by component
-            z = stats.index_select(0, n_of) - c.index_select(0, k_of)
-            z.mul_(resp[k_of, n_of].sqrt_().unsqueeze(1))
+            z = stats.index_select(0, n_of)
+            w = resp[k_of, n_of].sqrt_().unsqueeze(1)
             d = stats.shape[1]
             scatter = stats.new_zeros(resp.shape[0], d, d)
-            for k, part in enumerate(z.split(counts.tolist())):
+            counts = counts.tolist()
+            for k, (part, wk) in enumerate(zip(z.split(counts), w.split(counts), strict=True)):
                 if part.shape[0]:
+                    part.sub_(c[k]).mul_(wk)
                     torch.mm(part.T, part, out=scatter[k])
         return torch.cat([resp @ stats, scatter.flatten(1)], 1)
 
