@@ -11,7 +11,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import pyro
@@ -32,6 +31,7 @@ from ppl_vae.distributed import (
     reduce_gradients,
     world,
 )
+from ppl_vae.distributions import first_order_gradients
 from ppl_vae.errors import InputError
 from ppl_vae.losses import LOSSES, IWAELoss, scale_latent
 from ppl_vae.optim import adam, load_adam_state
@@ -360,7 +360,11 @@ def step_loss(
 ) -> Callable[..., Tensor]:
     """``elbo``'s differentiable loss of ``model`` and ``guide``, captured if ``capture``
     (and the record compiled if ``compile``)."""
-    loss = partial(elbo.differentiable_loss, model, guide)
+
+    def loss(*args, **kwargs) -> Tensor:
+        with first_order_gradients():  # the step takes one gradient of it
+            return elbo.differentiable_loss(model, guide, *args, **kwargs)
+
     return CapturedLoss(loss, params.values(), compile=compile) if capture else loss
 
 

@@ -16,7 +16,7 @@ from ppl_vae.guides import GaussianGuide
 from ppl_vae.losses import TraceELBO
 from ppl_vae.networks import NetworkConfig
 from ppl_vae.runs import train_run
-from ppl_vae.svi import TrainConfig, collect_params, step_loss, train
+from ppl_vae.svi import TrainConfig, collect_params, make_loss, step_loss, train
 from ppl_vae.vae import VAEConfig, build_vae
 
 
@@ -292,3 +292,36 @@ def test_views_that_change_nothing_are_left_out_of_the_record():
     assert torch.ops.aten.view.default not in targets
     assert targets.count(torch.ops.aten.expand.default) == 0
     assert torch.equal(captured(x), loss(x))
+
+
+def test_a_bernoulli_step_records_its_closed_form_derivative_and_gives_pyros_elbo():
+    """The step evaluates its loss within first_order_gradients, so the Bernoulli likelihood's
+    derivative is recorded in closed form (its graph cut by a view as integers, which a record
+    keeps where it would lose a detach); loss and gradients equal Pyro's own
+    TraceMeanField_ELBO's (the default loss) of the same program from the same RNG state,
+    within float32 rounding."""
+    torch.manual_seed(0)
+    data = load_data(DataConfig("digits"))
+    model, guide = build_vae(VAEConfig(latent_dim=4, network=NetworkConfig(hidden=(16,))), data)
+    x = torch.bernoulli(data.train[:50].float())
+    params = collect_params(model, guide, x, num_data=500)
+    loss = step_loss(make_loss(TrainConfig()), model, guide, params)
+    with warnings.catch_warnings(), pyro.validation_enabled(False):
+        warnings.simplefilter("error", RuntimeWarning)  # no fall-back to the program
+        loss(x, num_data=500)  # the program runs; the record is made and checked
+    (record,) = loss.records.values()
+    assert isinstance(record, fx.GraphModule)
+    assert any(n.target == torch.ops.aten.view.dtype for n in record.graph.nodes)
+    mean_field = pyro.infer.TraceMeanField_ELBO()  # the default loss, meanfield
+    pyros = partial(mean_field.differentiable_loss, model, guide, x, num_data=500)
+    pyros()  # Pyro's first call runs the program once more, to guess max_plate_nesting
+    results = []
+    for step in (partial(loss, x, num_data=500), pyros):  # the record, then Pyro's ELBO
+        torch.manual_seed(3)
+        value = step()
+        results.append((value, torch.autograd.grad(value, list(params.values()))))
+    (a, grads_a), (b, grads_b) = results
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        scale = gb.abs().max().clamp(min=1.0)
+        assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-6 * float(scale))

@@ -7,7 +7,13 @@ import pytest
 import torch
 from pyro.distributions.kl import kl_divergence
 
-from ppl_vae.distributions import Bernoulli, DiagonalNormal, StandardNormal, bernoulli_log_prob
+from ppl_vae.distributions import (
+    Bernoulli,
+    DiagonalNormal,
+    StandardNormal,
+    bernoulli_log_prob,
+    first_order_gradients,
+)
 
 
 def test_standard_normal_is_torchs_normal_0_1():
@@ -110,3 +116,45 @@ def test_bernoulli_log_prob_broadcasts_and_differentiates_as_the_cross_entropy()
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradgradcheck(bernoulli_log_prob, (logits, value))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_order_gradients_keep_the_value_and_give_the_closed_form_derivative(dtype):
+    """Within first_order_gradients: the value bit for bit the composite formula's (and the
+    in-place one's without gradients), the derivative x - sigmoid(logit) within float rounding
+    of float64's (x - 1/2 at logit 0); values that need a gradient, and code outside the
+    context, keep the composite formula, whose second derivative is right (gradgradcheck)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(16, 784, generator=g, dtype=dtype) * 8
+    logits[0, :5] = torch.tensor([0.0, 60.0, -60.0, 1e-7, -1e-7], dtype=dtype)
+    x = torch.bernoulli(torch.rand(16, 784, generator=g, dtype=dtype))
+    x[1] = torch.rand(784, generator=g, dtype=dtype)  # intensities: a cross-entropy
+    weights = torch.randn(16, 784, generator=g, dtype=dtype)
+    leaf = logits.clone().requires_grad_()
+    with first_order_gradients():
+        fast = bernoulli_log_prob(leaf, x)
+    composite = bernoulli_log_prob(leaf, x)
+    with torch.no_grad():
+        in_place = bernoulli_log_prob(logits, x)
+    assert torch.equal(fast.detach(), composite.detach()) and torch.equal(fast.detach(), in_place)
+    (grad,) = torch.autograd.grad((fast * weights).sum(), leaf)
+    exact = weights.double() * (x.double() - torch.sigmoid(logits.double()))
+    tolerance = 2 * torch.finfo(dtype).eps * weights.abs().max().item()
+    assert (grad.double() - exact).abs().max() <= tolerance
+    assert grad[0, 0] == weights[0, 0] * (x[0, 0] - 0.5)
+    (composite_grad,) = torch.autograd.grad((composite * weights).sum(), leaf)
+    assert (composite_grad.double() - exact).abs().max() <= 2 * tolerance
+    # a value that needs its own gradient: the composite formula, differentiable in both
+    value = x.clone().requires_grad_()
+    with first_order_gradients():
+        both = bernoulli_log_prob(leaf, value)
+    grads = torch.autograd.grad(both.sum(), [leaf, value])
+    torch.testing.assert_close(grads[1], logits)  # d/dx of x l - softplus(l)
+    # outside the context the second derivative is the log density's: -sigmoid (1 - sigmoid)
+    small = (3 * torch.randn(2, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    target = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(lambda t: bernoulli_log_prob(t, target), (small,))
+    with first_order_gradients():  # within it, the derivative is a constant in the logits
+        (first,) = torch.autograd.grad(bernoulli_log_prob(small, target).sum(), small,
+                                       create_graph=True)  # fmt: skip
+    assert not first.requires_grad
