@@ -151,7 +151,11 @@ def _with_first_derivative(logits: Tensor, value: Tensor) -> Tensor:
     density's, so it is used only within :func:`first_order_gradients`.
     """
     fixed = _stop_gradient(logits)
-    slope = torch.sigmoid(fixed).neg_().add_(value)  # x - sigma(l), the derivative
+    slope = torch.sigmoid(fixed)  # made x - sigma(l), the derivative
+    if slope.shape == torch.broadcast_shapes(slope.shape, value.shape):
+        slope.neg_().add_(value)
+    else:  # values broadcast beyond the logits' shape
+        slope = value - slope
     return torch.addcmul(_log_prob_in_place(fixed, value), logits - fixed, slope)
 
 

@@ -144,6 +144,14 @@ def test_first_order_gradients_keep_the_value_and_give_the_closed_form_derivativ
     assert grad[0, 0] == weights[0, 0] * (x[0, 0] - 0.5)
     (composite_grad,) = torch.autograd.grad((composite * weights).sum(), leaf)
     assert (composite_grad.double() - exact).abs().max() <= 2 * tolerance
+    # values that broadcast beyond the logits' shape, and the other way
+    for a, b in ((leaf[:1], x[:3]), (leaf[:3], x[0])):
+        with first_order_gradients():
+            broadcast = bernoulli_log_prob(a, b)
+        expected = bernoulli_log_prob(a, b)  # the composite formula
+        assert broadcast.shape == (3, 784) and torch.equal(broadcast.detach(), expected.detach())
+        got, want = (torch.autograd.grad(t.sum(), a)[0] for t in (broadcast, expected))
+        assert (got - want).abs().max() <= 3 * tolerance / weights.abs().max().item()
     # a value that needs its own gradient: the composite formula, differentiable in both
     value = x.clone().requires_grad_()
     with first_order_gradients():
