@@ -124,15 +124,16 @@ def reference_batch(device: torch.device, batch: int):
     return data, model, guide, x, params
 
 
-def training_step(loss: Callable, optimizer: torch.optim.Optimizer, *args) -> Callable:
+def training_step(loss: Callable, optimizer: torch.optim.Optimizer, *args, **kwargs) -> Callable:
     """A closure running one :func:`~ppl_vae.svi.svi_step` of ``loss``, validation off.
 
-    Validation is off as in :func:`ppl_vae.svi.train`'s loop, after the first trace.
+    ``step(*more)`` passes ``more`` after ``args`` (a batch given at each call). Validation is
+    off as in :func:`ppl_vae.svi.train`'s loop, after the first trace.
     """
 
-    def step():
+    def step(*more):
         with pyro.validation_enabled(False):
-            return svi_step(loss, optimizer, *args)
+            return svi_step(loss, optimizer, *args, *more, **kwargs)
 
     return step
 

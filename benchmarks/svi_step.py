@@ -53,6 +53,7 @@ from common import (
     reference_batch,
     reference_vae,
     time_calls,
+    training_step,
     write_section,
 )
 from pyro.infer import SVI
@@ -60,7 +61,7 @@ from torch import Tensor
 
 from ppl_vae import TrainConfig, train
 from ppl_vae.optim import adam
-from ppl_vae.svi import make_loss, step_loss, svi_step
+from ppl_vae.svi import make_loss, step_loss
 
 LOG_2PI = math.log(2 * math.pi)
 BATCHES_CYCLED = 30  # distinct batches each contender steps through, in turn
@@ -126,23 +127,16 @@ def time_steps(
     def hand_fast(x):
         return hand_step(model, guide, fused, x, num_data, analytic, loss_fn=hand_compiled)
 
-    def ours(loss):  # what training_step runs, on a batch given
-        def step(x):
-            with pyro.validation_enabled(False):
-                return svi_step(loss, fused, x, num_data)
-
-        return step
-
     def cycling(step: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
         order = itertools.cycle(batches)
         return lambda: step(next(order))
 
     steps_by_name = {
-        "ppl_vae": ours(captured),
-        "eager": ours(eager),
+        "ppl_vae": training_step(captured, fused, num_data=num_data),
+        "eager": training_step(eager, fused, num_data=num_data),
         "hand": hand,
         "stock": lambda x: svi.step(x, num_data),
-        "compiled": ours(compiled),
+        "compiled": training_step(compiled, fused, num_data=num_data),
         "hand_compiled": hand_fast,
     }
     names = ("ppl_vae", "eager", "hand", "stock") if phase == "eager" else COMPILED

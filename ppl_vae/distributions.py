@@ -129,13 +129,19 @@ def bernoulli_log_prob(logits: Tensor, value: Tensor) -> Tensor:
     return _log_prob_in_place(logits, value)
 
 
+def _holds(out: Tensor, value: Tensor) -> bool:
+    """Whether ``out`` has the shape of its broadcast with ``value`` (an in-place operation
+    with ``value`` can write into it)."""
+    return out.shape == torch.broadcast_shapes(out.shape, value.shape)
+
+
 def _log_prob_in_place(logits: Tensor, value: Tensor) -> Tensor:
     """:func:`bernoulli_log_prob` without gradients: after the first two operations every one
     is in place, on tensors made here."""
     size = logits.abs()
     out = torch.sigmoid(size).log_()
     out.sub_(size.add_(logits), alpha=0.5)
-    if out.shape == torch.broadcast_shapes(out.shape, value.shape):
+    if _holds(out, value):
         return out.addcmul_(value, logits)
     return torch.addcmul(out, value, logits)  # values broadcast beyond the logits' shape
 
@@ -152,7 +158,7 @@ def _with_first_derivative(logits: Tensor, value: Tensor) -> Tensor:
     """
     fixed = _stop_gradient(logits)
     slope = torch.sigmoid(fixed)  # made x - sigma(l), the derivative
-    if slope.shape == torch.broadcast_shapes(slope.shape, value.shape):
+    if _holds(slope, value):
         slope.neg_().add_(value)
     else:  # values broadcast beyond the logits' shape
         slope = value - slope
