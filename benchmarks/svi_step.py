@@ -9,6 +9,8 @@ Six steps on the same networks, batches, data and learning rate:
   where torch has it (:func:`ppl_vae.optim.adam`), validation off after the first trace, no
   host synchronisation;
 - ``compiled``: ``ppl_vae`` with the record through ``torch.compile`` (``--compile``);
+- ``graphed`` (CUDA only): ``ppl_vae`` with each step replayed as a CUDA graph, what ``train``
+  runs on a GPU (:class:`ppl_vae.graphs.GraphedSteps`, ``--cuda-graphs``);
 - ``eager``: the same without the capture (``--no-capture``): the Pyro program runs each step;
 - ``hand``: the same ELBO written with bare tensor formulas (sampled KL for ``elbo``, analytic KL
   for ``meanfield``), ``torch.optim.Adam`` with its defaults, as a hand-written loop has it;
@@ -28,7 +30,8 @@ logits no training step sees). Each repeat runs every step in turn, in an order 
 repeat to repeat (5 warm-up steps, then ``--steps`` timed ones). Times are medians over
 repeats; a ratio is the median of the per-repeat ratios, so that a slow spell of the machine,
 which hits the steps of one repeat alike, cancels. It also times one MNIST epoch of ``train``
-and the data handling (permutation, gather, dynamic binarization) of the same epoch.
+and the data handling (permutation, gather, dynamic binarization) of the same epoch; on CUDA also
+the second epoch of a two-epoch run (the first makes the records and captures the graphs).
 
 Run: ``python benchmarks/svi_step.py --write`` (``--write`` updates docs/BENCHMARKS.md).
 """
@@ -60,8 +63,9 @@ from pyro.infer import SVI
 from torch import Tensor
 
 from ppl_vae import TrainConfig, train
+from ppl_vae.graphs import WARMUP, GraphedSteps
 from ppl_vae.optim import adam
-from ppl_vae.svi import make_loss, step_loss
+from ppl_vae.svi import make_loss, step_loss, svi_step
 
 LOG_2PI = math.log(2 * math.pi)
 BATCHES_CYCLED = 30  # distinct batches each contender steps through, in turn
@@ -98,7 +102,8 @@ def time_steps(
     batch: int, loss: str, repeats: int, steps: int, device: torch.device, phase: str
 ) -> dict:
     """Times the contenders of ``phase``: ``eager`` (ppl_vae, eager, hand, stock) or
-    ``compiled`` (compiled, hand compiled and hand again); see the module's docstring."""
+    ``compiled`` (compiled, hand compiled and hand again); on CUDA the eager phase also has
+    ``graphed``; see the module's docstring."""
     data, model, guide, x, params = reference_batch(device, batch)
     num_data = data.train.shape[0]
     # each contender steps through the same sequence of distinct binarized batches, as training
@@ -127,6 +132,12 @@ def time_steps(
     def hand_fast(x):
         return hand_step(model, guide, fused, x, num_data, analytic, loss_fn=hand_compiled)
 
+    graphs = GraphedSteps(svi_step)
+
+    def graphed(x):
+        with pyro.validation_enabled(False):
+            return graphs(captured, fused, x, num_data=num_data)
+
     def cycling(step: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
         order = itertools.cycle(batches)
         return lambda: step(next(order))
@@ -138,12 +149,20 @@ def time_steps(
         "stock": lambda x: svi.step(x, num_data),
         "compiled": training_step(compiled, fused, num_data=num_data),
         "hand_compiled": hand_fast,
+        "graphed": graphed,
     }
     names = ("ppl_vae", "eager", "hand", "stock") if phase == "eager" else COMPILED
+    if phase == "eager" and device.type == "cuda":
+        names += ("graphed",)
     contenders = {name: cycling(steps_by_name[name]) for name in names}
     for name in set(names) & set(COMPILED):  # compile outside the timing
         contenders[name]()
         contenders[name]()
+    if "graphed" in names:  # record, warm up and capture outside the timing
+        for _ in range(2 + WARMUP):
+            contenders["graphed"]()
+        if graphs.off is not None or not graphs.graphs:
+            raise RuntimeError(f"no CUDA graph was captured: {graphs.off}")
     times = interleave(contenders, repeats, device, calls=steps, warmup=5, rotate=True)
     ratios = {
         f"{k}/hand": statistics.median(a / b for a, b in zip(v, times["hand"], strict=True))
@@ -153,19 +172,26 @@ def time_steps(
 
 
 def time_epoch(device: torch.device) -> dict:
-    """One MNIST epoch of ``train`` (batch 100) and the data handling of one epoch."""
+    """One MNIST epoch of ``train`` (batch 100) and the data handling of one epoch; on CUDA
+    also ``second_s``, the second epoch of a two-epoch run (its ``seconds`` metric)."""
     data, model, guide = reference_vae(device)
     epoch, _ = time_calls(
         lambda: train(model, guide, data, TrainConfig(epochs=1, batch_size=100), quiet=True),
         device,
     )
+    second = {}
+    if device.type == "cuda":
+        data, model, guide = reference_vae(device)
+        metrics = train(model, guide, data, TrainConfig(epochs=2, batch_size=100), quiet=True)
+        second = {"second_s": metrics[-1]["seconds"]}
     g = torch.Generator(device=device).manual_seed(0)
 
     def handle():
         for _x in data.batches(100, "train", generator=g):
             pass
 
-    return {"epoch_s": epoch, "data_s": medians(interleave({"data": handle}, 5, device))["data"]}
+    data_s = medians(interleave({"data": handle}, 5, device))["data"]
+    return {"epoch_s": epoch, "data_s": data_s, **second}
 
 
 def main(argv=None) -> int:
@@ -176,14 +202,16 @@ def main(argv=None) -> int:
     # every eager contender before anything is compiled in this process (see the docstring)
     results = {case: time_steps(*case[::-1], args.repeats, args.steps, device, "eager")
                for case in cases}  # fmt: skip
+    cuda = device.type == "cuda"
     rows = []
     for loss, batch in cases:
         t = results[loss, batch]
         c = time_steps(batch, loss, args.repeats, args.steps, device, "compiled")
+        graph = f" {t['graphed'] * 1e3:.3f} | **{t['graphed/hand']:.3f}** |" if cuda else ""
         rows.append(
             f"| {loss} | {batch} | {t['hand'] * 1e3:.2f} | {t['ppl_vae'] * 1e3:.2f} | "
             f"{t['eager'] * 1e3:.2f} | {t['stock'] * 1e3:.2f} | **{t['ppl_vae/hand']:.3f}** | "
-            f"{t['eager/hand']:.3f} | {t['stock/hand']:.3f} | {c['hand'] * 1e3:.2f} | "
+            f"{t['eager/hand']:.3f} | {t['stock/hand']:.3f} |{graph} {c['hand'] * 1e3:.2f} | "
             f"{c['compiled'] * 1e3:.2f} | {c['hand_compiled'] * 1e3:.2f} | "
             f"{c['compiled/hand']:.3f} | {c['hand_compiled/hand']:.3f} |"
         )
@@ -194,6 +222,7 @@ def main(argv=None) -> int:
         f"{e['epoch_s']:.2f} s; data handling of one epoch (permutation, gather, dynamic "
         f"binarization of 60k images): {e['data_s']:.3f} s = "
         f"**{100 * e['data_s'] / e['epoch_s']:.1f}%** of the epoch."
+        + (f" Second epoch of a two-epoch run: {e['second_s']:.2f} s." if cuda else "")
     )
     print(epoch_line)
     table = "\n".join(
@@ -202,9 +231,11 @@ def main(argv=None) -> int:
             "times are medians, ratios medians of the per-repeat ratios.",
             "",
             "| loss | batch | hand ms | ppl_vae ms | eager ms | stock SVI ms | ppl_vae / hand "
-            "| eager / hand | stock / hand | after compiling: hand ms | ppl_vae compiled ms | "
+            "| eager / hand | stock / hand |"
+            + (" CUDA graph ms | CUDA graph / hand |" if cuda else "")
+            + " after compiling: hand ms | ppl_vae compiled ms | "
             "hand compiled + fused Adam ms | compiled / hand | hand compiled / hand |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---" * (16 if cuda else 14) + "|",
             *rows,
             "",
             epoch_line,

@@ -166,6 +166,12 @@ def _key(value) -> tuple:
     return ("const", type(value), value)
 
 
+def _call_key(args: tuple, kwargs: dict) -> tuple:
+    """The key of a call's record: each argument's shape, strides, dtype and device (tensors)
+    or type and value (the rest)."""
+    return tuple(map(_key, args)) + tuple((k, *_key(v)) for k, v in sorted(kwargs.items()))
+
+
 class CapturedLoss:
     r"""``loss(*args)`` of fixed parameters, captured per input shape and replayed.
 
@@ -197,7 +203,7 @@ class CapturedLoss:
     def __call__(self, *args, **kwargs) -> Tensor:
         if any(torch.is_tensor(v) for v in kwargs.values()):
             raise TypeError("CapturedLoss takes tensor arguments by position only")
-        key = tuple(map(_key, args)) + tuple((k, *_key(v)) for k, v in sorted(kwargs.items()))
+        key = _call_key(args, kwargs)
         try:
             record = self.records.get(key)
         except TypeError:  # an argument that cannot be a key: run the program
@@ -214,6 +220,22 @@ class CapturedLoss:
             if isinstance(record, torch.nn.Module) and not self._agrees(record, args, kwargs):
                 record = self.records[key] = self._capture(args, kwargs)
         return record(self.params, *args)
+
+    def ready(self, *args, **kwargs) -> tuple[tuple, torch.nn.Module] | None:
+        """``(key, record)``: the checked record that a call with these arguments would replay
+        (called as ``record(self.params, *args)``) and the key it is kept under; None where
+        the call would run the program (no record yet, a check due, a program that cannot be
+        recorded, an argument that cannot be a key)."""
+        if any(torch.is_tensor(v) for v in kwargs.values()):
+            return None
+        key = _call_key(args, kwargs)
+        try:
+            record = self.records.get(key)
+        except TypeError:
+            return None
+        if not isinstance(record, torch.nn.Module) or key in self.stale:
+            return None
+        return key, record
 
     def recheck(self) -> None:
         """Has every record checked against the program at its next use."""

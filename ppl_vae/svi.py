@@ -33,6 +33,7 @@ from ppl_vae.distributed import (
 )
 from ppl_vae.distributions import first_order_gradients
 from ppl_vae.errors import InputError
+from ppl_vae.graphs import GraphedSteps, graphs_off_reason
 from ppl_vae.losses import LOSSES, IWAELoss, scale_latent
 from ppl_vae.optim import adam, load_adam_state
 from ppl_vae.progress import Progress, time_left
@@ -138,6 +139,11 @@ class TrainConfig:
         "Default: decided after the first epoch at the final KL weight: on (CPU with a C++ "
         "compiler) when the epochs left would take 10 minutes or more uncompiled",
     )  # fmt: skip
+    cuda_graphs: bool | None = option(
+        None, "replay each recorded step (forward, backward, gradient clip, fused Adam) as a "
+        "CUDA graph, one launch a step (docs/BENCHMARKS.md). Default: on with --device cuda "
+        "in one process; where it cannot be, the step runs without, with a warning naming why",
+    )  # fmt: skip
 
     def __post_init__(self):
         check_positive(self, "epochs", "batch_size", "num_particles", "eval_batch_size")
@@ -199,6 +205,8 @@ class TrainConfig:
             )
         if self.compile and not self.capture:
             raise InputError("--compile compiles the step's record: drop --no-capture")
+        if self.cuda_graphs and not self.capture:
+            raise InputError("--cuda-graphs replays the step's record: drop --no-capture")
         if self.loss == "iwae" and (self.kl_warmup or self.kl_delay or self.beta != 1.0):
             raise InputError(
                 "KL warm-up, delay and beta weight the ELBO's KL term; the iwae loss has none: "
@@ -576,6 +584,7 @@ class LoopState:
     metrics: list[dict]  # one dictionary per finished epoch
     untrained_elbo: float | None  # the test ELBO before training, for divergence checks
     notice: str | None = None  # a line for the user after this epoch's (the compile decision)
+    step: Callable[..., Tensor] = svi_step  # or GraphedSteps (TrainConfig.cuda_graphs)
 
 
 def init_state(
@@ -634,7 +643,31 @@ def init_state(
         model, guide, params, config=config, objective=objective,
         undecided=can_compile_by_default(config, device),
     )  # fmt: skip
-    return LoopState(epoch, params, optimizer, generator, losses, metrics, untrained)
+    step = graphed_steps(config, optimizer, device, w)
+    return LoopState(epoch, params, optimizer, generator, losses, metrics, untrained, step=step)
+
+
+def graphed_steps(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, device: torch.device, w: World
+) -> Callable[..., Tensor]:
+    """The step of the loop: :class:`~ppl_vae.graphs.GraphedSteps` where
+    ``config.cuda_graphs`` (default: on with a recorded step on CUDA in one process) and the
+    device and optimizer allow it, else :func:`svi_step`, with a warning naming the reason
+    when graphs were asked for."""
+    if not config.capture or config.cuda_graphs is False:
+        return svi_step
+    reason = graphs_off_reason(optimizer, device)
+    if reason is None and w.distributed:
+        reason = "torchrun's gradient all-reduce is not captured"
+    if reason is None:
+        return GraphedSteps(svi_step)
+    if config.cuda_graphs and w.main:
+        warnings.warn(
+            f"the SVI step runs without CUDA graphs: {reason}; drop --cuda-graphs to silence this",
+            RuntimeWarning,
+            stacklevel=4,  # train's caller (graphed_steps, init_state, train)
+        )
+    return svi_step
 
 
 def _restore(
@@ -786,14 +819,14 @@ def _train_pass(
                         before_update=clip,
                     )  # fmt: skip
                 else:
-                    total += svi_step(loss, optimizer, x, num_data, *extra, before_update=clip)
+                    total += state.step(loss, optimizer, x, num_data, *extra, before_update=clip)
             elif w.distributed:
                 total += shard_step(
                     loss, optimizer, x, params=params, num_data=num_data, w=w,
                     before_update=clip,
                 )  # fmt: skip
             else:
-                total += svi_step(loss, optimizer, x, num_data, before_update=clip)
+                total += state.step(loss, optimizer, x, num_data, before_update=clip)
             if i % 50 == 49:  # one host sync per 50 steps: progress and an early NaN check
                 running = -all_reduce_sum(total.clone()).item() / (i + 1) / num_data
                 if not math.isfinite(running):

@@ -19,6 +19,7 @@ CHANGEABLE = (
     "epochs",
     "capture",
     "compile",
+    "cuda_graphs",
     "patience",
 )  # training settings a resumed run may change
 
@@ -45,6 +46,11 @@ def _flag(cls: type, path: str) -> str:
     return flags[0] if flags else f"--{head.replace('_', '-')}"
 
 
+def _changeable_reset(config: TrainConfig) -> TrainConfig:
+    """``config`` with the settings a resumed run may change set alike (compared without)."""
+    return replace(config, epochs=1, capture=True, compile=False, cuda_graphs=None, patience=None)
+
+
 def check_resume(saved: RunConfig, config: RunConfig, metrics: list[dict], run_dir: Path) -> None:
     """An error naming the first setting of ``config`` that contradicts the run's own, or
     that leaves nothing to do (``metrics``: the finished epochs')."""
@@ -53,8 +59,7 @@ def check_resume(saved: RunConfig, config: RunConfig, metrics: list[dict], run_d
     for cls, a, b in (
         (DataConfig, replace(saved.data, data_dir=None), replace(config.data, data_dir=None)),
         (VAEConfig, saved.vae, config.vae),
-        (TrainConfig, replace(saved.train, epochs=1, capture=True, compile=False, patience=None),
-         replace(config.train, epochs=1, capture=True, compile=False, patience=None)),
+        (TrainConfig, _changeable_reset(saved.train), _changeable_reset(config.train)),
     ):  # fmt: skip
         for path, recorded, given in _differences(a, b):
             flag = _flag(cls, path)
