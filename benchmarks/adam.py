@@ -102,6 +102,7 @@ def main(argv=None) -> int:
             *rows,
         ]
     )
+    print(table)
     if args.write:
         write_section(f"adam ({device.type})", table)
     return 0

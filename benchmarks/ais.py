@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from common import describe, interleave, medians, parse_args, write_section
+from common import describe, interleave, medians, parse_args, sync, write_section
 from torch import Tensor
 
 from ppl_vae.ais import annealed_log_likelihood
@@ -99,8 +99,10 @@ def mnist(args: argparse.Namespace, device: torch.device) -> Case:
     options = {"num_chains": chains, "leapfrog_steps": args.leapfrog}
     estimates, seconds = [], []
     for t in steps:
+        sync(device)
         start = time.perf_counter()
         estimates.append(annealed_log_likelihood(run.model, run.guide, x, num_steps=t, **options))
+        sync(device)
         seconds.append(time.perf_counter() - start)
     vae, epoch = run.config.vae, (run.checkpoint or {}).get("epoch")
     hidden = "-".join(str(h) for h in vae.network.hidden)

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for capture in (True, False):
             pyro.set_rng_seed(0)
+            sync(device)
             t0 = time.perf_counter()
             estimates[capture] = annealed_log_likelihood(
                 model, guide, x, num_chains=args.chains, num_steps=args.steps, capture=capture
@@ -52,7 +53,6 @@ def main(argv=None) -> int:
         f"| AIS {args.chains} x {args.steps}, 5 leapfrog steps | {programs:.1f} | "
         f"{recorded:.1f} | **{ratio:.3f}** | {diff:.1e} |"
     )
-    print(row)
     table = "\n".join(
         [
             f"{describe(device)}; reference VAE (untrained), the first {args.points} MNIST test "
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
             row,
         ]
     )
+    print(table)
     if args.write:
         write_section(f"ais recorded ({device.type})", table)
     return 0

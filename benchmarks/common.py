@@ -10,6 +10,8 @@ script as ``python benchmarks/<name>.py`` puts this folder on ``sys.path``.
 - :func:`training_step` is one SVI step as :func:`ppl_vae.svi.train` runs it;
 - :func:`interleave` times contenders in turn, repeat after repeat, so that a slow spell of a
   shared machine hits all of them alike; :func:`medians` summarises;
+- :func:`reset_peak_memory` and :func:`peak_memory_mib` measure the peak memory of a device
+  (the CUDA allocator's, or the process's resident memory on the CPU);
 - :func:`describe` is the line naming the device and versions; :func:`write_section` rewrites
   the script's section of docs/BENCHMARKS.md (``--write``).
 """
@@ -41,7 +43,10 @@ __all__ = [
     "medians",
     "mnist",
     "parse_args",
+    "peak_memory_mib",
+    "peak_memory_name",
     "reference_vae",
+    "reset_peak_memory",
     "sync",
     "time_calls",
     "training_step",
@@ -70,7 +75,7 @@ def parse_args(
     if steps is not None:
         parser.add_argument("--steps", type=int, default=steps, help="timed steps per repeat")
     if device:
-        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--device", default="cpu", help="cpu or cuda")
         parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -213,17 +218,35 @@ def write_section(title: str, body: str, command: str | None = None) -> None:
     path.write_text(text)
 
 
-def reset_peak_rss() -> float:
-    """Resets this process's peak resident memory (VmHWM) to the current one, after a garbage
-    collection, and returns it in MiB (Linux: ``/proc/self/clear_refs``)."""
+def reset_peak_memory(device: torch.device) -> float:
+    """Resets the peak memory of ``device`` to what is in use now, and returns that in MiB.
+
+    On CUDA: the caching allocator's peak allocation (``torch.cuda.reset_peak_memory_stats``)
+    and the bytes allocated; on the CPU: this process's peak resident memory (VmHWM, reset
+    through ``/proc/self/clear_refs``, Linux only) and the resident memory, after a garbage
+    collection. A fresh process gives the CPU figure a heap of its own.
+    """
     gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
     Path("/proc/self/clear_refs").write_text("5")
-    return peak_rss_mib()
+    return peak_memory_mib(device)
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM) in MiB (Linux)."""
+def peak_memory_mib(device: torch.device) -> float:
+    """The peak memory of ``device`` since :func:`reset_peak_memory` in MiB: the CUDA
+    allocator's ``max_memory_allocated``, or this process's peak resident memory (Linux)."""
+    if device.type == "cuda":
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("VmHWM not in /proc/self/status (Linux only)")
+
+
+def peak_memory_name(device: torch.device) -> str:
+    """What :func:`peak_memory_mib` measures on ``device``, for a table's caption."""
+    return "max_memory_allocated" if device.type == "cuda" else "peak RSS"

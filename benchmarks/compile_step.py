@@ -1,13 +1,14 @@
 r"""The recorded SVI step against the same record through ``torch.compile`` (``--compile``).
 
 On the reference VAE (MLP 784-200-200, z = 50, tanh, MNIST, the default mean-field loss), at
-batch 100 and 1000: the time to compile the record (its first call, the check against the
-program included: :attr:`ppl_vae.capture.CapturedLoss.compile_seconds`), then one training
-step (loss, gradients, fused Adam as ``train`` makes it) of the record, of the compiled record
-and of the hand-written eager step of ``benchmarks/svi_step.py``, interleaved with the order
-rotated, medians; and the number of steps after which compiling pays, compile time over the
-time saved per step ("never" where the compiled step is not faster). Inductor keeps compiled
-kernels in a cache on disk; the benchmark compiles into a fresh one (``TORCHINDUCTOR_CACHE_DIR``
+each batch size of ``--batches`` (default 100 and 1000): the time to compile the record (its
+first call, the check against the program included:
+:attr:`ppl_vae.capture.CapturedLoss.compile_seconds`), then one training step (loss,
+gradients, fused Adam as ``train`` makes it) of the record, of the compiled record and of the
+hand-written eager step of ``benchmarks/svi_step.py``, interleaved with the order rotated,
+medians; and the number of steps after which compiling pays, compile time over the time saved
+per step ("never" where the compiled step is not faster). Inductor keeps compiled kernels in a
+cache on disk; the benchmark compiles into a fresh one (``TORCHINDUCTOR_CACHE_DIR``
 unless set), so the compile time is a first run's.
 
 Run: ``python benchmarks/compile_step.py --threads 1 --write`` (``--write`` updates
@@ -67,9 +68,10 @@ def compare(batch: int, repeats: int, steps: int, device: torch.device) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="100,1000")
     args, device = parse_args(parser, argv, repeats=7, steps=20)
     rows = []
-    for batch in (100, 1000):
+    for batch in (int(b) for b in args.batches.split(",")):
         r = compare(batch, args.repeats, args.steps, device)
         saved = r["record"] - r["compiled"]
         pays = f"{r['compile_s'] / saved:,.0f}" if saved > 0 else "never"
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
             *rows,
         ]
     )
+    print(table)
     if args.write:
         write_section(f"compiled step ({device.type})", table)
     return 0

@@ -213,7 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reducer", default="flat", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if any(a.split("=")[0] == "--device" for a in unknown):
+        sys.exit("ddp.py measures CPU processes (gloo) and takes no --device; run it without")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.worker:
         worker(args.batch_size[0], args.steps, args.warmup, args.reducer, args.out)
         return 0

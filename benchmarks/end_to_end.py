@@ -1,7 +1,8 @@
 r"""``ppl-vae train`` end to end against a hand-written PyTorch script, interleaved.
 
-Both train the reference VAE on MNIST for ``--epochs`` epochs (default 2) from a fresh Python
-process, as a user runs them: ``ppl-vae train --dataset mnist --epochs 2`` with its defaults
+Both train the reference VAE on MNIST for ``--epochs`` epochs (default 2) on ``--device`` from
+a fresh Python process, as a user runs them: ``ppl-vae train --dataset mnist --epochs 2`` with
+its defaults
 (the captured step, fused Adam, the test ELBO every epoch, the checkpoint and run directory,
 the five pictures) and ``benchmarks/hand_train.py`` (the same networks, loss, batch and rate in
 bare PyTorch, torch's default Adam, the test ELBO every epoch, a checkpoint and two pictures).
@@ -30,16 +31,16 @@ from common import describe, medians, parse_args, write_section
 HERE = Path(__file__).resolve().parent
 
 
-def commands(epochs: int, data: str, out: Path) -> dict[str, list[str]]:
-    """The two contenders' command lines, each writing under ``out``."""
+def commands(epochs: int, data: str, out: Path, device: str) -> dict[str, list[str]]:
+    """The two contenders' command lines on ``device``, each writing under ``out``."""
     return {
         "ppl-vae train": [
             sys.executable, "-m", "ppl_vae", "train", "--dataset", "mnist", "--epochs",
-            str(epochs), "--device", "cpu", "--quiet", "--out", str(out / "ppl_vae"),
+            str(epochs), "--device", device, "--quiet", "--out", str(out / "ppl_vae"),
         ],
         "hand-written": [
             sys.executable, str(HERE / "hand_train.py"), "--data", data, "--epochs",
-            str(epochs), "--out", str(out / "hand"),
+            str(epochs), "--device", device, "--out", str(out / "hand"),
         ],
     }  # fmt: skip
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     times: dict[str, list[float]] = {"ppl-vae train": [], "hand-written": []}
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
-            cmds = commands(args.epochs, data, Path(tmp))
+            cmds = commands(args.epochs, data, Path(tmp), str(device))
             names = list(cmds)[repeat % 2 :] + list(cmds)[: repeat % 2]
             for name in names:
                 times[name].append(run(cmds[name], env))

@@ -4,10 +4,12 @@ For the reference architecture (MLP 784-200-200-z50, tanh, Bernoulli decoder), `
 binarized MNIST test points are estimated at K = ``--samples`` draws each as ``evaluate`` does:
 ``--batch-size`` points at a time, each call of
 :func:`ppl_vae.importance.log_likelihood_diagnostics` with the IWAE bounds, ``chunk`` draws per
-vectorized pass, so that a pass decodes
-``batch x chunk`` rows. Every setting runs in its own process (a fresh heap, so that its peak
-RSS is its own), one untimed call first; settings are visited in turn, the order rotated from
-repeat to repeat, and the median is reported. Throughput is (points x samples) per second.
+vectorized pass, so that a pass decodes ``batch x chunk`` rows. On the CPU every setting runs
+in its own process (a fresh heap, so that its peak RSS is its own); on CUDA all run in this
+process, after an estimate that makes the libraries' workspaces, the allocator's peak
+(``torch.cuda.max_memory_allocated``) reset before each. One untimed call first; settings are
+visited in turn, the order rotated from repeat to repeat, and the median is reported.
+Throughput is (points x samples) per second.
 
 Run: ``python benchmarks/evaluate_sizes.py --threads 1 --write`` (updates docs/BENCHMARKS.md).
 """
@@ -25,9 +27,11 @@ import torch
 from common import (
     describe,
     parse_args,
-    peak_rss_mib,
+    peak_memory_mib,
+    peak_memory_name,
     reference_vae,
-    reset_peak_rss,
+    reset_peak_memory,
+    sync,
     write_section,
 )
 
@@ -38,8 +42,8 @@ ROWS = (1_000, 10_000, 25_000, 100_000)  # decoder rows per pass, batch x chunk
 
 
 def one_setting(points: int, samples: int, batch: int, chunk: int, device) -> dict:
-    """Seconds for ``points`` points at K = ``samples``, after one untimed batch, and the peak
-    RSS growth (MiB) over both, from the model and data loaded."""
+    """Seconds for ``points`` points at K = ``samples``, after one untimed batch, and the growth
+    of the device's peak memory (MiB) over both, from the model and data loaded."""
     data, model, guide = reference_vae(device)
     g = torch.Generator(device).manual_seed(0)
     x_all = torch.bernoulli(data.test[:points], generator=g)
@@ -51,13 +55,26 @@ def one_setting(points: int, samples: int, batch: int, chunk: int, device) -> di
                 iwae_ks=(1, 10, 100),
             )  # fmt: skip
 
-    base = reset_peak_rss()  # the model and the data loaded
+    base = reset_peak_memory(device)  # the model and the data loaded
     estimate(x_all[:batch])  # warm-up
+    sync(device)
     t0 = time.perf_counter()
     estimate(x_all)
+    sync(device)
+    return {"seconds": time.perf_counter() - t0, "peak": peak_memory_mib(device) - base}
+
+
+def measured(args: argparse.Namespace, batch: int, chunk: int, device) -> dict:
+    """:func:`one_setting`: on CUDA in this process, on the CPU in a fresh one."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return {"seconds": time.perf_counter() - t0, "peak": peak_rss_mib() - base}
+        return one_setting(args.points, args.samples, batch, chunk, device)
+    cmd = [sys.executable, __file__, "--one", str(batch), str(chunk)]
+    cmd += ["--points", str(args.points), "--samples", str(args.samples)]
+    cmd += ["--device", args.device, "--repeats", "1"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
 
 
 def settings(samples: int) -> list[tuple[int, int]]:
@@ -83,21 +100,18 @@ def main(argv=None) -> int:
         print(json.dumps(one_setting(args.points, args.samples, *args.one, device)))
         return 0
     grid = settings(args.samples)
+    if device.type == "cuda":  # the first call's allocations (cuBLAS workspaces) in no setting
+        one_setting(1, args.samples, 1, args.samples, device)
     runs: dict[tuple[int, int], list[dict]] = {s: [] for s in grid}
     for r in range(args.repeats):
         shift = r * len(grid) // args.repeats
         for batch, chunk in grid[shift:] + grid[:shift]:
-            cmd = [sys.executable, __file__, "--one", str(batch), str(chunk)]
-            cmd += ["--points", str(args.points), "--samples", str(args.samples)]
-            cmd += ["--device", args.device, "--repeats", "1"]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs[batch, chunk].append(json.loads(proc.stdout))
+            runs[batch, chunk].append(measured(args, batch, chunk, device))
             print(f"batch {batch}, chunk {chunk}: {runs[batch, chunk][-1]}", file=sys.stderr)
     draws = args.points * args.samples
     rows = [
-        "| batch | chunk | rows per pass | points x samples / s | peak RSS growth |",
+        f"| batch | chunk | rows per pass | points x samples / s | {peak_memory_name(device)} "
+        "growth |",
         "|---|---|---|---|---|",
     ]
     for batch, chunk in grid:
@@ -110,7 +124,8 @@ def main(argv=None) -> int:
         [
             f"{describe(device)}; {args.points} test points x K = {args.samples}, as `evaluate` "
             f"runs them (diagnostics and IWAE_1,10,100 included); median of {args.repeats} "
-            f"runs, each setting in its own process; peak: the largest of the runs.",
+            f"runs{', each setting in its own process' if device.type == 'cpu' else ''}; "
+            "peak: the largest of the runs.",
             "",
             *rows,
         ]

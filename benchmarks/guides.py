@@ -70,7 +70,6 @@ def main(argv=None) -> int:
         f"**{median[g] / median['gaussian']:.2f}** |"
         for g in names
     ]
-    print("\n".join(rows))
     table = "\n".join(
         [
             f"{describe(device)}; batch 100, z = 50, MLP 784-200-200, "
@@ -82,6 +81,7 @@ def main(argv=None) -> int:
             *rows,
         ]
     )
+    print(table)
     if args.write:
         write_section(f"guides ({device.type})", table)
     return 0

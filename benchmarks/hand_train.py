@@ -5,9 +5,11 @@ its defaults: the same networks (MLP 784-200-200, tanh, z = 50, a diagonal Gauss
 the same loss (the ELBO with the KL term in closed form), dynamic binarization, batch 100, Adam
 1e-3 (torch's default implementation), the test ELBO after every epoch, then a checkpoint (the
 state dicts and the optimizer's) and two pictures, 64 samples and 16 reconstructions, as PNGs.
-No validation, no resumable run directory, no checks.
+Data, networks and draws live on ``--device``, as ``ppl-vae train --device`` keeps them. No
+validation, no resumable run directory, no checks.
 
-Run: ``python benchmarks/hand_train.py --data ../shared/data --epochs 2 --out DIR``.
+Run: ``python benchmarks/hand_train.py --data ../shared/data --epochs 2 --out DIR``
+(``--device cuda`` on a GPU).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def grid(images: torch.Tensor, rows: int, path: Path) -> None:
     cols = images.shape[0] // rows
     tiles = images.reshape(rows, cols, 28, 28).permute(0, 2, 1, 3).reshape(rows * 28, cols * 28)
     fig, ax = plt.subplots(figsize=(cols * 0.6, rows * 0.6))
-    ax.imshow(tiles.numpy(), cmap="gray")
+    ax.imshow(tiles.cpu().numpy(), cmap="gray")
     ax.axis("off")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
@@ -65,17 +67,20 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder holding MNIST/raw")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", type=torch.device, default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = args.device
     torch.manual_seed(0)
-    train = MNIST(args.data, train=True).data.reshape(-1, 784).float() / 255
-    test = MNIST(args.data, train=False).data.reshape(-1, 784).float() / 255
-    test_x = torch.bernoulli(test, generator=torch.Generator().manual_seed(0))
-    encoder, decoder = mlp([784, 200, 200, 2 * LATENT]), mlp([LATENT, 200, 200, 784])
+    train = MNIST(args.data, train=True).data.reshape(-1, 784).to(device).float() / 255
+    test = MNIST(args.data, train=False).data.reshape(-1, 784).to(device).float() / 255
+    test_x = torch.bernoulli(test, generator=torch.Generator(device).manual_seed(0))
+    encoder = mlp([784, 200, 200, 2 * LATENT]).to(device)
+    decoder = mlp([LATENT, 200, 200, 784]).to(device)
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-3)
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        for idx in torch.randperm(train.shape[0]).split(100):
+        for idx in torch.randperm(train.shape[0], device=device).split(100):
             x = torch.bernoulli(train[idx])
             loss = negative_elbo(encoder, decoder, x).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -91,7 +96,7 @@ def main() -> None:
         args.out / "checkpoint.pt",
     )  # fmt: skip
     with torch.no_grad():
-        samples = torch.sigmoid(decoder(torch.randn(64, LATENT)))
+        samples = torch.sigmoid(decoder(torch.randn(64, LATENT, device=device)))
         loc = encoder(test_x[:8]).chunk(2, dim=-1)[0]
         recon = torch.cat([test_x[:8], torch.sigmoid(decoder(loc))])
     grid(samples, 8, args.out / "samples.png")

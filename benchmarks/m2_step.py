@@ -111,6 +111,7 @@ def main(argv=None) -> int:
             *rows,
         ]
     )
+    print(table)
     if args.write:
         write_section(f"m2_step ({device.type})", table)
     return 0

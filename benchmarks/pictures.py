@@ -75,7 +75,6 @@ def main(argv=None) -> int:
         for n, t in per.items()
     ]
     rows.append(f"| `write_pictures`, all {len(names)} | | | **{whole:.3f}** |")
-    print("\n".join(rows))
     test = run.data.test.shape[0]
     table = "\n".join(
         [
@@ -89,6 +88,7 @@ def main(argv=None) -> int:
             *rows,
         ]
     )
+    print(table)
     if args.write:
         write_section(f"pictures ({device.type})", table)
     return 0

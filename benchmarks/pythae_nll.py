@@ -81,10 +81,11 @@ def main(argv=None) -> int:
     data, model, guide = reference_vae(device)
     if args.epochs:
         train(model, guide, data, TrainConfig(epochs=args.epochs), quiet=True)
-    x = torch.bernoulli(data.test[: args.points], generator=torch.Generator().manual_seed(0))
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.bernoulli(data.test[: args.points], generator=g)
     peer = pythae_model(model, guide)
     rows, k = 10_000, args.samples
-    z = torch.randn(rows, 50)
+    z = torch.randn(rows, 50, device=device)
     target = x.reshape(1, args.points, -1).expand(k, -1, -1).reshape(-1, 784)
     estimates: dict[str, float] = {}
 

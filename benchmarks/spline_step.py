@@ -81,7 +81,6 @@ def main(argv=None) -> int:
         f"| {labels[v]} | {median[v] * 1e3:.1f} | **{median[v] / median['pyro']:.2f}** |"
         for v in variants
     ]
-    print("\n".join(rows))
     table = "\n".join(
         [
             f"{describe(device)}; batch 100, z = 50, MLP 784-200-200, spline guide of "
@@ -93,6 +92,7 @@ def main(argv=None) -> int:
             *rows,
         ]
     )
+    print(table)
     if args.write:
         write_section(f"spline step ({device.type})", table)
     return 0

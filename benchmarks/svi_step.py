@@ -197,8 +197,9 @@ def time_epoch(device: torch.device) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="100,1000")
+    parser.add_argument("--losses", default="elbo,meanfield", help="the rows' losses")
     args, device = parse_args(parser, argv, repeats=21, steps=10)
-    cases = [(loss, int(b)) for loss in ("elbo", "meanfield") for b in args.batches.split(",")]
+    cases = [(loss, int(b)) for loss in args.losses.split(",") for b in args.batches.split(",")]
     # every eager contender before anything is compiled in this process (see the docstring)
     results = {case: time_steps(*case[::-1], args.repeats, args.steps, device, "eager")
                for case in cases}  # fmt: skip

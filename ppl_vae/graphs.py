@@ -104,9 +104,11 @@ class GraphedSteps:
         graph = self.graphs.get(key)
         if graph is None or not _same(graph.fixed, fixed):
             self.graphs.pop(key, None)  # its memory goes back before the next capture
+            main = torch.cuda.current_stream()
             try:
                 graph = self.graphs[key] = _capture(record, loss.params, optimizer, args, fixed)
             except Exception as e:  # the capture's reason, then the step as it runs eagerly
+                torch.cuda.set_stream(main)  # where a failed capture left its own current
                 self._turn_off(loss.params, e)
                 return self.eager(loss, optimizer, *args, before_update=before_update, **kwargs)
         for mine, arg in zip(graph.inputs, args, strict=True):
