@@ -28,7 +28,8 @@ a replay draws the numbers an eager step would draw from the same state.
 
 A capture that fails (a host synchronisation in the step, an operation CUDA graphs do not
 allow) turns graphs off for the rest of the run, with one warning naming the reason; that step
-and every later one run eagerly.
+and every later one run eagerly, drawing what they would have drawn (the default generator's
+state from before the capture is put back: a failed capture leaves it unusable).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def graphs_off_reason(optimizer: torch.optim.Optimizer, device: torch.device) ->
     """Why the steps of ``optimizer`` on ``device`` cannot be CUDA graphs, or None."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"they need a CUDA device, and the step runs on {device.type}"
+    if not hasattr(torch.Generator, "graphsafe_set_state"):  # torch < 2.4
+        return f"torch {torch.__version__} cannot restore its generator after a failed capture"
     if not all(group.get("fused") for group in optimizer.param_groups):
         return "they need fused Adam, which torch does not have for these parameters"
     return None
@@ -105,10 +108,15 @@ class GraphedSteps:
         if graph is None or not _same(graph.fixed, fixed):
             self.graphs.pop(key, None)  # its memory goes back before the next capture
             main = torch.cuda.current_stream()
+            generator = torch.cuda.default_generators[main.device.index or 0]
+            before = generator.clone_state()  # the same seed and offset, not capturing
             try:
                 graph = self.graphs[key] = _capture(record, loss.params, optimizer, args, fixed)
             except Exception as e:  # the capture's reason, then the step as it runs eagerly
-                torch.cuda.set_stream(main)  # where a failed capture left its own current
+                # a failed capture leaves its stream current and the generator in capture
+                # mode (every later draw would fail): both are put back as they were
+                torch.cuda.set_stream(main)
+                generator.graphsafe_set_state(before)
                 self._turn_off(loss.params, e)
                 return self.eager(loss, optimizer, *args, before_update=before_update, **kwargs)
         for mine, arg in zip(graph.inputs, args, strict=True):

@@ -68,7 +68,7 @@ def _fit_shape(x: Tensor, valid: Tensor) -> Tensor:
     n = valid.sum(1).clamp(min=1)
     nf = n.to(x.dtype)
     m = 30 + nf.sqrt().floor()  # candidates per row
-    j = torch.arange(1, int(m.max().item()) + 1, dtype=x.dtype)
+    j = torch.arange(1, int(m.max().item()) + 1, dtype=x.dtype, device=x.device)
     candidate = j <= m[:, None]  # (N, J)
     quarter = (width - n) + (nf / 4 - 0.5).trunc().long()
     bs = 1.0 - m[:, None].sqrt() / (j - 0.5).sqrt()
