@@ -5,6 +5,7 @@ Test files import from here, never from each other.
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,23 @@ def sklearn_agreement(offset=0.0, seeds=range(10), iterations=25):
                         worst[key] = max(worst.get(key, 0.0), value)
     torch.set_num_threads(threads)
     return worst
+
+
+def strict_runs(data, vae, configs: dict, out: Path, device: str) -> dict:
+    """``train_run`` of each named configuration into ``out/<name>`` on ``device``, with a
+    RuntimeWarning an error: no step may fall back from its record or its CUDA graph."""
+    from ppl_vae.runs import train_run
+
+    runs = {}
+    for name, config in configs.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            runs[name] = train_run(data, vae, config, out / str(name), device)
+    return runs
+
+
+def assert_same_metrics(a, b, *, rel: float, keys=("train_elbo", "test_elbo")) -> None:
+    """Two runs' per-epoch ``keys`` agree to ``rel`` (relative), epoch by epoch."""
+    for x, y in zip(a.metrics, b.metrics, strict=True):
+        for key in keys:
+            assert x[key] == pytest.approx(y[key], rel=rel), (x["epoch"], key)

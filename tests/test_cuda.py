@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, assert_same_metrics, strict_runs
 
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.networks import NetworkConfig
@@ -71,18 +71,14 @@ def test_every_guide_gives_the_same_draws_and_densities_on_cpu_and_cuda(name):
 
 
 def test_the_captured_step_gives_the_numbers_of_the_program_on_cuda(tmp_path):
-    import warnings
-
     data = DataConfig("pinwheel", num_train=700, num_test=200)
     vae = VAEConfig(latent_dim=2, network=NetworkConfig(hidden=(16,)), guide="planar")
-    runs = []
-    for capture in (True, False):
-        config = TrainConfig(epochs=2, batch_size=300, kl_warmup=2, capture=capture)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # no fall-back to the program
-            runs.append(train_run(data, vae, config, tmp_path / str(capture), "cuda"))
-    for a, b in zip(runs[0].metrics, runs[1].metrics, strict=True):
-        assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-5)
+    configs = {
+        capture: TrainConfig(epochs=2, batch_size=300, kl_warmup=2, capture=capture)
+        for capture in (True, False)
+    }  # captured: the record replayed as a CUDA graph; not: the program every step
+    runs = strict_runs(data, vae, configs, tmp_path, "cuda")  # no fall-back to the program
+    assert_same_metrics(runs[True], runs[False], rel=1e-5, keys=("test_elbo",))
 
 
 @pytest.fixture(scope="module")

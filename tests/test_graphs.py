@@ -1,11 +1,10 @@
 """The recorded SVI step replayed as a CUDA graph (ppl_vae.graphs): the eager step's numbers,
 recaptured when what it holds fixed changes, and a clean fall-back."""
 
-import warnings
-
 import pyro
 import pytest
 import torch
+from helpers import assert_same_metrics, strict_runs
 
 from ppl_vae.capture import CapturedLoss
 from ppl_vae.data import DataConfig, load_data
@@ -103,15 +102,12 @@ def test_a_failed_capture_warns_and_steps_eagerly_with_the_same_numbers():
 @cuda
 def test_training_on_cuda_with_graphs_gives_the_numbers_without(tmp_path):
     data = DataConfig("pinwheel", num_train=700, num_test=200)
-    runs = {}
-    for graphs in (True, False):
-        config = TrainConfig(epochs=3, batch_size=300, kl_warmup=2, cuda_graphs=graphs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # no fall-back of either kind
-            runs[graphs] = train_run(data, VAE, config, tmp_path / str(graphs), "cuda")
-    for a, b in zip(runs[True].metrics, runs[False].metrics, strict=True):
-        assert a["train_elbo"] == pytest.approx(b["train_elbo"], rel=1e-5)
-        assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-5)
+    configs = {
+        graphs: TrainConfig(epochs=3, batch_size=300, kl_warmup=2, cuda_graphs=graphs)
+        for graphs in (True, False)
+    }
+    runs = strict_runs(data, VAE, configs, tmp_path, "cuda")  # no fall-back of either kind
+    assert_same_metrics(runs[True], runs[False], rel=1e-5)
 
 
 def test_graphs_are_refused_off_cuda_with_the_reason():
