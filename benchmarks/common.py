@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +42,7 @@ __all__ = [
     "ROOT",
     "describe",
     "interleave",
+    "measured_apart",
     "medians",
     "mnist",
     "parse_args",
@@ -129,18 +132,25 @@ def reference_batch(device: torch.device, batch: int):
     return data, model, guide, x, params
 
 
-def training_step(loss: Callable, optimizer: torch.optim.Optimizer, *args, **kwargs) -> Callable:
-    """A closure running one :func:`~ppl_vae.svi.svi_step` of ``loss``, validation off.
+def training_step(
+    loss: Callable,
+    optimizer: torch.optim.Optimizer,
+    *args,
+    step: Callable = svi_step,
+    **kwargs,
+) -> Callable:
+    """A closure running one ``step`` (default :func:`~ppl_vae.svi.svi_step`; or a
+    :class:`~ppl_vae.graphs.GraphedSteps`) of ``loss``, validation off.
 
-    ``step(*more)`` passes ``more`` after ``args`` (a batch given at each call). Validation is
-    off as in :func:`ppl_vae.svi.train`'s loop, after the first trace.
+    ``closure(*more)`` passes ``more`` after ``args`` (a batch given at each call). Validation
+    is off as in :func:`ppl_vae.svi.train`'s loop, after the first trace.
     """
 
-    def step(*more):
+    def closure(*more):
         with pyro.validation_enabled(False):
-            return svi_step(loss, optimizer, *args, *more, **kwargs)
+            return step(loss, optimizer, *args, *more, **kwargs)
 
-    return step
+    return closure
 
 
 def time_calls(
@@ -250,3 +260,17 @@ def peak_memory_mib(device: torch.device) -> float:
 def peak_memory_name(device: torch.device) -> str:
     """What :func:`peak_memory_mib` measures on ``device``, for a table's caption."""
     return "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+
+
+def measured_apart(
+    device: torch.device, here: Callable[[], Any], command: list[str], env: dict | None = None
+) -> Any:
+    """A memory measurement: ``here()`` on CUDA (in this process: the allocator's peak resets),
+    else what ``python command...`` prints as JSON from a fresh process (a heap of its own,
+    so that its peak resident memory is the measurement's)."""
+    if device.type == "cuda":
+        return here()
+    out = subprocess.run(
+        [sys.executable, *command], capture_output=True, text=True, check=True, env=env
+    )
+    return json.loads(out.stdout.splitlines()[-1])  # its last line: the figure

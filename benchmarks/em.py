@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import platform
-import subprocess
 import sys
 import warnings
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from common import (
     interleave,
+    measured_apart,
     medians,
     parse_args,
     peak_memory_mib,
@@ -154,13 +154,9 @@ def fit_peak(who: str, dtype: str, covariance: str, n: int, d: int, k: int, devi
 def peak_growth(who: str, dtype: str, covariance: str, n: int, d: int, k: int, device) -> float:
     """:func:`fit_peak`: on CUDA in this process (the allocator's peak resets), on the CPU in a
     fresh process (``em.py --peak ...``, a heap of its own)."""
-    if device.type == "cuda":
-        return fit_peak(who, dtype, covariance, n, d, k, device)
-    out = subprocess.run(
-        [sys.executable, __file__, "--peak", who, dtype, covariance, str(n), str(d), str(k)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return float(out.stdout.split()[-1])
+    here = lambda: fit_peak(who, dtype, covariance, n, d, k, device)  # noqa: E731
+    cmd = [__file__, "--peak", who, dtype, covariance, str(n), str(d), str(k)]
+    return measured_apart(device, here, cmd)
 
 
 def main(argv=None) -> int:

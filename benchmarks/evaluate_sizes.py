@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 from common import (
     describe,
+    measured_apart,
     parse_args,
     peak_memory_mib,
     peak_memory_name,
@@ -66,15 +66,13 @@ def one_setting(points: int, samples: int, batch: int, chunk: int, device) -> di
 
 def measured(args: argparse.Namespace, batch: int, chunk: int, device) -> dict:
     """:func:`one_setting`: on CUDA in this process, on the CPU in a fresh one."""
-    if device.type == "cuda":
-        return one_setting(args.points, args.samples, batch, chunk, device)
-    cmd = [sys.executable, __file__, "--one", str(batch), str(chunk)]
+    cmd = [__file__, "--one", str(batch), str(chunk)]
     cmd += ["--points", str(args.points), "--samples", str(args.samples)]
     cmd += ["--device", args.device, "--repeats", "1"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout)
+    here = lambda: one_setting(args.points, args.samples, batch, chunk, device)  # noqa: E731
+    return measured_apart(device, here, cmd)
 
 
 def settings(samples: int) -> list[tuple[int, int]]:

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import torch
 from common import (
     describe,
     interleave,
+    measured_apart,
     medians,
     parse_args,
     peak_memory_mib,
@@ -85,15 +85,13 @@ def peak_memory(points, samples, chunk, device) -> float:
 def measured_peak(args: argparse.Namespace, samples: int, fixed: bool, device) -> float:
     """:func:`peak_memory` at K = ``samples``: on CUDA in this process, on the CPU in a fresh
     one (a heap of its own), with glibc's mmap threshold fixed at 64 KiB where ``fixed``."""
-    if device.type == "cuda":
-        return peak_memory(args.points, samples, args.chunk, device)
-    cmd = [sys.executable, __file__, "--peak-only", "--points", str(args.points)]
+    cmd = [__file__, "--peak-only", "--points", str(args.points)]
     cmd += ["--samples", str(samples), "--chunk", str(args.chunk), "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if fixed else {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    return json.loads(proc.stdout)
+    here = lambda: peak_memory(args.points, samples, args.chunk, device)  # noqa: E731
+    return measured_apart(device, here, cmd, env)
 
 
 def main(argv=None) -> int:

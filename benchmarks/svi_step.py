@@ -134,10 +134,6 @@ def time_steps(
 
     graphs = GraphedSteps(svi_step)
 
-    def graphed(x):
-        with pyro.validation_enabled(False):
-            return graphs(captured, fused, x, num_data=num_data)
-
     def cycling(step: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
         order = itertools.cycle(batches)
         return lambda: step(next(order))
@@ -149,7 +145,7 @@ def time_steps(
         "stock": lambda x: svi.step(x, num_data),
         "compiled": training_step(compiled, fused, num_data=num_data),
         "hand_compiled": hand_fast,
-        "graphed": graphed,
+        "graphed": training_step(captured, fused, num_data=num_data, step=graphs),
     }
     names = ("ppl_vae", "eager", "hand", "stock") if phase == "eager" else COMPILED
     if phase == "eager" and device.type == "cuda":

@@ -203,11 +203,10 @@ class CapturedLoss:
     def __call__(self, *args, **kwargs) -> Tensor:
         if any(torch.is_tensor(v) for v in kwargs.values()):
             raise TypeError("CapturedLoss takes tensor arguments by position only")
-        key = _call_key(args, kwargs)
-        try:
-            record = self.records.get(key)
-        except TypeError:  # an argument that cannot be a key: run the program
+        found = self._lookup(args, kwargs)
+        if found is None:  # an argument that cannot be a key: run the program
             return self.loss(*args, **kwargs)
+        key, record = found
         if record is None:
             # The first call runs the program itself, so that one-time work (lazy
             # initialisation, Pyro's guess of max_plate_nesting) happens outside the record and
@@ -228,14 +227,18 @@ class CapturedLoss:
         recorded, an argument that cannot be a key)."""
         if any(torch.is_tensor(v) for v in kwargs.values()):
             return None
-        key = _call_key(args, kwargs)
-        try:
-            record = self.records.get(key)
-        except TypeError:
-            return None
+        key, record = self._lookup(args, kwargs) or (None, None)
         if not isinstance(record, torch.nn.Module) or key in self.stale:
             return None
         return key, record
+
+    def _lookup(self, args: tuple, kwargs: dict) -> tuple[tuple, Callable | None] | None:
+        """``(key, record or None)`` for a call's arguments; None where one cannot be a key."""
+        key = _call_key(args, kwargs)
+        try:
+            return key, self.records.get(key)
+        except TypeError:  # unhashable
+            return None
 
     def recheck(self) -> None:
         """Has every record checked against the program at its next use."""
