@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 from torch import Tensor
 
-__all__ = ["CACHE_BYTES", "ChunkedStatistics", "chunk_rows"]
+__all__ = ["CACHE_BYTES", "ChunkedStatistics", "PassSpace", "chunk_rows", "joint_out"]
 
 CACHE_BYTES = 2**30  # keep the sufficient statistics of the training set if they fit in this
 
@@ -15,6 +15,29 @@ def chunk_rows(width: int, x: Tensor) -> int:
     """Rows per pass: a few MiB on CPU (the chunk stays in cache for both products), more on GPU."""
     target = 2**22 if x.device.type == "cpu" else 2**28
     return max(64, target // (max(width, 1) * x.element_size()))
+
+
+def joint_out(space: Tensor | None, k: int, stats: Tensor) -> Tensor | None:
+    """The (K, n) view of the work space ``space`` that a chunk's joint is written into (n: the
+    rows of its statistics ``stats``), or None (a new tensor) without one."""
+    return None if space is None else space[: k * stats.shape[0]].view(k, stats.shape[0])
+
+
+class PassSpace:
+    """Tensors a pass writes each chunk's joint (K, n) and its per-point rows (1, n) into.
+
+    A fresh tensor per chunk costs the page faults of new memory each time the allocator has
+    given it back: 13-19% of a float32 diag pass for the joint, and a (1, n) operation took
+    40-80 us instead of 3-18 (docs/BENCHMARKS.md, em).
+    """
+
+    def __init__(self, k: int, rows: int, like: Tensor):
+        self.k, self.joint = k, like.new_empty(k * rows)  # flat: a chunk's (K, n) is contiguous
+        self._rows = like.new_empty(2, rows)
+
+    def row(self, i: int, n: int) -> Tensor:
+        """Row ``i`` (0 or 1) as a (1, n) tensor."""
+        return self._rows[i, :n].unsqueeze(0)
 
 
 class ChunkedStatistics:
@@ -40,6 +63,14 @@ class ChunkedStatistics:
         fits = cache and x.shape[0] * width * x.element_size() <= CACHE_BYTES
         self.cached = statistics(x) if fits else None
         self._work = None  # the chunks' statistics are written here when not cached
+        self._space = None
+
+    def pass_space(self, k: int) -> PassSpace:
+        """Work space for one chunk of a pass over these points with ``k`` components, kept for
+        the whole fit."""
+        if self._space is None or self._space.k != k:
+            self._space = PassSpace(k, self.rows_per_chunk, self.x)
+        return self._space
 
     def chunks(self) -> Iterator[tuple[int, Tensor]]:
         """Yields (first row, statistics of the rows from there) over the whole set."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ppl_vae.errors import InputError
-from ppl_vae.mixture.chunks import chunk_rows
+from ppl_vae.mixture.chunks import chunk_rows, joint_out
 from ppl_vae.registry import Registry
 
 __all__ = ["COVARIANCE_TYPES", "LOG_2PI", "Computation", "computation"]
@@ -114,10 +114,13 @@ class Computation:
         b = weights.log() - 0.5 * (mu * pmu).sum(-1) + log_det - 0.5 * d * LOG_2PI
         return torch.cat([pmu, quad], 1), b
 
-    def joint(self, stats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
-        """log w_k + log p(x_n | k) for a chunk, shape (K, n)."""
+    def joint(
+        self, stats: Tensor, natural: tuple[Tensor, ...], out: Tensor | None = None
+    ) -> Tensor:
+        """log w_k + log p(x_n | k) for a chunk, shape (K, n); ``out``: a flat work space of at
+        least K n values to write it into, or None."""
         a, b = natural
-        return torch.addmm(b.unsqueeze(1), a, stats.T)
+        return torch.addmm(b.unsqueeze(1), a, stats.T, out=joint_out(out, a.shape[0], stats))
 
     def sums(self, resp: Tensor, stats: Tensor, centre: Centre) -> Tensor:
         """The M-step's sums over a chunk from responsibilities (K, n)."""
@@ -242,13 +245,13 @@ class _FullScatter(Computation):
         offset = -(mu.unsqueeze(1) @ u).squeeze(1).T.reshape(d * k)
         return u_all, offset, b, [u_all.new_empty(0)]  # the last: a work space reused by chunks
 
-    def joint(self, stats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
+    def joint(self, stats, natural, out=None):
         u_all, offset, b, work = natural  # (D, D K), (D K,), (K,), [(rows, D K)]
         n, k = stats.shape[0], b.shape[0]
         rows = min(n, chunk_rows(u_all.shape[1], stats))
         if work[0].shape[0] < rows:  # one (rows, K D) block per pass rather than one per chunk
             work[0] = u_all.new_empty(rows, u_all.shape[1])
-        out = stats.new_empty(k, n)
+        out = stats.new_empty(k, n) if out is None else joint_out(out, k, stats)
         for start in range(0, n, rows):
             x = stats[start : start + rows]
             y = torch.addmm(offset, x, u_all, out=work[0][: x.shape[0]]).square_()

@@ -251,8 +251,10 @@ class GaussianMixture(Mixture):
         mu = self.means_ - self._shift
         return self._computation.natural(self.weights_, mu, self.precisions_cholesky_)
 
-    def _joint(self, stats: Tensor, natural: tuple[Tensor, ...]) -> Tensor:
-        return self._computation.joint(stats, natural)
+    def _joint(
+        self, stats: Tensor, natural: tuple[Tensor, ...], out: Tensor | None = None
+    ) -> Tensor:
+        return self._computation.joint(stats, natural, out)
 
     def _sums(self, resp: Tensor, stats: Tensor) -> Tensor:
         return self._computation.sums(resp, stats, self._centre)
