@@ -467,16 +467,18 @@ def test_float32_scatter_sums_equal_the_explicit_sums_in_float64(kept, block, mo
     assert torch.allclose(sums.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
 
 
+@pytest.mark.parametrize("d, bands", [(3, 1), (24, 3)])
 @pytest.mark.parametrize("covariance_type", ["full", "tied"])
 def test_float32_scatter_joint_in_blocks_equals_the_log_densities_in_float64(
-    covariance_type, monkeypatch
+    covariance_type, d, bands, monkeypatch
 ):
     from ppl_vae.mixture.covariances import computation
 
-    # the (n, K D) product of a chunk is made in blocks of 37 rows (the last one shorter)
+    # the (n, K D) product of a chunk is made in blocks of 37 rows (the last one shorter), and
+    # for D = 24 in bands of 8 columns of each U_k, each from the rows of U it needs
     monkeypatch.setattr("ppl_vae.mixture.covariances.chunk_rows", lambda width, x: 37)
     g = torch.Generator().manual_seed(1)
-    k, d, n = 5, 3, 200
+    k, n = 5, 200
     x = torch.randn(n, d, generator=g, dtype=F64)
     mu = torch.randn(k, d, generator=g, dtype=F64)
     a = torch.randn(k, d, d, generator=g, dtype=F64)
@@ -488,6 +490,7 @@ def test_float32_scatter_joint_in_blocks_equals_the_log_densities_in_float64(
     u = torch.linalg.solve_triangular(lower, torch.eye(d, dtype=F64), upper=False).mT
     made = computation(covariance_type, torch.float32)
     natural = made.natural(*(t.float() for t in (weights, mu, u)))
+    assert len(natural[-1]) == bands
     joint = made.joint(x.float(), natural)
     normal = torch.distributions.MultivariateNormal(mu, scale_tril=lower.expand(k, d, d))
     expected = weights.log()[:, None] + normal.log_prob(x.unsqueeze(1)).T
