@@ -85,6 +85,30 @@ def test_results_do_not_depend_on_chunks_or_on_caching(covariance_type, dtype, r
         assert torch.allclose(log_p, runs[0][2], rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("mixture", ["gaussian diag", "gaussian full", "bernoulli"])
+def test_log_densities_are_the_log_sum_exp_of_the_joint(mixture, dtype, monkeypatch):
+    # score_samples, score, bic and aic take log p(x_n) chunk by chunk from the pass's
+    # exp2 form; torch's logsumexp of the whole joint, in float64, is the reference
+    monkeypatch.setattr(chunks, "chunk_rows", lambda width, x: 7)  # a short last chunk
+    x, *_ = blobs()
+    if mixture == "bernoulli":
+        x = torch.from_numpy(x > 0).to(dtype)
+        m = BernoulliMixture(3, seed=0, max_iter=5).fit(x)
+    else:
+        x = torch.from_numpy(x).to(dtype)
+        m = GaussianMixture(4, mixture.split()[1], seed=0, max_iter=5).fit(x)
+    want = torch.logsumexp(m.joint_log_prob(x).double(), 1)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-13
+    got = m.score_samples(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.allclose(got.double(), want, rtol=rtol, atol=rtol)
+    assert m.score(x) == pytest.approx(want.mean().item(), rel=rtol)
+    n_params = m._n_parameters()
+    assert m.bic(x) == pytest.approx(-2 * want.sum().item() + n_params * math.log(600), rel=rtol)
+    assert m.aic(x) == pytest.approx(-2 * want.sum().item() + 2 * n_params, rel=rtol)
+
+
 def _flushing() -> bool:
     """Whether this thread reads and makes subnormal floats as zero (float32's 1e-39 is one)."""
     return torch.full((1,), 1e-39).mul_(1.0).item() == 0.0

@@ -27,7 +27,7 @@ from ppl_vae.mixture.checks import (
     check_verbose,
     check_weights_init,
 )
-from ppl_vae.mixture.chunks import ChunkedStatistics, joint_out
+from ppl_vae.mixture.chunks import ChunkedStatistics, PassSpace, joint_out
 from ppl_vae.mixture.inits import INITS
 from ppl_vae.mixture.rows import Rows
 
@@ -64,6 +64,26 @@ def subnormals_flushed(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(was)
+
+
+def _shifted_exp(joint: Tensor, space: PassSpace) -> tuple[Tensor, Tensor, Tensor]:
+    """exp(joint - top) written over a chunk's joint (K, n), its per-point maximum ``top`` and
+    the column sums ``norm`` (both (1, n), in ``space``): log p(x_n) = top + log norm.
+
+    The exponential is ``exp2`` of (joint - top) log2(e): torch's ``exp2`` is 2.7 times as fast
+    as its ``exp`` on a CPU (float32; 1.9 times in float64), and the product's rounding changes
+    a float32 responsibility r by at most 5e-8 |log r| relative. Its argument is floored just
+    above the smallest normal number first, which keeps ``exp2`` off its slow path for
+    subnormal results; a responsibility below 1e-37 (float32) or 1e-307 (float64) changes no
+    sum.
+    """
+    n = joint.shape[1]
+    floor = math.log2(torch.finfo(joint.dtype).tiny) + 2
+    top = torch.amax(joint, 0, keepdim=True, out=space.row(0, n))
+    # (joint - top) log2(e) in one pass: -top log2(e) + log2(e) joint
+    shift = torch.mul(top, -LOG2_E, out=space.row(1, n))
+    e = torch.add(shift, joint, alpha=LOG2_E, out=joint).clamp_(min=floor).exp2_()
+    return e, top, torch.sum(e, 0, keepdim=True, out=shift)
 
 
 class Mixture(DensityMixin, BaseEstimator):
@@ -289,29 +309,17 @@ class Mixture(DensityMixin, BaseEstimator):
         """One E-step fused with the M-step's sums: (r^T T(x), sum_n r, sum_n log p(x_n)).
 
         Components run along rows, (K, n), so that the product is ``A @ T^T`` (the layout is
-        chosen for speed on CPU; see docs/BENCHMARKS.md). Responsibilities are taken as
-        ``exp2`` of the log-responsibilities times log2(e): torch's ``exp2`` is 2.7 times as fast
-        as its ``exp`` on a CPU (float32; 1.9 times in float64), and the product's rounding
-        changes a float32 responsibility r by at most 5e-8 |log r| relative. They are floored
-        just above the smallest normal number first, which keeps ``exp2`` off its slow path for
-        subnormal results; a responsibility below 1e-37 (float32) or 1e-307 (float64) changes
-        no sum. On a CPU the pass runs with subnormal numbers flushed to zero
+        chosen for speed on CPU; see docs/BENCHMARKS.md); responsibilities from
+        :func:`_shifted_exp`. On a CPU the pass runs with subnormal numbers flushed to zero
         (:func:`subnormals_flushed`).
         """
         natural = self._natural()
-        floor = math.log2(torch.finfo(source.x.dtype).tiny) + 2
         space = source.pass_space(self.n_components)
         stats = nk = total = None
         with subnormals_flushed(source.x.device):
             for _, feats in source.chunks():
-                n = feats.shape[0]
                 joint = self._joint(feats, natural, space.joint)  # (K, n)
-                top = torch.amax(joint, 0, keepdim=True, out=space.row(0, n))
-                # (joint - top) log2(e) in one pass: -top log2(e) + log2(e) joint
-                shift = torch.mul(top, -LOG2_E, out=space.row(1, n))
-                resp = torch.add(shift, joint, alpha=LOG2_E, out=joint)
-                resp = resp.clamp_(min=floor).exp2_()
-                norm = torch.sum(resp, 0, keepdim=True, out=shift)
+                resp, top, norm = _shifted_exp(joint, space)
                 log_px = top.sum()
                 resp.mul_(torch.reciprocal(norm, out=top))  # p(k | x_n) (dividing: 2.7x)
                 log_px += norm.log_().sum()  # sum_n log sum_k exp(joint)
@@ -465,16 +473,32 @@ class Mixture(DensityMixin, BaseEstimator):
         natural = self._natural()
         return torch.cat([self._joint(feats, natural).T for _, feats in source.chunks()])
 
+    def _log_density(self, x, method: str) -> Tensor:
+        """log p(x_n) of every point, (N,): the pass's log-sum-exp, chunk by chunk (torch's
+        ``logsumexp`` of the whole (N, K) joint took 4-5 passes' time, float32 diag)."""
+        self._require_fitted(method)
+        x = self._check_input(as_float(x).to(self.weights_), fitting=False)
+        source = ChunkedStatistics(
+            self._statistics, self._prepare(x), self._work_width(x), cache=False
+        )
+        natural, space = self._natural(), source.pass_space(self.n_components)
+        log_p = self.weights_.new_empty(x.shape[0])
+        with subnormals_flushed(x.device):
+            for start, feats in source.chunks():
+                _, top, norm = _shifted_exp(self._joint(feats, natural, space.joint), space)
+                torch.add(top, norm.log_(), out=log_p[start : start + top.shape[1]][None])
+        return log_p
+
     def score_samples(self, x) -> Tensor:
         r"""The log-density :math:`\log p(x_n)` of every point, shape ``(N,)``, in nats."""
-        return torch.logsumexp(self._joint_log_prob(x, "score_samples"), 1)
+        return self._log_density(x, "score_samples")
 
     def score(self, x, y=None) -> float:
         """The mean log-density of the points ``x`` (nats per point).
 
         ``y`` is ignored; it is there for scikit-learn's scorers, which call ``score(x, y)``.
         """
-        return torch.logsumexp(self._joint_log_prob(x, "score"), 1).mean().item()
+        return self._log_density(x, "score").mean().item()
 
     def predict(self, x) -> Tensor:
         """The most probable component of every point, shape ``(N,)``."""
@@ -489,12 +513,12 @@ class Mixture(DensityMixin, BaseEstimator):
 
         :math:`-2 \sum_n \log p(x_n) + P \log N` with ``P`` free parameters, as scikit-learn's.
         """
-        log_p = torch.logsumexp(self._joint_log_prob(x, "bic"), 1)
+        log_p = self._log_density(x, "bic")
         return -2 * log_p.sum().item() + self._n_parameters() * math.log(log_p.shape[0])
 
     def aic(self, x) -> float:
         r"""Akaike's information criterion on ``x``, :math:`-2 \sum_n \log p(x_n) + 2 P`."""
-        log_p = torch.logsumexp(self._joint_log_prob(x, "aic"), 1)
+        log_p = self._log_density(x, "aic")
         return -2 * log_p.sum().item() + 2 * self._n_parameters()
 
     def _labels(
