@@ -192,12 +192,6 @@ class _DiagMoments(Computation):
     cache = False
     precisions = staticmethod(_vector_precisions)
 
-    def work_width(self, k: int, d: int) -> int | None:
-        # the statistics and the (K, n) joint: 13,107 rows a float32 chunk at D = 32, K = 16
-        # rather than 16,384: per pass 0.94 of the time (12,000 rows, median of 10 fresh
-        # processes) and 0.88 (median of 8 pairs; 0.99 at their fastest tenth)
-        return 2 * d + k
-
     def statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         n, d = x.shape
         out = x.new_empty(n, 2 * d) if out is None else out[: 2 * d * n].view(n, 2 * d)
