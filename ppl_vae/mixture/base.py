@@ -464,26 +464,27 @@ class Mixture(DensityMixin, BaseEstimator):
         r""":math:`\log w_k + \log p(x_n \mid \theta_k)` for all points and components, (N, K)."""
         return self._joint_log_prob(x, "joint_log_prob")
 
-    def _joint_log_prob(self, x, method: str) -> Tensor:
+    def _scoring(self, x, method: str) -> tuple[ChunkedStatistics, tuple[Tensor, ...]]:
+        """The chunked statistics of checked points ``x`` to score, and the natural parameters
+        (``method`` names the caller in the not-fitted error)."""
         self._require_fitted(method)
         x = self._check_input(as_float(x).to(self.weights_), fitting=False)
         source = ChunkedStatistics(
             self._statistics, self._prepare(x), self._work_width(x), cache=False
         )
-        natural = self._natural()
+        return source, self._natural()
+
+    def _joint_log_prob(self, x, method: str) -> Tensor:
+        source, natural = self._scoring(x, method)
         return torch.cat([self._joint(feats, natural).T for _, feats in source.chunks()])
 
     def _log_density(self, x, method: str) -> Tensor:
         """log p(x_n) of every point, (N,): the pass's log-sum-exp, chunk by chunk (torch's
         ``logsumexp`` of the whole (N, K) joint took 4-5 passes' time, float32 diag)."""
-        self._require_fitted(method)
-        x = self._check_input(as_float(x).to(self.weights_), fitting=False)
-        source = ChunkedStatistics(
-            self._statistics, self._prepare(x), self._work_width(x), cache=False
-        )
-        natural, space = self._natural(), source.pass_space(self.n_components)
-        log_p = self.weights_.new_empty(x.shape[0])
-        with subnormals_flushed(x.device):
+        source, natural = self._scoring(x, method)
+        space = source.pass_space(self.n_components)
+        log_p = self.weights_.new_empty(source.x.shape[0])
+        with subnormals_flushed(source.x.device):
             for start, feats in source.chunks():
                 _, top, norm = _shifted_exp(self._joint(feats, natural, space.joint), space)
                 torch.add(top, norm.log_(), out=log_p[start : start + top.shape[1]][None])
