@@ -424,8 +424,12 @@ def test_full_and_diag_statistics_are_made_per_chunk(monkeypatch):
     for covariance_type, want in expected.items():
         made = computation(covariance_type, F64)
         work = torch.full((want.numel() + 7,), float("nan"), dtype=F64)  # a pass's work space
-        assert torch.equal(made.statistics(x), want)
-        assert torch.equal(made.statistics(x, work), want), covariance_type
+        for stats in (made.statistics(x), made.statistics(x, work)):
+            if covariance_type == "diag":  # (x, x^2): x itself, its square in the work space
+                assert stats.x is x and stats.shape == want.shape
+                stats = torch.cat(stats, 1)
+            assert torch.equal(stats, want), covariance_type
+    assert computation("diag", F64).statistics(x, work).square.data_ptr() == work.data_ptr()
     made = []  # full and diag keep no cache of the statistics; spherical's (D + 1 values) stays
 
     class Spy(chunks.ChunkedStatistics):
@@ -438,6 +442,33 @@ def test_full_and_diag_statistics_are_made_per_chunk(monkeypatch):
     for covariance_type in ("full", "diag", "spherical"):
         GaussianMixture(4, covariance_type, tol=0, max_iter=2).fit(torch.from_numpy(x))
     assert made[0] is None and made[1] is None and made[2] is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_diag_joint_and_sums_equal_the_products_with_the_whole_statistics(dtype):
+    """The diagonal E-step and M-step sums, made from x and x^2 apart, equal A T(x)^T + b and
+    r T(x) with T(x) = (x, x^2) as one (n, 2 D) tensor, in float64."""
+    from ppl_vae.mixture.chunks import PassSpace
+    from ppl_vae.mixture.covariances import computation
+
+    g = torch.Generator().manual_seed(0)
+    k, d, n = 5, 7, 300
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    weights = torch.softmax(torch.randn(k, generator=g, dtype=dtype), 0)
+    mu, u = torch.randn(k, d, generator=g, dtype=dtype), torch.rand(k, d, generator=g, dtype=dtype)
+    made = computation("diag", dtype)
+    a, b = made.natural(weights, mu, u + 0.5)
+    stats = made.statistics(x)
+    whole = torch.cat([x, x * x], 1).double()
+    space = PassSpace(k, n, x)
+    for out in (None, space.joint):
+        joint = made.joint(stats, (a, b), out)
+        want = whole @ a.double().T + b.double()
+        assert joint.shape == (k, n) and torch.allclose(joint.double(), want.T, rtol=1e-5)
+    resp = torch.softmax(joint, 0)
+    sums = made.sums(resp, stats, centre=None).double()
+    bound = n * torch.finfo(dtype).eps * (resp.double() @ whole.abs())  # a sum's rounding
+    assert sums.shape == (k, 2 * d) and ((sums - resp.double() @ whole).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("block", [None, 37])

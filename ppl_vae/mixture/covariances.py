@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -184,24 +185,52 @@ class _TiedMoments(_FullMoments):
         return (s.sum(0) - (nk_eps[:, None, None] * _outer(mu)).sum(0)) / nk_eps.sum()
 
 
+class Squares(NamedTuple):
+    """A chunk's diagonal statistics T(x) = (x, x^2), (n, 2 D), as two (n, D) tensors: the points
+    themselves (a view, not a copy) and their squares."""
+
+    x: Tensor
+    square: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """(n, 2 D), the shape of T(x) as one tensor."""
+        n, d = self.x.shape
+        return torch.Size((n, 2 * d))
+
+
 class _DiagMoments(Computation):
-    # Made per chunk into the pass's work space: reading a kept cache of (x, x^2), twice the
-    # data, from memory each pass cost more than squaring each chunk of x (float32, 100k x 32:
-    # 1.37 against 1.07 s for 100 iterations; docs/BENCHMARKS.md, em); spherical's cache, one
-    # column more than the data, stays (made per chunk it was 10% slower)
+    # Made per chunk: x is read where it is and only x^2 is written, into the pass's work space
+    # (copying x beside it into one (n, 2 D) tensor cost 0.9 ms of a 10 ms float32 pass at
+    # 100k x 32; the products in two halves cost about what one costs); reading a kept cache of
+    # (x, x^2), twice the data, from memory each pass cost more still (docs/BENCHMARKS.md, em).
+    # Spherical's cache, one column more than the data, stays (made per chunk it was 10% slower).
     cache = False
     precisions = staticmethod(_vector_precisions)
 
-    def statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+    def statistics(self, x: Tensor, out: Tensor | None = None) -> Squares:
         n, d = x.shape
-        out = x.new_empty(n, 2 * d) if out is None else out[: 2 * d * n].view(n, 2 * d)
-        out[:, :d] = x
-        torch.mul(x, x, out=out[:, d:])
-        return out
+        square = x.new_empty(n, d) if out is None else out[: d * n].view(n, d)
+        return Squares(x, torch.mul(x, x, out=square))
 
     def _linear(self, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         prec = u * u
         return mu * prec, -0.5 * prec, u.log().sum(-1)
+
+    def joint(self, stats: Squares, natural, out=None):
+        a, b = natural
+        d = stats.x.shape[1]
+        joint = torch.addmm(
+            b.unsqueeze(1), a[:, :d], stats.x.T, out=joint_out(out, b.shape[0], stats.x)
+        )
+        return joint.addmm_(a[:, d:], stats.square.T)
+
+    def sums(self, resp: Tensor, stats: Squares, centre: Centre) -> Tensor:
+        d = stats.x.shape[1]
+        out = resp.new_empty(resp.shape[0], 2 * d)
+        torch.mm(resp, stats.x, out=out[:, :d])
+        torch.mm(resp, stats.square, out=out[:, d:])
+        return out
 
     def covariance(self, stats, nk, nk_eps, mu, centre):
         d = mu.shape[1]  # scikit-learn's estimate: E_r[x^2] - mu^2
