@@ -47,42 +47,49 @@ def _caller_stacklevel() -> int:
 
 
 @contextmanager
-def subnormals_flushed(device: torch.device) -> Iterator[None]:
+def subnormals_flushed(device: torch.device) -> Iterator[bool]:
     """On a CPU, runs the block with subnormal floats read and made as zero in this thread, and
     puts the mode back after. ``exp2`` of the log-responsibilities takes two thirds of its time
     so (float32, one thread), and a subnormal responsibility (below 1.2e-38 in float32, 2.2e-308
     in float64) changes no sum of the M-step. torch can set the mode (``set_flush_denormal``)
-    but not read it; a subnormal number multiplied by one reads it."""
+    but not read it; a subnormal number multiplied by one reads it.
+
+    Yields whether ``exp2`` may still meet subnormal results on its slow path (a CPU that cannot
+    flush them), so that :func:`_shifted_exp` must floor its argument."""
     if device.type != "cpu":
-        yield
+        yield False
         return
     was = torch.full((1,), 1e-39, dtype=torch.float32).mul_(1.0).item() == 0.0
     if not was and not torch.set_flush_denormal(True):  # False: the CPU cannot
-        yield
+        yield True
         return
     try:
-        yield
+        yield False
     finally:
         torch.set_flush_denormal(was)
 
 
-def _shifted_exp(joint: Tensor, space: PassSpace) -> tuple[Tensor, Tensor, Tensor]:
+def _shifted_exp(joint: Tensor, space: PassSpace, floor: bool) -> tuple[Tensor, Tensor, Tensor]:
     """exp(joint - top) written over a chunk's joint (K, n), its per-point maximum ``top`` and
     the column sums ``norm`` (both (1, n), in ``space``): log p(x_n) = top + log norm.
 
     The exponential is ``exp2`` of (joint - top) log2(e): torch's ``exp2`` is 2.7 times as fast
     as its ``exp`` on a CPU (float32; 1.9 times in float64), and the product's rounding changes
-    a float32 responsibility r by at most 5e-8 |log r| relative. Its argument is floored just
-    above the smallest normal number first, which keeps ``exp2`` off its slow path for
-    subnormal results; a responsibility below 1e-37 (float32) or 1e-307 (float64) changes no
-    sum.
+    a float32 responsibility r by at most 5e-8 |log r| relative. With ``floor`` (a CPU that
+    cannot flush subnormals; :func:`subnormals_flushed`), its argument is floored just above
+    the smallest normal number first, which keeps ``exp2`` off its slow path for subnormal
+    results; a responsibility below 1e-37 (float32) or 1e-307 (float64) changes no sum. Where
+    they are flushed, ``exp2`` is faster without the floor (79 against 99 us for a (16, 16,384)
+    float32 chunk).
     """
     n = joint.shape[1]
-    floor = math.log2(torch.finfo(joint.dtype).tiny) + 2
     top = torch.amax(joint, 0, keepdim=True, out=space.row(0, n))
     # (joint - top) log2(e) in one pass: -top log2(e) + log2(e) joint
     shift = torch.mul(top, -LOG2_E, out=space.row(1, n))
-    e = torch.add(shift, joint, alpha=LOG2_E, out=joint).clamp_(min=floor).exp2_()
+    e = torch.add(shift, joint, alpha=LOG2_E, out=joint)
+    if floor:
+        e.clamp_(min=math.log2(torch.finfo(joint.dtype).tiny) + 2)
+    e.exp2_()
     return e, top, torch.sum(e, 0, keepdim=True, out=shift)
 
 
@@ -316,10 +323,10 @@ class Mixture(DensityMixin, BaseEstimator):
         natural = self._natural()
         space = source.pass_space(self.n_components)
         stats = nk = total = None
-        with subnormals_flushed(source.x.device):
+        with subnormals_flushed(source.x.device) as floor:
             for _, feats in source.chunks():
                 joint = self._joint(feats, natural, space.joint)  # (K, n)
-                resp, top, norm = _shifted_exp(joint, space)
+                resp, top, norm = _shifted_exp(joint, space, floor)
                 log_px = top.sum()
                 resp.mul_(torch.reciprocal(norm, out=top))  # p(k | x_n) (dividing: 2.7x)
                 log_px += norm.log_().sum()  # sum_n log sum_k exp(joint)
@@ -484,9 +491,10 @@ class Mixture(DensityMixin, BaseEstimator):
         source, natural = self._scoring(x, method)
         space = source.pass_space(self.n_components)
         log_p = self.weights_.new_empty(source.x.shape[0])
-        with subnormals_flushed(source.x.device):
+        with subnormals_flushed(source.x.device) as floor:
             for start, feats in source.chunks():
-                _, top, norm = _shifted_exp(self._joint(feats, natural, space.joint), space)
+                joint = self._joint(feats, natural, space.joint)
+                _, top, norm = _shifted_exp(joint, space, floor)
                 torch.add(top, norm.log_(), out=log_p[start : start + top.shape[1]][None])
         return log_p
 
