@@ -457,12 +457,13 @@ def test_diag_joint_and_sums_equal_the_products_with_the_whole_statistics(dtype)
     weights = torch.softmax(torch.randn(k, generator=g, dtype=dtype), 0)
     mu, u = torch.randn(k, d, generator=g, dtype=dtype), torch.rand(k, d, generator=g, dtype=dtype)
     made = computation("diag", dtype)
-    a, b = made.natural(weights, mu, u + 0.5)
+    natural = made.natural(weights, mu, u + 0.5)  # A's halves for x and x^2 apart, and b
+    a, b = torch.cat(natural[:2], 1), natural[2]
     stats = made.statistics(x)
     whole = torch.cat([x, x * x], 1).double()
     space = PassSpace(k, n, x)
     for out in (None, space.joint):
-        joint = made.joint(stats, (a, b), out)
+        joint = made.joint(stats, natural, out)
         want = whole @ a.double().T + b.double()
         assert joint.shape == (k, n) and torch.allclose(joint.double(), want.T, rtol=1e-5)
     resp = torch.softmax(joint, 0)

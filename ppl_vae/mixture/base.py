@@ -27,7 +27,7 @@ from ppl_vae.mixture.checks import (
     check_verbose,
     check_weights_init,
 )
-from ppl_vae.mixture.chunks import ChunkedStatistics, PassSpace, joint_out
+from ppl_vae.mixture.chunks import ChunkedStatistics, PassSpace, affine_joint
 from ppl_vae.mixture.inits import INITS
 from ppl_vae.mixture.rows import Rows
 
@@ -250,8 +250,7 @@ class Mixture(DensityMixin, BaseEstimator):
     ) -> Tensor:
         """log w_k + log p(x_n | k) for a chunk, shape (K, n); ``out``, if given, a flat work
         space of at least K n values it is written into."""
-        a, b = natural
-        return torch.addmm(b.unsqueeze(1), a, feats.T, out=joint_out(out, a.shape[0], feats))
+        return affine_joint(*natural, feats, out)
 
     def _sums(self, resp: Tensor, feats: Tensor) -> Tensor:
         """The M-step's sums over a chunk, r^T T(x), from responsibilities (K, n)."""

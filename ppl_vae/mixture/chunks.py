@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import Tensor
 
-__all__ = ["CACHE_BYTES", "ChunkedStatistics", "PassSpace", "chunk_rows", "joint_out"]
+__all__ = [
+    "CACHE_BYTES",
+    "ChunkedStatistics",
+    "PassSpace",
+    "affine_joint",
+    "chunk_rows",
+    "joint_out",
+]
 
 CACHE_BYTES = 2**30  # keep the sufficient statistics of the training set if they fit in this
 
@@ -21,6 +29,12 @@ def joint_out(space: Tensor | None, k: int, stats: Tensor) -> Tensor | None:
     """The (K, n) view of the work space ``space`` that a chunk's joint is written into (n: the
     rows of its statistics ``stats``), or None (a new tensor) without one."""
     return None if space is None else space[: k * stats.shape[0]].view(k, stats.shape[0])
+
+
+def affine_joint(a: Tensor, b: Tensor, stats: Tensor, space: Tensor | None = None) -> Tensor:
+    """The joint A T(x)^T + b (K, n) of a chunk's statistics ``stats`` (n, F), with A (K, F) and
+    b (K,), written into the work space ``space`` if given (see :func:`joint_out`)."""
+    return torch.addmm(b.unsqueeze(1), a, stats.T, out=joint_out(space, a.shape[0], stats))
 
 
 class PassSpace:

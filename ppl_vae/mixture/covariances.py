@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ppl_vae.errors import InputError
-from ppl_vae.mixture.chunks import chunk_rows, joint_out
+from ppl_vae.mixture.chunks import affine_joint, chunk_rows, joint_out
 from ppl_vae.registry import Registry
 
 __all__ = ["COVARIANCE_TYPES", "LOG_2PI", "Computation", "computation"]
@@ -109,11 +109,16 @@ class Computation:
         """P mu (K, D), the coefficients of the quadratic statistics, log det U (K,)."""
         raise NotImplementedError
 
-    def natural(self, weights: Tensor, mu: Tensor, u: Tensor) -> tuple[Tensor, ...]:
-        """A (K, F) and b (K,) with log w_k + log p(x | k) = A T(x) + b."""
+    def _halves(self, weights: Tensor, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A's columns for x (P mu, (K, D)) and for the quadratic statistics, and b (K,)."""
         pmu, quad, log_det = self._linear(mu, u)
         d = mu.shape[1]
         b = weights.log() - 0.5 * (mu * pmu).sum(-1) + log_det - 0.5 * d * LOG_2PI
+        return pmu, quad, b
+
+    def natural(self, weights: Tensor, mu: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+        """A (K, F) and b (K,) with log w_k + log p(x | k) = A T(x) + b."""
+        pmu, quad, b = self._halves(weights, mu, u)
         return torch.cat([pmu, quad], 1), b
 
     def joint(
@@ -121,8 +126,7 @@ class Computation:
     ) -> Tensor:
         """log w_k + log p(x_n | k) for a chunk, shape (K, n); ``out``: a flat work space of at
         least K n values to write it into, or None."""
-        a, b = natural
-        return torch.addmm(b.unsqueeze(1), a, stats.T, out=joint_out(out, a.shape[0], stats))
+        return affine_joint(*natural, stats, out)
 
     def sums(self, resp: Tensor, stats: Tensor, centre: Centre) -> Tensor:
         """The M-step's sums over a chunk from responsibilities (K, n)."""
@@ -217,13 +221,14 @@ class _DiagMoments(Computation):
         prec = u * u
         return mu * prec, -0.5 * prec, u.log().sum(-1)
 
+    def natural(self, weights: Tensor, mu: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+        """A's two halves apart, (P mu (K, D), -P / 2 (K, D), b): the joint takes one product
+        with each of x and x^2."""
+        return self._halves(weights, mu, u)
+
     def joint(self, stats: Squares, natural, out=None):
-        a, b = natural
-        d = stats.x.shape[1]
-        joint = torch.addmm(
-            b.unsqueeze(1), a[:, :d], stats.x.T, out=joint_out(out, b.shape[0], stats.x)
-        )
-        return joint.addmm_(a[:, d:], stats.square.T)
+        a_x, a_square, b = natural
+        return affine_joint(a_x, b, stats.x, out).addmm_(a_square, stats.square.T)
 
     def sums(self, resp: Tensor, stats: Squares, centre: Centre) -> Tensor:
         d = stats.x.shape[1]
