@@ -2,8 +2,9 @@
 # Every GPU check in one go: the GPU's name, the tests marked cuda, what a user runs on a GPU
 # (two MNIST epochs of `ppl-vae train`, importance sampling of the whole test set at K = 5000,
 # EM on MNIST) and every benchmark with --device cuda, at settings small enough for the whole
-# script to take about 8 minutes on an H200 (the most wanted first). From the repository's root, with the package and
-# Pyro installed and PPL_VAE_DATA naming the folder that holds MNIST/raw:
+# script to take about 8 minutes on an H200 (the most wanted first). From the repository's root
+# (this tree's package is put first on PYTHONPATH), with Pyro installed and PPL_VAE_DATA naming
+# the folder that holds MNIST/raw:
 #
 #     bash benchmarks/cuda_check.sh [LOG_DIR]
 #
@@ -16,6 +17,7 @@ set -u
 device=${CUDA_CHECK_DEVICE:-cuda} # cpu: a dry run of the script itself, on a machine without a GPU
 out=$(mkdir -p "${1:-cuda-check}" && cd "${1:-cuda-check}" && pwd)
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" # the package from this tree, installed or not
 run_dir=$(mktemp -d)
 
 part() { # part SECONDS LOG COMMAND...: COMMAND under a timeout, its output appended to LOG

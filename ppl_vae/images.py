@@ -8,13 +8,16 @@ set has them, the training labels as a fourth entry: the MNIST family, digits). 
 files are missing is a one-line error saying where to put them; nothing is written but what
 torchvision's own download writes when the network allows. Where a torchvision set's four
 uncompressed files are there, they are read here (:func:`read_idx`), to the same tensors as
-torchvision's reader; torchvision is imported only to unpack or download them.
+torchvision's reader, and so are their .gz files, unpacked in memory (whatever their checksums);
+torchvision is imported only to download them or unpack other archives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +59,9 @@ MNIST_FILES = {  # the uncompressed files torchvision reads, and their sizes in 
 }
 
 
-def check_idx_file(path: Path) -> tuple[int, ...]:
-    """The shape an IDX file of unsigned bytes gives in its header (the format of MNIST's
-    files: a magic number 0x0000080D for D dimensions, D sizes, then the bytes); an error naming
-    ``path`` if it is not a whole one."""
-    header = np.fromfile(path, dtype=">u4", count=4)
+def _idx_shape(header: np.ndarray, size: int, path: Path) -> tuple[int, ...]:
+    """The shape an IDX file of unsigned bytes of ``size`` bytes gives in its ``header`` (its
+    first big-endian uint32 words); an error naming ``path`` if it is not a whole one."""
     ndim = int(header[0]) - 0x800 if len(header) else -1
     if not 1 <= ndim <= 3 or len(header) < 1 + ndim:
         raise InputError(
@@ -68,19 +69,39 @@ def check_idx_file(path: Path) -> tuple[int, ...]:
             f"delete it and fetch it again"
         )
     expected = 4 * (1 + ndim) + int(np.prod(header[1 : 1 + ndim], dtype=np.int64))
-    if path.stat().st_size != expected:
+    if size != expected:
+        unpacked = " unpacked" if path.suffix == ".gz" else ""
         raise InputError(
-            f"{path} has {path.stat().st_size} bytes, not the {expected} its header gives: it "
+            f"{path} has {size} bytes{unpacked}, not the {expected} its header gives: it "
             f"is truncated or corrupt; delete it (and its .gz) and fetch it again"
         )
     return tuple(int(n) for n in header[1 : 1 + ndim])
 
 
+def check_idx_file(path: Path) -> tuple[int, ...]:
+    """The shape an IDX file of unsigned bytes gives in its header (the format of MNIST's
+    files: a magic number 0x0000080D for D dimensions, D sizes, then the bytes); an error naming
+    ``path`` if it is not a whole one."""
+    return _idx_shape(np.fromfile(path, dtype=">u4", count=4), path.stat().st_size, path)
+
+
 def read_idx(path: Path) -> Tensor:
-    """An IDX file of unsigned bytes (checked by :func:`check_idx_file`) as a uint8 tensor of
-    the shape its header gives: what torchvision's MNIST reader returns for it, without
-    importing torchvision (whose import takes longer than reading MNIST).
+    """An IDX file of unsigned bytes (checked by :func:`check_idx_file`), or one gzipped
+    (``.gz``, unpacked in memory), as a uint8 tensor of the shape its header gives: what
+    torchvision's MNIST reader returns for it, without importing torchvision (whose import takes
+    longer than reading MNIST).
     """
+    if path.suffix == ".gz":
+        try:
+            with gzip.open(path) as f:
+                body = np.frombuffer(f.read(), dtype=np.uint8)
+        except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
+            raise InputError(
+                f"{path} is not a whole gzip file ({e}); delete it and fetch it again"
+            ) from None
+        words = min(4, body.size // 4)
+        shape = _idx_shape(body[: 4 * words].view(">u4"), body.size, path)
+        return torch.from_numpy(body[4 * (1 + len(shape)) :].reshape(shape).copy())
     shape = check_idx_file(path)
     data = np.fromfile(path, dtype=np.uint8, offset=4 * (1 + len(shape)))
     return torch.from_numpy(data.reshape(shape))
@@ -110,8 +131,11 @@ class TorchvisionSet:
                     f"{self.sizes[i]}: it is truncated or corrupt; delete it (and its .gz) and "
                     f"fetch it again"
                 )
-        if all((raw / name).is_file() for name in self.files):  # read here: no torchvision
-            data = [read_idx(raw / name) for name in self.files]  # each checked as it is read
+        # Read here, without torchvision, each file or else its .gz: a .gz that is not the one
+        # torchvision checksums would have it download the file again, which fails offline
+        found = [raw / n if (raw / n).is_file() else raw / f"{n}.gz" for n in self.files]
+        if all(path.is_file() for path in found):
+            data = [read_idx(path) for path in found]  # each checked as it is read
             return self._tensors(data[0::2], data[1::2])
         for name in self.files:  # the files that are there, before torchvision reads them
             if (raw / name).is_file():

@@ -115,21 +115,48 @@ def test_emnist_is_turned_upright_where_torchvision_keeps_the_files_transposed(t
     assert torch.equal(data.test[:, 0], raw.transpose(1, 2).float().div(255))
 
 
-def test_gzipped_files_are_unpacked_by_torchvision_when_their_checksums_match(
+def test_gzipped_files_are_read_offline_whatever_their_checksums_and_nothing_is_written(
     tmp_path, monkeypatch
 ):
     from torchvision.datasets import KMNIST
 
     raw = tmp_path / "KMNIST" / "raw"
-    written = idx_set(raw, MNIST_NAMES, gz=True)
-    md5 = [
-        (f"{n}.gz", hashlib.md5((raw / f"{n}.gz").read_bytes()).hexdigest()) for n in MNIST_NAMES
-    ]
-    monkeypatch.setattr(KMNIST, "resources", md5)  # the official files' checksums, for ours
+    written = idx_set(raw, MNIST_NAMES, gz=True)  # not the official files: other checksums
+    official = {name: md5 for name, md5 in KMNIST.resources}
+    assert all(
+        hashlib.md5((raw / f"{n}.gz").read_bytes()).hexdigest() != official[f"{n}.gz"]
+        for n in MNIST_NAMES
+    )
     monkeypatch.setattr(KMNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens there
+    before = sorted(p.name for p in raw.iterdir())
     data = load_data(DataConfig("kmnist", "gray", data_dir=str(tmp_path)))
     assert torch.equal(data.train, written["train"][0])
     assert torch.equal(data.test, written["test"][0])
+    assert torch.equal(data.test_labels, torch.from_numpy(written["test"][1]).long())
+    assert sorted(p.name for p in raw.iterdir()) == before  # nothing unpacked beside them
+    # a mix: one file unpacked, the others still gzipped
+    (raw / MNIST_NAMES[0]).write_bytes(gzip.decompress((raw / f"{MNIST_NAMES[0]}.gz").read_bytes()))
+    (raw / f"{MNIST_NAMES[0]}.gz").unlink()
+    mixed = load_data(DataConfig("kmnist", "gray", data_dir=str(tmp_path)))
+    assert torch.equal(mixed.train, written["train"][0])
+
+
+def test_a_truncated_or_foreign_gzipped_file_is_named(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    idx_set(raw, MNIST_NAMES, gz=True)
+    gz = raw / f"{MNIST_NAMES[2]}.gz"
+    body = gzip.decompress(gz.read_bytes())
+    gz.write_bytes(gzip.compress(body[:-10]))  # whole gzip, truncated IDX
+    with pytest.raises(
+        InputError, match=rf"t10k-images-idx3-ubyte.gz has {len(body) - 10} bytes unpacked, not"
+    ):
+        load_data(DataConfig("mnist", data_dir=str(tmp_path)))
+    gz.write_bytes(gzip.compress(body)[:-20])  # the gzip itself cut short
+    with pytest.raises(InputError, match=r"t10k-images-idx3-ubyte.gz is not a whole gzip file"):
+        load_data(DataConfig("mnist", data_dir=str(tmp_path)))
+    gz.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(InputError, match="is not a whole gzip file"):
+        load_data(DataConfig("mnist", data_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("name, cls, names, transposed", TORCHVISION)
