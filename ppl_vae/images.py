@@ -93,8 +93,7 @@ def read_idx(path: Path) -> Tensor:
     """
     if path.suffix == ".gz":
         try:
-            with gzip.open(path) as f:
-                body = np.frombuffer(f.read(), dtype=np.uint8)
+            body = np.frombuffer(gzip.decompress(path.read_bytes()), dtype=np.uint8)
         except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
             raise InputError(
                 f"{path} is not a whole gzip file ({e}); delete it and fetch it again"
