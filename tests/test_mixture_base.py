@@ -85,6 +85,34 @@ def test_results_do_not_depend_on_chunks_or_on_caching(covariance_type, dtype, r
         assert torch.allclose(log_p, runs[0][2], rtol=rtol)
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_work_spaces_hold_no_more_rows_than_there_are_points(covariance_type, monkeypatch):
+    """Fewer points than a chunk's rows (every fit of 100k points on a GPU, where a chunk is
+    2^28 bytes): the pass's work spaces are sized by the points, and the fit is unchanged."""
+    x, w, m, p = blobs()  # 600 points
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    fits, made = [], []
+
+    class Spy(chunks.ChunkedStatistics):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr("ppl_vae.mixture.base.ChunkedStatistics", Spy)
+    for rows in (None, 4096):  # as chosen for this CPU, then as a GPU's would be
+        if rows is not None:
+            monkeypatch.setattr(chunks, "chunk_rows", lambda width, x, rows=rows: rows)
+        gm = GaussianMixture(4, covariance_type, tol=0, max_iter=5).fit(
+            t(x), weights_init=t(w), means_init=t(m), precisions_init=t(p[covariance_type])
+        )
+        fits.append(gm.means_)
+        source = made[-1]
+        assert source.rows_per_chunk == len(x)
+        assert source.pass_space(4).joint.numel() == 4 * len(x)
+        assert source._work is None or source._work.numel() == len(x) * source.width
+    assert torch.equal(fits[0], fits[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("mixture", ["gaussian diag", "gaussian full", "bernoulli"])
 def test_log_densities_are_the_log_sum_exp_of_the_joint(mixture, dtype, monkeypatch):

@@ -73,7 +73,9 @@ class ChunkedStatistics:
     ):
         width = statistics(x[:1]).shape[1]
         self.statistics, self.x, self.width = statistics, x, width
-        self.rows_per_chunk = chunk_rows(work_width or width, x)
+        # no more rows than there are points: the work spaces are sized by it (a GPU chunk is
+        # 2^28 bytes, so 100k points would otherwise get space for 10 times their rows)
+        self.rows_per_chunk = min(chunk_rows(work_width or width, x), max(1, x.shape[0]))
         fits = cache and x.shape[0] * width * x.element_size() <= CACHE_BYTES
         self.cached = statistics(x) if fits else None
         self._work = None  # the chunks' statistics are written here when not cached
