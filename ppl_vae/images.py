@@ -109,8 +109,8 @@ def read_idx(path: Path) -> Tensor:
 @dataclass(frozen=True)
 class TorchvisionSet:
     """An image set in the layout of a ``torchvision.datasets`` class, ``ROOT/<class>/raw``:
-    read here when its uncompressed files are there, else by that class (which unpacks the
-    archives it downloads, and downloads them where the network allows)."""
+    read here when its files, or their .gz, are there; else by that class (which downloads them
+    where the network allows, and unpacks what it downloads)."""
 
     title: str  # the set's name in messages
     cls: str  # the torchvision.datasets class, also its folder under the root
