@@ -16,6 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
 from ppl_vae.errors import InputError, NotFittedError
+from ppl_vae.mixture import native
 from ppl_vae.mixture.checks import (
     as_float,
     check_bool,
@@ -316,25 +317,32 @@ class Mixture(DensityMixin, BaseEstimator):
 
         Components run along rows, (K, n), so that the product is ``A @ T^T`` (the layout is
         chosen for speed on CPU; see docs/BENCHMARKS.md); responsibilities from
-        :func:`_shifted_exp`. On a CPU the pass runs with subnormal numbers flushed to zero
-        (:func:`subnormals_flushed`).
+        :func:`_shifted_exp`, or on a CPU from a compiled kernel that normalises each chunk in
+        one loop (:mod:`ppl_vae.mixture.native`, for passes large enough to pay for its build).
+        On a CPU the pass runs with subnormal numbers flushed to zero (:func:`subnormals_flushed`).
         """
         natural = self._natural()
         space = source.pass_space(self.n_components)
-        stats = nk = total = None
+        normalise = native.kernel(source.x, self.n_components * source.x.shape[0])
+        stats = nk = None
+        total = 0.0
         with subnormals_flushed(source.x.device) as floor:
             for _, feats in source.chunks():
                 joint = self._joint(feats, natural, space.joint)  # (K, n)
-                resp, top, norm = _shifted_exp(joint, space, floor)
-                log_px = top.sum()
-                resp.mul_(torch.reciprocal(norm, out=top))  # p(k | x_n) (dividing: 2.7x)
-                log_px += norm.log_().sum()  # sum_n log sum_k exp(joint)
-                if stats is None:
-                    stats, nk, total = self._sums(resp, feats), resp.sum(1), log_px
+                if normalise is not None and joint.is_contiguous():
+                    if nk is None:
+                        nk = joint.new_zeros(joint.shape[0])
+                    total += normalise(joint, nk)  # the joint is now p(k | x_n)
+                    resp = joint
                 else:
-                    stats += self._sums(resp, feats)
-                    nk += resp.sum(1)
-                    total += log_px
+                    resp, top, norm = _shifted_exp(joint, space, floor)
+                    total += top.sum()
+                    resp.mul_(torch.reciprocal(norm, out=top))  # p(k | x_n) (dividing: 2.7x)
+                    total += norm.log_().sum()  # sum_n log sum_k exp(joint)
+                    nk = resp.sum(1) if nk is None else nk.add_(resp.sum(1))
+                sums = self._sums(resp, feats)
+                stats = sums if stats is None else stats.add_(sums)
+        total = torch.as_tensor(total, dtype=stats.dtype, device=stats.device)
         reduce = self._rows.reduce
         return reduce(stats), reduce(nk), reduce(total)
 
