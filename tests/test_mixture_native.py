@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import blobs
 
-from ppl_vae.mixture import GaussianMixture, native
+from ppl_vae.mixture import BernoulliMixture, GaussianMixture, native
 
 F32 = torch.float32
 
@@ -49,21 +49,24 @@ def test_the_kernel_gives_the_log_sum_exp_responsibilities_and_counts_of_float64
         normalise(r.T, nk)
 
 
-@pytest.mark.parametrize("covariance_type", ["diag", "full", "spherical"])
-def test_a_fit_with_the_kernel_equals_one_with_torchs_operations(covariance_type, monkeypatch):
+@pytest.mark.parametrize("mixture", ["diag", "full", "spherical", "bernoulli"])
+def test_a_fit_with_the_kernel_equals_one_with_torchs_operations(mixture, monkeypatch):
     built()
     x, w, m, p = blobs()
     t = lambda a: torch.from_numpy(a).to(F32)  # noqa: E731
+    if mixture == "bernoulli":
+        pixels = torch.rand(600, 30, generator=torch.Generator().manual_seed(0)) < t(x[:, :1]) / 20
+        make = lambda: BernoulliMixture(4, tol=0, max_iter=20, seed=0).fit(pixels.to(F32))  # noqa: E731
+    else:
+        start = dict(weights_init=t(w), means_init=t(m), precisions_init=t(p[mixture]))
+        make = lambda: GaussianMixture(4, mixture, tol=0, max_iter=20).fit(t(x), **start)  # noqa: E731
     fits = []
     for use in (False, True):
         if use:  # every pass of these 600 points uses it
             monkeypatch.setattr(native, "MIN_VALUES", 0)
         else:
             monkeypatch.setattr(native, "kernel", lambda like, values: None)
-        gm = GaussianMixture(4, covariance_type, tol=0, max_iter=20).fit(
-            t(x), weights_init=t(w), means_init=t(m), precisions_init=t(p[covariance_type])
-        )
-        fits.append(gm)
+        fits.append(make())
         monkeypatch.undo()
     torch_ops, compiled = fits
     assert torch.allclose(compiled.means_, torch_ops.means_, rtol=1e-5, atol=1e-4)
@@ -81,7 +84,7 @@ def test_the_build_leaves_no_files_and_no_flush_mode(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "setting", ["PPL_VAE_NATIVE=0", "CC=/nonexistent/cc", "CC=false", "float64", "small"]
+    "setting", ["PPL_VAE_NATIVE=0", "CC=/nonexistent/cc", "CC=false", "float64", "small", "threads"]
 )
 def test_without_a_kernel_the_pass_uses_torchs_operations(setting, monkeypatch):
     monkeypatch.setattr(native, "_library", False)
@@ -90,6 +93,8 @@ def test_without_a_kernel_the_pass_uses_torchs_operations(setting, monkeypatch):
         like = like.double()
     elif setting == "small":
         values -= 1
+    elif setting == "threads":
+        monkeypatch.setattr(torch, "get_num_threads", lambda: native.MAX_THREADS + 1)
     else:
         monkeypatch.setenv(*setting.split("="))
     assert native.kernel(like, values) is None

@@ -28,9 +28,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_VALUES", "kernel"]
+__all__ = ["MAX_THREADS", "MIN_VALUES", "kernel"]
 
 MIN_VALUES = 2**20  # K N of a pass below which the build (0.4 s) is not worth it
+# The loop runs on one thread; torch's operations run on all of them. With two threads it took
+# 0.86 of their time still (a float32 diag pass); with more, untried on this 2-core machine,
+# they are left to do it.
+MAX_THREADS = 2
 
 # The joint (K, n), in nats, becomes the responsibilities; nk (K,) gets their row sums added; the
 # return value is sum_n log sum_k exp(joint), in double. exp2's argument is floored at -126, the
@@ -122,12 +126,13 @@ def kernel(like: Tensor, values: int) -> Callable[[Tensor, Tensor], float] | Non
     """``normalise(joint, nk) -> sum_n log p(x_n)`` for a pass of ``values`` = K N joint values
     of the dtype and device of ``like``: the joint (K, n, contiguous) is overwritten by the
     responsibilities and their row sums are added to ``nk`` (K,). None where torch's operations
-    should do it: not a CPU float32 tensor, a small pass, or no kernel. (In float64 the kernel
+    should do it: not a CPU float32 tensor, a small pass, more than :data:`MAX_THREADS`
+    threads, or no kernel. (In float64 the kernel
     took 1.06 of torch's time: libmvec's double exp2 is no faster than torch's.)"""
     global _library
     if like.device.type != "cpu" or like.dtype != torch.float32:
         return None
-    if values < MIN_VALUES:
+    if values < MIN_VALUES or torch.get_num_threads() > MAX_THREADS:
         return None
     if _library is False:
         _library = _build()
