@@ -12,6 +12,7 @@ from helpers import blobs
 from ppl_vae.mixture import BernoulliMixture, GaussianMixture, native
 
 F32 = torch.float32
+pytestmark = pytest.mark.filterwarnings("ignore::ppl_vae.mixture.ConvergenceWarning")
 
 
 def built():
