@@ -126,9 +126,9 @@ def kernel(like: Tensor, values: int) -> Callable[[Tensor, Tensor], float] | Non
     """``normalise(joint, nk) -> sum_n log p(x_n)`` for a pass of ``values`` = K N joint values
     of the dtype and device of ``like``: the joint (K, n, contiguous) is overwritten by the
     responsibilities and their row sums are added to ``nk`` (K,). None where torch's operations
-    should do it: not a CPU float32 tensor, a small pass, more than :data:`MAX_THREADS`
-    threads, or no kernel. (In float64 the kernel
-    took 1.06 of torch's time: libmvec's double exp2 is no faster than torch's.)"""
+    should do it: not a CPU float32 tensor (in float64 the loop took 1.06 of torch's time:
+    libmvec's double exp2 is no faster than torch's), a small pass, more than
+    :data:`MAX_THREADS` threads, or no kernel."""
     global _library
     if like.device.type != "cpu" or like.dtype != torch.float32:
         return None
