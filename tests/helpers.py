@@ -244,6 +244,21 @@ def blobs(n=600, d=3, k=4, seed=0):
     return x, weights, means, precisions
 
 
+def record_sources(monkeypatch) -> list:
+    """The ChunkedStatistics each later mixture fit makes (the sources of its passes), in order."""
+    from ppl_vae.mixture import chunks
+
+    made = []
+
+    class Recorded(chunks.ChunkedStatistics):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr("ppl_vae.mixture.base.ChunkedStatistics", Recorded)
+    return made
+
+
 def sklearn_agreement(offset=0.0, seeds=range(10), iterations=25):
     """How far our float64 GaussianMixture and scikit-learn's are from each other and from a
     reference, over ``blobs(seed=s)`` shifted by ``offset``, all four covariance types,

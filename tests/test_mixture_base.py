@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import blobs
+from helpers import blobs, record_sources
 
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.errors import InputError, NotFittedError
@@ -91,14 +91,7 @@ def test_work_spaces_hold_no_more_rows_than_there_are_points(covariance_type, mo
     2^28 bytes): the pass's work spaces are sized by the points, and the fit is unchanged."""
     x, w, m, p = blobs()  # 600 points
     t = lambda a: torch.from_numpy(a)  # noqa: E731
-    fits, made = [], []
-
-    class Spy(chunks.ChunkedStatistics):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr("ppl_vae.mixture.base.ChunkedStatistics", Spy)
+    fits, made = [], record_sources(monkeypatch)
     for rows in (None, 4096):  # as chosen for this CPU, then as a GPU's would be
         if rows is not None:
             monkeypatch.setattr(chunks, "chunk_rows", lambda width, x, rows=rows: rows)

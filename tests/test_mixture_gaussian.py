@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import blobs, sklearn_agreement
+from helpers import blobs, record_sources, sklearn_agreement
 
 from ppl_vae.data import DataConfig, load_data
 from ppl_vae.errors import InputError
@@ -411,7 +411,6 @@ def test_the_same_fit_on_cuda_and_cpu(dtype):
 
 
 def test_full_and_diag_statistics_are_made_per_chunk(monkeypatch):
-    from ppl_vae.mixture import chunks
     from ppl_vae.mixture.covariances import computation
 
     x = torch.randn(50, 5, dtype=F64)
@@ -430,18 +429,12 @@ def test_full_and_diag_statistics_are_made_per_chunk(monkeypatch):
                 stats = torch.cat(stats, 1)
             assert torch.equal(stats, want), covariance_type
     assert computation("diag", F64).statistics(x, work).square.data_ptr() == work.data_ptr()
-    made = []  # full and diag keep no cache of the statistics; spherical's (D + 1 values) stays
-
-    class Spy(chunks.ChunkedStatistics):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self.cached)
-
-    monkeypatch.setattr("ppl_vae.mixture.base.ChunkedStatistics", Spy)
+    # full and diag keep no cache of the statistics; spherical's (D + 1 values) stays
+    made = record_sources(monkeypatch)
     x, w, m, p = blobs()
     for covariance_type in ("full", "diag", "spherical"):
         GaussianMixture(4, covariance_type, tol=0, max_iter=2).fit(torch.from_numpy(x))
-    assert made[0] is None and made[1] is None and made[2] is not None
+    assert made[0].cached is None and made[1].cached is None and made[2].cached is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

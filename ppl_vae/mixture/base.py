@@ -324,14 +324,11 @@ class Mixture(DensityMixin, BaseEstimator):
         natural = self._natural()
         space = source.pass_space(self.n_components)
         normalise = native.kernel(source.x, self.n_components * source.x.shape[0])
-        stats = nk = None
-        total = 0.0
+        stats, nk, total = None, source.x.new_zeros(self.n_components), 0.0
         with subnormals_flushed(source.x.device) as floor:
             for _, feats in source.chunks():
                 joint = self._joint(feats, natural, space.joint)  # (K, n)
-                if normalise is not None and joint.is_contiguous():
-                    if nk is None:
-                        nk = joint.new_zeros(joint.shape[0])
+                if normalise is not None:
                     total += normalise(joint, nk)  # the joint is now p(k | x_n)
                     resp = joint
                 else:
@@ -339,7 +336,7 @@ class Mixture(DensityMixin, BaseEstimator):
                     total += top.sum()
                     resp.mul_(torch.reciprocal(norm, out=top))  # p(k | x_n) (dividing: 2.7x)
                     total += norm.log_().sum()  # sum_n log sum_k exp(joint)
-                    nk = resp.sum(1) if nk is None else nk.add_(resp.sum(1))
+                    nk.add_(resp.sum(1))
                 sums = self._sums(resp, feats)
                 stats = sums if stats is None else stats.add_(sums)
         total = torch.as_tensor(total, dtype=stats.dtype, device=stats.device)
