@@ -99,6 +99,93 @@ def test_without_a_kernel_the_pass_uses_torchs_operations(setting, monkeypatch):
     else:
         monkeypatch.setenv(*setting.split("="))
     assert native.kernel(like, values) is None
+    assert native.diag_pass(like.new_zeros(values, 1), 1) is None
     x, w, m, p = blobs()
     gm = GaussianMixture(4, "diag", max_iter=5, tol=0).fit(torch.from_numpy(x).to(like.dtype))
     assert np.isfinite(gm.lower_bound_)
+
+
+def whole():
+    """diag_pass's library, or a skip where this machine cannot build it with AVX-512."""
+    built()
+    if native.diag_pass(torch.zeros(native.MIN_VALUES, 1), 1) is None:
+        pytest.skip("the compiler here does not target AVX-512")
+    return native._library
+
+
+def test_the_register_transpose_is_a_transpose():
+    m = torch.arange(256, dtype=F32).view(16, 16)
+    t = m.clone()
+    whole().transpose_check(t.data_ptr())
+    assert torch.equal(t, m.T)
+
+
+@pytest.mark.parametrize(
+    "n, d, k",
+    [(1000, 32, 16), (1003, 7, 5), (37, 9, 1), (16, 8, 16), (271, 1, 3), (600, 17, 16)],
+)
+def test_the_whole_diag_pass_gives_float64s_sums_counts_and_log_likelihood(n, d, k, monkeypatch):
+    """Against the same pass in float64: the joint a_x x + a_square x^2 + b, its softmax over the
+    components, [r^T x, r^T x^2], sum_n r and the log-sum-exp; shapes with groups of 16 and
+    blocks of 256 points cut short, columns in 8s and not, one to 16 components."""
+    whole()
+    monkeypatch.setattr(native, "MIN_VALUES", 0)
+    g = torch.Generator().manual_seed(n + d + k)
+    x = torch.randn(n, d, generator=g) + 0.5
+    mu, prec = 2 * torch.randn(k, d, generator=g), torch.rand(k, d, generator=g) + 0.5
+    a_x, a_square = mu * prec, -0.5 * prec
+    b = torch.rand(k, generator=g).log() - 0.5 * (mu * a_x).sum(1) + 0.5 * prec.log().sum(1)
+    if k > 2:
+        b[1] = -float("inf")  # a component of weight 0
+        b[2] -= 1e4  # far below the others: exp2's floor
+    stats, nk, total = native.diag_pass(x, k)(a_x, a_square, b)
+    x64, a_x, a_square, b = (t.double() for t in (x, a_x, a_square, b))
+    joint = b[:, None] + a_x @ x64.T + a_square @ (x64 * x64).T
+    r = torch.softmax(joint, 0)
+    want = torch.cat([r @ x64, r @ (x64 * x64)], 1)
+    # float32 rounding: sums of up to 256 products each, then over blocks
+    assert torch.allclose(stats.double(), want, rtol=2e-6, atol=2e-6 * want.abs().max())
+    assert torch.allclose(nk.double(), r.sum(1), rtol=2e-6, atol=1e-5)
+    want_total = torch.logsumexp(joint, 0).sum().item()
+    assert abs(total - want_total) <= 2e-7 * torch.logsumexp(joint, 0).abs().sum().item()
+    if k > 2:
+        assert nk[1] <= n * torch.finfo(F32).tiny and nk[2] <= n * torch.finfo(F32).tiny
+
+
+def test_the_whole_diag_pass_steps_aside_where_it_cannot_run(monkeypatch):
+    whole()
+    x = torch.zeros(native.MIN_VALUES // 16, 16)
+    assert native.diag_pass(x, native.LANES) is not None
+    assert native.diag_pass(x, native.LANES + 1) is None  # one register of components
+    assert native.diag_pass(x.T, native.LANES) is None  # not contiguous
+    assert native.diag_pass(x.double(), native.LANES) is None
+    monkeypatch.setattr(native, "_library", False)
+    monkeypatch.setattr(native, "DIAG_SOURCE", "#error no AVX-512 here")
+    assert native.diag_pass(x, native.LANES) is None  # built without it
+    assert native.kernel(x, native.MIN_VALUES) is not None  # the normalisation still is
+
+
+def test_a_diag_fit_runs_on_the_whole_pass_and_equals_the_chunked_one(monkeypatch):
+    whole()
+    x, w, m, p = blobs()
+    t = lambda a: torch.from_numpy(a).to(F32)  # noqa: E731
+    start = dict(weights_init=t(w), means_init=t(m), precisions_init=t(p["diag"]))
+    calls = []
+    pass_ = native.diag_pass
+
+    def recorded(x, k):
+        run = pass_(x, k)
+        calls.append(run is not None)
+        return run
+
+    monkeypatch.setattr(native, "diag_pass", recorded)
+    fits = []
+    for values in (native.MIN_VALUES, 0):  # 600 points x 4: below, then above
+        monkeypatch.setattr(native, "MIN_VALUES", values)
+        fits.append(GaussianMixture(4, "diag", tol=0, max_iter=20).fit(t(x), **start))
+    assert calls == 20 * [False] + 20 * [True]  # whole in the second fit only, every pass
+    chunked, whole_ = fits
+    assert torch.allclose(whole_.means_, chunked.means_, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(whole_.weights_, chunked.weights_, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(whole_.covariances_, chunked.covariances_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(whole_.history_, chunked.history_, rtol=1e-5)

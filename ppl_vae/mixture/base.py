@@ -257,6 +257,12 @@ class Mixture(DensityMixin, BaseEstimator):
         """The M-step's sums over a chunk, r^T T(x), from responsibilities (K, n)."""
         return resp @ feats
 
+    def _whole_pass(self, x: Tensor) -> Callable[..., tuple[Tensor, Tensor, float]] | None:
+        """A compiled pass over all the prepared points ``x`` that takes :meth:`_natural`'s
+        tensors and gives (r^T T(x), sum_n r, sum_n log p(x_n)), or None: the pass goes chunk by
+        chunk."""
+        return None
+
     def _work_width(self, x: Tensor) -> int | None:
         return None
 
@@ -319,29 +325,41 @@ class Mixture(DensityMixin, BaseEstimator):
         chosen for speed on CPU; see docs/BENCHMARKS.md); responsibilities from
         :func:`_shifted_exp`, or on a CPU from a compiled kernel that normalises each chunk in
         one loop (:mod:`ppl_vae.mixture.native`, for passes large enough to pay for its build).
-        On a CPU the pass runs with subnormal numbers flushed to zero (:func:`subnormals_flushed`).
+        Where the mixture has a compiled whole pass (:meth:`_whole_pass`), that runs instead. On
+        a CPU the pass runs with subnormal numbers flushed to zero (:func:`subnormals_flushed`).
         """
         natural = self._natural()
-        space = source.pass_space(self.n_components)
-        normalise = native.kernel(source.x, self.n_components * source.x.shape[0])
-        stats, nk, total = None, source.x.new_zeros(self.n_components), 0.0
+        whole = self._whole_pass(source.x)
         with subnormals_flushed(source.x.device) as floor:
-            for _, feats in source.chunks():
-                joint = self._joint(feats, natural, space.joint)  # (K, n)
-                if normalise is not None:
-                    total += normalise(joint, nk)  # the joint is now p(k | x_n)
-                    resp = joint
-                else:
-                    resp, top, norm = _shifted_exp(joint, space, floor)
-                    total += top.sum()
-                    resp.mul_(torch.reciprocal(norm, out=top))  # p(k | x_n) (dividing: 2.7x)
-                    total += norm.log_().sum()  # sum_n log sum_k exp(joint)
-                    nk.add_(resp.sum(1))
-                sums = self._sums(resp, feats)
-                stats = sums if stats is None else stats.add_(sums)
+            if whole is not None:
+                stats, nk, total = whole(*natural)
+            else:
+                stats, nk, total = self._chunked_pass(source, natural, floor)
         total = torch.as_tensor(total, dtype=stats.dtype, device=stats.device)
         reduce = self._rows.reduce
         return reduce(stats), reduce(nk), reduce(total)
+
+    def _chunked_pass(
+        self, source: ChunkedStatistics, natural: tuple[Tensor, ...], floor: bool
+    ) -> tuple[Tensor, Tensor, float]:
+        """:meth:`_pass` chunk by chunk on torch's products (``floor``: :func:`_shifted_exp`)."""
+        space = source.pass_space(self.n_components)
+        normalise = native.kernel(source.x, self.n_components * source.x.shape[0])
+        stats, nk, total = None, source.x.new_zeros(self.n_components), 0.0
+        for _, feats in source.chunks():
+            joint = self._joint(feats, natural, space.joint)  # (K, n)
+            if normalise is not None:
+                total += normalise(joint, nk)  # the joint is now p(k | x_n)
+                resp = joint
+            else:
+                resp, top, norm = _shifted_exp(joint, space, floor)
+                total += top.sum()
+                resp.mul_(torch.reciprocal(norm, out=top))  # p(k | x_n) (dividing: 2.7x)
+                total += norm.log_().sum()  # sum_n log sum_k exp(joint)
+                nk.add_(resp.sum(1))
+            sums = self._sums(resp, feats)
+            stats = sums if stats is None else stats.add_(sums)
+        return stats, nk, total
 
     def _em(
         self, source: ChunkedStatistics, n: int, lower_bound: float, run: int

@@ -247,6 +247,9 @@ class GaussianMixture(Mixture):
     def _statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         return self._computation.statistics(x, out)
 
+    def _whole_pass(self, x: Tensor):
+        return self._computation.whole_pass(x, self.n_components)
+
     def _natural(self) -> tuple[Tensor, ...]:
         mu = self.means_ - self._shift
         return self._computation.natural(self.weights_, mu, self.precisions_cholesky_)
