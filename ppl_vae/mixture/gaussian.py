@@ -2,6 +2,8 @@ r"""A Gaussian mixture fitted by EM, in PyTorch, with the interface of scikit-le
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.distributions import (
@@ -247,7 +249,7 @@ class GaussianMixture(Mixture):
     def _statistics(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         return self._computation.statistics(x, out)
 
-    def _whole_pass(self, x: Tensor):
+    def _whole_pass(self, x: Tensor) -> Callable[..., tuple[Tensor, Tensor, float]] | None:
         return self._computation.whole_pass(x, self.n_components)
 
     def _natural(self) -> tuple[Tensor, ...]:

@@ -335,9 +335,11 @@ def diag_pass(
         bias = x.new_full((LANES,), -math.inf)
         bias[:k] = b
         sums, nk = x.new_zeros(2, d, LANES), x.new_zeros(LANES)
-        pointers = (t.data_ptr() for t in (coef, bias))
-        total = function(x.data_ptr(), n, d, *pointers, k, sums.data_ptr(), nk.data_ptr(),
-                         work.data_ptr())  # fmt: skip
+        pointer = torch.Tensor.data_ptr
+        total = function(
+            pointer(x), n, d, pointer(coef), pointer(bias), k, pointer(sums), pointer(nk),
+            pointer(work)
+        )  # fmt: skip
         return sums[:, :, :k].permute(2, 0, 1).reshape(k, 2 * d), nk[:k], total
 
     return run
